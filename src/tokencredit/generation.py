@@ -1,0 +1,226 @@
+"""Batched sampling with a KV cache, left-padded prompts, stop strings and a logits-processor hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# A logits processor follows the transformers signature: (sequence so far [B, L], scores [B, V]) -> scores.
+# The sequence holds the left-padded prompt followed by the tokens generated so far, so a processor can
+# force a roll-in prefix (RLGF) by masking every other token to -inf.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GenerationOutput:
+    """Prompts and sampled responses of one batch; shapes are [B, P] for prompts and [B, T] for responses."""
+
+    prompt_ids: torch.Tensor
+    """[B, P] prompt token ids, left-padded."""
+    prompt_mask: torch.Tensor
+    """[B, P] 1 on prompt tokens, 0 on left padding."""
+    response_ids: torch.Tensor
+    """[B, T] generated token ids, right-padded with the pad id. Includes the EOS token or the token that
+    completed a stop string, so a policy can learn to stop."""
+    response_mask: torch.Tensor
+    """[B, T] 1 on generated tokens, 0 on padding."""
+    logprobs: torch.Tensor
+    """[B, T] log-probability of each sampled token under the distribution it was drawn from (after
+    processors, temperature, top-k and top-p); 0 on padding."""
+    texts: list[str]
+    """Decoded responses without special tokens, cut before a stop string (as chat APIs do)."""
+    finished: torch.Tensor
+    """[B] True where the response ended with EOS or a stop string, False where it hit max_new_tokens."""
+
+    def token_ids(self) -> list[list[int]]:
+        """Response token ids per row, padding removed."""
+        lengths = self.response_mask.sum(-1).tolist()
+        return [row[: int(n)].tolist() for row, n in zip(self.response_ids, lengths)]
+
+
+def encode_prompts(
+    tokenizer: object, prompts: Sequence[str], max_length: int | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize prompts left-padded; over-long prompts lose their beginning, keeping the most recent text."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    old_pad, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    try:
+        enc = tokenizer(
+            list(prompts),
+            padding=True,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = old_pad, old_trunc
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left padding does not shift a prompt's positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask logits outside the top-k set and outside the smallest nucleus holding top_p of the mass."""
+    if top_k and top_k < scores.size(-1):
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p; the best token always stays.
+        drop_sorted = (cum - sorted_scores.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def _ends_with_stop(tokenizer: object, rows: torch.Tensor, lengths: torch.Tensor, stops: Sequence[str],
+                    tail_tokens: int) -> list[bool]:
+    """Whether each row's recent tokens contain a stop string (only the tail is decoded, to stay cheap)."""
+    out = []
+    for row, n in zip(rows.tolist(), lengths.tolist()):
+        tail = tokenizer.decode(row[max(0, n - tail_tokens): n], skip_special_tokens=True)
+        out.append(any(s in tail for s in stops))
+    return out
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """Text before the first stop string."""
+    cut = len(text)
+    for s in stops:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: object,
+    prompts: Sequence[str] | None = None,
+    *,
+    prompt_ids: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    stop_strings: Sequence[str] = (),
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_prompt_length: int | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Sample responses for a batch of prompts with a KV cache; stops on EOS and on stop strings."""
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    device = next(model.parameters()).device
+    if prompt_ids is None:
+        if prompts is None:
+            raise ValueError("pass prompts or prompt_ids")
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    elif prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    stops = [s for s in stop_strings if s]
+    # Each token decodes to at least one character in practice, so this many tokens cover any stop string.
+    tail_tokens = max((len(s) for s in stops), default=0) + 2
+
+    was_training = model.training
+    model.eval()
+    bsz = prompt_ids.size(0)
+    mask = prompt_mask.clone()
+    alive = torch.ones(bsz, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
+    alive_steps: list[torch.Tensor] = []
+    eos_tensor = torch.tensor(eos_ids, device=device)
+    try:
+        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=True)
+        past = out.past_key_values
+        next_logits = out.logits[:, -1, :]
+        seq = prompt_ids
+        for _step in range(max_new_tokens):
+            scores = next_logits.float()
+            for proc in logits_processors:
+                scores = proc(seq, scores)
+            if greedy:
+                tok = scores.argmax(-1)
+                logp = scores.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+            else:
+                scores = filter_logits(scores / temperature, top_k, top_p)
+                logprobs_all = scores.log_softmax(-1)
+                tok = torch.multinomial(logprobs_all.exp(), 1, generator=generator).squeeze(-1)
+                logp = logprobs_all.gather(-1, tok[:, None]).squeeze(-1)
+            tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+            tokens.append(tok)
+            logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
+            alive_steps.append(alive.clone())
+            alive = alive & ~torch.isin(tok, eos_tensor)
+            if stops and bool(alive.any()):
+                resp = torch.stack(tokens, 1)
+                lengths = torch.stack(alive_steps, 1).sum(-1)
+                hit = _ends_with_stop(tokenizer, resp, lengths, stops, tail_tokens)
+                alive = alive & ~torch.tensor(hit, device=device)
+            if not bool(alive.any()):
+                break
+            seq = torch.cat([seq, tok[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(tok[:, None])], 1)
+            pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
+                        use_cache=True)
+            past = out.past_key_values
+            next_logits = out.logits[:, -1, :]
+    finally:
+        model.train(was_training)
+
+    response_ids = torch.stack(tokens, 1)
+    response_mask = torch.stack(alive_steps, 1).long()
+    logprobs = torch.stack(logps, 1)
+    texts = tokenizer.batch_decode(
+        [row[: int(n)] for row, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())],
+        skip_special_tokens=True,
+    )
+    if stops:
+        texts = [_cut_at_stop(t, stops) for t in texts]
+    return GenerationOutput(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=logprobs,
+        texts=texts,
+        finished=~alive,
+    )
+
+
+def _eos_ids(model: nn.Module, tokenizer: object) -> list[int]:
+    """All ids that end a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(extra, int):
+        extra = [extra]
+    for i in extra or []:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an EOS token; set tokenizer.eos_token")
+    return ids

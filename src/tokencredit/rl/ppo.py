@@ -1,0 +1,609 @@
+"""Token-level PPO: per-token rewards, per-token KL to a reference, GAE, clipped policy and value losses.
+
+Read top to bottom: `PPOConfig` documents every knob where it is declared; `PPOTrainer.train` loops
+rollout -> score -> advantages -> update -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokencredit.config import config_to_dict, save_config
+from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts, generate
+from tokencredit.models import ScalarHeadModel, make_reference
+from tokencredit.rewards.tokens import RewardFn, all_finite, rewards_to_tensor
+from tokencredit.rl.advantages import compute_gae, masked_mean, masked_whiten
+from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tokencredit.rl.losses import entropy_from_logits, policy_loss, value_loss
+from tokencredit.rl.rollout import RolloutBatch, response_logits, response_values, token_logprobs
+from tokencredit.runs import (
+    CheckpointManager,
+    MetricsLogger,
+    capture_rng_state,
+    read_metrics,
+    restore_rng_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig:
+    """Every PPO hyper-parameter, documented where declared."""
+
+    # --- run ---
+    output_dir: str = "runs/ppo"  # run folder: config.yaml, metrics.jsonl, checkpoints/, policy/
+    seed: int = 0  # seeds sampling, data order, critic head and dropout
+    num_updates: int = 100  # PPO updates (each = one rollout batch + ppo_epochs of optimisation)
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    save_every: int = 10  # updates between checkpoints; the last update is always saved
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    log_tensorboard: bool = True  # scalars to output_dir/tensorboard when tensorboard is installed
+    log_wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str | None = None
+    progress: bool = True  # progress bar with reward and KL
+
+    # --- rollout ---
+    batch_size: int = 16  # prompts (= sampled responses) per update
+    max_prompt_length: int | None = 512  # longer prompts keep their last tokens
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # also divides the logits when log-probs are recomputed, as PPO needs
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    stop_strings: list[str] = field(default_factory=list)  # end a response when its text contains one
+    missing_eos_penalty: float | None = None  # subtracted from the last token of responses cut by length
+
+    # --- optimisation ---
+    learning_rate: float = 1e-5  # policy
+    critic_learning_rate: float | None = None  # None = learning_rate
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    ppo_epochs: int = 4  # passes over each rollout batch
+    mini_batch_size: int | None = None  # rows per optimiser step; None = batch_size
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step (bounds memory)
+    max_grad_norm: float | None = 1.0  # None = no clipping
+    disable_dropout: bool = True  # dropout would make the PPO ratio != 1 before any update
+
+    # --- PPO ---
+    gamma: float = 1.0  # discount over response tokens
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float | None = 0.2  # value clip around rollout values; None = unclipped
+    vf_coef: float = 0.1  # weight of the value loss
+    entropy_coef: float = 0.0  # entropy bonus
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False  # scale token rewards to unit variance (mean kept) before GAE
+    target_kl: float | None = None  # stop this update's epochs once the approximate KL exceeds it
+    target_coef: float = 0.0  # weight of NLL on reference responses (TRIL's "target" term); needs them
+
+    # --- KL to the reference ---
+    kl_coef: float = 0.05  # beta; the initial value when adaptive_kl
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in_reward: bool = True  # True: r_t -= beta*KL_t; False: beta*KL as a loss term (use k3 there)
+    adaptive_kl: bool = False  # steer beta towards kl_target
+    kl_target: float = 6.0  # target KL per sequence (sum over tokens) for the adaptive controller
+    kl_horizon: int = 10000  # samples over which the adaptive controller reacts
+
+    def validate(self) -> None:
+        """Check ranges and divisibility; raise ValueError naming the field."""
+        positive = ("batch_size", "num_updates", "max_new_tokens", "ppo_epochs", "gradient_accumulation_steps",
+                    "save_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        mb = self.mini_batch_size or self.batch_size
+        if self.batch_size % mb:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {mb}")
+        if mb % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"mini_batch_size {mb} must be a multiple of gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"gamma and lam must be in [0, 1] (got {self.gamma}, {self.lam})")
+        if self.cliprange <= 0:
+            raise ValueError(f"cliprange must be > 0 (got {self.cliprange})")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3' (got {self.kl_estimator!r})")
+        if self.kl_coef < 0 or self.learning_rate <= 0:
+            raise ValueError("kl_coef must be >= 0 and learning_rate > 0")
+
+
+def _resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    """Whether model is a peft wrapper (has adapters that can be switched off)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability so recomputed log-probs match the rollout's."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def default_critic(policy: nn.Module) -> ScalarHeadModel:
+    """A value model on a copy of the policy's backbone (LoRA merged), with a zero-initialised head."""
+    if _is_peft(policy):
+        base = copy.deepcopy(policy).merge_and_unload()
+    else:
+        base = copy.deepcopy(policy)
+    backbone = base.base_model
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    return ScalarHeadModel.from_backbone(backbone)
+
+
+class PPOTrainer:
+    """PPO whose reward is a per-token tensor; a per-sequence score is the special case on the last token."""
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: nn.Module,
+        tokenizer: object,
+        prompts: Sequence[str],
+        reward_fn: RewardFn,
+        critic: nn.Module | None = None,
+        reference: nn.Module | None = None,
+        reference_responses: Sequence[str | None] | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+    ) -> None:
+        """Set up models, optimiser and KL controller; `train()` runs (or resumes) the run."""
+        config.validate()
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        if not callable(reward_fn):
+            raise ValueError("reward_fn must be callable: fn(prompts, responses, response_token_ids)")
+        if reference_responses is not None and len(reference_responses) != len(prompts):
+            raise ValueError(
+                f"reference_responses has {len(reference_responses)} entries for {len(prompts)} prompts"
+            )
+        if config.target_coef > 0 and reference_responses is None:
+            raise ValueError("target_coef > 0 needs reference_responses (the NLL target)")
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.prompts = list(prompts)
+        self.reward_fn = reward_fn
+        self.reference_responses = list(reference_responses) if reference_responses is not None else None
+        self.logits_processors = list(logits_processors)
+
+        torch.manual_seed(config.seed)
+        self.policy = policy.to(self.device)
+        self.reference = (make_reference(policy) if reference is None else reference)
+        if self.reference is not None:
+            self.reference = self.reference.to(self.device).eval().requires_grad_(False)
+        elif not _is_peft(policy):
+            raise ValueError("no reference model: pass `reference` or use a LoRA (peft) policy")
+        self.critic = (critic if critic is not None else default_critic(policy)).to(self.device)
+        if config.disable_dropout:
+            _disable_dropout(self.policy)
+            _disable_dropout(self.critic)
+
+        self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        if not self.policy_params:
+            raise ValueError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.policy_params, "lr": config.learning_rate},
+                {"params": self.critic_params, "lr": config.critic_learning_rate or config.learning_rate},
+            ],
+            weight_decay=config.weight_decay,
+            eps=config.adam_eps,
+        )
+        if config.adaptive_kl:
+            self.kl_ctl: FixedKLController | AdaptiveKLController = AdaptiveKLController(
+                config.kl_coef, config.kl_target, config.kl_horizon
+            )
+        else:
+            self.kl_ctl = FixedKLController(config.kl_coef)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.update_idx = 0
+        self.history: list[dict] = []
+        self.run_dir = Path(config.output_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
+        self._perm_cache: dict[int, np.ndarray] = {}
+        self._target_ids = self._tokenize_references() if self.reference_responses else None
+
+    # ------------------------------------------------------------------ data order
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Prompt order of one pass over the data, a function of (seed, epoch) so resume needs no state."""
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(
+                len(self.prompts))}
+        return self._perm_cache[epoch]
+
+    def batch_indices(self, update_idx: int) -> list[int]:
+        """Prompt indices of update `update_idx` (0-based); passes over the data wrap around."""
+        n, bs = len(self.prompts), self.config.batch_size
+        out = []
+        for k in range(update_idx * bs, (update_idx + 1) * bs):
+            epoch, offset = divmod(k, n)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> list[dict]:
+        """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update."""
+        cfg = self.config
+        resumed = self._maybe_resume()
+        if not resumed:
+            self._start_fresh()
+        save_config(cfg, self.run_dir / "config.yaml")
+        logger = MetricsLogger(
+            self.run_dir, tensorboard=cfg.log_tensorboard, wandb=cfg.log_wandb, wandb_project=cfg.wandb_project,
+            config=config_to_dict(cfg), resume_from_step=self.update_idx,
+        )
+        self.history = read_metrics(self.run_dir) if resumed else []
+        bar = _progress(cfg.num_updates, self.update_idx, cfg.progress)
+        try:
+            with logger:
+                while self.update_idx < cfg.num_updates:
+                    stats = self.step(self.batch_indices(self.update_idx))
+                    self.update_idx += 1
+                    stats = {"update": self.update_idx, **stats}
+                    logger.log(self.update_idx, stats)
+                    self.history.append(stats)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/mean']:.3f}")
+                    if self.update_idx % cfg.save_every == 0 or self.update_idx == cfg.num_updates:
+                        self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.save_policy(self.run_dir / "policy")
+        return self.history
+
+    def step(self, indices: Sequence[int]) -> dict:
+        """One PPO update on the prompts at `indices`: rollout, score, advantages, optimise."""
+        t0 = time.perf_counter()
+        prompts = [self.prompts[i] for i in indices]
+        gen = generate(
+            self.policy, self.tokenizer, prompts,
+            max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+            top_k=self.config.top_k, top_p=self.config.top_p, stop_strings=self.config.stop_strings,
+            logits_processors=self.logits_processors, max_prompt_length=self.config.max_prompt_length,
+            generator=self.generator,
+        )
+        t1 = time.perf_counter()
+        batch, stats = self.make_batch(prompts, gen, torch.tensor(list(indices)))
+        t2 = time.perf_counter()
+        if batch is None:
+            log.warning("update %d skipped: %s", self.update_idx + 1, stats["skipped"])
+        else:
+            stats.update(self.optimize(batch))
+        stats["time/rollout"] = t1 - t0
+        stats["time/score"] = t2 - t1
+        stats["time/update"] = time.perf_counter() - t2
+        return stats
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def make_batch(
+        self, prompts: list[str], gen: GenerationOutput, row_index: torch.Tensor
+    ) -> tuple[RolloutBatch | None, dict]:
+        """Score a generation: log-probs, reference log-probs, values, token rewards, KL, GAE."""
+        cfg = self.config
+        mask = gen.response_mask.float()
+        lengths = gen.response_mask.sum(-1).tolist()
+        outputs = self.reward_fn(prompts, gen.texts, gen.token_ids())
+        scores = rewards_to_tensor(outputs, lengths, gen.response_ids.size(1)).to(self.device)
+        if cfg.missing_eos_penalty is not None:
+            last = (gen.response_mask.sum(-1) - 1).clamp(min=0)
+            rows = torch.nonzero(~gen.finished).squeeze(-1)
+            scores[rows, last[rows]] -= cfg.missing_eos_penalty
+        seq_scores = (scores * mask).sum(-1)
+        stats: dict = {
+            "reward/mean": float(seq_scores.mean()),
+            "reward/std": float(seq_scores.std()) if len(prompts) > 1 else 0.0,
+            "response_length/mean": float(mask.sum(-1).mean()),
+            "response/finished_frac": float(gen.finished.float().mean()),
+            "kl/coef": self.kl_ctl.value,
+        }
+        if not all_finite(scores):
+            bad = torch.nonzero(~torch.isfinite(scores).all(-1)).squeeze(-1).tolist()
+            stats.update({"skipped": f"non-finite reward in rows {bad}", "kl/mean": float("nan")})
+            return None, stats
+
+        ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
+        attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+        logprobs, ref_logprobs, values = [], [], []
+        T = gen.response_ids.size(1)
+        for rows in torch.arange(len(prompts), device=self.device).split(self._micro_batch_size()):
+            logprobs.append(self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows]))
+            ref_model, ctx = self._reference()
+            with ctx:
+                ref_logprobs.append(self._logprobs(ref_model, ids[rows], attn[rows], gen.response_ids[rows]))
+            values.append(response_values(self.critic, ids[rows], attn[rows], T))
+        logprobs_t = torch.cat(logprobs) * mask
+        ref_t = torch.cat(ref_logprobs) * mask
+        values_t = torch.cat(values) * mask
+
+        kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator) * mask
+        rewards = scores - self.kl_ctl.value * kl_tokens if cfg.kl_in_reward else scores.clone()
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, values_t, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        kl_seq = ((logprobs_t - ref_t) * mask).sum(-1)  # k1 summed per sequence, the number people compare
+        stats.update({
+            "kl/mean": float(kl_seq.mean()),
+            "kl/penalty_mean": float((self.kl_ctl.value * kl_tokens).sum(-1).mean()),
+            "rewards/total_mean": float((rewards * mask).sum(-1).mean()),
+            "values/mean": masked_mean(values_t, mask).item(),
+            "returns/mean": masked_mean(returns, mask).item(),
+        })
+        self.kl_ctl.update(float(kl_seq.mean()), len(prompts))
+        batch = RolloutBatch(
+            prompt_ids=gen.prompt_ids, prompt_mask=gen.prompt_mask, response_ids=gen.response_ids,
+            response_mask=gen.response_mask, train_mask=gen.response_mask.clone(), logprobs=logprobs_t,
+            ref_logprobs=ref_t, values=values_t, scores=scores, rewards=rewards, advantages=advantages,
+            returns=returns, row_index=row_index.to(self.device),
+        )
+        return batch, stats
+
+    def _micro_batch_size(self) -> int:
+        """Rows per forward pass."""
+        return (self.config.mini_batch_size or self.config.batch_size) // self.config.gradient_accumulation_steps
+
+    def _reference(self) -> tuple[nn.Module, object]:
+        """The module that gives reference log-probs and the context to call it in (adapters off for LoRA)."""
+        if self.reference is not None:
+            return self.reference, nullcontext()
+        return self.policy, self.policy.disable_adapter()
+
+    def _logprobs(self, model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+        """Log-probs [b, T] of the response tokens under model at the sampling temperature."""
+        logits = response_logits(model, ids, attn, resp.size(1))
+        return token_logprobs(logits, resp, self.config.temperature)
+
+    # ------------------------------------------------------------------ optimisation
+    def optimize(self, batch: RolloutBatch) -> dict:
+        """ppo_epochs passes of clipped PPO over mini-batches of `batch`; non-finite steps are skipped."""
+        cfg = self.config
+        mb_size = cfg.mini_batch_size or cfg.batch_size
+        micro = self._micro_batch_size()
+        params = self.policy_params + self.critic_params
+        sums: dict[str, float] = {}
+        count = 0
+        skipped_steps = 0
+        optimizer_steps = 0
+        early_stopped = False
+        self.policy.train()
+        self.critic.train()
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(batch), generator=self.shuffle_generator).to(self.device)
+            for start in range(0, len(batch), mb_size):
+                self.optimizer.zero_grad(set_to_none=True)
+                ok = True
+                mb_kl = []
+                for rows in order[start : start + mb_size].split(micro):
+                    loss, s = self._loss(batch.select(rows))
+                    if not torch.isfinite(loss):
+                        ok = False
+                        break
+                    (loss / cfg.gradient_accumulation_steps).backward()
+                    mb_kl.append(s["policy/approx_kl"])
+                    for k, v in s.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                if ok:
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    ok = bool(torch.isfinite(grad_norm))
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * ok
+                if ok:
+                    self.optimizer.step()
+                    optimizer_steps += 1
+                else:
+                    # Never step on a non-finite loss or gradient: the weights and Adam state stay as they were.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped_steps += 1
+                if cfg.target_kl is not None and mb_kl and sum(mb_kl) / len(mb_kl) > cfg.target_kl:
+                    early_stopped = True
+                    break
+            if early_stopped:
+                break
+        stats = {k: v / max(count, 1) for k, v in sums.items() if k != "grad_norm"}
+        stats["grad_norm"] = sums.get("grad_norm", 0.0) / max(optimizer_steps, 1)
+        stats["optim/steps"] = optimizer_steps
+        stats["optim/skipped_nonfinite"] = skipped_steps
+        stats["optim/early_stopped"] = early_stopped
+        return stats
+
+    def _loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """PPO loss of one micro-batch and its statistics."""
+        cfg = self.config
+        ids, attn = mb.input_ids(), mb.attention_mask()
+        T = mb.response_ids.size(1)
+        logits = response_logits(self.policy, ids, attn, T)
+        if cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        logprobs = token_logprobs(logits, mb.response_ids)
+        values = response_values(self.critic, ids, attn, T)
+        train_mask = mb.train_mask.float()
+        pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, train_mask, cfg.cliprange)
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask.float(), cfg.cliprange_value)
+        if cfg.entropy_coef > 0:
+            entropy = masked_mean(entropy_from_logits(logits), train_mask)
+        else:
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits.detach()), train_mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+        stats = {
+            "loss/policy": pg_loss.item(),
+            "loss/value": vf_loss.item(),
+            "policy/entropy": entropy.item(),
+            "policy/clipfrac": pg_stats["clipfrac"].item(),
+            "policy/approx_kl": pg_stats["approx_kl"].item(),
+            "value/clipfrac": vf_stats["clipfrac"].item(),
+        }
+        if not cfg.kl_in_reward and self.kl_ctl.value > 0:
+            kl_loss = masked_mean(kl_estimate(logprobs, mb.ref_logprobs, cfg.kl_estimator), train_mask)
+            loss = loss + self.kl_ctl.value * kl_loss
+            stats["loss/kl"] = kl_loss.item()
+        if cfg.target_coef > 0:
+            nll = self._target_nll(mb.row_index)
+            if nll is not None:
+                loss = loss + cfg.target_coef * nll
+                stats["loss/target_nll"] = nll.item()
+        stats["loss/total"] = loss.item()
+        return loss, stats
+
+    def _tokenize_references(self) -> list[list[int] | None]:
+        """Token ids (+EOS) of each reference response, for the target NLL term."""
+        out: list[list[int] | None] = []
+        for ref in self.reference_responses:
+            if ref is None:
+                out.append(None)
+                continue
+            ids = self.tokenizer(ref, add_special_tokens=False)["input_ids"]
+            out.append(list(ids) + [self.tokenizer.eos_token_id])
+        return out
+
+    def _target_nll(self, row_index: torch.Tensor) -> torch.Tensor | None:
+        """Mean NLL of the reference responses of these rows (rows without one are left out)."""
+        rows = [int(i) for i in row_index.tolist() if self._target_ids[int(i)] is not None]
+        if not rows:
+            return None
+        prompt_ids, prompt_mask = encode_prompts(
+            self.tokenizer, [self.prompts[i] for i in rows], self.config.max_prompt_length, self.device
+        )
+        targets = [self._target_ids[i] for i in rows]
+        width = max(len(t) for t in targets)
+        resp = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        resp_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, t in enumerate(targets):
+            resp[j, : len(t)] = torch.tensor(t)
+            resp_mask[j, : len(t)] = 1
+        resp, resp_mask = resp.to(self.device), resp_mask.to(self.device)
+        logits = response_logits(
+            self.policy, torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), width
+        )
+        return -masked_mean(token_logprobs(logits, resp), resp_mask.float())
+
+    # ------------------------------------------------------------------ checkpoints
+    def _start_fresh(self) -> None:
+        """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
+        old = self.checkpoints.latest()
+        if old is not None or (self.run_dir / "metrics.jsonl").exists():
+            log.warning("%s holds an earlier run; starting over (pass resume=true to continue it)", self.run_dir)
+            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_policy(self, path: str | Path) -> None:
+        """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
+        path = Path(path)
+        self.policy.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+    def save_checkpoint(self) -> Path:
+        """Write policy, critic, optimiser, KL controller, RNG and data position, atomically."""
+        tmp = self.checkpoints.begin(self.update_idx)
+        self.save_policy(tmp / "policy")
+        self.critic.save_pretrained(tmp / "critic")
+        n = len(self.prompts)
+        epoch, offset = divmod(self.update_idx * self.config.batch_size, n)
+        torch.save(
+            {
+                "update_idx": self.update_idx,
+                "optimizer": self.optimizer.state_dict(),
+                "kl_controller": self.kl_ctl.state_dict(),
+                "rng": capture_rng_state(),
+                "generator": self.generator.get_state(),
+                "shuffle_generator": self.shuffle_generator.get_state(),
+                "data_position": {"epoch": epoch, "offset": offset, "num_prompts": n},
+            },
+            tmp / "trainer_state.pt",
+        )
+        return self.checkpoints.commit(self.update_idx)
+
+    def _maybe_resume(self) -> bool:
+        """Load the newest checkpoint when config.resume is set and one exists."""
+        if not self.config.resume:
+            return False
+        ckpt = self.checkpoints.latest()
+        if ckpt is None:
+            log.warning("resume=true but %s has no checkpoint; starting from scratch", self.run_dir)
+            return False
+        self.load_checkpoint(ckpt)
+        log.info("resumed from %s (update %d)", ckpt, self.update_idx)
+        return True
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore trainer state written by save_checkpoint."""
+        path = Path(path)
+        # Our own file, holding optimiser state and RNG states that are not plain tensors.
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["data_position"]["num_prompts"] != len(self.prompts):
+            raise ValueError(
+                f"checkpoint {path} was made with {state['data_position']['num_prompts']} prompts, "
+                f"this run has {len(self.prompts)}; resume with the same prompts"
+            )
+        _load_policy_weights(self.policy, path / "policy")
+        loaded_critic = ScalarHeadModel.from_pretrained(path / "critic")
+        self.critic.load_state_dict(loaded_critic.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        restore_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
+        self.update_idx = int(state["update_idx"])
+
+
+def _load_policy_weights(policy: nn.Module, folder: Path) -> None:
+    """Copy saved weights into the live policy object (adapter weights only for a peft policy)."""
+    from safetensors.torch import load_file
+
+    if _is_peft(policy):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(folder / "adapter_model.safetensors"))
+        return
+    loaded = type(policy).from_pretrained(folder, dtype=next(policy.parameters()).dtype)
+    policy.load_state_dict(loaded.state_dict())
+
+
+def _progress(total: int, initial: int, enabled: bool) -> object | None:
+    """A tqdm bar, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="ppo", unit="update", dynamic_ncols=True)

@@ -1,0 +1,80 @@
+"""The rollout batch every trainer consumes, and the forward passes that score it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from tokencredit.generation import position_ids_from_mask
+
+
+@dataclass
+class RolloutBatch:
+    """One batch of sampled responses with everything PPO needs. B rows, P prompt and T response tokens.
+
+    Prompts are left-padded and responses right-padded, so `cat(prompt, response)` is one causal sequence.
+    """
+
+    prompt_ids: torch.Tensor  # [B, P] long
+    prompt_mask: torch.Tensor  # [B, P] 1 = real token
+    response_ids: torch.Tensor  # [B, T] long
+    response_mask: torch.Tensor  # [B, T] 1 = generated token (incl. EOS)
+    train_mask: torch.Tensor  # [B, T] 1 = token the policy loss trains on (RLGF roll-ins are 0)
+    logprobs: torch.Tensor  # [B, T] policy log-probs at rollout time (recomputed by a forward pass)
+    ref_logprobs: torch.Tensor  # [B, T] reference log-probs
+    values: torch.Tensor  # [B, T] critic values V(s_t) before token t
+    scores: torch.Tensor  # [B, T] TokenRewards from the reward source, without KL
+    rewards: torch.Tensor  # [B, T] scores minus the KL penalty (when KL is in the reward)
+    advantages: torch.Tensor  # [B, T]
+    returns: torch.Tensor  # [B, T]
+    row_index: torch.Tensor  # [B] index of each row's prompt in the trainer's prompt list
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return self.prompt_ids.size(0)
+
+    def select(self, idx: torch.Tensor) -> RolloutBatch:
+        """Rows idx of every field."""
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def input_ids(self) -> torch.Tensor:
+        """[B, P+T] prompt followed by response."""
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[B, P+T] attention over real prompt and response tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], 1)
+
+
+def response_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int
+) -> torch.Tensor:
+    """Logits [B, T, V] that predict each of the last response_len tokens of the sequences."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        # Only the positions that predict response tokens need the (vocab-sized) LM head.
+        logits_to_keep=response_len + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1, :]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability [B, T] of tokens under softmax(logits / temperature)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_values(
+    critic: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int
+) -> torch.Tensor:
+    """Critic values [B, T]: the value at the position before each response token, i.e. V(s_t)."""
+    values = critic(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask))
+    return values[:, -response_len - 1 : -1].float()

@@ -1,0 +1,372 @@
+"""Run folders that survive a crash: atomic files, checkpoints, RNG state and metrics.
+
+A run folder looks like::
+
+    run_dir/
+        config.yaml
+        metrics.jsonl                   one JSON object per logged step
+        checkpoints/step-00000012/...   complete checkpoints, newest keep_last kept
+        checkpoints/latest              name of the newest complete checkpoint
+        tensorboard/                    optional
+        wandb_id.txt                    only when wandb is used
+
+Every file is either written atomically (temp file + fsync + rename) or appended one fsynced line at a time,
+so a ``kill -9`` at any moment leaves a folder that a resumed run can read.
+
+torch and numpy are imported inside the functions that need them, so that loading a config (which uses
+``atomic_write_text``) does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+LATEST_FILE = "latest"
+WANDB_ID_FILE = "wandb_id.txt"
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see either the old or the new content, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as the target: os.replace is only atomic within one filesystem.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary output files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _fsync_dir(path: str | Path) -> None:
+    # A rename is durable only once its directory is synced; some platforms cannot open directories.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+class CheckpointManager:
+    """Numbered checkpoint folders under ``run_dir/checkpoints``; a crash never breaks the latest one.
+
+    Usage: ``tmp = manager.begin(step)``, write files into ``tmp``, then ``manager.commit(step)``.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2) -> None:
+        """Manage checkpoints of ``run_dir``, keeping the newest ``keep_last`` complete ones."""
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+
+    def begin(self, step: int) -> Path:
+        """Return a fresh, empty temp folder to write the checkpoint of ``step`` into."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        tmp = self._temp_dir(step)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash in an earlier attempt at this step
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int) -> Path:
+        """Make the folder from ``begin(step)`` the latest checkpoint, prune old ones, and return it."""
+        tmp = self._temp_dir(step)
+        if not tmp.is_dir():
+            raise FileNotFoundError(
+                f"{tmp} does not exist: call begin({step}) and write the checkpoint first"
+            )
+        _fsync_tree(tmp)
+        final = self.dir / f"step-{step:08d}"
+        if final.exists():
+            # Saving a step again (e.g. after resuming from it): set the old copy aside rather than delete it
+            # before the new one is in place; pruning removes it below.
+            aside = self.dir / f".tmp-old-{final.name}"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.rename(final, aside)
+        os.rename(tmp, final)
+        _fsync_dir(self.dir)
+        atomic_write_text(self.dir / LATEST_FILE, final.name + "\n")
+        self._prune(step)
+        return final
+
+    def latest(self) -> Path | None:
+        """Return the newest complete checkpoint folder, or None when there is none."""
+        try:
+            name = (self.dir / LATEST_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if _STEP_DIR.fullmatch(name) and (self.dir / name).is_dir():
+            return self.dir / name
+        # `latest` missing or damaged: the folders can be trusted, as only commit() names them step-*.
+        complete = self._complete()
+        return complete[-1] if complete else None
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """Return the step number of a checkpoint folder such as ``checkpoints/step-00000012``."""
+        match = _STEP_DIR.fullmatch(Path(path).name)
+        if match is None:
+            raise ValueError(f"{path} is not a checkpoint folder (expected a name like step-00000012)")
+        return int(match.group(1))
+
+    def _temp_dir(self, step: int) -> Path:
+        return self.dir / f".tmp-step-{step:08d}"
+
+    def _complete(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+        return sorted(found, key=self.step_of)
+
+    def _prune(self, step: int) -> None:
+        # Only checkpoints older than the one just committed: newer ones belong to a timeline the caller
+        # abandoned by resuming from an earlier step, and deleting them is not this call's decision.
+        older = [p for p in self._complete() if self.step_of(p) < step]
+        for path in older[: max(0, len(older) - (self.keep_last - 1))]:
+            shutil.rmtree(path)
+        for path in self.dir.glob(".tmp-*"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def capture_rng_state() -> dict:
+    """Return the state of Python's, numpy's and torch's (CPU and CUDA) random generators.
+
+    Save it with ``torch.save`` and read it back with ``torch.load(path, weights_only=False)``: the numpy
+    state holds an array that the weights-only unpickler refuses, and the file is one this run wrote itself,
+    so unpickling it runs no foreign code.
+    """
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back the random generator state returned by ``capture_rng_state``."""
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        # Resuming on fewer GPUs than were saved: restore those that exist rather than fail.
+        cuda_states = state["torch_cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+class MetricsLogger:
+    """Log metrics to ``metrics.jsonl`` (always), TensorBoard (when installed) and wandb (when asked).
+
+    Non-finite floats (NaN, inf) are written to ``metrics.jsonl`` as ``null``: JSON has no NaN, and strict
+    readers (jq, JavaScript) must still parse the file. TensorBoard and wandb get the raw value.
+
+    With ``resume_from_step=k`` the lines after step ``k`` (and a torn last line) are dropped first, because
+    the resumed run redoes those steps; the file then holds exactly one line per step. TensorBoard events
+    after ``k`` are purged likewise. wandb ignores steps it has already seen, so after a resume it shows the
+    crashed run's values for the redone steps.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+        resume_from_step: int | None = None,
+    ) -> None:
+        """Open the metrics of ``run_dir``; see the class docstring for what ``resume_from_step`` does."""
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        # wandb first: it is the one that can refuse, and then nothing else has been opened or rewritten.
+        self._wandb_run = _start_wandb(self.run_dir, wandb_project, config) if wandb else None
+        _repair_metrics(self.path, resume_from_step)
+        self._tensorboard = (
+            _open_tensorboard(self.run_dir / "tensorboard", resume_from_step) if tensorboard else None
+        )
+        self._file = open(self.path, "a", encoding="utf-8")  # kept open: one fsynced append per log()
+
+    def log(self, step: int, metrics: dict[str, float | int | str | bool | None]) -> None:
+        """Write one line for ``step``; it is on disk when this returns."""
+        if "step" in metrics:
+            raise ValueError("'step' is reserved for the step number; pass it as the step argument")
+        record: dict[str, Any] = {"step": int(step)}
+        numeric: dict[str, float] = {}
+        for key, value in metrics.items():
+            value = _scalar(key, value)
+            finite = not (isinstance(value, float) and not math.isfinite(value))
+            record[key] = value if finite else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numeric[key] = value
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tensorboard is not None:
+            for key, value in numeric.items():
+                self._tensorboard.add_scalar(key, value, int(step))
+        if self._wandb_run is not None:
+            self._wandb_run.log(numeric, step=int(step))
+
+    def close(self) -> None:
+        """Flush and close every sink; calling it twice is harmless."""
+        if not self._file.closed:
+            self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricsLogger:
+        """Return the logger itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the logger."""
+        self.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Return the records of ``run_dir/metrics.jsonl`` in order, skipping a torn (unfinished) last line."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    # The piece after the last newline is "" for a clean file, or a line that was being written.
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number} is not valid JSON: {exc}") from exc
+    return records
+
+
+def _scalar(key: str, value: Any) -> float | int | str | bool | None:
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy scalars and one-element tensors, which training code hands over freely
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"metric {key!r} must be a number, string, bool or None, got {type(value).__name__}")
+
+
+def _parse_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None
+    return record
+
+
+def _repair_metrics(path: Path, resume_from_step: int | None) -> None:
+    """Keep only complete, parseable lines (and, when resuming, those with step <= resume_from_step)."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = []
+    for line in text.split("\n")[:-1]:  # the piece after the last newline is empty or torn
+        record = _parse_record(line)
+        if record is None:
+            continue
+        if resume_from_step is not None and record["step"] > resume_from_step:
+            continue
+        kept.append(line + "\n")
+    new_text = "".join(kept)
+    # Even without a resume a torn last line must go: the next line would be appended onto it.
+    if new_text != text:
+        atomic_write_text(path, new_text)
+
+
+def _open_tensorboard(log_dir: Path, resume_from_step: int | None) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn(
+            "tensorboard is not installed (pip install tensorboard); metrics go to metrics.jsonl only",
+            stacklevel=3,
+        )
+        return None
+    purge_step = None if resume_from_step is None else resume_from_step + 1
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _start_wandb(run_dir: Path, project: str | None, config: dict | None) -> Any:
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ImportError(
+            "wandb logging was requested but wandb is not installed: run `pip install wandb` "
+            "(or `pip install 'tokencredit[wandb]'`), or turn wandb off"
+        ) from exc
+    id_path = run_dir / WANDB_ID_FILE
+    run_id = id_path.read_text(encoding="utf-8").strip() if id_path.exists() else ""
+    if not run_id:
+        # Stored so that every resume of this folder continues the same wandb run, not a new one.
+        run_id = uuid.uuid4().hex[:16]
+        atomic_write_text(id_path, run_id + "\n")
+    return wandb.init(project=project, config=config, dir=str(run_dir), resume="allow", id=run_id)

@@ -1,0 +1,282 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tokencredit import PPOConfig, PPOTrainer
+from tokencredit.generation import generate
+from tokencredit.runs import read_metrics
+from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
+
+WORDS = "a b c d e f g h i j k l".split()
+
+
+def make(seed=0):
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_causal_lm(len(tok), seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, tok
+
+
+PROMPTS = [" ".join(WORDS[i : i + 3]) for i in range(8)]
+
+
+def count_a_per_token(tok):
+    a = tok.convert_tokens_to_ids("a")
+    return lambda prompts, responses, ids: [[1.0 if t == a else 0.0 for t in row] for row in ids]
+
+
+def cfg(tmp_path, **kw):
+    base = dict(batch_size=16, max_new_tokens=6, num_updates=2, learning_rate=3e-3, kl_coef=0.01, ppo_epochs=2,
+                seed=0, output_dir=str(tmp_path / "run"), mini_batch_size=8, progress=False,
+                log_tensorboard=False, save_every=100)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def test_token_level_reward_rises_on_toy_task(tmp_path):
+    model, tok = make()
+    trainer = PPOTrainer(cfg(tmp_path, num_updates=10, ppo_epochs=4), policy=model, tokenizer=tok,
+                         prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    history = trainer.train()
+    assert len(history) == 10 and all("reward/mean" in h and "kl/mean" in h for h in history)
+    first = sum(h["reward/mean"] for h in history[:3]) / 3
+    last = sum(h["reward/mean"] for h in history[-3:]) / 3
+    assert last > first + 1.5, (first, last)
+    assert history[-1]["kl/mean"] > 0
+    lines = read_metrics(tmp_path / "run")
+    assert [line["step"] for line in lines] == list(range(1, 11))
+    assert (tmp_path / "run" / "policy" / "config.json").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_sequence_reward_equals_per_token_reward_on_last_token(tmp_path):
+    """A float per sequence is exactly a per-token list that is zero except on the last token."""
+    a = None
+
+    def seq_fn(prompts, responses, ids):
+        return [float(sum(t == a for t in row)) for row in ids]
+
+    def last_token_fn(prompts, responses, ids):
+        return [[0.0] * (len(row) - 1) + [float(sum(t == a for t in row))] for row in ids]
+
+    histories = []
+    for fn, name in ((seq_fn, "s"), (last_token_fn, "t")):
+        model, tok = make()
+        a = tok.convert_tokens_to_ids("a")
+        trainer = PPOTrainer(cfg(tmp_path, output_dir=str(tmp_path / name), num_updates=3), policy=model,
+                             tokenizer=tok, prompts=PROMPTS, reward_fn=fn)
+        histories.append(trainer.train())
+    for h1, h2 in zip(*histories):
+        for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value"):
+            assert h1[key] == pytest.approx(h2[key], rel=1e-5, abs=1e-6), key
+
+
+def test_padding_is_masked_in_the_rollout_batch(tmp_path):
+    model, tok = make()
+    trainer = PPOTrainer(cfg(tmp_path, max_new_tokens=12), policy=model, tokenizer=tok, prompts=PROMPTS,
+                         reward_fn=count_a_per_token(tok))
+    idx = trainer.batch_indices(0)
+    gen = generate(model, tok, [PROMPTS[i] for i in idx], max_new_tokens=12, generator=trainer.generator)
+    assert (gen.response_mask.sum(-1) < 12).any(), "the tiny model should end some responses early"
+    batch, _ = trainer.make_batch([PROMPTS[i] for i in idx], gen, torch.tensor(idx))
+    pad = 1 - gen.response_mask.float()
+    for name in ("logprobs", "ref_logprobs", "values", "scores", "rewards", "advantages", "returns"):
+        assert float((getattr(batch, name) * pad).abs().sum()) == 0.0, name
+    assert (gen.response_ids[pad.bool()] == tok.pad_token_id).all()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda p, r, ids: [[1.0] * (len(x) + 1) for x in ids], r"row 0: per-token reward has \d+ values"),
+        (lambda p, r, ids: ["nice"] * len(ids), "row 0: reward must be a float or a list"),
+        (lambda p, r, ids: [1.0], r"1 entries for 16 responses"),
+        (lambda p, r, ids: {"score": 1}, "one entry per response"),
+    ],
+)
+def test_bad_reward_fn_outputs_raise_clear_errors(tmp_path, bad, message):
+    model, tok = make()
+    trainer = PPOTrainer(cfg(tmp_path), policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=bad)
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+
+
+def test_non_finite_reward_skips_update_and_keeps_weights(tmp_path):
+    model, tok = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_fn(prompts, responses, ids):
+        return [float("nan") if i == 3 else 1.0 for i in range(len(ids))]
+
+    history = PPOTrainer(cfg(tmp_path), policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=nan_fn).train()
+    assert all("rows [3]" in h["skipped"] for h in history)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    lines = read_metrics(tmp_path / "run")
+    assert len(lines) == 2 and "skipped" in lines[0]
+
+
+def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
+    model, tok = make()
+    trainer = PPOTrainer(cfg(tmp_path, num_updates=1), policy=model, tokenizer=tok, prompts=PROMPTS,
+                         reward_fn=count_a_per_token(tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real_loss = trainer._loss
+
+    def poisoned(mb):
+        loss, stats = real_loss(mb)
+        return loss * float("inf"), stats
+
+    monkeypatch.setattr(trainer, "_loss", poisoned)
+    history = trainer.train()
+    assert history[0]["optim/steps"] == 0
+    assert history[0]["optim/skipped_nonfinite"] == 4  # 2 epochs x 2 mini-batches
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(len(s) == 0 for s in trainer.optimizer.state.values())
+
+
+def test_weights_change_and_reference_stays_frozen(tmp_path):
+    model, tok = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = PPOTrainer(cfg(tmp_path), policy=model, tokenizer=tok, prompts=PROMPTS,
+                         reward_fn=count_a_per_token(tok))
+    trainer.train()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > 0
+    for k, v in trainer.reference.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_lora_policy_uses_adapters_off_as_reference(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = make()
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = PPOTrainer(cfg(tmp_path, num_updates=3, learning_rate=1e-2), policy=policy, tokenizer=tok,
+                         prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    assert trainer.reference is None
+    history = trainer.train()
+    assert history[-1]["kl/mean"] != 0.0
+    base_after = policy.get_base_model().state_dict()
+    for k, v in base_before.items():
+        # Base weights are untouched; only lora_A/lora_B moved.
+        key = k
+        for proj in ("q_proj", "v_proj"):
+            key = key.replace(f"{proj}.weight", f"{proj}.base_layer.weight")
+        assert torch.equal(base_after[key], v), k
+    assert (tmp_path / "run" / "policy" / "adapter_model.safetensors").exists()
+
+
+def test_kl_as_loss_term_and_adaptive_controller(tmp_path):
+    model, tok = make()
+    history = PPOTrainer(
+        cfg(tmp_path, kl_in_reward=False, kl_estimator="k3", adaptive_kl=True, kl_target=0.01, kl_horizon=16,
+            num_updates=3, kl_coef=0.1),
+        policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok),
+    ).train()
+    assert "loss/kl" in history[-1] and math.isfinite(history[-1]["loss/kl"])
+    assert history[0]["kl/coef"] == pytest.approx(0.1)
+    # Update 1 samples from pi == ref (KL 0 < target): beta drops by the full 20% (n_steps == horizon).
+    assert history[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)
+    assert history[1]["kl/coef"] == pytest.approx(0.08)
+    # Update 2 sees KL far above the tiny target: beta grows by 20%.
+    assert history[1]["kl/mean"] > 0.01 * 1.2
+    assert history[2]["kl/coef"] == pytest.approx(0.096)
+
+
+def test_target_nll_term_on_reference_responses(tmp_path):
+    model, tok = make()
+    refs = ["a a a"] * len(PROMPTS)
+    history = PPOTrainer(cfg(tmp_path, target_coef=0.5, num_updates=2), policy=model, tokenizer=tok,
+                         prompts=PROMPTS, reward_fn=count_a_per_token(tok), reference_responses=refs).train()
+    assert all(math.isfinite(h["loss/target_nll"]) for h in history)
+    with pytest.raises(ValueError, match="needs reference_responses"):
+        PPOTrainer(cfg(tmp_path, target_coef=0.5), policy=model, tokenizer=tok, prompts=PROMPTS,
+                   reward_fn=count_a_per_token(tok))
+
+
+def test_config_validation_errors(tmp_path):
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        cfg(tmp_path, batch_size=10, mini_batch_size=4).validate()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        cfg(tmp_path, mini_batch_size=8, gradient_accumulation_steps=3).validate()
+    model, tok = make()
+    with pytest.raises(ValueError, match="prompts"):
+        PPOTrainer(cfg(tmp_path), policy=model, tokenizer=tok, prompts="one string", reward_fn=lambda *a: [])
+
+
+def test_gradient_accumulation_runs_expected_optimizer_steps(tmp_path):
+    model, tok = make()
+    history = PPOTrainer(cfg(tmp_path, num_updates=1, ppo_epochs=3, mini_batch_size=4, gradient_accumulation_steps=2),
+                         policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok)).train()
+    assert history[0]["optim/steps"] == 3 * 4
+
+
+def test_early_stop_on_approx_kl(tmp_path):
+    model, tok = make()
+    history = PPOTrainer(cfg(tmp_path, num_updates=2, ppo_epochs=8, learning_rate=5e-2, target_kl=1e-6),
+                         policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok)).train()
+    assert any(h["optim/early_stopped"] for h in history)
+    assert min(h["optim/steps"] for h in history) < 8 * 2
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from tokencredit import PPOConfig, PPOTrainer
+    from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
+    WORDS = "a b c d e f g h i j k l".split()
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    a = tok.convert_tokens_to_ids("a")
+    calls = {"n": 0}
+    kill_at = int(sys.argv[2])
+    def fn(prompts, responses, ids):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash in the middle of an update, no clean-up
+        return [[1.0 if t == a else 0.0 for t in row] for row in ids]
+    prompts = [" ".join(WORDS[i : i + 3]) for i in range(8)]
+    cfg = PPOConfig(batch_size=16, max_new_tokens=6, num_updates=6, learning_rate=3e-3, kl_coef=0.01,
+                    ppo_epochs=2, seed=0, output_dir=sys.argv[1], mini_batch_size=8, progress=False,
+                    log_tensorboard=False, save_every=2, resume=sys.argv[3] == "1")
+    PPOTrainer(cfg, policy=model, tokenizer=tok, prompts=prompts, reward_fn=fn).train()
+    """
+)
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def run(out, kill_at, resume):
+        return subprocess.run([sys.executable, str(script), str(out), str(kill_at), resume], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    straight = run(tmp_path / "straight", 0, "0")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    crashed = run(tmp_path / "crashed", 5, "0")  # killed inside update 5; update 4 was checkpointed
+    assert crashed.returncode == -signal.SIGKILL
+    assert [m["step"] for m in read_metrics(tmp_path / "crashed")] == [1, 2, 3, 4]
+    resumed = run(tmp_path / "crashed", 0, "1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "crashed")
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "kl/coef"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "straight" / "policy" / "model.safetensors")
+    wb = load_file(tmp_path / "crashed" / "policy" / "model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
