@@ -11,8 +11,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -285,7 +285,8 @@ class PPOTrainer:
         finally:
             if bar is not None:
                 bar.close()
-        self.save_policy(self.run_dir / "policy")
+        with _quiet_saves():
+            self.save_policy(self.run_dir / "policy")
         return self.history
 
     def step(self, indices: Sequence[int]) -> dict:
@@ -536,8 +537,9 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path:
         """Write policy, critic, optimiser, KL controller, RNG and data position, atomically."""
         tmp = self.checkpoints.begin(self.update_idx)
-        self.save_policy(tmp / "policy")
-        self.critic.save_pretrained(tmp / "critic")
+        with _quiet_saves():
+            self.save_policy(tmp / "policy")
+            self.critic.save_pretrained(tmp / "critic")
         n = len(self.prompts)
         epoch, offset = divmod(self.update_idx * self.config.batch_size, n)
         torch.save(
@@ -598,6 +600,20 @@ def _load_policy_weights(policy: nn.Module, folder: Path) -> None:
         return
     loaded = type(policy).from_pretrained(folder, dtype=next(policy.parameters()).dtype)
     policy.load_state_dict(loaded.state_dict())
+
+
+@contextmanager
+def _quiet_saves() -> Iterator[None]:
+    """Silence transformers' per-save progress bars, which would bury the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _progress(total: int, initial: int, enabled: bool) -> object | None:

