@@ -1,4 +1,4 @@
-"""The `tokencredit` command: `tokencredit ppo --config run.yaml key=value ...`."""
+"""The `tokencredit` command: `tokencredit ppo|sft --config run.yaml key=value ...`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 from tokencredit import __version__
 from tokencredit.config import ConfigError, load_config
-from tokencredit.models import LoraSettings
+from tokencredit.models import LoraSettings, apply_chat
 from tokencredit.records import RecordError
 from tokencredit.rl.ppo import PPOConfig
+from tokencredit.rl.sft import SFTRunConfig, run_sft
 
 log = logging.getLogger("tokencredit")
 
@@ -86,14 +87,6 @@ def make_reward_fn(spec: str, tokenizer: object) -> object:
     return fn
 
 
-def apply_chat(tokenizer: object, prompts: list[str], system: str | None) -> list[str]:
-    """Render each prompt as a user turn of the tokenizer's chat template, ready for the assistant."""
-    rendered = []
-    for p in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return rendered
-
 
 def run_ppo(cfg: PPORunConfig) -> list[dict]:
     """Load everything the config names and train."""
@@ -135,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Token-level PPO. With no config, a short example run of the built-in model.")
     ppo.add_argument("--config", help="YAML file with PPORunConfig fields")
     ppo.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. resume=true")
+    sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/response pairs",
+                         description="Supervised fine-tuning: mean NLL of the response tokens. Needs data=FILE.jsonl.")
+    sft.add_argument("--config", help="YAML file with SFTRunConfig fields")
+    sft.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. resume=true")
     return parser
 
 
@@ -146,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ppo":
             cfg = load_config(PPORunConfig, args.config, args.overrides, base=PPO_DEFAULTS)
             run_ppo(cfg)
+        elif args.command == "sft":
+            run_sft(load_config(SFTRunConfig, args.config, args.overrides))
     except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
         print(f"tokencredit: error: {exc}", file=sys.stderr)
         return 2

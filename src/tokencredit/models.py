@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
-def _lora_config(model: PreTrainedModel, lora: LoraSettings) -> object:
+def lora_config(model: PreTrainedModel, lora: LoraSettings) -> object:
     """Build a peft LoraConfig, falling back to all linear layers for architectures peft doesn't know."""
     from peft import LoraConfig
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -232,7 +233,7 @@ def load_policy(
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(model, lora))
+        model = get_peft_model(model, lora_config(model, lora))
     elif adapter is not None:
         from peft import PeftModel
 
@@ -247,7 +248,7 @@ def load_policy(
     return model.to(device).eval()
 
 
-def _is_peft(model: nn.Module) -> bool:
+def is_peft(model: nn.Module) -> bool:
     """True for a peft-wrapped model."""
     # Importing peft costs seconds; a model can only be a PeftModel if peft is already loaded.
     peft = sys.modules.get("peft")
@@ -256,7 +257,7 @@ def _is_peft(model: nn.Module) -> bool:
 
 def make_reference(policy: nn.Module) -> nn.Module | None:
     """Frozen copy of the policy for KL terms; None for peft policies, whose base model is the reference."""
-    if _is_peft(policy):
+    if is_peft(policy):
         # The base weights are frozen under LoRA, so disable_adapter() gives the reference for free.
         return None
     reference = copy.deepcopy(policy).eval()
@@ -270,7 +271,7 @@ def reference_context(
     """Return (model, context) to compute reference logprobs: call ``model`` inside ``with context:``."""
     if reference is not None:
         return reference, contextlib.nullcontext()
-    if not _is_peft(policy):
+    if not is_peft(policy):
         raise ValueError("reference is None but the policy has no adapters to disable; use make_reference.")
     return policy, policy.disable_adapter()
 
@@ -360,3 +361,45 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Return (trainable, total) parameter counts; shared (tied) weights count once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+def load_policy_weights(policy: nn.Module, folder: Path) -> None:
+    """Copy saved weights into the live policy object (adapter weights only for a peft policy)."""
+    from safetensors.torch import load_file
+
+    if is_peft(policy):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(folder / "adapter_model.safetensors"))
+        return
+    loaded = type(policy).from_pretrained(folder, dtype=next(policy.parameters()).dtype)
+    policy.load_state_dict(loaded.state_dict())
+
+
+@contextlib.contextmanager
+def quiet_saves() -> Iterator[None]:
+    """Silence transformers' per-save progress bars, which would bury the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available, else the named device."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def apply_chat(tokenizer: object, prompts: Sequence[str], system: str | None = None) -> list[str]:
+    """Render each prompt as a user turn of the tokenizer's chat template, ready for the assistant."""
+    rendered = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return rendered

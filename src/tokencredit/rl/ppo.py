@@ -11,8 +11,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +23,14 @@ from torch import nn
 
 from tokencredit.config import config_to_dict, save_config
 from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts, generate
-from tokencredit.models import ScalarHeadModel, make_reference
+from tokencredit.models import (
+    ScalarHeadModel,
+    is_peft,
+    load_policy_weights,
+    make_reference,
+    quiet_saves,
+    resolve_device,
+)
 from tokencredit.rewards.tokens import RewardFn, all_finite, rewards_to_tensor
 from tokencredit.rl.advantages import compute_gae, masked_mean, masked_whiten
 from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -127,20 +134,6 @@ class PPOConfig:
             raise ValueError("kl_coef must be >= 0 and learning_rate > 0")
 
 
-def _resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _is_peft(model: nn.Module) -> bool:
-    """Whether model is a peft wrapper (has adapters that can be switched off)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -152,7 +145,7 @@ def _disable_dropout(model: nn.Module) -> None:
 
 def default_critic(policy: nn.Module) -> ScalarHeadModel:
     """A value model on a copy of the policy's backbone (LoRA merged), with a zero-initialised head."""
-    if _is_peft(policy):
+    if is_peft(policy):
         base = copy.deepcopy(policy).merge_and_unload()
     else:
         base = copy.deepcopy(policy)
@@ -190,7 +183,7 @@ class PPOTrainer:
         if config.target_coef > 0 and reference_responses is None:
             raise ValueError("target_coef > 0 needs reference_responses (the NLL target)")
         self.config = config
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -204,7 +197,7 @@ class PPOTrainer:
         self.reference = (make_reference(policy) if reference is None else reference)
         if self.reference is not None:
             self.reference = self.reference.to(self.device).eval().requires_grad_(False)
-        elif not _is_peft(policy):
+        elif not is_peft(policy):
             raise ValueError("no reference model: pass `reference` or use a LoRA (peft) policy")
         self.critic = (critic if critic is not None else default_critic(policy)).to(self.device)
         if config.disable_dropout:
@@ -285,7 +278,7 @@ class PPOTrainer:
         finally:
             if bar is not None:
                 bar.close()
-        with _quiet_saves():
+        with quiet_saves():
             self.save_policy(self.run_dir / "policy")
         return self.history
 
@@ -537,7 +530,7 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path:
         """Write policy, critic, optimiser, KL controller, RNG and data position, atomically."""
         tmp = self.checkpoints.begin(self.update_idx)
-        with _quiet_saves():
+        with quiet_saves():
             self.save_policy(tmp / "policy")
             self.critic.save_pretrained(tmp / "critic")
         n = len(self.prompts)
@@ -578,7 +571,7 @@ class PPOTrainer:
                 f"checkpoint {path} was made with {state['data_position']['num_prompts']} prompts, "
                 f"this run has {len(self.prompts)}; resume with the same prompts"
             )
-        _load_policy_weights(self.policy, path / "policy")
+        load_policy_weights(self.policy, path / "policy")
         loaded_critic = ScalarHeadModel.from_pretrained(path / "critic")
         self.critic.load_state_dict(loaded_critic.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
@@ -588,32 +581,6 @@ class PPOTrainer:
         self.shuffle_generator.set_state(state["shuffle_generator"])
         self.update_idx = int(state["update_idx"])
 
-
-def _load_policy_weights(policy: nn.Module, folder: Path) -> None:
-    """Copy saved weights into the live policy object (adapter weights only for a peft policy)."""
-    from safetensors.torch import load_file
-
-    if _is_peft(policy):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(policy, load_file(folder / "adapter_model.safetensors"))
-        return
-    loaded = type(policy).from_pretrained(folder, dtype=next(policy.parameters()).dtype)
-    policy.load_state_dict(loaded.state_dict())
-
-
-@contextmanager
-def _quiet_saves() -> Iterator[None]:
-    """Silence transformers' per-save progress bars, which would bury the training bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _progress(total: int, initial: int, enabled: bool) -> object | None:

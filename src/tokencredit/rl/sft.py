@@ -1,0 +1,471 @@
+"""Supervised fine-tuning: mean NLL of the response tokens given their prompt, in a crash-safe run folder.
+
+Read top to bottom: `SFTConfig` documents every knob where it is declared; `SFTTrainer.train` loops
+batch -> token-mean NLL -> clip -> AdamW -> LR schedule -> log -> checkpoint. Batches use the rollout layout
+(left-padded prompt, right-padded response), so the loss comes from the same forward pass PPO uses for its
+log-probs (`response_logits` + `token_logprobs`), and `evaluate_nll` scores held-out data with that same loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokencredit.config import ConfigError, config_to_dict, save_config
+from tokencredit.models import LoraSettings, apply_chat, load_policy_weights, quiet_saves, resolve_device
+from tokencredit.records import RecordError, read_jsonl
+from tokencredit.rl.rollout import response_logits, token_logprobs
+from tokencredit.runs import (
+    CheckpointManager,
+    MetricsLogger,
+    capture_rng_state,
+    read_metrics,
+    restore_rng_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    """Every SFT hyper-parameter, documented where declared."""
+
+    # --- run ---
+    output_dir: str = "runs/sft"  # run folder: config.yaml, metrics.jsonl, checkpoints/, policy/
+    seed: int = 0  # seeds data order and dropout
+    num_epochs: int = 1  # passes over the data
+    max_steps: int | None = None  # optimizer steps; overrides num_epochs (passes go on past the last epoch)
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    save_every: int = 50  # optimizer steps between checkpoints; the last step is always saved
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    log_tensorboard: bool = True  # scalars to output_dir/tensorboard when tensorboard is installed
+    log_wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str | None = None
+    progress: bool = True  # progress bar with the loss
+
+    # --- data ---
+    batch_size: int = 8  # examples per optimizer step (the last batch of a pass may be smaller)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (bounds memory); divides batch_size
+    max_length: int = 512  # prompt + response tokens; prompts lose their beginning so the response always fits
+
+    # --- optimisation ---
+    learning_rate: float = 2e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # the LR rises linearly over these first steps: step k uses lr * k / warmup_steps
+    lr_schedule: Literal["constant", "linear"] = "linear"  # after warmup: keep the LR, or decay it linearly
+    max_grad_norm: float | None = 1.0  # None = no clipping
+
+    def validate(self) -> None:
+        """Check ranges and divisibility; raise ValueError naming the field."""
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None (got {self.max_steps})")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps}"
+            )
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2: a prompt token and the EOS (got {self.max_length})")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("learning_rate must be > 0, weight_decay and warmup_steps >= 0")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear' (got {self.lr_schedule!r})")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None (got {self.max_grad_norm})")
+
+
+# ---------------------------------------------------------------------- data and loss (shared with evaluate_nll)
+class SFTExample(NamedTuple):
+    """One tokenized training pair: prompt ids (already cut to fit) and response ids ending in EOS."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass
+class SFTBatch:
+    """Examples in the rollout layout: B rows, P prompt tokens (left-padded), T response tokens (right-padded)."""
+
+    prompt_ids: torch.Tensor  # [B, P] long
+    prompt_mask: torch.Tensor  # [B, P] 1 = real token
+    response_ids: torch.Tensor  # [B, T] long
+    response_mask: torch.Tensor  # [B, T] 1 = response token (EOS included)
+
+    def input_ids(self) -> torch.Tensor:
+        """[B, P+T] prompt followed by response."""
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[B, P+T] attention over real prompt and response tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], 1)
+
+
+def tokenize_examples(
+    tokenizer: object, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> list[SFTExample]:
+    """Tokenize pairs; EOS ends every response, prompts keep their last tokens; a row that can't fit raises."""
+    if isinstance(prompts, str) or isinstance(responses, str):
+        raise ValueError("prompts and responses must be lists of strings, not one string")
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; they must pair up")
+    if not prompts:
+        raise ValueError("no examples: prompts and responses are empty")
+    for name, seq in (("prompts", prompts), ("responses", responses)):
+        bad = next((i for i, x in enumerate(seq) if not isinstance(x, str)), None)
+        if bad is not None:
+            raise ValueError(f"row {bad}: {name} must be strings (got {type(seq[bad]).__name__})")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; SFT appends it to every response so the model learns to stop")
+    # Prompts are tokenized as encode_prompts does (special tokens included), so training sees what generate sees.
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    examples = []
+    for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        r = [*r, eos]
+        if len(r) >= max_length:
+            raise ValueError(
+                f"row {row}: the response is {len(r)} tokens long (EOS included) but max_length={max_length} "
+                "must leave room for at least one prompt token; shorten it or raise max_length"
+            )
+        if not p:
+            raise ValueError(f"row {row}: the prompt has no tokens; SFT predicts a response from its prompt")
+        examples.append(SFTExample(list(p)[-(max_length - len(r)):], r))
+    return examples
+
+
+def collate_examples(examples: Sequence[SFTExample], pad_id: int, device: torch.device | str = "cpu") -> SFTBatch:
+    """Left-pad prompts and right-pad responses, so each row is one causal sequence ending in padding."""
+    rows = len(examples)
+    width_p = max(len(e.prompt_ids) for e in examples)
+    width_r = max(len(e.response_ids) for e in examples)
+    prompt_ids = torch.full((rows, width_p), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(rows, width_p, dtype=torch.long)
+    response_ids = torch.full((rows, width_r), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(rows, width_r, dtype=torch.long)
+    for i, (p, r) in enumerate(examples):
+        prompt_ids[i, width_p - len(p):] = torch.tensor(p)
+        prompt_mask[i, width_p - len(p):] = 1
+        response_ids[i, : len(r)] = torch.tensor(r)
+        response_mask[i, : len(r)] = 1
+    return SFTBatch(prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device), response_mask.to(device))
+
+
+def response_nll(model: nn.Module, batch: SFTBatch) -> torch.Tensor:
+    """NLL [B, T] of each response token given the prompt and the response before it; exactly 0 on padding."""
+    logits = response_logits(model, batch.input_ids(), batch.attention_mask(), batch.response_ids.size(1))
+    nll = -token_logprobs(logits, batch.response_ids)
+    # where, not a product: a NaN at a padded position must not leak into the sum.
+    return torch.where(batch.response_mask.bool(), nll, torch.zeros_like(nll))
+
+
+def _pad_id(tokenizer: object) -> int:
+    """Filler id for padding (never attended to nor trained on): the pad token, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def evaluate_nll(
+    policy: nn.Module,
+    tokenizer: object,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> float:
+    """Mean NLL per response token (EOS included) over all pairs: the training loss, for held-out data."""
+    examples = tokenize_examples(tokenizer, prompts, responses, max_length)
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate_examples(examples[start : start + batch_size], _pad_id(tokenizer), device)
+            total += float(response_nll(policy, batch).sum())
+            count += int(batch.response_mask.sum())
+    finally:
+        policy.train(was_training)
+    return total / count
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based); never 0, so no step is wasted."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    # Linear decay from 1 at the first step after warmup to 1/(steps after warmup) at the last step.
+    return max(total_steps - step, 1) / max(total_steps - warmup_steps, 1)
+
+
+# ---------------------------------------------------------------------- trainer
+class SFTTrainer:
+    """Supervised fine-tuning on (prompt, response) pairs; the loss is the mean NLL of response tokens only."""
+
+    def __init__(
+        self,
+        config: SFTConfig,
+        policy: nn.Module,
+        tokenizer: object,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+    ) -> None:
+        """Tokenize the data and set up optimizer and LR schedule; `train()` runs (or resumes) the run."""
+        config.validate()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.examples = tokenize_examples(tokenizer, prompts, responses, config.max_length)
+        self.pad_id = _pad_id(tokenizer)
+        self.device = resolve_device(config.device)
+
+        torch.manual_seed(config.seed)
+        self.policy = policy.to(self.device)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        self.total_steps = config.max_steps or config.num_epochs * self.steps_per_epoch
+        warmup, total, schedule = config.warmup_steps, self.total_steps, config.lr_schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, total, schedule)
+        )
+        self.step_idx = 0  # optimizer steps done
+        self.history: list[dict] = []
+        self.run_dir = Path(config.output_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ data order
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Example order of one pass, a function of (seed, epoch) so resume needs no state."""
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(
+                len(self.examples))}
+        return self._perm_cache[epoch]
+
+    def batch_indices(self, step_idx: int) -> list[int]:
+        """Example indices of optimizer step `step_idx` (0-based); each pass is cut into batch_size slices."""
+        epoch, k = divmod(step_idx, self.steps_per_epoch)
+        bs = self.config.batch_size
+        return [int(i) for i in self._permutation(epoch)[k * bs : (k + 1) * bs]]
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> list[dict]:
+        """Run (or resume) SFT to total_steps; returns one metrics dict per optimizer step."""
+        cfg = self.config
+        resumed = self._maybe_resume()
+        if not resumed:
+            self._start_fresh()
+        save_config(cfg, self.run_dir / "config.yaml")
+        logger = MetricsLogger(
+            self.run_dir, tensorboard=cfg.log_tensorboard, wandb=cfg.log_wandb, wandb_project=cfg.wandb_project,
+            config=config_to_dict(cfg), resume_from_step=self.step_idx,
+        )
+        self.history = read_metrics(self.run_dir) if resumed else []
+        bar = _progress(self.total_steps, self.step_idx, cfg.progress)
+        try:
+            with logger:
+                while self.step_idx < self.total_steps:
+                    stats = self.step(self.batch_indices(self.step_idx))
+                    self.step_idx += 1
+                    stats["epoch"] = self.step_idx / self.steps_per_epoch
+                    logger.log(self.step_idx, stats)
+                    self.history.append({"step": self.step_idx, **stats})  # the same record read_metrics gives
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+                    if self.step_idx % cfg.save_every == 0 or self.step_idx == self.total_steps:
+                        self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.policy.eval()
+        with quiet_saves():
+            self.save_policy(self.run_dir / "policy")
+        return self.history
+
+    def step(self, indices: Sequence[int]) -> dict:
+        """One optimizer step on the examples at `indices`; a non-finite gradient skips the update."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        examples = [self.examples[i] for i in indices]
+        n_tokens = sum(len(e.response_ids) for e in examples)
+        micro = math.ceil(len(examples) / cfg.gradient_accumulation_steps)
+        self.policy.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for start in range(0, len(examples), micro):
+            batch = collate_examples(examples[start : start + micro], self.pad_id, self.device)
+            # Divide by the tokens of the whole step, so every response token weighs the same however the step
+            # is split into micro-batches (a per-micro-batch mean would favour short responses).
+            loss = response_nll(self.policy, batch).sum() / n_tokens
+            loss.backward()
+            loss_sum += loss.item()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        finite = math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+        else:
+            log.warning("step %d: non-finite gradient, update skipped", self.step_idx + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # also after a skipped update: the schedule follows the step count
+        return {
+            "loss": loss_sum,
+            "lr": lr,
+            "tokens": n_tokens,
+            "examples": len(examples),
+            "grad_norm": grad_norm,
+            "skipped_nonfinite": not finite,
+            "time/step": time.perf_counter() - t0,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _start_fresh(self) -> None:
+        """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
+        if self.checkpoints.latest() is not None or (self.run_dir / "metrics.jsonl").exists():
+            log.warning("%s holds an earlier run; starting over (pass resume=true to continue it)", self.run_dir)
+            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_policy(self, path: str | Path) -> None:
+        """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
+        path = Path(path)
+        self.policy.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+    def save_checkpoint(self) -> Path:
+        """Write policy, tokenizer, optimizer, LR schedule, RNG and data position, atomically."""
+        tmp = self.checkpoints.begin(self.step_idx)
+        with quiet_saves():
+            self.save_policy(tmp / "policy")
+        epoch, batch_in_epoch = divmod(self.step_idx, self.steps_per_epoch)
+        torch.save(
+            {
+                "step": self.step_idx,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "data_position": {"epoch": epoch, "batch": batch_in_epoch, "num_examples": len(self.examples),
+                                  "batch_size": self.config.batch_size},
+            },
+            tmp / "trainer_state.pt",
+        )
+        return self.checkpoints.commit(self.step_idx)
+
+    def _maybe_resume(self) -> bool:
+        """Load the newest checkpoint when config.resume is set and one exists."""
+        if not self.config.resume:
+            return False
+        ckpt = self.checkpoints.latest()
+        if ckpt is None:
+            log.warning("resume=true but %s has no checkpoint; starting from scratch", self.run_dir)
+            return False
+        self.load_checkpoint(ckpt)
+        log.info("resumed from %s (step %d)", ckpt, self.step_idx)
+        return True
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore trainer state written by save_checkpoint."""
+        path = Path(path)
+        # Our own file, holding optimizer state and RNG states that are not plain tensors.
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        saved = state["data_position"]
+        if (saved["num_examples"], saved["batch_size"]) != (len(self.examples), self.config.batch_size):
+            raise ValueError(
+                f"checkpoint {path} was made with {saved['num_examples']} examples and batch_size "
+                f"{saved['batch_size']}, this run has {len(self.examples)} and {self.config.batch_size}; "
+                "resume with the same data and batch_size"
+            )
+        load_policy_weights(self.policy, path / "policy")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.step_idx = int(state["step"])
+
+
+def _progress(total: int, initial: int, enabled: bool) -> object | None:
+    """A tqdm bar, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="sft", unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------- `tokencredit sft`
+@dataclass
+class SFTRunConfig(SFTConfig):
+    """`tokencredit sft`: the SFT knobs plus where the model and the (prompt, response) pairs come from."""
+
+    model: str = "smollm2-135m-instruct"  # built-in name, local folder or (cached) hub id
+    adapter: str | None = None  # saved LoRA adapter to continue training
+    lora: LoraSettings | None = None  # train new LoRA adapters instead of every weight
+    dtype: str = "float32"
+    data: str | None = None  # .jsonl with one {prompt_field: ..., response_field: ...} object a line
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    max_examples: int | None = None  # use only the first N pairs
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
+    system_prompt: str | None = None
+
+    def validate(self) -> None:
+        """SFTConfig's checks plus the data options."""
+        super().validate()
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1 or None (got {self.max_examples})")
+
+
+def load_sft_data(cfg: SFTRunConfig) -> tuple[list[str], list[str]]:
+    """The raw (prompts, responses) a run config names, before any chat template; tasks plug in here."""
+    if cfg.data is None:
+        raise ConfigError("sft needs data: a .jsonl file with one {prompt, response} object a line (data=...)")
+    prompts, responses = [], []
+    for lineno, obj in read_jsonl(cfg.data):
+        prompt, response = obj.get(cfg.prompt_field), obj.get(cfg.response_field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RecordError(f"{cfg.data}:{lineno}: field {cfg.prompt_field!r} must be a non-empty string")
+        if not isinstance(response, str):
+            raise RecordError(f"{cfg.data}:{lineno}: field {cfg.response_field!r} must be a string")
+        prompts.append(prompt)
+        responses.append(response)
+        if cfg.max_examples is not None and len(prompts) == cfg.max_examples:
+            break
+    if not prompts:
+        raise RecordError(f"{cfg.data}: no examples found")
+    return prompts, responses
+
+
+def run_sft(cfg: SFTRunConfig) -> list[dict]:
+    """Load the model and data the config names and train."""
+    from tokencredit.models import load_policy, load_tokenizer
+
+    prompts, responses = load_sft_data(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.chat_template and tokenizer.chat_template:
+        prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
+    policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype)
+    history = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses).train()
+    if history:
+        print(json.dumps({"steps": len(history), "first_loss": history[0].get("loss"),
+                          "last_loss": history[-1].get("loss"), "run": str(cfg.output_dir)}))
+    return history
