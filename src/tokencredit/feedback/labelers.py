@@ -1,0 +1,102 @@
+"""Labelers: who says which words of a sampled response are good or bad (the training data of a token RM).
+
+Every labeler returns, per response, a list of :class:`~tokencredit.rewards.labels.SpanLabel` over the
+response's words; words it has no opinion on get no span. An LLM-judge labeler implements the same
+:class:`TokenLabeler` protocol and drops in wherever :class:`ReferenceLabeler` is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from tokencredit.rewards.labels import SpanLabel, word_spans
+
+STOPWORDS = frozenset(
+    "a an the and or but if of to in on at by for with from as is are was were be been being it its this that "
+    "these those i me my we our you your he she his her they them their what which who whom how when where why "
+    "do does did not no so than too very can will just about into over up down out off then there here".split()
+)
+"""A small English stopword list; with ``stopwords_neutral`` these words get no label."""
+
+
+class TokenLabeler(Protocol):
+    """Anything that labels the words of responses: one list of word spans per response."""
+
+    def label(
+        self, prompts: Sequence[str], responses: Sequence[str], contexts: Sequence[dict]
+    ) -> list[list[SpanLabel]]:
+        """Return, for each response, SpanLabels over its words (unlabelled words get no span)."""
+        ...
+
+
+def _normalise(word: str) -> str:
+    """Lower case with punctuation removed, so "Python's," and "pythons" compare equal."""
+    return "".join(c for c in word.lower() if c.isalnum())
+
+
+def _vocabulary(texts: Iterable[str]) -> set[str]:
+    """Normalised words of some texts."""
+    return {w for text in texts for _, _, word in word_spans(text) if (w := _normalise(word))}
+
+
+class ReferenceLabeler:
+    """Reference-based heuristic labels for query generation; NOT AI feedback (no judge is consulted).
+
+    A word of the sampled query is +1 when (case-insensitively, punctuation stripped) it occurs in the true
+    next query (``context["target"]``) or, with ``use_clicked``, in a clicked title (``context["clicked"]``);
+    otherwise -1. Stopwords (with ``stopwords_neutral``) and words shorter than ``min_len`` get no label.
+    ``context["queries"]`` (earlier queries) is accepted but not used. This is the default when no judge is
+    configured: cheap and reproducible, but it rewards copying the reference rather than judging quality.
+    """
+
+    def __init__(self, use_clicked: bool = True, stopwords_neutral: bool = True, min_len: int = 1) -> None:
+        """Choose whether clicked titles count as evidence, whether stopwords stay neutral, and a minimum length."""
+        if min_len < 1:
+            raise ValueError(f"min_len must be >= 1 (got {min_len})")
+        self.use_clicked = use_clicked
+        self.stopwords_neutral = stopwords_neutral
+        self.min_len = min_len
+
+    def label(
+        self, prompts: Sequence[str], responses: Sequence[str], contexts: Sequence[dict]
+    ) -> list[list[SpanLabel]]:
+        """Label each word of each response +1 (in the reference) or -1 (not in it)."""
+        if not len(prompts) == len(responses) == len(contexts):
+            raise ValueError(
+                f"got {len(prompts)} prompts, {len(responses)} responses and {len(contexts)} contexts"
+            )
+        return [self._label_one(i, response, context) for i, (response, context) in
+                enumerate(zip(responses, contexts))]
+
+    def _label_one(self, row: int, response: str, context: dict) -> list[SpanLabel]:
+        """Spans of one response."""
+        if "target" not in context:
+            raise ValueError(f"context {row} has no 'target' (the true next query); keys: {sorted(context)}")
+        texts = [context["target"]]
+        if self.use_clicked:
+            clicked = context.get("clicked", [])
+            if isinstance(clicked, str):
+                raise ValueError(f"context {row}: 'clicked' must be a list of titles, not a string")
+            texts += list(clicked)
+        reference = _vocabulary(texts)
+        spans = []
+        for start, end, word in word_spans(response):
+            norm = _normalise(word)
+            if len(norm) < self.min_len or (self.stopwords_neutral and norm in STOPWORDS):
+                continue
+            spans.append(SpanLabel(start, end, 1 if norm in reference else -1))
+        return spans
+
+
+def label_stats(labels: list[list[SpanLabel]]) -> dict:
+    """Counts of +1 and -1 spans and the fraction of responses with at least one -1."""
+    positive = sum(s.label > 0 for row in labels for s in row)
+    negative = sum(s.label < 0 for row in labels for s in row)
+    with_negative = sum(any(s.label < 0 for s in row) for row in labels)
+    return {
+        "responses": len(labels),
+        "positive": positive,
+        "negative": negative,
+        "frac_responses_with_negative": with_negative / len(labels) if labels else 0.0,
+    }

@@ -1,0 +1,104 @@
+"""Token labels kept as character spans of the response text, projected onto any tokenizer's tokens.
+
+A labeler (an LLM judge, a reference heuristic, a minimal edit) says which *words* are good or bad. Keeping
+that as character offsets makes the labels independent of the tokenizer; :func:`spans_to_token_labels` and
+:func:`labels_for_token_ids` turn them into one label per token (+1 good, -1 bad, 0 unlabelled).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_RUN = re.compile(r"(?:[^\W_]|['/-])+")
+"""Maximal runs of letters, digits, apostrophes, slashes and hyphens."""
+
+
+@dataclass(frozen=True)
+class SpanLabel:
+    """A label on the characters ``text[start:end]`` of a response: +1 good, -1 bad."""
+
+    start: int
+    end: int
+    label: int
+
+    def __post_init__(self) -> None:
+        """Reject empty or reversed spans and labels other than +1/-1."""
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"span needs 0 <= start < end, got ({self.start}, {self.end})")
+        if self.label not in (1, -1):
+            raise ValueError(f"span label must be +1 or -1, got {self.label!r}")
+
+
+def word_spans(text: str) -> list[tuple[int, int, str]]:
+    """Words of ``text`` as (start, end, word): maximal runs of letters/digits/'/- holding a letter or digit."""
+    # A lone "-" or "/" between words is punctuation, not a word a labeler could judge.
+    return [(m.start(), m.end(), m.group()) for m in _RUN.finditer(text) if any(c.isalnum() for c in m.group())]
+
+
+def _label_of(text: str, start: int, end: int, spans: Sequence[SpanLabel]) -> int:
+    """Label of the characters text[start:end]: -1 wins over +1; whitespace never counts as overlap."""
+    # Trim whitespace so that a BPE token " sort" (leading space) or a word-level join space only overlaps
+    # a span through its visible characters; a whitespace-only token then overlaps nothing.
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if start >= end:
+        return 0
+    hits = [s.label for s in spans if s.start < end and start < s.end]
+    if -1 in hits:
+        return -1
+    return 1 if hits else 0
+
+
+def spans_to_token_labels(
+    response: str, spans: Sequence[SpanLabel], tokenizer: object, add_eos: bool = True
+) -> tuple[list[int], list[int]]:
+    """Tokenize ``response`` (no special tokens) and label each token from the spans; EOS (label 0) appended."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("spans_to_token_labels needs a fast tokenizer (return_offsets_mapping)")
+    enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [_label_of(response, a, b, spans) for a, b in enc["offset_mapping"]]
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no EOS token")
+        ids.append(int(tokenizer.eos_token_id))
+        labels.append(0)
+    return ids, labels
+
+
+def token_char_spans(token_ids: Sequence[int], tokenizer: object) -> tuple[str, list[tuple[int, int]]]:
+    """Decoded text (special tokens skipped) and each token's (start, end) characters in it."""
+    ids = [int(i) for i in token_ids]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    # Decoding growing prefixes gives exact characters for byte-level BPE (leading spaces included) and for
+    # word-level tokenizers that join with spaces. A token ends where its prefix stops agreeing with the text.
+    spans = []
+    done = 0  # characters completed by the tokens so far
+    for k in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:k], skip_special_tokens=True)
+        agree = 0
+        limit = min(len(prefix), len(text))
+        while agree < limit and prefix[agree] == text[agree]:
+            agree += 1
+        start, done = done, max(done, agree)
+        end = done
+        # A prefix ending inside a multi-byte character decodes to "\ufffd"; the token holds bytes of that
+        # character, so it covers it too (as offset mappings say), and a word's label reaches all its bytes.
+        if agree < len(prefix) and prefix[agree] == "\ufffd" and done < len(text):
+            end = done + 1
+        spans.append((start, end))
+    return text, spans
+
+
+def labels_for_token_ids(token_ids: Sequence[int], spans: Sequence[SpanLabel], tokenizer: object) -> list[int]:
+    """Label given token ids (e.g. sampled by the policy) from spans over their decoded text.
+
+    The spans must be offsets into ``tokenizer.decode(token_ids, skip_special_tokens=True)``, which is the
+    response text a trainer hands to a labeler. Special tokens (EOS, pad) get 0.
+    """
+    text, char_spans = token_char_spans(token_ids, tokenizer)
+    return [_label_of(text, a, b, spans) for a, b in char_spans]

@@ -1,0 +1,521 @@
+"""Token reward model r_phi(x, y<=t) of TPPO: a backbone with a scalar head read at every response token.
+
+Input layout: the prompt tokenized as the policy sees it (``tokenizer(prompt)``, default special tokens,
+left-padded, see :func:`tokencredit.generation.encode_prompts`), then the response tokens, right-padded.
+The reward of response token t is the head output AT token t's position, so it has read y<=t. (The PPO
+critic reads the position before token t instead: V(s_t) must not see the action it values.)
+
+Training (:func:`train_token_reward_model`) mixes two kinds of labels:
+- token labels (span labels projected to tokens): masked per-token BCE, sigmoid(r_t) vs 1 (good) / 0 (bad);
+- sequence preferences: Bradley-Terry on the summed token rewards, -log sigma(sum r(chosen) - sum r(rejected)),
+  which spreads a sequence judgement over the tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokencredit.config import save_config
+from tokencredit.generation import encode_prompts, position_ids_from_mask
+from tokencredit.models import (
+    LoraSettings,
+    ScalarHeadModel,
+    is_peft,
+    load_tokenizer,
+    lora_config,
+    resolve_device,
+)
+from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels
+from tokencredit.rewards.tokens import RewardFn
+from tokencredit.rl.advantages import masked_mean, masked_sum
+from tokencredit.runs import MetricsLogger, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def same_tokenizer(a: object, b: object) -> bool:
+    """True when two tokenizers map text to the same ids (same vocabulary)."""
+    if a is b:
+        return True
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def _add_lora(model: ScalarHeadModel, lora: LoraSettings) -> None:
+    """Give the backbone fresh LoRA adapters in place; afterwards only adapters and head are trainable."""
+    from peft import get_peft_model
+
+    config = lora_config(model.backbone, lora)
+    # The backbone is a bare transformer (no LM head), so peft must not treat it as a causal LM.
+    config.task_type = "FEATURE_EXTRACTION"
+    # Wrapping after ScalarHeadModel.__init__ keeps its position_ids check, made on the bare backbone's
+    # signature; peft's wrapper forwards position_ids through **kwargs.
+    model.backbone = get_peft_model(model.backbone, config)
+    model.head.requires_grad_(True)
+
+
+class TokenRewardModel:
+    """A ScalarHeadModel and its tokenizer, scoring every response token: r_phi(x, y<=t)."""
+
+    def __init__(self, model: ScalarHeadModel, tokenizer: object) -> None:
+        """Wrap a scalar-head model and the tokenizer its ids belong to."""
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the reward model's tokenizer has neither a pad nor an EOS token")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_name: str | Path, lora: LoraSettings | None = None, dtype: torch.dtype | str = torch.float32
+    ) -> TokenRewardModel:
+        """Load a saved TokenRewardModel folder, or any backbone (e.g. "smollm2-135m-instruct") with a zero head."""
+        model = ScalarHeadModel.from_pretrained(path_or_name, dtype=dtype)
+        return cls.from_model(model, load_tokenizer(path_or_name), lora=lora)
+
+    @classmethod
+    def from_model(
+        cls, model: ScalarHeadModel, tokenizer: object, lora: LoraSettings | None = None
+    ) -> TokenRewardModel:
+        """Wrap an in-memory ScalarHeadModel, optionally adding LoRA adapters to its backbone."""
+        if lora is not None:
+            _add_lora(model, lora)
+        return cls(model, tokenizer)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write backbone, head and tokenizer; LoRA adapters are merged into a copy so the folder is plain."""
+        model = self.model
+        if is_peft(model.backbone):
+            # Merge a copy: the live model keeps its adapters, so training (and its optimiser) can go on.
+            merged = ScalarHeadModel.from_backbone(copy.deepcopy(model.backbone).merge_and_unload())
+            merged.head.load_state_dict(model.head.state_dict())
+            model = merged
+        model.save_pretrained(path, tokenizer=self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model."""
+        return self.model.device
+
+    def to(self, device: str | torch.device) -> TokenRewardModel:
+        """Move the model to a device; returns self."""
+        self.model.to(device)
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def token_rewards(
+        self,
+        prompts: Sequence[str],
+        response_token_ids: Sequence[Sequence[int]],
+        max_prompt_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable rewards [B, T] at every response token and the response mask [B, T]."""
+        if len(prompts) != len(response_token_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(response_token_ids)} responses")
+        device = self.device
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, max_prompt_length, device)
+        width = max((len(r) for r in response_token_ids), default=0)
+        resp = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        resp_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, ids in enumerate(response_token_ids):
+            resp[i, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+            resp_mask[i, : len(ids)] = 1
+        resp, resp_mask = resp.to(device), resp_mask.to(device)
+        if width == 0:
+            return torch.zeros(len(prompts), 0, device=device), resp_mask
+        ids = torch.cat([prompt_ids, resp], 1)
+        attn = torch.cat([prompt_mask, resp_mask], 1)
+        scores = self.model(ids, attn, position_ids_from_mask(attn))
+        # Position P + t holds token t itself: the reward has read y<=t.
+        return scores[:, prompt_ids.size(1) :], resp_mask
+
+    def check_tokenizer(self, policy_tokenizer: object) -> None:
+        """Raise ValueError when the policy's tokenizer differs from the reward model's."""
+        if not same_tokenizer(self.tokenizer, policy_tokenizer):
+            raise ValueError(
+                f"The reward model's tokenizer (vocab {len(self.tokenizer)}) differs from the policy's "
+                f"(vocab {len(policy_tokenizer)}); token ids cannot be scored as given. Use a reward model "
+                "trained on the policy's backbone family (cross-tokenizer mapping is not supported yet)."
+            )
+
+    def _check_ids(self, response_token_ids: Sequence[Sequence[int]]) -> None:
+        """Ids outside the embedding table mean the ids come from another tokenizer."""
+        limit = self.model.backbone.get_input_embeddings().num_embeddings
+        for i, ids in enumerate(response_token_ids):
+            bad = [t for t in ids if not 0 <= int(t) < limit]
+            if bad:
+                raise ValueError(
+                    f"response {i}: token id {bad[0]} is outside the reward model's vocabulary ({limit}); "
+                    "the policy uses a different tokenizer (cross-tokenizer mapping is not supported yet)"
+                )
+
+    @torch.no_grad()
+    def score_token_ids(
+        self,
+        prompts: Sequence[str],
+        response_token_ids: Sequence[Sequence[int]],
+        batch_size: int = 16,
+        policy_tokenizer: object | None = None,
+    ) -> list[list[float]]:
+        """Reward of every given response token (ids used as given, so same tokenizer as the policy)."""
+        if len(prompts) != len(response_token_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(response_token_ids)} responses")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        if policy_tokenizer is not None:
+            self.check_tokenizer(policy_tokenizer)
+        self._check_ids(response_token_ids)
+        out: list[list[float]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompts), batch_size):
+                batch_ids = [list(r) for r in response_token_ids[start : start + batch_size]]
+                rewards, _ = self.token_rewards(list(prompts[start : start + batch_size]), batch_ids)
+                rows = rewards.float().cpu().tolist()
+                out.extend(row[: len(ids)] for row, ids in zip(rows, batch_ids))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def encode_response(self, response: str) -> list[int]:
+        """Response token ids as the reward model reads a text response: no special tokens, then EOS."""
+        ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        return ids + [int(self.tokenizer.eos_token_id)]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[list[float]]:
+        """Reward of every token of text responses, tokenized by the RM with EOS appended."""
+        return self.score_token_ids(prompts, [self.encode_response(r) for r in responses], batch_size)
+
+    def as_reward_fn(
+        self,
+        kind: Literal["token", "sequence"] = "token",
+        scale: float = 1.0,
+        policy_tokenizer: object | None = None,
+        batch_size: int = 16,
+    ) -> RewardFn:
+        """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence")."""
+        if kind not in ("token", "sequence"):
+            raise ValueError(f"kind must be 'token' or 'sequence' (got {kind!r})")
+        if policy_tokenizer is not None:
+            self.check_tokenizer(policy_tokenizer)  # once, here, rather than on every call
+
+        def reward_fn(prompts: list[str], responses: list[str], response_token_ids: list[list[int]]) -> list:
+            """Score the sampled token ids with the token reward model."""
+            rows = self.score_token_ids(prompts, response_token_ids, batch_size)
+            if kind == "sequence":
+                return [scale * sum(row) for row in rows]
+            return [[scale * r for r in row] for row in rows]
+
+        return reward_fn
+
+
+# ---------------------------------------------------------------------- losses
+def token_bce_loss(rewards: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of sigmoid(r_t) against 1 (label +1) / 0 (label -1) over labelled, unmasked tokens."""
+    weight = mask.float() * (labels != 0).float()
+    targets = (labels > 0).to(rewards.dtype)
+    per_token = F.binary_cross_entropy_with_logits(rewards, targets, reduction="none")
+    return masked_mean(per_token, weight)
+
+
+def summed_bt_loss(
+    chosen_rewards: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    rejected_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Bradley-Terry on summed token rewards: mean of -log sigma(sum r(chosen) - sum r(rejected))."""
+    chosen_sum = masked_sum(chosen_rewards, chosen_mask.float(), -1)
+    margin = chosen_sum - masked_sum(rejected_rewards, rejected_mask.float(), -1)
+    return -F.logsigmoid(margin).mean()
+
+
+# ---------------------------------------------------------------------- training data and config
+@dataclass
+class TokenExample:
+    """A response with span labels over its characters (+1 good / -1 bad words)."""
+
+    prompt: str
+    response: str
+    spans: list[SpanLabel] = field(default_factory=list)
+
+
+@dataclass
+class PreferencePair:
+    """Two responses to one prompt, the first preferred."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class TokenRMConfig:
+    """Every token-RM training knob, documented where declared."""
+
+    output_dir: str = "runs/token_rm"  # run folder: config.yaml, metrics.jsonl, eval.json, model/
+    seed: int = 0  # seeds the train/eval split, data order and dropout
+    num_epochs: int = 2
+    batch_size: int = 8  # token examples per step, and pairs per step (each kind batched separately)
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_length: int = 512  # prompt + response tokens; responses keep their start, prompts their end
+    bce_weight: float = 1.0  # weight of the per-token BCE on span labels
+    bt_weight: float = 1.0  # weight of Bradley-Terry on summed token rewards of preference pairs
+    max_grad_norm: float | None = 1.0  # None = no clipping
+    eval_fraction: float = 0.1  # share of each kind of data held out for the final eval
+    progress: bool = True  # progress bar
+    log_tensorboard: bool = False  # scalars to output_dir/tensorboard when tensorboard is installed
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def validate(self) -> None:
+        """Check ranges; raise ValueError naming the field."""
+        for name in ("num_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (got {self.max_length})")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
+        if self.bce_weight < 0 or self.bt_weight < 0 or self.bce_weight + self.bt_weight == 0:
+            raise ValueError("bce_weight and bt_weight must be >= 0 and not both 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None (got {self.max_grad_norm})")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
+
+
+class _TokenRow(NamedTuple):
+    """A token example as the model reads it."""
+
+    prompt: str
+    ids: list[int]
+    labels: list[int]
+
+
+class _PairRow(NamedTuple):
+    """A preference pair as the model reads it."""
+
+    prompt: str
+    chosen: list[int]
+    rejected: list[int]
+
+
+def _token_rows(rm: TokenRewardModel, examples: Sequence[TokenExample]) -> list[_TokenRow]:
+    """Tokenize token examples and project their spans onto the tokens (EOS appended, label 0)."""
+    rows = []
+    for i, ex in enumerate(examples):
+        bad = [s for s in ex.spans if s.end > len(ex.response)]
+        if bad:
+            raise ValueError(
+                f"token example {i}: span ({bad[0].start}, {bad[0].end}) ends beyond the response "
+                f"({len(ex.response)} characters)"
+            )
+        ids, labels = spans_to_token_labels(ex.response, ex.spans, rm.tokenizer, add_eos=True)
+        rows.append(_TokenRow(ex.prompt, ids, labels))
+    return rows
+
+
+def _pair_rows(rm: TokenRewardModel, pairs: Sequence[PreferencePair]) -> list[_PairRow]:
+    """Tokenize preference pairs (EOS appended)."""
+    return [_PairRow(p.prompt, rm.encode_response(p.chosen), rm.encode_response(p.rejected)) for p in pairs]
+
+
+def _split(items: Sequence, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """Random (train, eval) split; eval gets round(fraction * n) items but train keeps at least one."""
+    n = len(items)
+    n_eval = min(n - 1, round(n * fraction)) if n > 1 else 0
+    order = rng.permutation(n)
+    return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
+
+
+def _rewards_truncated(
+    rm: TokenRewardModel, prompts: list[str], responses: list[list[int]], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rewards with prompt + response cut to max_length (response start and prompt end kept)."""
+    responses = [r[: max_length - 1] for r in responses]
+    width = max(len(r) for r in responses)
+    return rm.token_rewards(prompts, responses, max_prompt_length=max_length - width)
+
+
+def _pad_labels(labels: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
+    """Right-pad label lists (cut to width) with 0."""
+    out = torch.zeros(len(labels), width, dtype=torch.long)
+    for i, row in enumerate(labels):
+        row = row[:width]
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)
+
+
+def _loss(
+    rm: TokenRewardModel, config: TokenRMConfig, token_batch: list[_TokenRow], pair_batch: list[_PairRow]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted BCE + BT loss of one step and its statistics."""
+    loss = torch.zeros((), device=rm.device)
+    stats: dict[str, float] = {}
+    if token_batch and config.bce_weight > 0:
+        rewards, mask = _rewards_truncated(rm, [r.prompt for r in token_batch], [r.ids for r in token_batch],
+                                           config.max_length)
+        labels = _pad_labels([r.labels for r in token_batch], rewards.size(1), rm.device)
+        bce = token_bce_loss(rewards, labels, mask)
+        loss = loss + config.bce_weight * bce
+        labelled = (labels != 0) & mask.bool()
+        correct = ((rewards > 0) == (labels > 0)) & labelled
+        stats["loss/bce"] = bce.item()
+        stats["train/token_accuracy"] = correct.sum().item() / max(int(labelled.sum()), 1)
+    if pair_batch and config.bt_weight > 0:
+        n = len(pair_batch)
+        prompts = [p.prompt for p in pair_batch] * 2
+        # Chosen and rejected in one forward pass: rows [0, n) chosen, [n, 2n) rejected.
+        rewards, mask = _rewards_truncated(rm, prompts, [p.chosen for p in pair_batch] +
+                                           [p.rejected for p in pair_batch], config.max_length)
+        bt = summed_bt_loss(rewards[:n], mask[:n], rewards[n:], mask[n:])
+        loss = loss + config.bt_weight * bt
+        sums = masked_sum(rewards.detach(), mask.float(), -1)
+        stats["loss/bt"] = bt.item()
+        stats["train/pair_accuracy"] = (sums[:n] > sums[n:]).float().mean().item()
+    stats["loss/total"] = loss.item()
+    return loss, stats
+
+
+# ---------------------------------------------------------------------- evaluation
+def _ratio(num: int, den: int) -> float | None:
+    """num / den, or None when undefined."""
+    return num / den if den else None
+
+
+def evaluate_token_reward_model(
+    rm: TokenRewardModel,
+    token_examples: Sequence[TokenExample] = (),
+    pairs: Sequence[PreferencePair] = (),
+    batch_size: int = 16,
+) -> dict:
+    """Token accuracy/precision/recall (sign of r_t vs label, labelled tokens only) and pairwise accuracy.
+
+    Precision and recall are for the "good" class (+1); ``token_bad_*`` for the "bad" class (-1).
+    """
+    tp = fp = fn = tn = 0
+    if token_examples:
+        rows = _token_rows(rm, token_examples)
+        scores = rm.score_token_ids([r.prompt for r in rows], [r.ids for r in rows], batch_size)
+        pred = np.array([s > 0 for row in scores for s in row])
+        gold = np.array([lab for r in rows for lab in r.labels])
+        pred, gold = pred[gold != 0], gold[gold != 0] > 0
+        tp, fp = int((pred & gold).sum()), int((pred & ~gold).sum())
+        fn, tn = int((~pred & gold).sum()), int((~pred & ~gold).sum())
+    pair_correct = 0
+    if pairs:
+        prow = _pair_rows(rm, pairs)
+        prompts = [p.prompt for p in prow]
+        chosen = rm.score_token_ids(prompts, [p.chosen for p in prow], batch_size)
+        rejected = rm.score_token_ids(prompts, [p.rejected for p in prow], batch_size)
+        pair_correct = sum(sum(c) > sum(r) for c, r in zip(chosen, rejected))
+    return {
+        "token_examples": len(token_examples),
+        "labelled_tokens": tp + fp + fn + tn,
+        "token_accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+        "token_precision": _ratio(tp, tp + fp),
+        "token_recall": _ratio(tp, tp + fn),
+        "token_bad_precision": _ratio(tn, tn + fn),
+        "token_bad_recall": _ratio(tn, tn + fp),
+        "pairs": len(pairs),
+        "pair_accuracy": _ratio(pair_correct, len(pairs)),
+    }
+
+
+# ---------------------------------------------------------------------- training
+
+def train_token_reward_model(
+    rm: TokenRewardModel,
+    config: TokenRMConfig,
+    token_examples: Sequence[TokenExample] = (),
+    pairs: Sequence[PreferencePair] = (),
+) -> list[dict]:
+    """Train rm in place on span labels (BCE) and/or preference pairs (summed BT); one dict per step.
+
+    The last entry is ``{"step": ..., "eval": {...}}`` on the held-out split (also ``output_dir/eval.json``);
+    the trained model is saved to ``output_dir/model``.
+    """
+    config.validate()
+    uses_tokens = bool(token_examples) and config.bce_weight > 0
+    uses_pairs = bool(pairs) and config.bt_weight > 0
+    if not (uses_tokens or uses_pairs):
+        raise ValueError(
+            "nothing to train on: pass token_examples (with bce_weight > 0) and/or pairs (with bt_weight > 0)"
+        )
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    tok_train, tok_eval = _split(list(token_examples), config.eval_fraction, rng) if uses_tokens else ([], [])
+    pair_train, pair_eval = _split(list(pairs), config.eval_fraction, rng) if uses_pairs else ([], [])
+    tok_rows, pair_rows = _token_rows(rm, tok_train), _pair_rows(rm, pair_train)
+    if tok_rows and not any(lab != 0 for r in tok_rows for lab in r.labels):
+        log.warning("no token example has a labelled token; the BCE term will be 0")
+
+    rm.to(resolve_device(config.device))
+    params = [p for p in rm.model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the reward model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    bs = config.batch_size
+    steps_per_epoch = max(math.ceil(len(tok_rows) / bs), math.ceil(len(pair_rows) / bs))
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun in the same folder starts a fresh log
+    save_config(config, out / "config.yaml")
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.num_epochs * steps_per_epoch, desc="token rm", unit="step", dynamic_ncols=True)
+    history: list[dict] = []
+    step = 0
+    try:
+        with MetricsLogger(out, tensorboard=config.log_tensorboard) as logger:
+            for epoch in range(config.num_epochs):
+                tok_order, pair_order = rng.permutation(len(tok_rows)), rng.permutation(len(pair_rows))
+                for b in range(steps_per_epoch):
+                    # Each kind is batched on its own; the shorter kind simply runs out earlier in the epoch.
+                    token_batch = [tok_rows[i] for i in tok_order[b * bs : (b + 1) * bs]]
+                    pair_batch = [pair_rows[i] for i in pair_order[b * bs : (b + 1) * bs]]
+                    rm.model.train()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, stats = _loss(rm, config, token_batch, pair_batch)
+                    stats["optim/skipped_nonfinite"] = 0
+                    if torch.isfinite(loss):
+                        loss.backward()
+                        max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                        stats["grad_norm"] = float(grad_norm)
+                        if torch.isfinite(grad_norm):
+                            optimizer.step()
+                        else:
+                            stats["optim/skipped_nonfinite"] = 1
+                    else:
+                        stats["optim/skipped_nonfinite"] = 1
+                    step += 1
+                    stats = {"epoch": epoch + 1, **stats}
+                    logger.log(step, stats)
+                    history.append({"step": step, **stats})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats['loss/total']:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        rm.model.eval()
+    metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs)
+    atomic_write_json(out / "eval.json", metrics)
+    history.append({"step": step, "eval": metrics})
+    rm.save_pretrained(out / "model")
+    return history
