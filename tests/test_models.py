@@ -22,6 +22,7 @@ from tokencredit.models import (
     make_reference,
     reference_context,
     resolve_model,
+    train_top_layers,
 )
 from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer
 
@@ -288,3 +289,35 @@ def test_builtin_smollm2_converts_once(tmp_path):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_lora_top_layers_adapts_and_backpropagates_only_the_last_blocks():
+    model = load_policy_from_tiny(num_layers=3, lora=LoraSettings(r=4, top_layers=1))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.2." in n and "lora_" in n for n in trainable), trainable
+    ids = torch.randint(0, 10, (2, 5))
+    model(input_ids=ids).logits.sum().backward()
+    # Nothing below the adapted block took part in the backward pass.
+    assert all(p.grad is None for n, p in model.named_parameters() if ".layers.0." in n or ".layers.1." in n)
+    with pytest.raises(ValueError, match="top_layers must be between 1 and the model's 3 blocks"):
+        load_policy_from_tiny(num_layers=3, lora=LoraSettings(r=4, top_layers=4))
+
+
+def load_policy_from_tiny(num_layers, lora):
+    """A tiny causal LM saved and reloaded through load_policy."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tiny_causal_lm(16, num_layers=num_layers).save_pretrained(d)
+        return load_policy(d, lora=lora)
+
+
+def test_train_top_layers_freezes_embeddings_and_lower_blocks():
+    critic = tiny_scalar_model(16)
+    assert train_top_layers(critic, None) is critic and all(p.requires_grad for p in critic.parameters())
+    train_top_layers(critic, 1)
+    frozen = {n for n, p in critic.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in critic.named_parameters() if ".layers.0." in n or "embed_tokens" in n}
+    assert critic.head.weight.requires_grad
+    with pytest.raises(ValueError, match="between 1 and the model's 2 blocks"):
+        train_top_layers(critic, 3)

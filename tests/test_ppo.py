@@ -280,3 +280,34 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
     wb = load_file(tmp_path / "crashed" / "policy" / "model.safetensors")
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_reused_sampling_logprobs_match_recomputed_ones(tmp_path, temperature):
+    """The fast path (sampler's log-probs as old log-probs) gives the same batch and update as the plain path."""
+    histories, batches = [], []
+    for reuse in (False, True):
+        model, tok = make()
+        trainer = PPOTrainer(cfg(tmp_path, output_dir=str(tmp_path / str(reuse)), num_updates=2,
+                                 reuse_sampling_logprobs=reuse, temperature=temperature),
+                             policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+        idx = trainer.batch_indices(0)
+        gen = generate(model, tok, [PROMPTS[i] for i in idx], max_new_tokens=6, temperature=temperature,
+                       generator=torch.Generator().manual_seed(1))
+        batches.append(trainer.make_batch([PROMPTS[i] for i in idx], gen, torch.tensor(idx))[0])
+        histories.append(trainer.train())
+    torch.testing.assert_close(batches[1].logprobs, batches[0].logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batches[1].advantages, batches[0].advantages, atol=1e-4, rtol=1e-4)
+    for h_plain, h_fast in zip(*histories):
+        for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value"):
+            assert h_fast[key] == pytest.approx(h_plain[key], rel=1e-4, abs=1e-5), key
+
+
+def test_reused_sampling_logprobs_refuse_filtered_sampling(tmp_path):
+    model, tok = make()
+    with pytest.raises(ValueError, match="top_k=0"):
+        PPOTrainer(cfg(tmp_path, reuse_sampling_logprobs=True, top_k=5), policy=model, tokenizer=tok,
+                   prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    with pytest.raises(ValueError, match="logits_processors"):
+        PPOTrainer(cfg(tmp_path, reuse_sampling_logprobs=True), policy=model, tokenizer=tok, prompts=PROMPTS,
+                   reward_fn=count_a_per_token(tok), logits_processors=[lambda seq, scores: scores])

@@ -190,6 +190,9 @@ class LoraSettings:
     target_modules: list[str] | None = None
     """Module names to adapt. None: peft's default for the architecture, or every Linear layer except
     the output head ("all-linear") when peft has no default for it."""
+    top_layers: int | None = None
+    """Adapt only the last N transformer blocks. Backpropagation then stops at the lowest adapted block, so a
+    step costs much less on a CPU (the demo uses this); None adapts every block."""
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -210,6 +213,8 @@ def lora_config(model: PreTrainedModel, lora: LoraSettings) -> object:
     targets: list[str] | str | None = lora.target_modules
     if targets is None and model.config.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
         targets = "all-linear"
+    if lora.top_layers is not None:
+        targets = _top_block_targets(model, lora.top_layers, targets, model.config.model_type)
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,
@@ -217,6 +222,59 @@ def lora_config(model: PreTrainedModel, lora: LoraSettings) -> object:
         lora_dropout=lora.dropout,
         target_modules=targets,
     )
+
+
+def _top_block_targets(model: nn.Module, top: int, targets: list[str] | str | None, model_type: str) -> list[str]:
+    """Full names of the layers to adapt inside the last ``top`` blocks.
+
+    Spelled out by full name because peft's ``layers_to_transform`` cannot find the blocks of a bare backbone
+    (names like "layers.3.self_attn.q_proj" with no prefix), which is what a reward model or critic wraps.
+    """
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    blocks = transformer_blocks(model)
+    if not 1 <= top <= len(blocks):
+        raise ValueError(f"lora top_layers must be between 1 and the model's {len(blocks)} blocks (got {top})")
+    if targets is None:
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, "all-linear")
+    chosen = {id(b) for b in list(blocks)[len(blocks) - top :]}
+    names = []
+    for block_name, block in model.named_modules():
+        if id(block) not in chosen:
+            continue
+        for sub_name, sub in block.named_modules():
+            if type(sub).__name__ not in ("Linear", "Conv1D"):
+                continue
+            leaf = sub_name.rsplit(".", 1)[-1]
+            if targets == "all-linear" or leaf in targets:
+                names.append(f"{block_name}.{sub_name}")
+    if not names:
+        raise ValueError(f"no layers named {targets} in the last {top} blocks of {type(model).__name__}")
+    return names
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of a decoder or encoder (the longest ModuleList in the model)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks")
+    return max(lists, key=len)
+
+
+def train_top_layers(model: nn.Module, n: int | None) -> nn.Module:
+    """Freeze the embeddings and every transformer block below the last ``n`` (None: change nothing); other
+    parameters keep their requires_grad. Backpropagation then stops at the lowest trainable block."""
+    if n is None:
+        return model
+    blocks = transformer_blocks(model)
+    if not 1 <= n <= len(blocks):
+        raise ValueError(f"n must be between 1 and the model's {len(blocks)} blocks (got {n})")
+    frozen = {id(p) for block in list(blocks)[: len(blocks) - n] for p in block.parameters()}
+    frozen |= {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+    return model
 
 
 def load_policy(
@@ -313,8 +371,20 @@ class ScalarHeadModel(nn.Module):
     ) -> ScalarHeadModel:
         """Load a saved ScalarHeadModel, or a plain causal-LM / encoder folder with a fresh zero head."""
         folder = resolve_model(path_or_name)
-        # AutoModel gives the bare transformer; for a causal-LM checkpoint the lm head is simply dropped.
-        model = cls(AutoModel.from_pretrained(folder, dtype=_as_dtype(dtype)))
+        # AutoModel gives the bare transformer; for a causal-LM checkpoint the lm head is simply dropped. That drop
+        # is expected, so transformers' load report is silenced and only missing backbone weights are reported.
+        from transformers.utils import logging as hf_logging
+
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            backbone, info = AutoModel.from_pretrained(folder, dtype=_as_dtype(dtype), output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(previous)
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            logger.warning("%s: backbone weights missing (freshly initialised): %s", folder, missing)
+        model = cls(backbone)
         if (folder / HEAD_WEIGHTS).is_file():
             from safetensors.torch import load_file
 

@@ -73,6 +73,10 @@ class PPOConfig:
     top_p: float = 1.0  # 1.0 = off
     stop_strings: list[str] = field(default_factory=list)  # end a response when its text contains one
     missing_eos_penalty: float | None = None  # subtracted from the last token of responses cut by length
+    # Use the sampler's log-probs as PPO's old log-probs, saving one policy forward pass per update. Exact only
+    # when sampling draws from the policy itself (top_k=0, top_p=1, no logits processors); the KV-cached
+    # decode and the full forward then differ by float rounding only.
+    reuse_sampling_logprobs: bool = False
 
     # --- optimisation ---
     learning_rate: float = 1e-5  # policy
@@ -122,6 +126,9 @@ class PPOConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (got {self.temperature})")
+        if self.reuse_sampling_logprobs and (self.top_k or self.top_p < 1):
+            raise ValueError("reuse_sampling_logprobs needs top_k=0 and top_p=1: filtered sampling log-probs are "
+                             "not the policy's")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -191,6 +198,9 @@ class PPOTrainer:
         self.reward_fn = reward_fn
         self.reference_responses = list(reference_responses) if reference_responses is not None else None
         self.logits_processors = list(logits_processors)
+        if config.reuse_sampling_logprobs and self.logits_processors:
+            raise ValueError("reuse_sampling_logprobs cannot be used with logits_processors: the sampled "
+                             "distribution is then not the policy's")
 
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device)
@@ -337,8 +347,12 @@ class PPOTrainer:
         attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
         logprobs, ref_logprobs, values = [], [], []
         T = gen.response_ids.size(1)
+        reuse = cfg.reuse_sampling_logprobs
         for rows in torch.arange(len(prompts), device=self.device).split(self._micro_batch_size()):
-            logprobs.append(self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows]))
+            if reuse:
+                logprobs.append(gen.logprobs[rows].to(self.device))
+            else:
+                logprobs.append(self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows]))
             ref_model, ctx = self._reference()
             with ctx:
                 ref_logprobs.append(self._logprobs(ref_model, ids[rows], attn[rows], gen.response_ids[rows]))
