@@ -7,6 +7,7 @@ from tokencredit.rewards.labels import (
     labels_for_token_ids,
     spans_to_token_labels,
     token_char_spans,
+    token_pieces,
     word_spans,
 )
 from tokencredit.testing import tiny_word_tokenizer
@@ -83,6 +84,17 @@ def test_both_projections_agree_on_multibyte_characters(smol):
         from_text = spans_to_token_labels(text, spans, smol)[1]
         assert labels_for_token_ids(ids, spans, smol) == from_text, word
         assert -1 in from_text
+
+
+def test_token_pieces_join_to_the_text_one_piece_per_token(smol):
+    text = "naïve café 😀 日本語 ok"
+    ids = smol(text, add_special_tokens=False)["input_ids"] + [smol.eos_token_id]
+    pieces = token_pieces(smol, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text + smol.eos_token
+    assert pieces[-1] == smol.eos_token and pieces[-2] == " ok"
+    # A character split over byte tokens goes whole to the token that completes it; the others show nothing.
+    assert "😀" in "".join(pieces) and all("\ufffd" not in p for p in pieces)
+    assert "".join(token_pieces(smol, ids, skip_special_tokens=True)) == text
 
 
 def test_word_tokenizer_projections():

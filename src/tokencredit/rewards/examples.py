@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from tokencredit.rewards.labels import token_pieces
+
 POSITIVE = frozenset(
     "good great lovely wonderful happy nice beautiful delightful pleasant enjoy enjoyed enjoyable fun amazing "
     "excellent fantastic calm sunny bright friendly warm perfect delicious love loved glad cheerful relaxing "
@@ -34,9 +36,7 @@ class PositiveWords:
 
     def _row(self, ids: list[int]) -> list[float]:
         """Token rewards of one response, via the character span each token decodes to."""
-        # Decoding growing prefixes gives each token its exact characters, spaces included, for any tokenizer.
-        prefixes = [self.tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
-        pieces = [b[len(a):] if b.startswith(a) else b for a, b in zip(prefixes, prefixes[1:])]
+        pieces = token_pieces(self.tokenizer, ids, skip_special_tokens=True)
         text = "".join(pieces)
         char_score = [0.0] * len(text)
         for m in _WORD.finditer(text):

@@ -70,16 +70,19 @@ def spans_to_token_labels(
     return ids, labels
 
 
-def token_char_spans(token_ids: Sequence[int], tokenizer: object) -> tuple[str, list[tuple[int, int]]]:
-    """Decoded text (special tokens skipped) and each token's (start, end) characters in it."""
+def _decode_walk(
+    token_ids: Sequence[int], tokenizer: object, skip_special_tokens: bool
+) -> tuple[str, list[tuple[int, int, int]]]:
+    """Decoded text and, per token, (start, done, end): where it starts, where the text it completes ends, and
+    where the characters it holds bytes of end (``end`` > ``done`` inside a multi-byte character)."""
     ids = [int(i) for i in token_ids]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     # Decoding growing prefixes gives exact characters for byte-level BPE (leading spaces included) and for
     # word-level tokenizers that join with spaces. A token ends where its prefix stops agreeing with the text.
-    spans = []
+    walk = []
     done = 0  # characters completed by the tokens so far
     for k in range(1, len(ids) + 1):
-        prefix = tokenizer.decode(ids[:k], skip_special_tokens=True)
+        prefix = tokenizer.decode(ids[:k], skip_special_tokens=skip_special_tokens)
         agree = 0
         limit = min(len(prefix), len(text))
         while agree < limit and prefix[agree] == text[agree]:
@@ -90,8 +93,23 @@ def token_char_spans(token_ids: Sequence[int], tokenizer: object) -> tuple[str, 
         # character, so it covers it too (as offset mappings say), and a word's label reaches all its bytes.
         if agree < len(prefix) and prefix[agree] == "\ufffd" and done < len(text):
             end = done + 1
-        spans.append((start, end))
-    return text, spans
+        walk.append((start, done, end))
+    return text, walk
+
+
+def token_char_spans(
+    token_ids: Sequence[int], tokenizer: object, skip_special_tokens: bool = True
+) -> tuple[str, list[tuple[int, int]]]:
+    """Decoded text and each token's (start, end) characters in it; spans may share a multi-byte character."""
+    text, walk = _decode_walk(token_ids, tokenizer, skip_special_tokens)
+    return text, [(start, end) for start, _, end in walk]
+
+
+def token_pieces(tokenizer: object, token_ids: Sequence[int], skip_special_tokens: bool = False) -> list[str]:
+    """The text each token adds; the pieces join to the decoded text (a character split over tokens goes to the
+    token completing it), so they can be shown side by side, one per token."""
+    text, walk = _decode_walk(token_ids, tokenizer, skip_special_tokens)
+    return [text[start:done] for start, done, _ in walk]
 
 
 def labels_for_token_ids(token_ids: Sequence[int], spans: Sequence[SpanLabel], tokenizer: object) -> list[int]:
