@@ -83,6 +83,13 @@ def test_token_bce_loss_hand_computed():
     zero = token_bce_loss(rewards, torch.zeros_like(labels), mask)
     zero.backward()
     assert zero.item() == 0.0 and rewards.grad is not None
+    # Balanced: good tokens (ln 2, ln(1 + e^-7)) and bad tokens (ln 4, ln 4/3) are averaged separately.
+    good = (math.log(2) + math.log1p(math.exp(-7))) / 2
+    bad = (math.log(4) + math.log(4 / 3)) / 2
+    assert token_bce_loss(rewards, labels, mask, balanced=True).item() == pytest.approx((good + bad) / 2, rel=1e-6)
+    only_bad = torch.tensor([[0, -1, 0], [-1, 0, 0]])
+    assert token_bce_loss(rewards, only_bad, mask, balanced=True).item() == pytest.approx(
+        token_bce_loss(rewards, only_bad, mask).item())
 
 
 def test_summed_bt_loss_hand_computed():

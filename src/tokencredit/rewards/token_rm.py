@@ -221,11 +221,21 @@ class TokenRewardModel:
 
 
 # ---------------------------------------------------------------------- losses
-def token_bce_loss(rewards: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean BCE of sigmoid(r_t) against 1 (label +1) / 0 (label -1) over labelled, unmasked tokens."""
+def token_bce_loss(
+    rewards: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, balanced: bool = False
+) -> torch.Tensor:
+    """Mean BCE of sigmoid(r_t) against 1 (label +1) / 0 (label -1) over labelled, unmasked tokens.
+
+    ``balanced``: the mean over good tokens and the mean over bad tokens count equally (when both occur), so
+    a label set that is mostly bad cannot be fit by calling every token bad.
+    """
     weight = mask.float() * (labels != 0).float()
     targets = (labels > 0).to(rewards.dtype)
     per_token = F.binary_cross_entropy_with_logits(rewards, targets, reduction="none")
+    if balanced:
+        good, bad = weight * (labels > 0).float(), weight * (labels < 0).float()
+        if good.sum() > 0 and bad.sum() > 0:
+            return 0.5 * (masked_mean(per_token, good) + masked_mean(per_token, bad))
     return masked_mean(per_token, weight)
 
 
@@ -272,6 +282,7 @@ class TokenRMConfig:
     weight_decay: float = 0.0
     max_length: int = 512  # prompt + response tokens; responses keep their start, prompts their end
     bce_weight: float = 1.0  # weight of the per-token BCE on span labels
+    balance_labels: bool = False  # good and bad tokens weigh equally in the BCE, whatever their counts
     bt_weight: float = 1.0  # weight of Bradley-Terry on summed token rewards of preference pairs
     max_grad_norm: float | None = 1.0  # None = no clipping
     eval_fraction: float = 0.1  # share of each kind of data held out for the final eval
@@ -368,7 +379,7 @@ def _loss(
         rewards, mask = _rewards_truncated(rm, [r.prompt for r in token_batch], [r.ids for r in token_batch],
                                            config.max_length)
         labels = _pad_labels([r.labels for r in token_batch], rewards.size(1), rm.device)
-        bce = token_bce_loss(rewards, labels, mask)
+        bce = token_bce_loss(rewards, labels, mask, config.balance_labels)
         loss = loss + config.bce_weight * bce
         labelled = (labels != 0) & mask.bool()
         correct = ((rewards > 0) == (labels > 0)) & labelled
