@@ -291,3 +291,20 @@ def test_cli_sft_errors_name_the_line(cli_setup, capsys):
     assert "row 0" in capsys.readouterr().err
     assert main([*args, "learning_rat=1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_cli_sft_querygen_task_renders_sessions(cli_setup, tmp_path):
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_text("\n".join(json.dumps({"history": [{"query": f"a {w}", "clicked": [f"b {w}"]}],
+                                               "target_query": f"c {w}"}) for w in "abcdefgh") + "\n")
+    args = ["sft", "--config", str(cli_setup / "run.yaml"), "task=querygen", f"data={sessions}", "max_steps=2"]
+    assert main(args) == 0
+    from tokencredit.rl.sft import SFTRunConfig, load_sft_data
+
+    cfg = SFTRunConfig(task="querygen", data=str(sessions), max_examples=3)
+    prompts, responses = load_sft_data(cfg, tiny_word_tokenizer(["a"]))
+    assert responses == ["c a", "c b", "c c"]
+    assert prompts[1].endswith("1. a b\n   clicked: b b\nNext query:")  # no chat template: the plain form
+    builtin_prompts, builtin_targets = load_sft_data(SFTRunConfig(task="querygen", max_examples=2))
+    assert len(builtin_prompts) == 2 and all(builtin_targets)
+    assert main(["sft", "--config", str(cli_setup / "run.yaml"), "task=qg"]) == 2

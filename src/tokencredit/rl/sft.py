@@ -422,6 +422,8 @@ class SFTRunConfig(SFTConfig):
     lora: LoraSettings | None = None  # train new LoRA adapters instead of every weight
     dtype: str = "float32"
     data: str | None = None  # .jsonl with one {prompt_field: ..., response_field: ...} object a line
+    task: str | None = None  # "querygen": data holds search sessions (None = the built-in train split)
+    history_entries: int = 4  # querygen: most recent searches shown in the prompt
     prompt_field: str = "prompt"
     response_field: str = "response"
     max_examples: int | None = None  # use only the first N pairs
@@ -433,10 +435,22 @@ class SFTRunConfig(SFTConfig):
         super().validate()
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 or None (got {self.max_examples})")
+        if self.task not in (None, "querygen"):
+            raise ValueError(f"task must be unset or 'querygen' (got {self.task!r})")
 
 
-def load_sft_data(cfg: SFTRunConfig) -> tuple[list[str], list[str]]:
-    """The raw (prompts, responses) a run config names, before any chat template; tasks plug in here."""
+def load_sft_data(cfg: SFTRunConfig, tokenizer: object | None = None) -> tuple[list[str], list[str]]:
+    """The (prompts, responses) a run config names, prompts rendered for ``tokenizer``; tasks plug in here."""
+    if cfg.task == "querygen":
+        from tokencredit.tasks.querygen import PromptTemplate, builtin_sessions, load_sessions, render_prompt
+
+        sessions = builtin_sessions("train") if cfg.data is None else load_sessions(cfg.data)
+        sessions = sessions[: cfg.max_examples] if cfg.max_examples else sessions
+        template = PromptTemplate(max_history=cfg.history_entries)
+        # The task renders its own prompts (chat form or the plain "Next query:" form) exactly as the demo does.
+        use_chat = cfg.chat_template and bool(getattr(tokenizer, "chat_template", None))
+        prompts = [render_prompt(s, tokenizer, template, chat=use_chat) for s in sessions]
+        return prompts, [s.target_query for s in sessions]
     if cfg.data is None:
         raise ConfigError("sft needs data: a .jsonl file with one {prompt, response} object a line (data=...)")
     prompts, responses = [], []
@@ -452,6 +466,8 @@ def load_sft_data(cfg: SFTRunConfig) -> tuple[list[str], list[str]]:
             break
     if not prompts:
         raise RecordError(f"{cfg.data}: no examples found")
+    if tokenizer is not None and cfg.chat_template and getattr(tokenizer, "chat_template", None):
+        prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
     return prompts, responses
 
 
@@ -459,10 +475,8 @@ def run_sft(cfg: SFTRunConfig) -> list[dict]:
     """Load the model and data the config names and train."""
     from tokencredit.models import load_policy, load_tokenizer
 
-    prompts, responses = load_sft_data(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.chat_template and tokenizer.chat_template:
-        prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
+    prompts, responses = load_sft_data(cfg, tokenizer)
     policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype)
     history = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses).train()
     if history:

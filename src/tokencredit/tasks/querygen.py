@@ -199,6 +199,9 @@ class PromptTemplate:
     """Task description put before the history."""
     max_title_chars: int = 80
     """Longer titles are cut and end with "…"."""
+    instruction_as_system: bool = False
+    """Chat form: send the instruction as the system message (replacing a template's default system prompt,
+    which saves prompt tokens); off by default because some chat templates reject a system role."""
 
     def __post_init__(self) -> None:
         """Reject settings that would show nothing or break the layout."""
@@ -218,7 +221,8 @@ def render_prompt(
 ) -> str:
     """The prompt for one session: the tokenizer's chat template if it has one (``chat=None``), else plain text.
 
-    Plain text ends with "Next query:"; the chat form is one user message (instruction + history) followed by
+    Plain text ends with "Next query:"; the chat form is one user message (instruction + history; or the
+    instruction as system message with ``instruction_as_system``) followed by
     the generation prompt, with no system message of ours (a template may add its own default one).
     """
     template = template or PromptTemplate()
@@ -230,7 +234,11 @@ def render_prompt(
         return f"{body}\n{BASE_PROMPT_END}"
     if not has_chat_template:
         raise ValueError("chat=True needs a tokenizer with a chat_template; pass chat=False for plain text")
-    messages = [{"role": "user", "content": body}]
+    if template.instruction_as_system and template.instruction.strip():
+        messages = [{"role": "system", "content": template.instruction.strip()},
+                    {"role": "user", "content": _history_block(session, template)}]
+    else:
+        messages = [{"role": "user", "content": body}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
