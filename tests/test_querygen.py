@@ -183,6 +183,20 @@ def test_render_prompt_chat_template_and_plain_fallbacks():
     assert no_instruction.startswith("Searches so far:\n")
 
 
+def test_instruction_as_system_message_on_smollm2():
+    from tokencredit.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    s = session("cheap flights paris", clicked=[["Cheap Flights to Paris - Skyscanner"]])
+    as_system = render_prompt(s, tok, PromptTemplate(instruction_as_system=True))
+    default = render_prompt(s, tok)
+    assert as_system.startswith("<|im_start|>system\n" + PromptTemplate().instruction + "<|im_end|>")
+    assert "<|im_start|>user\nSearches so far:\n1. cheap flights paris" in as_system
+    # SmolLM2's own default system prompt is replaced, not added to: the prompt gets shorter.
+    assert "SmolLM" in default and "SmolLM" not in as_system
+    assert len(tok(as_system).input_ids) < len(tok(default).input_ids)
+
+
 def test_prompt_template_rejects_bad_settings():
     with pytest.raises(ValueError, match="max_history"):
         PromptTemplate(max_history=0)
