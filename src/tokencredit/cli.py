@@ -132,7 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Supervised fine-tuning: mean NLL of the response tokens. Needs data=FILE.jsonl.")
     sft.add_argument("--config", help="YAML file with SFTRunConfig fields")
     sft.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. resume=true")
+    demo = sub.add_parser(
+        "demo", help="TPPO query generation end to end: SFT, labels, token reward model, TPPO vs sequence PPO",
+        description="The TPPO query-generation demo on the built-in sessions and model (about 10 minutes on 2 CPU "
+        "cores). Writes summary.json and report.html to --output.")
+    demo.add_argument("--model", help="policy and reward-model backbone (built-in name, folder or cached hub id)")
+    demo.add_argument("--data", help="sessions .jsonl ({history: [{query, clicked}], target_query}); "
+                      "split into train/test by test_fraction")
+    demo.add_argument("--output", help="run folder (default runs/demo)")
+    demo.add_argument("--fast", action="store_true", help="tiny random model and few steps: checks the plumbing")
+    demo.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
+    demo.add_argument("--config", help="YAML file with DemoConfig fields")
+    demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. ppo_updates=10")
     return parser
+
+
+def demo_config(args: argparse.Namespace) -> object:
+    """DemoConfig from the file, the flags and key=value overrides (flags win); --fast brings its small sizes."""
+    from tokencredit.demo import FAST_OVERRIDES, DemoConfig
+
+    overrides = list(args.overrides)
+    for flag in ("model", "data", "output"):
+        if getattr(args, flag):
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    if args.fast:
+        overrides.append("fast=true")
+    if args.resume:
+        overrides.append("resume=true")
+    cfg = load_config(DemoConfig, args.config, overrides)
+    if cfg.fast:
+        # Reloaded so the fast sizes are a base that the file and overrides can still change.
+        cfg = load_config(DemoConfig, args.config, overrides, base=FAST_OVERRIDES)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             run_ppo(cfg)
         elif args.command == "sft":
             run_sft(load_config(SFTRunConfig, args.config, args.overrides))
+        elif args.command == "demo":
+            from tokencredit.demo import run_demo
+
+            summary = run_demo(demo_config(args))
+            print(json.dumps({k: summary[k] for k in ("sft", "tppo", "ppo_sequence") if k in summary}, indent=1))
     except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
         print(f"tokencredit: error: {exc}", file=sys.stderr)
         return 2

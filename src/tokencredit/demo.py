@@ -1,0 +1,437 @@
+"""`tokencredit demo`: the TPPO query-generation pipeline end to end on an embedded default.
+
+SFT -> sample queries + label their words -> train a token reward model -> token-level PPO (TPPO), and the
+baseline of sequence-level PPO with the same reward model's summed score on the last token. Every policy is
+then evaluated on held-out sessions; `summary.json` and `report.html` land in the output folder.
+
+Each stage writes its own sub-folder and a `done.json` marker; running again with `resume=true` skips
+finished stages and resumes an interrupted PPO or SFT run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokencredit.config import save_config
+from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
+from tokencredit.generation import generate
+from tokencredit.models import (
+    LoraSettings,
+    load_critic,
+    load_policy,
+    load_tokenizer,
+    quiet_saves,
+    train_top_layers,
+)
+from tokencredit.runs import atomic_write_json, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of the demo; the defaults fit the built-in model and data on 2 CPU cores in < 15 minutes."""
+
+    output: str = "runs/demo"  # folder for every stage, summary.json and report.html
+    model: str = "smollm2-135m-instruct"  # policy (and reward-model backbone)
+    data: str | None = None  # sessions .jsonl; None = the built-in dataset (train/test split shipped)
+    test_fraction: float = 0.2  # held-out share when `data` is given
+    seed: int = 0
+    resume: bool = False  # skip finished stages; continue interrupted ones
+    fast: bool = False  # tiny random model + word tokenizer, few steps: for tests, not for results
+    max_train_sessions: int | None = None
+    max_test_sessions: int | None = 60
+    history_entries: int = 3  # history entries shown in the prompt
+    max_new_tokens: int = 12
+    judge: str | None = None  # reserved for the LLM-judge labeler; None = reference-based labeler
+
+    # SFT
+    sft_epochs: int = 1
+    sft_batch_size: int = 8
+    sft_learning_rate: float = 5e-4
+    lora_r: int = 16
+    # Blocks trained after SFT (policy LoRA, reward-model LoRA, critic): backpropagating through the top
+    # blocks only makes the reward model and PPO steps about 2x cheaper on a CPU. None = every block.
+    top_layers: int | None = 10
+
+    # feedback + token reward model
+    label_prompts: int = 64  # train prompts whose samples get labelled
+    samples_per_prompt: int = 2
+    rm_epochs: int = 1
+    rm_learning_rate: float = 3e-4
+    rm_batch_size: int = 8
+
+    # PPO (both TPPO and the sequence-level baseline use these)
+    ppo_updates: int = 5
+    ppo_batch_size: int = 16
+    ppo_mini_batch_size: int = 8
+    ppo_epochs: int = 1
+    ppo_learning_rate: float = 1e-3
+    critic_learning_rate: float = 5e-5
+    kl_coef: float = 0.05
+    policies: list[str] = field(default_factory=lambda: ["sft", "tppo", "ppo_sequence"])
+
+    def validate(self) -> None:
+        """Check the values that would fail late."""
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1) (got {self.test_fraction})")
+        unknown = set(self.policies) - {"sft", "tppo", "ppo_sequence"}
+        if unknown or "sft" not in self.policies:
+            raise ValueError(f"policies must include 'sft' and be among sft, tppo, ppo_sequence (got {self.policies})")
+        if self.judge is not None:
+            raise ValueError("judge labelling is not available yet; leave judge unset to use the reference labeler")
+
+
+FAST_OVERRIDES = dict(
+    max_train_sessions=48, max_test_sessions=12, max_new_tokens=6, sft_epochs=2, sft_batch_size=8,
+    label_prompts=16, samples_per_prompt=2, rm_epochs=1, ppo_updates=2, ppo_batch_size=8, ppo_mini_batch_size=4,
+    ppo_epochs=1, top_layers=1,
+)
+
+
+class _Stage:
+    """A pipeline stage folder with a done marker, so a re-run can skip it."""
+
+    def __init__(self, root: Path, name: str, resume: bool) -> None:
+        """Stage `name` under root."""
+        self.dir = root / name
+        self.resume = resume
+
+    @property
+    def done(self) -> bool:
+        """Finished in an earlier run and resume is on."""
+        return self.resume and (self.dir / "done.json").exists()
+
+    def finish(self, info: dict) -> None:
+        """Mark finished."""
+        atomic_write_json(self.dir / "done.json", info)
+
+    def info(self) -> dict:
+        """What finish() recorded."""
+        return json.loads((self.dir / "done.json").read_text())
+
+
+def _load_data(cfg: DemoConfig) -> tuple[list, list]:
+    """(train, test) sessions."""
+    from tokencredit.tasks.querygen import builtin_sessions, load_sessions, split_sessions
+
+    if cfg.data is None:
+        train, test = builtin_sessions("train"), builtin_sessions("test")
+    else:
+        train, test = split_sessions(load_sessions(cfg.data), cfg.test_fraction, cfg.seed)
+    if cfg.max_train_sessions:
+        train = train[: cfg.max_train_sessions]
+    if cfg.max_test_sessions:
+        test = test[: cfg.max_test_sessions]
+    if not train or not test:
+        raise ValueError(f"need train and test sessions, got {len(train)} and {len(test)}")
+    return train, test
+
+
+def _fast_model(root: Path, sessions: list) -> str:
+    """Save a tiny random model with a word tokenizer over the data's words; return its folder."""
+    from tokencredit.tasks.querygen import render_prompt
+    from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
+
+    folder = root / "tiny-model"
+    if (folder / "config.json").exists():
+        return str(folder)
+    words: list[str] = []
+    from tokenizers.pre_tokenizers import Whitespace
+
+    split = Whitespace()
+    for s in sessions:
+        for text in (render_prompt(s), s.target_query):
+            words.extend(w for w, _ in split.pre_tokenize_str(text))
+    tok = tiny_word_tokenizer(sorted(set(words)))
+    model = tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage and write summary.json and report.html; returns the summary."""
+    # transformers' per-load and per-save bars would bury the stage bars.
+    with quiet_saves():
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
+    """run_demo without the progress-bar settings."""
+    from tokencredit.feedback.labelers import ReferenceLabeler, label_stats
+    from tokencredit.rewards.token_rm import (
+        TokenExample,
+        TokenRewardModel,
+        TokenRMConfig,
+        train_token_reward_model,
+    )
+    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
+    from tokencredit.rl.sft import SFTConfig, SFTTrainer
+    from tokencredit.tasks.querygen import PromptTemplate, render_prompt, session_context
+
+    cfg.validate()
+    root = Path(cfg.output)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "config.yaml")
+    timings: dict[str, float] = {}
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    train, test = _load_data(cfg)
+    model_name = _fast_model(root, train + test) if cfg.fast else cfg.model
+    tokenizer = load_tokenizer(model_name)
+    # The instruction goes in the system message: it replaces SmolLM2's default system prompt, so every
+    # forward pass of every stage is ~17% shorter.
+    template = PromptTemplate(max_history=cfg.history_entries, instruction_as_system=True)
+    train_prompts = [render_prompt(s, tokenizer, template) for s in train]
+    test_prompts = [render_prompt(s, tokenizer, template) for s in test]
+    lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0)
+    top_layers = _clamp_layers(model_name, cfg.top_layers)
+    log.info("demo: %d train / %d test sessions, model %s, output %s", len(train), len(test), model_name, root)
+
+    # 1. SFT on (history -> next query). LoRA is merged afterwards so the SFT model is a plain model: PPO's
+    #    fresh adapters then sit on top of it and "adapters off" is exactly the SFT reference.
+    t0 = time.perf_counter()
+    sft = _Stage(root, "sft", cfg.resume)
+    sft_model = sft.dir / "merged"
+    if not sft.done:
+        policy = load_policy(model_name, lora=lora)
+        SFTTrainer(
+            SFTConfig(output_dir=str(sft.dir), seed=cfg.seed, num_epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
+                      learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False),
+            policy=policy, tokenizer=tokenizer, prompts=train_prompts, responses=[s.target_query for s in train],
+        ).train()
+        merged = policy.merge_and_unload()
+        merged.save_pretrained(sft_model)
+        tokenizer.save_pretrained(sft_model)
+        sft.finish({"model": str(sft_model)})
+        del policy, merged
+    timings["sft"] = time.perf_counter() - t0
+
+    # 2. Sample queries from the SFT policy and label their words (reference-based labeler by default).
+    t0 = time.perf_counter()
+    labels_stage = _Stage(root, "labels", cfg.resume)
+    labels_path = labels_stage.dir / "token_labels.jsonl"
+    if not labels_stage.done:
+        labels_stage.dir.mkdir(parents=True, exist_ok=True)
+        policy = load_policy(sft_model)
+        rng = random.Random(cfg.seed)
+        chosen = rng.sample(range(len(train)), min(cfg.label_prompts, len(train)))
+        labeler = ReferenceLabeler()
+        gen_rng = torch.Generator().manual_seed(cfg.seed)
+        records = []
+        for start in range(0, len(chosen), 16):
+            idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
+            prompts = [train_prompts[i] for i in idx]
+            out = generate(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                           generator=gen_rng)
+            texts = [t.strip() for t in out.texts]
+            spans = labeler.label(prompts, texts, [session_context(train[i], template) for i in idx])
+            for i, text, sp in zip(idx, texts, spans):
+                records.append({"session": i, "prompt": train_prompts[i], "response": text,
+                                "spans": [[s.start, s.end, s.label] for s in sp]})
+        with labels_path.open("w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        stats = label_stats([[_span(s) for s in r["spans"]] for r in records])
+        labels_stage.finish({"records": len(records), **stats})
+        del policy
+    records = [json.loads(line) for line in labels_path.read_text().splitlines() if line.strip()]
+    timings["labels"] = time.perf_counter() - t0
+
+    # 3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
+    #    summed token rewards of pairs of samples of one prompt ranked by their share of good words.
+    t0 = time.perf_counter()
+    rm_stage = _Stage(root, "reward_model", cfg.resume)
+    rm_dir = rm_stage.dir / "model"
+    if not rm_stage.done:
+        examples = [TokenExample(r["prompt"], r["response"], [_span(s) for s in r["spans"]])
+                    for r in records if r["response"]]
+        pairs = _pairs_from_labels(records)
+        rm = TokenRewardModel.from_pretrained(
+            sft_model, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers))
+        history = train_token_reward_model(
+            rm, TokenRMConfig(output_dir=str(rm_stage.dir), seed=cfg.seed, num_epochs=cfg.rm_epochs,
+                              batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, progress=True,
+                              balance_labels=True),
+            token_examples=examples, pairs=pairs,
+        )
+        rm_stage.finish({"examples": len(examples), "pairs": len(pairs), "eval": history[-1].get("eval", {})})
+        del rm
+    rm = TokenRewardModel.from_pretrained(rm_dir)
+    timings["reward_model"] = time.perf_counter() - t0
+
+    # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
+    ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
+    for name, kind in ppo_runs.items():
+        if name not in cfg.policies:
+            continue
+        t0 = time.perf_counter()
+        stage = _Stage(root, name, cfg.resume)
+        if not stage.done:
+            policy = load_policy(sft_model, lora=dataclasses.replace(lora, top_layers=top_layers))
+            # The value model starts from the reward model's weights.
+            critic = train_top_layers(load_critic(rm_dir), top_layers)
+            PPOTrainer(
+                PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
+                          batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
+                          ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
+                          critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
+                          max_new_tokens=cfg.max_new_tokens, save_every=2, resume=cfg.resume,
+                          log_tensorboard=False, reuse_sampling_logprobs=True),
+                policy=policy, tokenizer=tokenizer, prompts=train_prompts, reward_fn=rm.as_reward_fn(kind),
+                critic=critic,
+            ).train()
+            stage.finish({"policy": str(stage.dir / "policy")})
+            del policy, critic
+        timings[name] = time.perf_counter() - t0
+
+    # 5. Evaluate every policy on held-out sessions: greedy queries vs the true next query, and RM reward.
+    t0 = time.perf_counter()
+    summary, generations = _evaluate_policies(cfg, root, sft_model, test, test_prompts, tokenizer, rm)
+    timings["evaluate"] = time.perf_counter() - t0
+    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    summary["data"] = {"train_sessions": len(train), "test_sessions": len(test), "labelled_samples": len(records),
+                       "source": cfg.data or "built-in"}
+    summary["labeler"] = "reference-based (words supported by the true next query or clicked titles)"
+    summary["labels"] = labels_stage.info()
+    summary["reward_model_eval"] = rm_stage.info().get("eval", {})
+    atomic_write_json(root / "summary.json", summary)
+    _write_report(cfg, root, summary, generations, test, tokenizer)
+    return summary
+
+
+def _clamp_layers(model_name: str, top_layers: int | None) -> int | None:
+    """top_layers, or None (every block) when the model has no more blocks than that."""
+    from transformers import AutoConfig
+
+    from tokencredit.models import resolve_model
+
+    if top_layers is None:
+        return None
+    n = getattr(AutoConfig.from_pretrained(resolve_model(model_name)), "num_hidden_layers", None)
+    return None if n is not None and n <= top_layers else top_layers
+
+
+def _span(s: list[int]) -> object:
+    """A SpanLabel from its JSON form."""
+    from tokencredit.rewards.labels import SpanLabel
+
+    return SpanLabel(int(s[0]), int(s[1]), int(s[2]))
+
+
+def _pairs_from_labels(records: list[dict]) -> list:
+    """Preference pairs between samples of one prompt whose share of good words differs."""
+    from tokencredit.rewards.token_rm import PreferencePair
+
+    by_session: dict[int, list[dict]] = {}
+    for r in records:
+        by_session.setdefault(r["session"], []).append(r)
+
+    def quality(r: dict) -> float:
+        labels = [s[2] for s in r["spans"]]
+        return sum(1 for v in labels if v > 0) / len(labels) if labels else 0.0
+
+    pairs = []
+    for group in by_session.values():
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                a, b = group[i], group[j]
+                if quality(a) == quality(b) or a["response"] == b["response"]:
+                    continue
+                win, lose = (a, b) if quality(a) > quality(b) else (b, a)
+                pairs.append(PreferencePair(win["prompt"], win["response"], lose["response"]))
+    return pairs
+
+
+def _policy_folder(root: Path, name: str, sft_model: Path) -> Path:
+    """Where a finished policy lives."""
+    return sft_model if name == "sft" else root / name / "policy"
+
+
+def _evaluate_policies(cfg: DemoConfig, root: Path, sft_model: Path, test: list, prompts: list[str],
+                       tokenizer: object, rm: object) -> tuple[dict, dict]:
+    """Greedy queries of each policy on the test prompts, their metrics and mean RM reward."""
+    from peft import PeftModel
+
+    from tokencredit.tasks.querygen import query_metrics
+
+    summary: dict = {}
+    generations: dict = {}
+    references = [s.target_query for s in test]
+    for name in cfg.policies:
+        folder = _policy_folder(root, name, sft_model)
+        policy = load_policy(sft_model)
+        if name != "sft":
+            policy = PeftModel.from_pretrained(policy, folder).merge_and_unload()
+        texts, ids = [], []
+        for start in range(0, len(prompts), 32):
+            out = generate(policy, tokenizer, prompts[start : start + 32], max_new_tokens=cfg.max_new_tokens,
+                           greedy=True)
+            texts.extend(t.strip() for t in out.texts)
+            ids.extend(out.token_ids())
+        token_rewards = rm.score_token_ids(prompts, ids)
+        metrics = query_metrics(texts, references)
+        metrics["rm_reward"] = sum(sum(r) for r in token_rewards) / len(token_rewards)
+        metrics["mean_length_tokens"] = sum(len(i) for i in ids) / len(ids)
+        summary[name] = metrics
+        generations[name] = {"texts": texts, "ids": ids, "token_rewards": token_rewards}
+        atomic_write_json(root / f"generations_{name}.json",
+                          [{"prompt": p, "prediction": t, "target": r}
+                           for p, t, r in zip(prompts, texts, references)])
+        del policy
+    return summary, generations
+
+
+def _write_report(cfg: DemoConfig, root: Path, summary: dict, generations: dict, test: list,
+                  tokenizer: object) -> None:
+    """report.html: metrics table, training curves, and per-token credit on a few test examples."""
+    rows = [{"policy": name, **{k: v for k, v in m.items()}} for name, m in summary.items() if name in cfg.policies]
+    curves = {}
+    for name in ("tppo", "ppo_sequence"):
+        if (root / name / "metrics.jsonl").exists():
+            curves[name] = [m.get("reward/mean") for m in read_metrics(root / name)]
+    kl_curves = {name: [m.get("kl/mean") for m in read_metrics(root / name)] for name in curves}
+    sft_loss = [m.get("loss") for m in read_metrics(root / "sft")] if (root / "sft" / "metrics.jsonl").exists() else []
+    charts = (svg_line_chart(curves, "Training reward (RM score of samples, mean per sequence)", ylabel="reward")
+              + svg_line_chart(kl_curves, "KL to the SFT reference (per sequence)", ylabel="KL")
+              + svg_line_chart({"sft": sft_loss}, "SFT loss", xlabel="step", ylabel="NLL"))
+    examples = []
+    for i in range(min(8, len(test))):
+        session = test[i]
+        cells = []
+        for name in cfg.policies:
+            g = generations[name]
+            if name != "sft" and g["ids"][i] == generations["sft"]["ids"][i]:
+                cells.append(f"<b>{name}</b>: <span class='small'>same query as sft</span>")
+                continue
+            pieces = token_pieces(tokenizer, g["ids"][i])
+            cells.append(f"<b>{name}</b>: {token_heatmap_html(pieces, g['token_rewards'][i])}")
+        last = session.history[-1].query if session.history else ""
+        examples.append(f"<p class='small'>last query: <i>{html.escape(last)}</i> &rarr; true next query: "
+                        f"<b>{html.escape(session.target_query)}</b></p><p>{'<br>'.join(cells)}</p>")
+    note = ("<p class='small'>Labels came from the reference-based labeler (words of a sampled query supported by "
+            "the true next query or clicked titles are good), not from an LLM judge. Colours: token rewards of the "
+            "trained token reward model (green = positive, red = negative; hover for the value)."
+            + (" FAST MODE: tiny random model, numbers are meaningless." if cfg.fast else "") + "</p>")
+    run_rows = [{"stage": k, "seconds": v} for k, v in summary.get("timings_s", {}).items()]
+    rm_eval = summary.get("reward_model_eval", {})
+    run_info = (html_table([summary.get("data", {})]) + html_table([summary.get("labels", {})])
+                + "<p class='small'>Reward model on held-out labelled samples:</p>" + html_table([rm_eval])
+                + html_table(run_rows))
+    write_html_report(root / "report.html", "tokencredit demo: TPPO query generation", [
+        ("Test metrics", html_table(rows) + note),
+        ("Training curves", charts),
+        ("Run", run_info),
+        ("Per-token credit on test examples", "".join(examples)),
+    ])

@@ -1,0 +1,133 @@
+"""Readable results: SVG training curves and per-token credit heat maps in a self-contained HTML report.
+
+No plotting library: the charts are a few lines of SVG, so reports open anywhere and installs stay light.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tokencredit.rewards.labels import token_pieces
+from tokencredit.runs import atomic_write_text
+
+__all__ = ["html_table", "reward_color", "svg_line_chart", "token_heatmap_html", "token_pieces", "write_html_report"]
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def svg_line_chart(
+    series: Mapping[str, Sequence[float | None]],
+    title: str,
+    xlabel: str = "update",
+    ylabel: str = "",
+    width: int = 560,
+    height: int = 260,
+) -> str:
+    """An inline SVG line chart of one or more series (x = 1..n); None/NaN points are left out."""
+    pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 40
+    points = {
+        name: [(i + 1, float(v)) for i, v in enumerate(vals) if v is not None and math.isfinite(float(v))]
+        for name, vals in series.items()
+    }
+    xs = [x for pts in points.values() for x, _ in pts]
+    ys = [y for pts in points.values() for _, y in pts]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+    if not xs:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
+        return "".join(parts)
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 1, y1 + 1
+    plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
+
+    def sx(x: float) -> float:
+        return pad_l + (x - x0) / (x1 - x0) * plot_w
+
+    def sy(y: float) -> float:
+        return pad_t + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    parts.append(f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
+    for k in range(5):
+        yv = y0 + (y1 - y0) * k / 4
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+        parts.append(f'<line x1="{pad_l}" x2="{pad_l + plot_w}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" '
+                     f'stroke="#eee"/>')
+    parts.append(f'<text x="{pad_l}" y="{height - 22}">{x0:g}</text>'
+                 f'<text x="{pad_l + plot_w}" y="{height - 22}" text-anchor="end">{x1:g}</text>'
+                 f'<text x="{pad_l + plot_w / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+                 f'<text x="12" y="{pad_t + plot_h / 2}" transform="rotate(-90 12 {pad_t + plot_h / 2})" '
+                 f'text-anchor="middle">{html.escape(ylabel)}</text>')
+    for i, (name, pts) in enumerate(points.items()):
+        color = PALETTE[i % len(PALETTE)]
+        if pts:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
+        parts.append(f'<rect x="{pad_l + 8 + 130 * i}" y="{pad_t + 6}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{pad_l + 22 + 130 * i}" y="{pad_t + 15}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def reward_color(value: float, scale: float) -> str:
+    """Background colour of a token: green for positive reward, red for negative, white for zero."""
+    if not math.isfinite(value) or scale <= 0:
+        return "#ffffff"
+    a = min(abs(value) / scale, 1.0)
+    # Blend white towards the hue so text stays readable at full strength.
+    if value >= 0:
+        r, g, b = 255 - int(155 * a), 255 - int(55 * a), 255 - int(155 * a)
+    else:
+        r, g, b = 255 - int(35 * a), 255 - int(155 * a), 255 - int(155 * a)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def token_heatmap_html(tokens: Sequence[str], rewards: Sequence[float], scale: float | None = None) -> str:
+    """HTML spans, one per token, coloured by its reward; the exact value shows on hover."""
+    if len(tokens) != len(rewards):
+        raise ValueError(f"{len(tokens)} tokens but {len(rewards)} rewards")
+    finite = [abs(r) for r in rewards if math.isfinite(r)]
+    scale = scale if scale is not None else (max(finite) if finite else 1.0)
+    spans = []
+    for tok, r in zip(tokens, rewards):
+        text = html.escape(tok).replace(" ", "&nbsp;").replace("\n", "\\n") or "&#8203;"
+        spans.append(f'<span class="tok" style="background:{reward_color(r, scale)}" '
+                     f'title="{r:+.3f}">{text}</span>')
+    return "".join(spans)
+
+
+REPORT_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
+th { background: #f4f4f4; } .tok { font-family: monospace; border-radius: 2px; padding: 1px 0; }
+.small { color: #666; font-size: 90%; } pre { background: #f6f6f6; padding: 6px; white-space: pre-wrap; }
+"""
+
+
+def html_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
+    """A plain HTML table; floats are shown with 4 significant digits."""
+    if not rows:
+        return "<p>(empty)</p>"
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_html_report(path: str | Path, title: str, sections: Sequence[tuple[str, str]]) -> None:
+    """Write a self-contained HTML page of (heading, html body) sections, atomically."""
+    body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{REPORT_CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}</body></html>")
+    atomic_write_text(path, page)

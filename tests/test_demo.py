@@ -1,0 +1,115 @@
+"""`tokencredit demo` in its fast mode (tiny random model, few steps): the pipeline's plumbing and outputs."""
+
+import json
+
+import pytest
+
+from tokencredit.cli import main
+from tokencredit.demo import DemoConfig, run_demo
+from tokencredit.runs import read_metrics
+from tokencredit.tasks.querygen import builtin_sessions
+
+METRICS = {"exact_match", "token_f1", "bleu", "rouge_l", "rm_reward", "mean_length_tokens"}
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--fast", "--output", str(out)]) == 0
+    return out
+
+
+def test_summary_has_a_block_per_policy_with_test_metrics(fast_run):
+    summary = json.loads((fast_run / "summary.json").read_text())
+    for name in ("sft", "tppo", "ppo_sequence"):
+        assert METRICS <= set(summary[name]), name
+        for key in ("exact_match", "token_f1", "bleu", "rouge_l"):
+            assert 0.0 <= summary[name][key] <= 1.0
+        assert 1 <= summary[name]["mean_length_tokens"] <= 6  # fast mode: max_new_tokens=6
+    assert summary["data"]["test_sessions"] == 12 and summary["data"]["train_sessions"] == 48
+    assert summary["data"]["labelled_samples"] == 16 * 2
+    assert "reference-based" in summary["labeler"]
+    assert summary["labels"]["records"] == 32 and "pair_accuracy" in summary["reward_model_eval"]
+    assert set(summary["timings_s"]) == {"sft", "labels", "reward_model", "tppo", "ppo_sequence", "evaluate"}
+
+
+def test_each_stage_left_its_run_folder(fast_run):
+    assert len(read_metrics(fast_run / "sft")) == 12  # 48 sessions / batch 8 * 2 epochs
+    assert [m["step"] for m in read_metrics(fast_run / "tppo")] == [1, 2]
+    assert [m["step"] for m in read_metrics(fast_run / "ppo_sequence")] == [1, 2]
+    assert (fast_run / "reward_model" / "model" / "scalar_head.safetensors").is_file()
+    labels = [json.loads(line) for line in (fast_run / "labels" / "token_labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 32
+    for rec in labels:
+        for start, end, value in rec["spans"]:
+            assert 0 <= start < end <= len(rec["response"]) and value in (-1, 0, 1)
+    gens = json.loads((fast_run / "generations_tppo.json").read_text())
+    targets = [s.target_query for s in builtin_sessions("test")[:12]]
+    assert [g["target"] for g in gens] == targets
+
+
+def test_report_has_curves_table_and_token_colours(fast_run):
+    page = (fast_run / "report.html").read_text()
+    assert page.count("<svg") == 3  # reward, KL, SFT loss
+    assert "<polyline" in page  # curves have data
+    for name in ("sft", "tppo", "ppo_sequence"):
+        assert f"<td>{name}</td>" in page
+    # Every shown generated token is a coloured span with its reward on hover.
+    assert page.count('class="tok"') >= 8
+    assert "FAST MODE" in page
+
+
+def test_resume_skips_finished_stages_and_reruns_a_missing_one(fast_run, tmp_path):
+    sft_done = (fast_run / "sft" / "done.json").stat().st_mtime_ns
+    (fast_run / "ppo_sequence" / "done.json").unlink()
+    before = json.loads((fast_run / "summary.json").read_text())
+    assert main(["demo", "--fast", "--resume", "--output", str(fast_run)]) == 0
+    assert (fast_run / "sft" / "done.json").stat().st_mtime_ns == sft_done
+    assert (fast_run / "ppo_sequence" / "done.json").exists()
+    # The unfinished PPO run resumed from its last checkpoint: no update was logged twice.
+    assert [m["step"] for m in read_metrics(fast_run / "ppo_sequence")] == [1, 2]
+    after = json.loads((fast_run / "summary.json").read_text())
+    for name in ("sft", "tppo", "ppo_sequence"):
+        assert after[name] == pytest.approx(before[name])
+
+
+def test_own_data_is_split_into_train_and_test(tmp_path):
+    data = tmp_path / "sessions.jsonl"
+    rows = [{"history": [{"query": s.history[-1].query, "clicked": list(s.history[-1].clicked)}],
+             "target_query": s.target_query} for s in builtin_sessions("train")[:40]]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = DemoConfig(output=str(tmp_path / "run"), data=str(data), fast=True, test_fraction=0.25,
+                     max_train_sessions=None, max_test_sessions=None, label_prompts=4, ppo_updates=1,
+                     ppo_batch_size=4, ppo_mini_batch_size=2, sft_epochs=1, max_new_tokens=4,
+                     policies=["sft", "tppo"])
+    summary = run_demo(cfg)
+    assert summary["data"] == {"train_sessions": 30, "test_sessions": 10, "labelled_samples": 8,
+                               "source": str(data)}
+    assert "ppo_sequence" not in summary and not (tmp_path / "run" / "ppo_sequence").exists()
+
+
+def test_bad_settings_fail_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--fast", "--output", str(tmp_path / "a"), "policies=[tppo]"]) == 2
+    assert "policies" in capsys.readouterr().err
+    assert main(["demo", "--fast", "--output", str(tmp_path / "b"), "judge=gpt"]) == 2
+    assert "judge" in capsys.readouterr().err
+    assert main(["demo", "--fast", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "c")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"history": [{"query": "a", "clicked": []}], "target_query": "b"}\n{"history": []}\n')
+    assert main(["demo", "--fast", "--data", str(bad), "--output", str(tmp_path / "d")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_model_flag_runs_the_pipeline_on_another_model(fast_run, tmp_path):
+    from tokencredit.demo import FAST_OVERRIDES
+
+    small = [f"{k}={v}" for k, v in FAST_OVERRIDES.items()] + ["ppo_updates=1", "policies=[sft,ppo_sequence]"]
+    model = fast_run / "tiny-model"  # a plain model folder; without --fast it is used as given
+    assert main(["demo", "--model", str(model), "--output", str(tmp_path / "run"), *small]) == 0
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"model: {model}" in saved and "fast: false" in saved
+    assert not (tmp_path / "run" / "tiny-model").exists()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary) >= {"sft", "ppo_sequence"} and "tppo" not in summary
