@@ -1,0 +1,386 @@
+"""Records for reward learning: preference pairs, ranked lists, minimal-edit triples and unlabelled pairs.
+
+Every loader takes a ``.jsonl`` path, a list of dicts, or a Hugging Face ``datasets.Dataset`` (any iterable of
+dicts works; ``datasets`` is never imported here) and returns dataclasses. A bad record raises
+:class:`RewardDataError` whose message starts with where it is — ``file:line`` for a file, ``row N``
+(0-based) for an in-memory source — and names the field. Field names are arguments, so a dataset with other
+column names needs no copy; a ``prompt_field`` of ``None`` means the records have no prompt (the responses hold
+the whole conversation, as in HH-RLHF) and the prompt is ``""``.
+
+Records that carry no preference — chosen and rejected the same text, an edit that changes nothing, a ranked
+list whose scores are all equal — are not errors (real data has them): they are counted, logged as one
+warning, and left out. "The same text" means equal up to whitespace (``a.split() == b.split()``).
+
+Record shapes (JSONL, one object a line)::
+
+    {"prompt": ..., "chosen": ..., "rejected": ...}                       load_pairs
+    {"prompt": ..., "responses": [...], "scores": [...]}                  load_ranked (higher score = better)
+    {"prompt": ..., "responses": [...], "ranking": [...]}                 load_ranked (ranking[i] = rank of
+                                                                          responses[i], 0 = best)
+    {"prompt": ..., "original": ..., "edited": ..., "chosen": ...}        load_edits (chosen optional)
+    {"prompt": ..., "a": ..., "b": ...}                                   load_unlabelled_pairs
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+from tokencredit.records import RecordError, read_jsonl
+from tokencredit.rewards.token_rm import PreferencePair, _split
+
+if TYPE_CHECKING:
+    import datasets
+
+    # A .jsonl path, a list (or any iterable) of dicts, or a Hugging Face datasets.Dataset.
+    Source = str | Path | Iterable[dict] | datasets.Dataset
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+__all__ = [
+    "EditTriple",
+    "PreferencePair",
+    "RankedList",
+    "RewardDataError",
+    "UnlabelledPair",
+    "load_edits",
+    "load_pairs",
+    "load_ranked",
+    "load_unlabelled_pairs",
+    "split_records",
+]
+
+
+class RewardDataError(RecordError):
+    """A reward-learning record that cannot be used; the message starts with "file:line" or "row N"."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Record kinds
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankedList:
+    """Two or more responses to one prompt, ordered by ``scores`` (higher is better) or by ``ranking``.
+
+    ``ranking[i]`` is the rank of ``responses[i]``, 0 = best, and is a permutation of ``0..K-1``; exactly one
+    of ``scores`` and ``ranking`` is given. Scores may tie and are kept raw, so a listwise loss can break
+    ties its own way (see :meth:`order`).
+    """
+
+    prompt: str
+    responses: list[str]
+    scores: list[float] | None = None
+    ranking: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        """Reject lists that cannot be ordered (the loaders check the same, naming file, line and field)."""
+        problem = _ranked_problem(len(self.responses), self.scores, self.ranking, "responses", "scores", "ranking")
+        if problem is not None:
+            raise ValueError(problem)
+
+    def order(self, rng: random.Random | None = None) -> list[int]:
+        """Indices of the responses, best first; tied scores keep input order, or a random one given ``rng``."""
+        indices = list(range(len(self.responses)))
+        if rng is not None:
+            rng.shuffle(indices)  # the sort below is stable, so shuffling first breaks ties at random
+        if self.ranking is not None:
+            indices.sort(key=self.ranking.__getitem__)
+        else:
+            indices.sort(key=lambda i: -self.scores[i])
+        return indices
+
+    def best_first(self) -> list[str]:
+        """The responses, best first (ties in input order)."""
+        return [self.responses[i] for i in self.order()]
+
+    def preference_pairs(self) -> list[PreferencePair]:
+        """Every pair of responses where one is strictly better, as PreferencePair (tied scores give none)."""
+        order = self.order()
+        pairs = []
+        for a, better in enumerate(order):
+            for worse in order[a + 1 :]:
+                if self.scores is not None and self.scores[better] == self.scores[worse]:
+                    continue
+                pairs.append(PreferencePair(self.prompt, self.responses[better], self.responses[worse]))
+        return pairs
+
+
+@dataclass
+class EditTriple:
+    """A response (``original``) and a minimal edit of it that is better (``edited``).
+
+    ``chosen`` is optional: the preferred response of the pair the original came from, when the original was
+    the rejected side of a preference pair; the hybrid FG loss adds sequence BT on (chosen, original).
+    """
+
+    prompt: str
+    original: str
+    edited: str
+    chosen: str | None = None
+
+
+@dataclass
+class UnlabelledPair:
+    """Two responses to one prompt with no preference between them (e.g. SER's pool)."""
+
+    prompt: str
+    a: str
+    b: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_pairs(
+    source: Source,
+    prompt_field: str | None = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+) -> list[PreferencePair]:
+    """Preference pairs {prompt, chosen, rejected}; pairs whose two texts are the same are left out (warned)."""
+
+    def parse(obj: dict, where: str) -> PreferencePair | None:
+        """One pair, or None when both sides are the same text."""
+        prompt = _prompt(obj, prompt_field, where)
+        chosen, rejected = _text(obj, chosen_field, where), _text(obj, rejected_field, where)
+        return None if _same_text(chosen, rejected) else PreferencePair(prompt, chosen, rejected)
+
+    return _load(source, parse, "pairs", f"{chosen_field!r} and {rejected_field!r} are the same text")
+
+
+def load_unlabelled_pairs(
+    source: Source, prompt_field: str | None = "prompt", a_field: str = "a", b_field: str = "b"
+) -> list[UnlabelledPair]:
+    """Unlabelled pairs {prompt, a, b}; pairs whose two texts are the same are left out (warned).
+
+    A labelled file can serve as an unlabelled pool: ``a_field="chosen", b_field="rejected"``.
+    """
+
+    def parse(obj: dict, where: str) -> UnlabelledPair | None:
+        """One pair, or None when both sides are the same text."""
+        prompt = _prompt(obj, prompt_field, where)
+        a, b = _text(obj, a_field, where), _text(obj, b_field, where)
+        return None if _same_text(a, b) else UnlabelledPair(prompt, a, b)
+
+    return _load(source, parse, "unlabelled pairs", f"{a_field!r} and {b_field!r} are the same text")
+
+
+def load_edits(
+    source: Source,
+    prompt_field: str | None = "prompt",
+    original_field: str = "original",
+    edited_field: str = "edited",
+    chosen_field: str | None = "chosen",
+) -> list[EditTriple]:
+    """Edit triples {prompt, original, edited} (+ optional chosen); edits that change nothing are left out."""
+
+    def parse(obj: dict, where: str) -> EditTriple | None:
+        """One triple, or None when the edit leaves the text as it was."""
+        prompt = _prompt(obj, prompt_field, where)
+        original, edited = _text(obj, original_field, where), _text(obj, edited_field, where)
+        chosen = None
+        if chosen_field is not None and obj.get(chosen_field) is not None:
+            chosen = _text(obj, chosen_field, where)
+        return None if _same_text(original, edited) else EditTriple(prompt, original, edited, chosen)
+
+    return _load(source, parse, "edit triples", f"{original_field!r} and {edited_field!r} are the same text")
+
+
+def load_ranked(
+    source: Source,
+    prompt_field: str | None = "prompt",
+    responses_field: str = "responses",
+    scores_field: str | None = "scores",
+    ranking_field: str | None = "ranking",
+) -> list[RankedList]:
+    """Ranked lists {prompt, responses, scores | ranking}; lists whose scores all tie are left out (warned).
+
+    Scores: higher is better, ties allowed, finite. ``ranking[i]`` is the rank of ``responses[i]`` (0 = best).
+    A record must give exactly one of the two; set a field name to None to never read that field.
+    """
+
+    def parse(obj: dict, where: str) -> RankedList | None:
+        """One ranked list, or None when every score is the same."""
+        prompt = _prompt(obj, prompt_field, where)
+        responses = _responses(obj, responses_field, where)
+        scores = _number_list(obj, scores_field, where, integers=False)
+        ranking = _number_list(obj, ranking_field, where, integers=True)
+        problem = _ranked_problem(len(responses), scores, ranking, responses_field, scores_field, ranking_field)
+        if problem is not None:
+            raise RewardDataError(f"{where}: {problem}")
+        if scores is not None and len(set(scores)) == 1:
+            return None
+        return RankedList(prompt, responses, scores, ranking)
+
+    return _load(source, parse, "ranked lists", f"every {scores_field!r} value is the same")
+
+
+def split_records(records: Sequence[T], eval_fraction: float, seed: int = 0) -> tuple[list[T], list[T]]:
+    """Seeded random (train, eval) split, the token RM's rule: eval gets round(fraction * n), train >= 1."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1) (got {eval_fraction})")
+    return _split(list(records), eval_fraction, np.random.default_rng(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rows(source: Source) -> tuple[str, Iterator[tuple[str, object]]]:
+    """The source's name for messages and its (location, record) pairs."""
+    if isinstance(source, (str, Path)):
+        return str(source), ((f"{source}:{lineno}", obj) for lineno, obj in read_jsonl(source))
+    kind = type(source).__name__
+    if kind in ("DatasetDict", "IterableDatasetDict"):
+        splits = ", ".join(repr(k) for k in source)
+        raise TypeError(f"got a {kind} (splits {splits}); pass one split, e.g. dataset['train']")
+    if kind == "DataFrame":  # iterating a DataFrame gives its column names, not its rows
+        raise TypeError("got a pandas DataFrame; pass df.to_dict('records') or datasets.Dataset.from_pandas(df)")
+    if isinstance(source, (dict, bytes)) or not isinstance(source, Iterable):
+        raise TypeError(f"source must be a .jsonl path, a list of dicts or a datasets.Dataset, got {kind}")
+    return "the given records", ((f"row {i}", obj) for i, obj in enumerate(source))
+
+
+def _load(source: Source, parse: Callable[[dict, str], T | None], what: str, skip_reason: str) -> list[T]:
+    """Parse every record; count, warn about and leave out the ones ``parse`` returns None for."""
+    name, rows = _rows(source)
+    records: list[T] = []
+    skipped: list[str] = []
+    try:
+        for where, obj in rows:
+            if not isinstance(obj, dict):
+                raise RewardDataError(f"{where}: expected a record (an object with fields), got {type(obj).__name__}")
+            record = parse(obj, where)
+            if record is None:
+                skipped.append(where)
+            else:
+                records.append(record)
+    except RewardDataError:
+        raise
+    except RecordError as exc:  # bad JSON or a missing file: one error type for every data problem
+        raise RewardDataError(str(exc)) from exc
+    total = len(records) + len(skipped)
+    if total == 0:
+        raise RewardDataError(f"{name}: no records found")
+    if not records:
+        raise RewardDataError(f"{name}: no usable {what}: all {total} records left out because {skip_reason}")
+    if skipped:
+        log.warning("%s: left out %d of %d %s because %s (first: %s)", name, len(skipped), total, what,
+                    skip_reason, skipped[0])
+    return records
+
+
+def _missing(obj: dict, field: str, where: str, hint: str = "") -> RewardDataError:
+    """Error for a missing field, listing the fields the record does have (a wrong column name shows up)."""
+    present = ", ".join(repr(k) for k in list(obj)[:12])
+    return RewardDataError(f"{where}: field {field!r} is missing or null (record has {present or 'no fields'}){hint}")
+
+
+def _text(obj: dict, field: str, where: str) -> str:
+    """A required, non-blank string field."""
+    value = obj.get(field)
+    if value is None:
+        raise _missing(obj, field, where)
+    if not isinstance(value, str):
+        hint = ""
+        if isinstance(value, list):  # chat datasets store conversations as lists of {"role", "content"} messages
+            hint = "; chat messages must be rendered to text first (e.g. with apply_chat_template)"
+        raise RewardDataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}{hint}")
+    if not value.strip():
+        raise RewardDataError(f"{where}: field {field!r} is empty")
+    return value
+
+
+def _prompt(obj: dict, field: str | None, where: str) -> str:
+    """The prompt, or "" when the records have none (``prompt_field=None``)."""
+    if field is None:
+        return ""
+    if obj.get(field) is None:
+        raise _missing(obj, field, where, "; pass prompt_field=None if the responses hold the whole conversation")
+    return _text(obj, field, where)
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Equal up to whitespace: such a pair says nothing about which text is better."""
+    return a.split() == b.split()
+
+
+def _responses(obj: dict, field: str, where: str) -> list[str]:
+    """A list of at least two non-blank strings."""
+    value = obj.get(field)
+    if value is None:
+        raise _missing(obj, field, where)
+    if not isinstance(value, list):
+        raise RewardDataError(f"{where}: field {field!r} must be a list of strings, got {type(value).__name__}")
+    if len(value) < 2:
+        raise RewardDataError(f"{where}: field {field!r} needs at least 2 responses to rank, got {len(value)}")
+    for k, item in enumerate(value):
+        if not isinstance(item, str):
+            raise RewardDataError(f"{where}: field {field!r}[{k}] must be a string, got {type(item).__name__}")
+        if not item.strip():
+            raise RewardDataError(f"{where}: field {field!r}[{k}] is empty")
+    return value
+
+
+def _number_list(obj: dict, field: str | None, where: str, integers: bool) -> list | None:
+    """A list of numbers (ints only when ``integers``), or None when the field is absent or unread."""
+    if field is None or obj.get(field) is None:
+        return None
+    value = obj[field]
+    kind = "an integer" if integers else "a number"
+    if not isinstance(value, list):
+        raise RewardDataError(f"{where}: field {field!r} must be a list, got {type(value).__name__}")
+    for k, item in enumerate(value):
+        # bool is an int subclass, but true/false is never meant as a score or a rank.
+        ok = isinstance(item, int) if integers else isinstance(item, Real)
+        if isinstance(item, bool) or not ok:
+            raise RewardDataError(f"{where}: field {field!r}[{k}] must be {kind}, got {item!r}")
+    return [int(v) for v in value] if integers else [float(v) for v in value]
+
+
+def _ranked_problem(
+    n: int,
+    scores: Sequence[float] | None,
+    ranking: Sequence[int] | None,
+    responses_field: str,
+    scores_field: str | None,
+    ranking_field: str | None,
+) -> str | None:
+    """What makes a ranked list unusable, naming the fields, or None when it is fine."""
+    if n < 2:
+        return f"field {responses_field!r} needs at least 2 responses to rank, got {n}"
+    if scores is not None and ranking is not None:
+        return (f"give either {scores_field!r} (higher is better) or {ranking_field!r} (0 = best), not both; "
+                "set scores_field or ranking_field to None to read only one")
+    if scores is None and ranking is None:
+        fields = " or ".join(repr(f) for f in (scores_field, ranking_field) if f is not None) or "scores or ranking"
+        return f"missing {fields}: a ranked list needs scores (higher is better) or a ranking (0 = best)"
+    if scores is not None:
+        if len(scores) != n:
+            return f"field {scores_field!r} has {len(scores)} values but {responses_field!r} has {n} responses"
+        bad = [k for k, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            return f"field {scores_field!r}[{bad[0]}] is {scores[bad[0]]}; scores must be finite numbers"
+        return None
+    if len(ranking) != n:
+        return f"field {ranking_field!r} has {len(ranking)} values but {responses_field!r} has {n} responses"
+    if sorted(ranking) != list(range(n)):
+        hint = " (it looks 1-based)" if sorted(ranking) == list(range(1, n + 1)) else ""
+        return (f"field {ranking_field!r} must be a permutation of 0..{n - 1} (ranking[i] is the rank of "
+                f"response i, 0 = best), got {list(ranking)}{hint}")
+    return None
