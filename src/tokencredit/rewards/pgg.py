@@ -1,0 +1,248 @@
+"""PGG reward learning: ground a bounded token reward in sequence-level rankings of K samples (arXiv 2306.00398).
+
+A token reward r_phi(s_t, a_t) in (0, 1) is summed up per sequence by an aggregator, and the K aggregated
+scores of one prompt are fitted to the true ranking of its K samples with a Plackett-Luce (ListMLE) loss.
+
+Batch layout: G groups (prompts) of K samples each. Sequence scores and true scores are ``[G, K]``. Token
+tensors are either ``[G, K, T]`` or flat ``[G*K, T]`` with the K samples of a group in consecutive rows
+(row ``g*K + k``), the order :meth:`TokenRewardModel.token_rewards` returns for prompts repeated K times;
+:func:`aggregate` works on any leading shape and :func:`group_mean_length` returns C in the shape of the scores.
+
+The raw outputs of a :class:`~tokencredit.rewards.token_rm.TokenRewardModel` are unbounded head values; for
+PGG they are passed through :func:`bounded` (a sigmoid) before aggregation, and :func:`pgg_rm_loss` does this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from tokencredit.rewards.token_rm import TokenRewardModel
+
+Aggregator = Literal["sum", "avg", "softmax", "softmin"]
+AGGREGATORS: tuple[str, ...] = ("sum", "avg", "softmax", "softmin")
+
+
+def bounded(raw: torch.Tensor) -> torch.Tensor:
+    """The PGG token reward in (0, 1): sigmoid of the raw head output (a TokenRewardModel's output goes here)."""
+    return torch.sigmoid(raw)
+
+
+def aggregate(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    how: Aggregator,
+    scale: torch.Tensor | float | None = None,
+    beta: float = 2.0,
+) -> torch.Tensor:
+    """Sequence score from token rewards ``[..., T]`` -> ``[...]``; padding (mask 0) contributes nothing.
+
+    - ``"sum"``: sum_t r_t (``scale`` is not applied: the sum already grows with length).
+    - ``"avg"``: C * mean_t r_t.
+    - ``"softmax"``: C * beta * log sum_t exp(r_t / beta), between C*max r and C*(max r + beta*log n).
+    - ``"softmin"``: -C * beta * log sum_t exp(-r_t / beta), between C*(min r - beta*log n) and C*min r.
+
+    ``scale`` is C (see :func:`group_mean_length`): a float or a tensor broadcastable to the output shape;
+    None means 1. A row with no unmasked token scores 0 under every aggregator and passes no gradient.
+    """
+    if how not in AGGREGATORS:
+        raise ValueError(f"how must be one of {AGGREGATORS} (got {how!r})")
+    if rewards.shape != mask.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    if rewards.dim() == 0:
+        raise ValueError("rewards must have a token dimension (shape [..., T])")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (got {beta})")
+    keep = mask.bool()
+    # where, not a product: a non-finite value in a padded slot must not turn into NaN.
+    kept = torch.where(keep, rewards, torch.zeros_like(rewards))
+    if how == "sum":
+        return kept.sum(-1)
+    if how == "avg":
+        score = kept.sum(-1) / keep.sum(-1).clamp(min=1)
+    else:
+        empty = ~keep.any(-1)
+        sign = 1.0 if how == "softmax" else -1.0
+        # -inf drops padding from the log-sum-exp; an empty row gets a finite stand-in (overwritten below),
+        # because log-sum-exp over only -inf has a NaN gradient that torch.where would still propagate.
+        logits = (sign * rewards / beta).masked_fill(~keep, float("-inf"))
+        logits = torch.where(empty.unsqueeze(-1), torch.zeros_like(logits), logits)
+        score = sign * beta * torch.logsumexp(logits, dim=-1)
+        score = torch.where(empty, torch.zeros_like(score), score)
+    if scale is None:
+        return score
+    return score * torch.as_tensor(scale, dtype=score.dtype, device=score.device)
+
+
+def group_mean_length(
+    mask: torch.Tensor, k: int | None = None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """C: the mean response length of the K samples of each prompt, repeated for every sample.
+
+    ``mask`` is ``[G, K, T]`` (``k`` None) -> ``[G, K]``, or flat ``[G*K, T]`` with consecutive groups of
+    ``k`` rows -> ``[G*K]``; either way the result multiplies :func:`aggregate`'s output directly.
+    ``valid`` (shape of the result, bool) leaves missing samples out of the mean.
+    """
+    if mask.dim() == 3 and k is None:
+        grouped = mask
+    elif mask.dim() == 2 and k is not None:
+        if k < 1 or mask.size(0) % k:
+            raise ValueError(f"k must be >= 1 and divide the batch size {mask.size(0)} (got k={k})")
+        grouped = mask.reshape(mask.size(0) // k, k, mask.size(1))
+    else:
+        raise ValueError(
+            f"mask must be [G, K, T] with k=None or [G*K, T] with k given (got shape {tuple(mask.shape)}, k={k})"
+        )
+    lengths = grouped.bool().sum(-1).float()
+    if valid is None:
+        weights = torch.ones_like(lengths)
+    else:
+        if valid.numel() != lengths.numel():
+            raise ValueError(f"valid has {valid.numel()} entries; expected one per sample ({lengths.numel()})")
+        weights = valid.reshape(lengths.shape).to(lengths.dtype)
+    mean = (lengths * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp(min=1)
+    return mean.expand_as(lengths).reshape(mask.shape[:-1])
+
+
+def ranking_order(
+    true_scores: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Indices ``[G, K]`` of each group's samples best first (higher true score = better).
+
+    Ties are broken uniformly at random with ``generator`` (the global RNG when None); invalid samples are
+    placed last.
+    """
+    if true_scores.dim() != 2:
+        raise ValueError(f"true_scores must be [G, K] (got shape {tuple(true_scores.shape)})")
+    valid = _valid_mask(valid, true_scores)
+    if torch.isnan(true_scores[valid]).any():
+        raise ValueError("true_scores contains NaN for a valid sample; mark it invalid with `valid` instead")
+    device = generator.device if generator is not None else true_scores.device
+    # Shuffle first, then sort stably: tied samples keep their random shuffled order.
+    order = torch.rand(true_scores.shape, generator=generator, device=device).argsort(-1).to(true_scores.device)
+    keys = true_scores if true_scores.is_floating_point() else true_scores.double()
+    order = order.gather(-1, keys.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+    # A second stable sort on validity alone puts invalid samples last even among -inf scores.
+    return order.gather(-1, (~valid).gather(-1, order).to(torch.uint8).argsort(dim=-1, stable=True))
+
+
+def listmle_loss(
+    scores: torch.Tensor,
+    true_scores: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Plackett-Luce / ListMLE: -sum_k [e_(k) - log sum_{i>=k} exp e_(i)] over the true order, mean over groups.
+
+    ``scores`` are the model's sequence scores ``[G, K]``. Give the truth as ``true_scores`` ``[G, K]`` (higher
+    is better; ties broken at random with ``generator``) or as ``order`` ``[G, K]`` (sample indices best first).
+    ``valid`` ``[G, K]`` (bool) drops missing samples; groups with fewer than 2 valid samples carry no ranking
+    and are left out of the mean (the loss is 0 when no group has 2). For K = 2 this is Bradley-Terry.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [G, K] (got shape {tuple(scores.shape)})")
+    if (true_scores is None) == (order is None):
+        raise ValueError("give exactly one of true_scores and order")
+    valid = _valid_mask(valid, scores)
+    if true_scores is not None:
+        true_scores = torch.as_tensor(true_scores)
+        if true_scores.shape != scores.shape:
+            raise ValueError(f"true_scores {tuple(true_scores.shape)} must match scores {tuple(scores.shape)}")
+        order = ranking_order(true_scores, valid.to(true_scores.device), generator).to(scores.device)
+    else:
+        order = _check_order(order, valid, scores)
+    K = scores.size(1)
+    ranked = scores.gather(-1, order)
+    ranked_valid = valid.gather(-1, order)
+    # later[k, i]: sample i (in true order) is still in the running at step k. An invalid step k keeps only
+    # itself, so every log-sum-exp has a finite term and its (zeroed) term has a finite gradient.
+    idx = torch.arange(K, device=scores.device)
+    later = (idx.unsqueeze(0) >= idx.unsqueeze(1)).unsqueeze(0) & ranked_valid.unsqueeze(1)
+    later = torch.where(ranked_valid.unsqueeze(-1), later, torch.eye(K, dtype=torch.bool, device=scores.device))
+    denominators = torch.logsumexp(ranked.unsqueeze(1).expand(-1, K, -1).masked_fill(~later, float("-inf")), -1)
+    terms = torch.where(ranked_valid, denominators - ranked, torch.zeros_like(ranked))
+    counted = valid.sum(-1) >= 2
+    if not counted.any():
+        return scores.sum() * 0.0
+    return terms.sum(-1)[counted].mean()
+
+
+def _valid_mask(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Bool ``[G, K]`` validity mask (all valid when None)."""
+    if valid is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    if valid.shape != like.shape:
+        raise ValueError(f"valid {tuple(valid.shape)} must match scores {tuple(like.shape)}")
+    return valid.to(device=like.device, dtype=torch.bool)
+
+
+def _check_order(order: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """An order must be a permutation of 0..K-1 per group, with invalid samples after the valid ones."""
+    order = torch.as_tensor(order, device=scores.device).long()
+    if order.shape != scores.shape:
+        raise ValueError(f"order {tuple(order.shape)} must match scores {tuple(scores.shape)}")
+    K = scores.size(1)
+    if not torch.equal(order.sort(-1).values, torch.arange(K, device=order.device).expand_as(order)):
+        raise ValueError(f"each row of order must be a permutation of 0..{K - 1}")
+    ranked_valid = valid.gather(-1, order)
+    if (ranked_valid[:, 1:] & ~ranked_valid[:, :-1]).any():
+        raise ValueError("order ranks an invalid sample before a valid one; list invalid samples last")
+    return order
+
+
+def pgg_rm_loss(
+    token_rm: TokenRewardModel,
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[Sequence[int]]],
+    true_scores: torch.Tensor | Sequence[Sequence[float]],
+    how: Aggregator = "avg",
+    beta: float = 2.0,
+    generator: torch.Generator | None = None,
+    max_prompt_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """ListMLE loss of the bounded, C-scaled aggregated token rewards of G prompts x K ranked responses.
+
+    ``prompts``: G strings; ``responses[g]``: the K response token-id lists of prompt g (K equal across
+    groups, every response non-empty); ``true_scores`` ``[G, K]``: higher is better (e.g. a metric).
+    Returns the differentiable loss and float statistics (loss, pairwise ranking accuracy, mean reward, C).
+    """
+    G = len(prompts)
+    if G == 0 or len(responses) != G:
+        raise ValueError(f"need one group of responses per prompt and at least one prompt "
+                         f"(got {G} prompts, {len(responses)} groups)")
+    K = len(responses[0])
+    for g, group in enumerate(responses):
+        if len(group) != K:
+            raise ValueError(f"group {g} has {len(group)} responses; every group needs the same K={K}")
+        for k, ids in enumerate(group):
+            if len(ids) == 0:
+                raise ValueError(f"group {g}, response {k} is empty; an empty response has no token to reward")
+    if K < 2:
+        raise ValueError(f"each group needs at least 2 responses to rank (got K={K})")
+    truth = torch.as_tensor(true_scores, dtype=torch.float64)
+    if truth.shape != (G, K):
+        raise ValueError(f"true_scores must be [G={G}, K={K}] (got shape {tuple(truth.shape)})")
+    flat_prompts = [p for p in prompts for _ in range(K)]
+    flat_ids = [list(ids) for group in responses for ids in group]
+    raw, mask = token_rm.token_rewards(flat_prompts, flat_ids, max_prompt_length)
+    rewards = bounded(raw)
+    scale = group_mean_length(mask, K)
+    scores = aggregate(rewards, mask, how, scale, beta).view(G, K)
+    loss = listmle_loss(scores, truth, generator=generator)
+    with torch.no_grad():
+        better = truth.unsqueeze(-1) > truth.unsqueeze(-2)
+        cpu_scores = scores.cpu()
+        agree = (cpu_scores.unsqueeze(-1) > cpu_scores.unsqueeze(-2)) & better
+        stats = {
+            "pgg/loss": loss.item(),
+            "pgg/pair_accuracy": (agree.sum() / better.sum().clamp(min=1)).item(),
+            "pgg/mean_token_reward": (rewards * mask).sum().item() / max(int(mask.sum()), 1),
+            "pgg/mean_length_scale": scale.float().mean().item(),
+        }
+    return loss, stats
