@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokencredit.config import save_config
 from tokencredit.generation import encode_prompts, position_ids_from_mask
 from tokencredit.models import (
     LoraSettings,
@@ -35,10 +34,11 @@ from tokencredit.models import (
     lora_config,
     resolve_device,
 )
+from tokencredit.rewards.fit import fit
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels
 from tokencredit.rewards.tokens import RewardFn
 from tokencredit.rl.advantages import masked_mean, masked_sum
-from tokencredit.runs import MetricsLogger, atomic_write_json
+from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -474,57 +474,20 @@ def train_token_reward_model(
         log.warning("no token example has a labelled token; the BCE term will be 0")
 
     rm.to(resolve_device(config.device))
-    params = [p for p in rm.model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the reward model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     bs = config.batch_size
     steps_per_epoch = max(math.ceil(len(tok_rows) / bs), math.ceil(len(pair_rows) / bs))
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun in the same folder starts a fresh log
-    save_config(config, out / "config.yaml")
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.num_epochs * steps_per_epoch, desc="token rm", unit="step", dynamic_ncols=True)
-    history: list[dict] = []
-    step = 0
-    try:
-        with MetricsLogger(out, tensorboard=config.log_tensorboard) as logger:
-            for epoch in range(config.num_epochs):
-                tok_order, pair_order = rng.permutation(len(tok_rows)), rng.permutation(len(pair_rows))
-                for b in range(steps_per_epoch):
-                    # Each kind is batched on its own; the shorter kind simply runs out earlier in the epoch.
-                    token_batch = [tok_rows[i] for i in tok_order[b * bs : (b + 1) * bs]]
-                    pair_batch = [pair_rows[i] for i in pair_order[b * bs : (b + 1) * bs]]
-                    rm.model.train()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, stats = _loss(rm, config, token_batch, pair_batch)
-                    stats["optim/skipped_nonfinite"] = 0
-                    if torch.isfinite(loss):
-                        loss.backward()
-                        max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                        stats["grad_norm"] = float(grad_norm)
-                        if torch.isfinite(grad_norm):
-                            optimizer.step()
-                        else:
-                            stats["optim/skipped_nonfinite"] = 1
-                    else:
-                        stats["optim/skipped_nonfinite"] = 1
-                    step += 1
-                    stats = {"epoch": epoch + 1, **stats}
-                    logger.log(step, stats)
-                    history.append({"step": step, **stats})
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{stats['loss/total']:.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
-        rm.model.eval()
+    def epoch_batches(epoch: int) -> Iterator[tuple[list[_TokenRow], list[_PairRow]]]:
+        tok_order, pair_order = rng.permutation(len(tok_rows)), rng.permutation(len(pair_rows))
+        for b in range(steps_per_epoch):
+            # Each kind is batched on its own; the shorter kind simply runs out earlier in the epoch.
+            yield ([tok_rows[i] for i in tok_order[b * bs : (b + 1) * bs]],
+                   [pair_rows[i] for i in pair_order[b * bs : (b + 1) * bs]])
+
+    history = fit(rm.model, config, epoch_batches, lambda batch: _loss(rm, config, *batch), steps_per_epoch,
+                  "token rm")
+    step = history[-1]["step"] if history else 0
+    out = Path(config.output_dir)
     metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs)
     atomic_write_json(out / "eval.json", metrics)
     history.append({"step": step, "eval": metrics})

@@ -1,0 +1,81 @@
+"""The optimisation loop every reward model shares: batches -> loss -> AdamW, logged, non-finite steps skipped.
+
+Each reward-model kind supplies only its batches and its loss; logging, clipping, skipping non-finite steps,
+the progress bar and the run folder's metrics.jsonl/config.yaml are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokencredit.config import save_config
+from tokencredit.runs import MetricsLogger
+
+LossFn = Callable[[object], tuple[torch.Tensor, dict[str, float]]]
+
+
+def fit(
+    model: nn.Module,
+    config: object,
+    epochs: Callable[[int], Iterable[object]],
+    loss_fn: LossFn,
+    steps_per_epoch: int,
+    desc: str,
+) -> list[dict]:
+    """Run ``config.num_epochs`` epochs of AdamW over ``epochs(epoch)`` batches; one stats dict per step.
+
+    ``config`` needs output_dir, num_epochs, learning_rate, weight_decay, max_grad_norm, progress and
+    log_tensorboard. The run folder gets config.yaml and a fresh metrics.jsonl.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the reward model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun in the same folder starts a fresh log
+    save_config(config, out / "config.yaml")
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.num_epochs * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True)
+    history: list[dict] = []
+    step = 0
+    try:
+        with MetricsLogger(out, tensorboard=config.log_tensorboard) as logger:
+            for epoch in range(config.num_epochs):
+                for batch in epochs(epoch):
+                    model.train()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, stats = loss_fn(batch)
+                    stats["optim/skipped_nonfinite"] = 0
+                    if torch.isfinite(loss):
+                        loss.backward()
+                        max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                        stats["grad_norm"] = float(grad_norm)
+                        if torch.isfinite(grad_norm):
+                            optimizer.step()
+                        else:
+                            stats["optim/skipped_nonfinite"] = 1
+                    else:
+                        # Never step on a non-finite loss: the weights and Adam state stay as they were.
+                        stats["optim/skipped_nonfinite"] = 1
+                    step += 1
+                    stats = {"epoch": epoch + 1, **stats}
+                    logger.log(step, stats)
+                    history.append({"step": step, **stats})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{stats['loss/total']:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        model.eval()
+    return history

@@ -1,0 +1,194 @@
+"""Sequence reward model: one score per response, read at its last token, trained with Bradley-Terry.
+
+It is a :class:`~tokencredit.rewards.token_rm.TokenRewardModel` whose head output at the last response token
+(EOS appended) is the sequence score r(x, y), so it saves, loads, batches and plugs into PPO exactly like the
+token model. ``probabilities`` gives sigma(r), which SER's selection rules read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokencredit.models import resolve_device
+from tokencredit.rewards.fit import fit
+from tokencredit.rewards.token_rm import PreferencePair, TokenRewardModel, _split
+from tokencredit.rewards.tokens import RewardFn
+from tokencredit.runs import atomic_write_json
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry: mean of -log sigma(r_chosen - r_rejected - margin) (margin 0 when None)."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    return -F.logsigmoid(diff).mean()
+
+
+class SequenceRewardModel(TokenRewardModel):
+    """A scalar-head model whose output at the last response token is the score of the whole response."""
+
+    def sequence_scores(
+        self, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]], max_prompt_length: int | None = None
+    ) -> torch.Tensor:
+        """Differentiable scores [B]: the head output at each response's last token."""
+        if any(len(r) == 0 for r in response_token_ids):
+            raise ValueError("every response needs at least one token (encode_response appends EOS)")
+        rewards, mask = self.token_rewards(prompts, response_token_ids, max_prompt_length)
+        last = (mask.sum(-1) - 1).clamp(min=0)
+        return rewards.gather(1, last[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def score_sequences(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """Score of each text response (tokenized by the RM, EOS appended)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        out: list[float] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompts), batch_size):
+                ids = [self.encode_response(r) for r in responses[start : start + batch_size]]
+                out.extend(self.sequence_scores(list(prompts[start : start + batch_size]), ids).float().tolist())
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def probabilities(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """sigma(r) of each response: the probabilities SER's selection rules compare."""
+        return [1.0 / (1.0 + math.exp(-s)) for s in self.score_sequences(prompts, responses, batch_size)]
+
+    def as_reward_fn(
+        self,
+        kind: str = "sequence",
+        scale: float = 1.0,
+        policy_tokenizer: object | None = None,
+        batch_size: int = 16,
+        sigmoid: bool = False,
+        baseline: float = 0.0,
+    ) -> RewardFn:
+        """A PPO reward_fn giving scale * (r - baseline) per response (sigma(r) with ``sigmoid``), on its last
+        token; the response text is re-tokenized, so the policy may use any tokenizer."""
+        if kind != "sequence":
+            raise ValueError(f"a sequence reward model gives sequence rewards only (got kind={kind!r})")
+
+        def reward_fn(prompts: list[str], responses: list[str], response_token_ids: list[list[int]]) -> list:
+            """Score the decoded responses."""
+            scores = self.score_sequences(prompts, responses, batch_size)
+            if sigmoid:
+                scores = [1.0 / (1.0 + math.exp(-s)) for s in scores]
+            return [scale * (s - baseline) for s in scores]
+
+        return reward_fn
+
+
+@dataclass
+class SeqRMConfig:
+    """Every sequence-RM training knob, documented where declared."""
+
+    output_dir: str = "runs/seq_rm"  # run folder: config.yaml, metrics.jsonl, eval.json, model/
+    seed: int = 0  # seeds the train/eval split and data order
+    num_epochs: int = 1
+    batch_size: int = 8  # pairs per step
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_length: int = 512  # prompt + response tokens; responses keep their start, prompts their end
+    max_grad_norm: float | None = 1.0  # None = no clipping
+    eval_fraction: float = 0.1  # pairs held out for the final eval (0 = none)
+    progress: bool = True
+    log_tensorboard: bool = False
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Check ranges; raise ValueError naming the field."""
+        for name in ("num_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (got {self.max_length})")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
+
+
+def _pair_scores(
+    rm: SequenceRewardModel, pairs: Sequence[PreferencePair], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable (chosen, rejected) scores of a batch of pairs, in one forward pass."""
+    n = len(pairs)
+    ids = [rm.encode_response(p.chosen)[: max_length - 1] for p in pairs]
+    ids += [rm.encode_response(p.rejected)[: max_length - 1] for p in pairs]
+    width = max(len(r) for r in ids)
+    scores = rm.sequence_scores([p.prompt for p in pairs] * 2, ids, max_prompt_length=max_length - width)
+    return scores[:n], scores[n:]
+
+
+@torch.no_grad()
+def evaluate_sequence_reward_model(
+    rm: SequenceRewardModel, pairs: Sequence[PreferencePair], batch_size: int = 16
+) -> dict:
+    """Pairwise accuracy (chosen scored above rejected) and the mean score gap on the given pairs."""
+    if not pairs:
+        return {"pairs": 0, "pair_accuracy": None, "mean_margin": None}
+    prompts = [p.prompt for p in pairs]
+    chosen = rm.score_sequences(prompts, [p.chosen for p in pairs], batch_size)
+    rejected = rm.score_sequences(prompts, [p.rejected for p in pairs], batch_size)
+    gaps = [c - r for c, r in zip(chosen, rejected)]
+    return {"pairs": len(pairs), "pair_accuracy": sum(g > 0 for g in gaps) / len(gaps),
+            "mean_margin": sum(gaps) / len(gaps)}
+
+
+def train_sequence_reward_model(
+    rm: SequenceRewardModel,
+    config: SeqRMConfig,
+    pairs: Sequence[PreferencePair],
+    margins: Sequence[float] | None = None,
+    eval_pairs: Sequence[PreferencePair] | None = None,
+) -> list[dict]:
+    """Bradley-Terry (optionally with a per-pair margin) on preference pairs; one dict per step.
+
+    Pairs are split by ``eval_fraction`` unless ``eval_pairs`` is given. The last entry is
+    ``{"step": ..., "eval": {...}}`` (also ``output_dir/eval.json``); the model is saved to ``output_dir/model``.
+    """
+    config.validate()
+    if not pairs:
+        raise ValueError("nothing to train on: pass at least one preference pair")
+    if margins is not None and len(margins) != len(pairs):
+        raise ValueError(f"{len(margins)} margins for {len(pairs)} pairs")
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    rows = list(zip(pairs, margins if margins is not None else [0.0] * len(pairs)))
+    if eval_pairs is None:
+        train, held = _split(rows, config.eval_fraction, rng)
+        eval_pairs = [p for p, _ in held]
+    else:
+        train = rows
+    rm.to(resolve_device(config.device))
+    bs = config.batch_size
+    steps_per_epoch = math.ceil(len(train) / bs)
+
+    def epoch_batches(epoch: int) -> Iterator[list[tuple[PreferencePair, float]]]:
+        order = rng.permutation(len(train))
+        for b in range(steps_per_epoch):
+            yield [train[i] for i in order[b * bs : (b + 1) * bs]]
+
+    def loss_fn(batch: list[tuple[PreferencePair, float]]) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = _pair_scores(rm, [p for p, _ in batch], config.max_length)
+        margin = torch.tensor([m for _, m in batch], device=chosen.device) if margins is not None else None
+        loss = bt_loss(chosen, rejected, margin)
+        return loss, {"loss/total": loss.item(), "loss/bt": loss.item(),
+                      "train/pair_accuracy": (chosen > rejected).float().mean().item()}
+
+    history = fit(rm.model, config, epoch_batches, loss_fn, steps_per_epoch, "sequence rm")
+    metrics = evaluate_sequence_reward_model(rm, eval_pairs, batch_size=bs)
+    out = config.output_dir
+    atomic_write_json(f"{out}/eval.json", metrics)
+    history.append({"step": history[-1]["step"] if history else 0, "eval": metrics})
+    rm.save_pretrained(f"{out}/model")
+    return history
