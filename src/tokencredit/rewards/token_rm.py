@@ -35,7 +35,13 @@ from tokencredit.models import (
     resolve_device,
 )
 from tokencredit.rewards.fit import fit
-from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels
+from tokencredit.rewards.labels import (
+    SpanLabel,
+    end_token_id,
+    map_rewards_by_chars,
+    spans_to_token_labels,
+    token_char_spans,
+)
 from tokencredit.rewards.tokens import RewardFn
 from tokencredit.rl.advantages import masked_mean, masked_sum
 from tokencredit.runs import atomic_write_json
@@ -145,7 +151,8 @@ class TokenRewardModel:
             raise ValueError(
                 f"The reward model's tokenizer (vocab {len(self.tokenizer)}) differs from the policy's "
                 f"(vocab {len(policy_tokenizer)}); token ids cannot be scored as given. Use a reward model "
-                "trained on the policy's backbone family (cross-tokenizer mapping is not supported yet)."
+                "trained on the policy's backbone family, or score_for_policy / as_reward_fn(policy_tokenizer=...) "
+                "to map rewards through characters."
             )
 
     def _check_ids(self, response_token_ids: Sequence[Sequence[int]]) -> None:
@@ -156,7 +163,7 @@ class TokenRewardModel:
             if bad:
                 raise ValueError(
                     f"response {i}: token id {bad[0]} is outside the reward model's vocabulary ({limit}); "
-                    "the policy uses a different tokenizer (cross-tokenizer mapping is not supported yet)"
+                    "the policy uses a different tokenizer: pass policy_tokenizer= to as_reward_fn to map rewards"
                 )
 
     @torch.no_grad()
@@ -188,10 +195,31 @@ class TokenRewardModel:
             self.model.train(was_training)
         return out
 
+    def score_for_policy(
+        self,
+        prompts: Sequence[str],
+        policy_token_ids: Sequence[Sequence[int]],
+        policy_tokenizer: object,
+        batch_size: int = 16,
+    ) -> list[list[float]]:
+        """Token rewards for another tokenizer's tokens: decode them, score the text with the RM's own tokens,
+        then move each RM token's reward onto the policy token holding its last character (sums are kept)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("mapping rewards across tokenizers needs a fast reward-model tokenizer (offsets)")
+        rm_ids, rm_spans, policy_spans = [], [], []
+        for ids in policy_token_ids:
+            text, spans = token_char_spans(ids, policy_tokenizer)
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            rm_ids.append(list(enc["input_ids"]) + [end_token_id(self.tokenizer)])
+            rm_spans.append([tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text))])
+            policy_spans.append(spans)
+        rm_rewards = self.score_token_ids(prompts, rm_ids, batch_size)
+        return [map_rewards_by_chars(s, r, t) for s, r, t in zip(rm_spans, rm_rewards, policy_spans)]
+
     def encode_response(self, response: str) -> list[int]:
         """Response token ids as the reward model reads a text response: no special tokens, then EOS."""
         ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
-        return ids + [int(self.tokenizer.eos_token_id)]
+        return ids + [end_token_id(self.tokenizer)]
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[list[float]]:
         """Reward of every token of text responses, tokenized by the RM with EOS appended."""
@@ -207,12 +235,14 @@ class TokenRewardModel:
         """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence")."""
         if kind not in ("token", "sequence"):
             raise ValueError(f"kind must be 'token' or 'sequence' (got {kind!r})")
-        if policy_tokenizer is not None:
-            self.check_tokenizer(policy_tokenizer)  # once, here, rather than on every call
+        cross = policy_tokenizer is not None and not same_tokenizer(self.tokenizer, policy_tokenizer)
 
         def reward_fn(prompts: list[str], responses: list[str], response_token_ids: list[list[int]]) -> list:
             """Score the sampled token ids with the token reward model."""
-            rows = self.score_token_ids(prompts, response_token_ids, batch_size)
+            if cross:
+                rows = self.score_for_policy(prompts, response_token_ids, policy_tokenizer, batch_size)
+            else:
+                rows = self.score_token_ids(prompts, response_token_ids, batch_size)
             if kind == "sequence":
                 return [scale * sum(row) for row in rows]
             return [[scale * r for r in row] for row in rows]
