@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     demo.add_argument("--config", help="YAML file with DemoConfig fields")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. ppo_updates=10")
+    reward = sub.add_parser("reward", help="train / evaluate reward models, or show per-token rewards as colour",
+                            description="Reward models from preference pairs or minimal edits (RewardRunConfig).")
+    reward.add_argument("action", choices=["train", "eval", "show"])
+    reward.add_argument("--config", help="YAML file with RewardRunConfig fields")
+    reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
     return parser
 
 
@@ -176,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             run_ppo(cfg)
         elif args.command == "sft":
             run_sft(load_config(SFTRunConfig, args.config, args.overrides))
+        elif args.command == "reward":
+            from tokencredit.rewards.commands import RewardRunConfig, run_reward
+
+            run_reward(args.action, load_config(RewardRunConfig, args.config, args.overrides))
         elif args.command == "demo":
             from tokencredit.demo import run_demo
 

@@ -1,0 +1,84 @@
+"""`tokencredit reward train|eval|show` on tiny models."""
+
+import json
+import random
+
+import pytest
+
+from tokencredit.cli import main
+from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
+
+WORDS = "a b c d x y".split()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    tok = tiny_word_tokenizer(WORDS)
+    tiny_causal_lm(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(
+        tmp_path / "backbone")
+    tok.save_pretrained(tmp_path / "backbone")
+    rng = random.Random(0)
+    pairs, edits = [], []
+    while len(pairs) < 48:
+        a, b = (" ".join(rng.choice("xy") for _ in range(rng.randint(2, 5))) for _ in range(2))
+        if a.count("y") != b.count("y"):
+            chosen, rejected = (a, b) if a.count("y") > b.count("y") else (b, a)
+            pairs.append({"prompt": rng.choice("abcd"), "chosen": chosen, "rejected": rejected})
+    for _ in range(24):
+        words = [rng.choice("ab") for _ in range(4)]
+        bad = list(words)
+        bad[rng.randrange(4)] = "x"
+        edits.append({"prompt": "c", "original": " ".join(bad), "edited": " ".join(words)})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in edits) + "\n")
+    return tmp_path
+
+
+def common(setup, name):
+    return [f"output_dir={setup / name}", "progress=false", "num_epochs=3", "learning_rate=3e-3", "batch_size=8"]
+
+
+@pytest.mark.parametrize("kind", ["token", "sequence"])
+def test_train_then_eval_on_pairs(setup, kind, capsys):
+    assert main(["reward", "train", f"kind={kind}", f"model={setup / 'backbone'}", f"data={setup / 'pairs.jsonl'}",
+                 *common(setup, kind)]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["pairs"] == 5
+    held = json.loads((setup / kind / "eval.json").read_text())
+    assert held["pairs"] == 5 and held["pair_accuracy"] is not None
+    assert main(["reward", "eval", f"kind={kind}", f"model={setup / kind / 'model'}",
+                 f"data={setup / 'pairs.jsonl'}", f"output_dir={setup / (kind + '-eval')}"]) == 0
+    metrics = json.loads((setup / (kind + "-eval") / "eval.json").read_text())
+    assert metrics["pairs"] == 48 and metrics["kind"] == kind
+    assert metrics["pair_accuracy"] >= 0.75  # the preference (more y) is learnable in 3 epochs
+
+
+def test_token_rm_on_edits_reports_token_precision_recall_and_show_draws_it(setup):
+    assert main(["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'edits.jsonl'}",
+                 "data_format=edits", *common(setup, "fg")]) == 0
+    assert main(["reward", "eval", f"model={setup / 'fg' / 'model'}", f"data={setup / 'edits.jsonl'}",
+                 "data_format=edits", f"output_dir={setup / 'fg-eval'}"]) == 0
+    metrics = json.loads((setup / "fg-eval" / "eval.json").read_text())
+    assert metrics["pairs"] == 24 and metrics["token_examples"] == 48
+    # About one replaced word per original and one replacing word per edit (difflib may split a replacement).
+    assert 48 <= metrics["labelled_tokens"] <= 60
+    assert metrics["token_precision"] is not None and metrics["token_bad_recall"] is not None
+    texts = '[{"prompt": "c", "response": "a x b"}, {"response": "b a"}]'
+    assert main(["reward", "show", f"model={setup / 'fg' / 'model'}", f"texts={texts}",
+                 f"output_dir={setup / 'show'}"]) == 0
+    page = (setup / "show" / "show.html").read_text()
+    assert page.count('class="tok"') == 4 + 3  # tokens + the end token of each text
+    assert 'title="' in page and "Totals" in page
+
+
+def test_errors_are_clear(setup, capsys):
+    assert main(["reward", "train", f"model={setup / 'backbone'}", *common(setup, "e")]) == 2
+    assert "needs data" in capsys.readouterr().err
+    (setup / "bad.jsonl").write_text('{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "a"}\n')
+    assert main(["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'bad.jsonl'}",
+                 *common(setup, "e")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert main(["reward", "show", f"model={setup / 'backbone'}", f"output_dir={setup / 's'}"]) == 2
+    assert "needs texts" in capsys.readouterr().err
+    assert main(["reward", "train", "kind=pgg"]) == 2
+    assert "kind" in capsys.readouterr().err
