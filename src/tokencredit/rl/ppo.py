@@ -40,6 +40,7 @@ from tokencredit.runs import (
     CheckpointManager,
     MetricsLogger,
     capture_rng_state,
+    checkpoint_to_resume,
     read_metrics,
     restore_rng_state,
 )
@@ -565,14 +566,11 @@ class PPOTrainer:
 
     def _maybe_resume(self) -> bool:
         """Load the newest checkpoint when config.resume is set and one exists."""
-        if not self.config.resume:
-            return False
-        ckpt = self.checkpoints.latest()
+        ckpt = checkpoint_to_resume(self.checkpoints, self.config.resume, self.run_dir)
         if ckpt is None:
-            log.warning("resume=true but %s has no checkpoint; starting from scratch", self.run_dir)
             return False
         self.load_checkpoint(ckpt)
-        log.info("resumed from %s (update %d)", ckpt, self.update_idx)
+        log.info("resumed from %s (update %d", ckpt, self.update_idx)
         return True
 
     def load_checkpoint(self, path: str | Path) -> None:
