@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     reward = sub.add_parser("reward", help="train / evaluate reward models, or show per-token rewards as colour",
                             description="Reward models from preference pairs or minimal edits (RewardRunConfig).")
     reward.add_argument("action", choices=["train", "eval", "show"])
+    evolve = sub.add_parser("evolve", help="SER: grow a reward model's training set from a few labels",
+                            description="Self-evolved reward learning (EvolveConfig). Needs data=PAIRS.jsonl.")
+    evolve.add_argument("--config", help="YAML file with EvolveConfig fields")
+    evolve.add_argument("overrides", nargs="*", help="key=value settings, e.g. labelled_fraction=0.15")
     reward.add_argument("--config", help="YAML file with RewardRunConfig fields")
     reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
     return parser
@@ -181,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             run_ppo(cfg)
         elif args.command == "sft":
             run_sft(load_config(SFTRunConfig, args.config, args.overrides))
+        elif args.command == "evolve":
+            from tokencredit.rewards.evolve import EvolveConfig, run_evolve
+
+            summary = run_evolve(load_config(EvolveConfig, args.config, args.overrides))
+            print(json.dumps({k: v for k, v in summary.items() if k != "loops"}, indent=1))
         elif args.command == "reward":
             from tokencredit.rewards.commands import RewardRunConfig, run_reward
 

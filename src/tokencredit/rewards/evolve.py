@@ -1,0 +1,180 @@
+"""`tokencredit evolve`: SER self-evolved reward learning (METHODS.md §2) from a few labelled pairs.
+
+A seed sequence RM is trained on ``labelled_fraction`` of the training pairs; the rest form the unlabelled pool
+(their labels are hidden from training and used only to report how right the pseudo-labels were). Each loop:
+train the RM on seed + pseudo-labelled pairs, measure held-out accuracy, score every pool pair as
+p = sigma(r), keep the confident ones (status 1 / 2 / both) with the RM's own preference as label, and stop when
+held-out accuracy stops improving, nothing is selected, the pool is empty or ``max_loops`` is reached.
+
+The run folder holds ``ser_state.json`` (pool, pseudo-labels, per-loop history; written after every loop, so
+``resume=true`` continues after a crash), ``loops.jsonl``, ``loop-K/`` (each loop's RM run) and
+``report.html`` with held-out accuracy per loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokencredit.config import ConfigError, save_config
+from tokencredit.models import LoraSettings
+from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
+from tokencredit.rewards.token_rm import PreferencePair
+from tokencredit.runs import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvolveConfig:
+    """Settings of `tokencredit evolve`."""
+
+    output_dir: str = "runs/evolve"
+    model: str = "all-minilm-l6-v2"  # backbone of the sequence RM (retrained from it in every loop)
+    data: str | None = None  # .jsonl of {prompt, chosen, rejected}: the seed share and the pool
+    eval_data: str | None = None  # held-out pairs; None = eval_fraction of data
+    prompt_field: str | None = "prompt"  # None: records have no prompt
+    max_pairs: int | None = None  # use only the first N pairs of data
+    eval_fraction: float = 0.2
+    labelled_fraction: float = 0.15  # share of training pairs whose labels the seed RM may use
+    max_loops: int = 5  # loops after the seed loop
+    patience: int = 1  # stop after this many loops without held-out improvement
+    min_delta: float = 0.0
+    status: Literal[1, 2, "both"] = "both"
+    high: float = 0.55
+    low: float = 0.45
+    min_gap: float = 0.3
+    lora: LoraSettings | None = None
+    num_epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    max_length: int = 256
+    seed: int = 0
+    full_baseline: bool = False  # also train one RM on 100% of the training labels, for comparison
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Check what would fail late."""
+        if not 0 < self.labelled_fraction < 1:
+            raise ValueError(f"labelled_fraction must be in (0, 1) (got {self.labelled_fraction})")
+        if self.max_loops < 0 or self.patience < 1:
+            raise ValueError("max_loops must be >= 0 and patience >= 1")
+        SelectionRule(self.status, self.high, self.low, self.min_gap)  # validates the thresholds
+
+
+def _load(cfg: EvolveConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training pairs, held-out pairs)."""
+    from tokencredit.rewards.data import load_pairs, split_records
+
+    if cfg.data is None:
+        raise ConfigError("evolve needs data=FILE.jsonl of {prompt, chosen, rejected} pairs")
+    pairs = load_pairs(cfg.data, prompt_field=cfg.prompt_field)[: cfg.max_pairs]
+    if cfg.eval_data is not None:
+        return pairs, load_pairs(cfg.eval_data, prompt_field=cfg.prompt_field)
+    train, held = split_records(pairs, cfg.eval_fraction, cfg.seed)
+    if not held:
+        raise ConfigError("no held-out pairs: raise eval_fraction or pass eval_data")
+    return train, held
+
+
+def _train(cfg: EvolveConfig, pairs: list[PreferencePair], held: list[PreferencePair], folder: Path) -> object:
+    """A fresh sequence RM from the backbone, trained on pairs and evaluated on held; returns the RM."""
+    from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
+
+    rm = SequenceRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
+    config = SeqRMConfig(output_dir=str(folder), seed=cfg.seed, num_epochs=cfg.num_epochs,
+                         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, max_length=cfg.max_length,
+                         eval_fraction=0.0, progress=cfg.progress)
+    train_sequence_reward_model(rm, config, pairs, eval_pairs=held)
+    return rm
+
+
+def run_evolve(cfg: EvolveConfig) -> dict:
+    """Run SER loops until the stop rule; returns the summary also written to summary.json."""
+    cfg.validate()
+    rule = SelectionRule(cfg.status, cfg.high, cfg.low, cfg.min_gap)
+    train, held = _load(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    order = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(order)
+    n_seed = max(1, round(cfg.labelled_fraction * len(train)))
+    seed_ids, pool_ids = sorted(order[:n_seed]), sorted(order[n_seed:])
+    # Each pool pair is shown to the RM in a fixed random order, so its pseudo-label cannot lean on the file's
+    # chosen-first layout; whether the RM picked the true chosen is kept for the report only.
+    flip = {i: random.Random(f"{cfg.seed}-{i}").random() < 0.5 for i in pool_ids}
+    state_path = out / "ser_state.json"
+    if cfg.resume and state_path.exists():
+        state = SERState.load(state_path)
+        log.info("resuming SER at loop %d (%d pairs in the pool)", state.loop, len(state.pool))
+    else:
+        state = SERState(pool=pool_ids)
+        (out / "loops.jsonl").unlink(missing_ok=True)
+    seed_pairs = [train[i] for i in seed_ids]
+    while True:
+        loop = state.loop
+        pseudo = [_oriented(train[lab.pair_id], flip[lab.pair_id], lab.chosen) for lab in state.labels]
+        rm = _train(cfg, seed_pairs + pseudo, held, out / f"loop-{loop}")
+        accuracy = json.loads((out / f"loop-{loop}" / "eval.json").read_text())["pair_accuracy"]
+        shown = [_shown(train[i], flip[i]) for i in state.pool]
+        p_a = rm.probabilities([p.prompt for p in shown], [p.chosen for p in shown], cfg.batch_size)
+        p_b = rm.probabilities([p.prompt for p in shown], [p.rejected for p in shown], cfg.batch_size)
+        picked = select_pairs(p_a, p_b, rule).selected if state.pool else []
+        ids = list(state.pool)
+        right = sum((s.chosen == "a") != flip[ids[s.index]] for s in picked)
+        record = state.add_selected(picked, heldout_accuracy=accuracy)
+        state.save(state_path)
+        line = {**vars(record), "pseudo_label_accuracy": right / len(picked) if picked else None,
+                "train_pairs": len(seed_pairs) + len(pseudo)}
+        with (out / "loops.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        log.info("SER loop %d: held-out accuracy %.3f, selected %d (%d right), pool %d", loop, accuracy,
+                 record.selected, right, record.pool_left)
+        reason = state.stop_reason(cfg.patience, cfg.min_delta)
+        if reason is None and loop >= cfg.max_loops:
+            reason = f"reached max_loops={cfg.max_loops}"
+        if reason is not None:
+            break
+    summary = {"stop_reason": reason, "seed_pairs": len(seed_pairs), "pool_pairs": len(pool_ids),
+               "heldout_pairs": len(held), "loops": [json.loads(x) for x in (out / "loops.jsonl").read_text()
+                                                     .splitlines()]}
+    accs = [r["heldout_accuracy"] for r in summary["loops"]]
+    summary["seed_accuracy"], summary["best_accuracy"] = accs[0], max(accs)
+    if cfg.full_baseline:
+        _train(cfg, train, held, out / "full-labels")
+        summary["full_label_accuracy"] = json.loads((out / "full-labels" / "eval.json").read_text())["pair_accuracy"]
+    atomic_write_json(out / "summary.json", summary)
+    _report(out, summary)
+    return summary
+
+
+def _shown(pair: PreferencePair, flip: bool) -> PreferencePair:
+    """The pair as shown to the RM: (a, b) = (chosen, rejected), or swapped."""
+    return PreferencePair(pair.prompt, pair.rejected, pair.chosen) if flip else pair
+
+
+def _oriented(pair: PreferencePair, flip: bool, chosen_side: str) -> PreferencePair:
+    """The pseudo-labelled pair: the side the RM preferred first."""
+    a_b = _shown(pair, flip)
+    return a_b if chosen_side == "a" else PreferencePair(pair.prompt, a_b.rejected, a_b.chosen)
+
+
+def _report(out: Path, summary: dict) -> None:
+    """report.html: held-out accuracy per loop (and the full-label line), and the loop table."""
+    from tokencredit.evaluate import html_table, svg_line_chart, write_html_report
+
+    series = {"SER": [r["heldout_accuracy"] for r in summary["loops"]]}
+    if "full_label_accuracy" in summary:
+        series["100% labels"] = [summary["full_label_accuracy"]] * len(summary["loops"])
+    chart = svg_line_chart(series, "Held-out pair accuracy per SER loop (first point: the seed RM)", xlabel="loop + 1",
+                           ylabel="accuracy")
+    write_html_report(out / "report.html", "tokencredit evolve (SER)", [
+        ("Accuracy", chart + f"<p class='small'>stopped: {summary['stop_reason']}</p>"),
+        ("Loops", html_table(summary["loops"])),
+    ])
