@@ -64,8 +64,9 @@ def test_load_pairs_errors_name_file_line_and_field(tmp_path):
     assert msg.startswith(f"{path}:3: field 'rejected' is missing") and "'prompt', 'chosen'" in msg
     path = write_jsonl(tmp_path / "p.jsonl", [PAIRS[0], {"prompt": "p", "chosen": 4, "rejected": "b"}])
     assert error_of(load_pairs, path) == f"{path}:2: field 'chosen' must be a string, got int"
+    # An empty reply is data (a chosen or rejected answer that says nothing), not an error.
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "  \n"}])
-    assert error_of(load_pairs, path) == f"{path}:1: field 'rejected' is empty"
+    assert load_pairs(path) == [PreferencePair("p", "a", "  \n")]
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "", "chosen": "a", "rejected": "b"}])
     assert error_of(load_pairs, path) == f"{path}:1: field 'prompt' is empty"
     path = write_jsonl(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}])
@@ -295,7 +296,7 @@ def test_loaders_accept_a_hugging_face_dataset():
     assert [e.chosen for e in load_edits(edits)] == ["c", None]
     pool = datasets.Dataset.from_list([{"prompt": "p", "a": "one", "b": "two"}])
     assert load_unlabelled_pairs(pool) == [UnlabelledPair("p", "one", "two")]
-    bad = datasets.Dataset.from_list([PAIRS[1], {"prompt": "p", "chosen": "a", "rejected": ""}])
-    assert error_of(load_pairs, bad) == "row 1: field 'rejected' is empty"
+    bad = datasets.Dataset.from_list([PAIRS[1], {"prompt": "p", "chosen": "a", "rejected": 3}])
+    assert error_of(load_pairs, bad) == "row 1: field 'rejected' must be a string, got int"
     with pytest.raises(TypeError, match=r"dataset\['train'\]"):
         load_pairs(datasets.DatasetDict(train=datasets.Dataset.from_list(PAIRS)))

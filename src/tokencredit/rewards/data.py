@@ -156,7 +156,9 @@ def load_pairs(
     def parse(obj: dict, where: str) -> PreferencePair | None:
         """One pair, or None when both sides are the same text."""
         prompt = _prompt(obj, prompt_field, where)
-        chosen, rejected = _text(obj, chosen_field, where), _text(obj, rejected_field, where)
+        # An empty reply is a real answer (HH-RLHF has chosen replies that say nothing); two empty ones are dropped.
+        chosen = _text(obj, chosen_field, where, allow_empty=True)
+        rejected = _text(obj, rejected_field, where, allow_empty=True)
         return None if _same_text(chosen, rejected) else PreferencePair(prompt, chosen, rejected)
 
     return _load(source, parse, "pairs", f"{chosen_field!r} and {rejected_field!r} are the same text")
@@ -291,8 +293,8 @@ def _missing(obj: dict, field: str, where: str, hint: str = "") -> RewardDataErr
     return RewardDataError(f"{where}: field {field!r} is missing or null (record has {present or 'no fields'}){hint}")
 
 
-def _text(obj: dict, field: str, where: str) -> str:
-    """A required, non-blank string field."""
+def _text(obj: dict, field: str, where: str, allow_empty: bool = False) -> str:
+    """A required string field, non-blank unless ``allow_empty``."""
     value = obj.get(field)
     if value is None:
         raise _missing(obj, field, where)
@@ -301,7 +303,7 @@ def _text(obj: dict, field: str, where: str) -> str:
         if isinstance(value, list):  # chat datasets store conversations as lists of {"role", "content"} messages
             hint = "; chat messages must be rendered to text first (e.g. with apply_chat_template)"
         raise RewardDataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}{hint}")
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         raise RewardDataError(f"{where}: field {field!r} is empty")
     return value
 
