@@ -288,3 +288,16 @@ def test_smollm2_lora_reward_model_scores_policy_tokens(tmp_path):
     batched = fn([long_prompt, "Previous queries: python"], ["x", " python sort list"], [ids[:2], ids])
     assert len(alone) == len(ids)
     assert batched[1] == pytest.approx(alone, abs=1e-4)
+
+
+def test_long_prompts_are_cut_to_the_backbones_positions():
+    rm = make_rm()
+    limit = rm.model.backbone.config.max_position_embeddings
+    ids = rm.encode_response("x y")
+    long_prompt = " ".join(["a"] * (limit + 50))
+    short_prompt = " ".join(["a"] * (limit - len(ids)))
+    # The long prompt keeps its last tokens, which are all "a": the same input as the longest prompt that fits.
+    assert rm.score_token_ids([long_prompt], [ids])[0] == pytest.approx(
+        rm.score_token_ids([short_prompt], [ids])[0], abs=1e-5)
+    with pytest.raises(ValueError, match="does not fit the reward model's"):
+        rm.score_token_ids(["a"], [[3] * limit])

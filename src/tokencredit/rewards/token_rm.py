@@ -129,8 +129,14 @@ class TokenRewardModel:
         if len(prompts) != len(response_token_ids):
             raise ValueError(f"{len(prompts)} prompts but {len(response_token_ids)} responses")
         device = self.device
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, max_prompt_length, device)
         width = max((len(r) for r in response_token_ids), default=0)
+        limit = getattr(self.model.backbone.config, "max_position_embeddings", None)
+        if limit:
+            # Past the backbone's positions there are no embeddings: prompts lose their start to fit.
+            if width >= limit:
+                raise ValueError(f"a response of {width} tokens does not fit the reward model's {limit} positions")
+            max_prompt_length = min(max_prompt_length or limit, limit - width)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, max_prompt_length, device)
         resp = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
         resp_mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, ids in enumerate(response_token_ids):
