@@ -119,3 +119,15 @@ def test_bad_arguments():
         generate(model, tok, ["a"], temperature=0)
     with pytest.raises(TypeError, match="list of strings"):
         generate(model, tok, "a")
+
+
+def test_encode_prompts_keeps_the_limit_below_the_tokenizers_special_tokens():
+    from tokencredit.models import load_tokenizer
+
+    bert = load_tokenizer("all-minilm-l6-v2")  # adds [CLS] ... [SEP]: a limit of 1 or 2 cannot hold both
+    for limit in (1, 2, 5):
+        ids, mask = encode_prompts(bert, ["a fairly long prompt about pens and pranks", "short"], max_length=limit)
+        assert ids.shape == (2, limit) and mask.shape == (2, limit)
+        assert ids[0, -1].item() == bert.sep_token_id  # the end of the prompt is what is kept
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        encode_prompts(bert, ["a b c"], max_length=0)

@@ -59,7 +59,14 @@ def encode_prompts(
         )
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = old_pad, old_trunc
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if max_length is not None and ids.size(1) > max_length:
+        # A limit below the tokenizer's own special tokens (e.g. BERT's [CLS] ... [SEP]) makes it skip
+        # truncation with only a warning; cut the left-padded rows here so the limit always holds.
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1 (got {max_length})")
+        ids, mask = ids[:, -max_length:], mask[:, -max_length:]
+    return ids.to(device), mask.to(device)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
