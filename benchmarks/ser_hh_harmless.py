@@ -31,6 +31,8 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=600, help="pairs sampled per seed (train + held out)")
     parser.add_argument("--labelled", type=float, default=0.15)
     parser.add_argument("--max-loops", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--output", default="runs/bench-ser")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "ser_hh_harmless.json"))
     args = parser.parse_args()
@@ -47,8 +49,8 @@ def main() -> int:
         subset.write_text("\n".join(random.Random(seed).sample(rows, min(args.pairs, len(rows)))) + "\n")
         cfg = EvolveConfig(output_dir=str(out), model="all-minilm-l6-v2", data=str(subset), seed=seed,
                            labelled_fraction=args.labelled, max_loops=args.max_loops, patience=2,
-                           num_epochs=2, batch_size=16, learning_rate=5e-5, max_length=128, full_baseline=True,
-                           progress=False)
+                           num_epochs=args.epochs, batch_size=16, learning_rate=args.lr, max_length=128,
+                           full_baseline=True, progress=False)
         summary = run_evolve(cfg)
         per_seed[seed] = {k: summary[k] for k in ("seed_pairs", "pool_pairs", "heldout_pairs", "seed_accuracy",
                                                    "best_accuracy", "full_label_accuracy", "stop_reason")}
@@ -57,15 +59,23 @@ def main() -> int:
                                    for r in summary["loops"]]
         per_seed[seed]["final_accuracy"] = summary["loops"][-1]["heldout_accuracy"]
         print(json.dumps({"seed": seed, **per_seed[seed]}, indent=1), flush=True)
+        _write(args, per_seed, started)
+    return 0
+
+
+def _write(args: argparse.Namespace, per_seed: dict, started: float) -> None:
+    """Write the results of the seeds finished so far (a long run leaves numbers behind as it goes)."""
+    seeds = list(per_seed)
 
     def stat(key: str) -> dict:
-        vals = [per_seed[s][key] for s in args.seeds]
+        vals = [per_seed[s][key] for s in seeds]
         return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
 
     result = {
         "what": "SER (15% labels + loops) vs a sequence RM on 100% labels, HH-RLHF harmless-base, MiniLM backbone",
         "data": args.data, "pairs_per_seed": args.pairs, "labelled_fraction": args.labelled,
-        "seeds": args.seeds, "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+        "epochs": args.epochs, "learning_rate": args.lr, "seeds": seeds,
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
         "aggregate": {k: stat(k) for k in ("seed_accuracy", "best_accuracy", "final_accuracy",
                                            "full_label_accuracy")},
         "per_seed": per_seed,
@@ -74,7 +84,6 @@ def main() -> int:
     Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["aggregate"], indent=1))
     print(f"wrote {args.results}")
-    return 0
 
 
 if __name__ == "__main__":
