@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--max-loops", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="threshold raw sigma(r) (the paper's rule); by default the pool's scores are standardised")
     parser.add_argument("--output", default="runs/bench-ser")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "ser_hh_harmless.json"))
     args = parser.parse_args()
@@ -50,7 +52,7 @@ def main() -> int:
         cfg = EvolveConfig(output_dir=str(out), model="all-minilm-l6-v2", data=str(subset), seed=seed,
                            labelled_fraction=args.labelled, max_loops=args.max_loops, patience=2,
                            num_epochs=args.epochs, batch_size=16, learning_rate=args.lr, max_length=128,
-                           full_baseline=True, progress=False)
+                           full_baseline=True, progress=False, calibrate=args.calibrate)
         summary = run_evolve(cfg)
         per_seed[seed] = {k: summary[k] for k in ("seed_pairs", "pool_pairs", "heldout_pairs", "seed_accuracy",
                                                    "best_accuracy", "full_label_accuracy", "stop_reason")}
@@ -74,7 +76,7 @@ def _write(args: argparse.Namespace, per_seed: dict, started: float) -> None:
     result = {
         "what": "SER (15% labels + loops) vs a sequence RM on 100% labels, HH-RLHF harmless-base, MiniLM backbone",
         "data": args.data, "pairs_per_seed": args.pairs, "labelled_fraction": args.labelled,
-        "epochs": args.epochs, "learning_rate": args.lr, "seeds": seeds,
+        "epochs": args.epochs, "learning_rate": args.lr, "calibrate": args.calibrate, "seeds": seeds,
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
         "aggregate": {k: stat(k) for k in ("seed_accuracy", "best_accuracy", "final_accuracy",
                                            "full_label_accuracy")},

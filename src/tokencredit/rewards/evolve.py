@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class EvolveConfig:
     high: float = 0.55
     low: float = 0.45
     min_gap: float = 0.3
+    # Standardise the pool's scores before sigma: p = sigma((r - mean) / std). A small RM's raw scores can sit
+    # so close to 0 that sigma(r) never leaves the 0.45-0.55 band and the fixed thresholds select nothing.
+    calibrate: bool = False
     lora: LoraSettings | None = None
     num_epochs: int = 1
     batch_size: int = 8
@@ -123,8 +127,7 @@ def run_evolve(cfg: EvolveConfig) -> dict:
         rm = _train(cfg, seed_pairs + pseudo, held, out / f"loop-{loop}")
         accuracy = json.loads((out / f"loop-{loop}" / "eval.json").read_text())["pair_accuracy"]
         shown = [_shown(train[i], flip[i]) for i in state.pool]
-        p_a = rm.probabilities([p.prompt for p in shown], [p.chosen for p in shown], cfg.batch_size)
-        p_b = rm.probabilities([p.prompt for p in shown], [p.rejected for p in shown], cfg.batch_size)
+        p_a, p_b = _pool_probabilities(rm, shown, cfg.batch_size, cfg.calibrate)
         picked = select_pairs(p_a, p_b, rule).selected if state.pool else []
         ids = list(state.pool)
         right = sum((s.chosen == "a") != flip[ids[s.index]] for s in picked)
@@ -152,6 +155,25 @@ def run_evolve(cfg: EvolveConfig) -> dict:
     atomic_write_json(out / "summary.json", summary)
     _report(out, summary)
     return summary
+
+
+def _pool_probabilities(
+    rm: object, shown: list[PreferencePair], batch_size: int, calibrate: bool
+) -> tuple[list[float], list[float]]:
+    """p = sigma(r) of both sides of every pool pair; with ``calibrate``, of the pool-standardised r."""
+    prompts = [p.prompt for p in shown]
+    r_a = rm.score_sequences(prompts, [p.chosen for p in shown], batch_size)
+    r_b = rm.score_sequences(prompts, [p.rejected for p in shown], batch_size)
+    mean, std = 0.0, 1.0
+    if calibrate and len(r_a) + len(r_b) > 1:
+        everything = r_a + r_b
+        mean = sum(everything) / len(everything)
+        std = math.sqrt(sum((x - mean) ** 2 for x in everything) / (len(everything) - 1)) or 1.0
+
+    def sigma(x: float) -> float:
+        return 1.0 / (1.0 + math.exp(-(x - mean) / std))
+
+    return [sigma(x) for x in r_a], [sigma(x) for x in r_b]
 
 
 def _shown(pair: PreferencePair, flip: bool) -> PreferencePair:
