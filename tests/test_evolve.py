@@ -7,24 +7,15 @@ import pytest
 
 from tokencredit.cli import main
 from tokencredit.rewards.ser import SERState
-from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
+from tokencredit.testing import save_tiny_causal_lm, toy_preference_pairs
 
 WORDS = "a b c d x y".split()
 
 
 @pytest.fixture
 def setup(tmp_path):
-    tok = tiny_word_tokenizer(WORDS)
-    tiny_causal_lm(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(
-        tmp_path / "backbone")
-    tok.save_pretrained(tmp_path / "backbone")
-    rng = random.Random(0)
-    pairs = []
-    while len(pairs) < 120:
-        a, b = (" ".join(rng.choice("xy") for _ in range(rng.randint(2, 5))) for _ in range(2))
-        if a.count("y") != b.count("y"):
-            chosen, rejected = (a, b) if a.count("y") > b.count("y") else (b, a)
-            pairs.append({"prompt": rng.choice("abcd"), "chosen": chosen, "rejected": rejected})
+    save_tiny_causal_lm(tmp_path / "backbone", WORDS)
+    pairs = toy_preference_pairs(120, random.Random(0))
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
     return tmp_path
 

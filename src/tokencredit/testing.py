@@ -6,6 +6,9 @@ outputs are meaningless, but deterministic given the seed.
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedModel, PreTrainedTokenizerFast
 
@@ -87,3 +90,23 @@ def tiny_scalar_model(vocab_size: int, seed: int = 0, hidden_size: int = 32) -> 
     """ScalarHeadModel over a random tiny LlamaModel; its zero head makes every initial output 0."""
     config = _tiny_llama_config(vocab_size, hidden_size, 2, 4, None, None)
     return ScalarHeadModel.from_backbone(_seeded(seed, LlamaModel, config))
+
+
+def save_tiny_causal_lm(folder: str | Path, words: list[str]) -> Path:
+    """Save a tiny random causal LM with a word tokenizer over ``words`` to ``folder``, loadable by name."""
+    tok = tiny_word_tokenizer(words)
+    model = tiny_causal_lm(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
+def toy_preference_pairs(n: int, rng: random.Random) -> list[dict]:
+    """``n`` {prompt, chosen, rejected} records over x/y words where chosen holds more "y": a learnable preference."""
+    pairs: list[dict] = []
+    while len(pairs) < n:
+        a, b = (" ".join(rng.choice("xy") for _ in range(rng.randint(2, 5))) for _ in range(2))
+        if a.count("y") != b.count("y"):
+            chosen, rejected = (a, b) if a.count("y") > b.count("y") else (b, a)
+            pairs.append({"prompt": rng.choice("abcd"), "chosen": chosen, "rejected": rejected})
+    return pairs
