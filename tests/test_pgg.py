@@ -335,3 +335,39 @@ def test_pgg_rm_training_learns_a_toy_ranking(how):
     assert best_minus_worst() > before + 0.1
     assert loss.item() < first
     assert stats["pgg/pair_accuracy"] > 0.75
+
+
+def test_train_pgg_reward_model_on_ranked_lists_of_mixed_k(tmp_path):
+    from tokencredit.rewards.data import RankedList
+    from tokencredit.rewards.pgg import PGGRMConfig, evaluate_pgg_reward_model, train_pgg_reward_model
+
+    rng = random.Random(0)
+    lists = []
+    for i in range(90):
+        k = 2 + i % 2  # lists of two and of three responses, batched by K
+        responses = [" ".join(rng.choice("ab") for _ in range(rng.randint(2, 6))) for _ in range(k)]
+        fraction_a = [r.split().count("a") / len(r.split()) for r in responses]
+        if i % 3 == 0:  # some lists come as rankings (0 = best) instead of scores
+            order = sorted(range(k), key=lambda j: -fraction_a[j])
+            lists.append(RankedList(rng.choice("cd"), responses, ranking=[order.index(j) for j in range(k)]))
+        else:
+            lists.append(RankedList(rng.choice("cd"), responses, scores=fraction_a))
+    rm = make_rm(seed=1)
+    config = PGGRMConfig(output_dir=str(tmp_path / "pgg"), num_epochs=4, batch_size=8, learning_rate=5e-3,
+                         progress=False, eval_fraction=0.2)
+    before = evaluate_pgg_reward_model(rm, lists[:20])
+    history = train_pgg_reward_model(rm, config, lists)
+    final = history[-1]["eval"]
+    assert final["lists"] == 18 and final["aggregator"] == "avg"
+    assert final["rank_pair_accuracy"] > 0.8, final
+    assert final["listmle_loss"] < before["listmle_loss"]
+    loaded = TokenRewardModel.from_pretrained(tmp_path / "pgg" / "model")
+    assert loaded.bounded
+    scores = loaded.score(["c"], ["a b a"])[0]
+    assert all(0 < s < 1 for s in scores)
+    a_score, b_score = scores[:2]
+    assert a_score > b_score
+    with pytest.raises(ValueError, match="aggregator"):
+        PGGRMConfig(aggregator="max").validate()
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_pgg_reward_model(rm, config, [])

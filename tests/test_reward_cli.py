@@ -45,6 +45,39 @@ def test_train_then_eval_on_pairs(setup, kind, capsys):
     assert metrics["pair_accuracy"] >= 0.75  # the preference (more y) is learnable in 3 epochs
 
 
+@pytest.mark.parametrize("loss", ["span_bt", "hybrid", "bce"])
+def test_every_fg_token_loss_trains_from_the_command_line(setup, loss):
+    assert main(["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'edits.jsonl'}",
+                 "data_format=edits", f"token_loss={loss}", *common(setup, loss)]) == 0
+    metrics = json.loads((setup / loss / "eval.json").read_text())
+    logged = json.loads((setup / loss / "metrics.jsonl").read_text().splitlines()[0])
+    assert ("loss/span_bt" in logged) == (loss in ("span_bt", "hybrid"))
+    assert ("loss/bt" in logged) == (loss == "hybrid")
+    assert ("loss/bce" in logged) == (loss == "bce")
+    assert (metrics["edits"] > 0) == (loss != "bce")
+
+
+def test_pgg_kind_trains_on_ranked_lists_and_on_pairs(setup):
+    rng = random.Random(1)
+    lists = []
+    for _ in range(40):
+        responses = [" ".join(rng.choice("xy") for _ in range(rng.randint(2, 5))) for _ in range(3)]
+        lists.append({"prompt": rng.choice("ab"), "responses": responses,
+                      "scores": [r.split().count("y") / len(r.split()) for r in responses]})
+    (setup / "ranked.jsonl").write_text("\n".join(json.dumps(x) for x in lists) + "\n")
+    assert main(["reward", "train", "kind=pgg", f"model={setup / 'backbone'}", f"data={setup / 'ranked.jsonl'}",
+                 "data_format=ranked", *common(setup, "pgg")]) == 0
+    held = json.loads((setup / "pgg" / "eval.json").read_text())
+    assert held["lists"] == 4 and held["rank_pair_accuracy"] is not None
+    assert main(["reward", "eval", "kind=pgg", f"model={setup / 'pgg' / 'model'}", f"data={setup / 'ranked.jsonl'}",
+                 "data_format=ranked", f"output_dir={setup / 'pgg-eval'}"]) == 0
+    metrics = json.loads((setup / "pgg-eval" / "eval.json").read_text())
+    assert metrics["lists"] == 40 and metrics["rank_pair_accuracy"] >= 0.75
+    assert main(["reward", "train", "kind=pgg", f"model={setup / 'backbone'}", f"data={setup / 'pairs.jsonl'}",
+                 *common(setup, "pgg-pairs")]) == 0
+    assert json.loads((setup / "pgg-pairs" / "eval.json").read_text())["lists"] == 5
+
+
 def test_token_rm_on_edits_reports_token_precision_recall_and_show_draws_it(setup):
     assert main(["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'edits.jsonl'}",
                  "data_format=edits", *common(setup, "fg")]) == 0
@@ -72,5 +105,9 @@ def test_errors_are_clear(setup, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert main(["reward", "show", f"model={setup / 'backbone'}", f"output_dir={setup / 's'}"]) == 2
     assert "needs texts" in capsys.readouterr().err
-    assert main(["reward", "train", "kind=pgg"]) == 2
+    assert main(["reward", "train", "kind=bogus", f"data={setup / 'pairs.jsonl'}"]) == 2
     assert "kind" in capsys.readouterr().err
+    assert main(["reward", "train", "token_loss=span_bt", f"data={setup / 'pairs.jsonl'}"]) == 2
+    assert "data_format=edits" in capsys.readouterr().err
+    assert main(["reward", "train", "token_loss=fancy", "data_format=edits", f"data={setup / 'edits.jsonl'}"]) == 2
+    assert "token_loss must be one of" in capsys.readouterr().err

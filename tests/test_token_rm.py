@@ -301,3 +301,59 @@ def test_long_prompts_are_cut_to_the_backbones_positions():
         rm.score_token_ids([short_prompt], [ids])[0], abs=1e-5)
     with pytest.raises(ValueError, match="does not fit the reward model's"):
         rm.score_token_ids(["a"], [[3] * limit])
+
+
+def toy_edits(n, seed=0):
+    """Minimal edits: one word of an a/b response was an "x", the edit wrote "y" in its place."""
+    from tokencredit.rewards.data import EditTriple
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice("ab") for _ in range(rng.randint(2, 6))]
+        bad = list(words)
+        i = rng.randrange(len(words))
+        bad[i], words[i] = "x", "y"
+        out.append(EditTriple(rng.choice("cd"), " ".join(bad), " ".join(words)))
+    return out
+
+
+def test_span_bt_training_learns_which_words_the_edit_fixed(tmp_path):
+    rm = make_rm(random_head=False)
+    config = cfg(tmp_path, bce_weight=0.0, bt_weight=0.0, span_bt_weight=1.0)
+    history = train_token_reward_model(rm, config, edits=toy_edits(120))
+    assert "loss/span_bt" in history[0] and "loss/bce" not in history[0] and "loss/bt" not in history[0]
+    assert history[0]["loss/span_bt"] == pytest.approx(math.log(2))  # a zero head: margin 0 on every edit
+    final = history[-1]["eval"]
+    assert final["edits"] == 24 and final["span_accuracy"] > 0.9, final
+    x_reward, y_reward = rm.score(["c"], ["x y"])[0][:2]
+    assert y_reward > x_reward
+    assert read_metrics(tmp_path / "rm")[-1]["train/span_accuracy"] > 0.9
+
+
+def test_hybrid_loss_combines_span_bt_and_sequence_bt(tmp_path):
+    from tokencredit.rewards.token_rm import _edit_rows, _loss, _pair_rows
+
+    rm = make_rm(seed=3)
+    edits = toy_edits(6, seed=1)
+    pairs = [PreferencePair(e.prompt, e.edited, e.original) for e in edits]
+    both = cfg(tmp_path, bce_weight=0.0, bt_weight=1.0, span_bt_weight=2.0)
+    loss, stats = _loss(rm, both, [], _pair_rows(rm, pairs), _edit_rows(rm, edits))
+    assert stats["loss/total"] == pytest.approx(stats["loss/bt"] + 2 * stats["loss/span_bt"], rel=1e-5)
+    # Span BT sees only the changed tokens: "x" in each original, "y" in each edit, not the shared words.
+    rows = _edit_rows(rm, edits)
+    x, y = rm.tokenizer.convert_tokens_to_ids(["x", "y"])
+    for row in rows:
+        assert [t for t, lab in zip(row.orig_ids, row.orig_labels) if lab] == [x]
+        assert [t for t, lab in zip(row.edit_ids, row.edit_labels) if lab] == [y]
+    with torch.no_grad():
+        expected = torch.stack([
+            -torch.nn.functional.logsigmoid(
+                rm.token_rewards([r.prompt], [r.edit_ids])[0][0][r.edit_labels.index(1)]
+                - rm.token_rewards([r.prompt], [r.orig_ids])[0][0][r.orig_labels.index(-1)])
+            for r in rows]).mean()
+    assert stats["loss/span_bt"] == pytest.approx(expected.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_token_reward_model(rm, cfg(tmp_path, span_bt_weight=0.0, bt_weight=0.0), edits=edits)
+    with pytest.raises(ValueError, match="not all 0"):
+        cfg(tmp_path, bce_weight=0.0, bt_weight=0.0, span_bt_weight=0.0).validate()

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="YAML file with DemoConfig fields")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. ppo_updates=10")
     reward = sub.add_parser("reward", help="train / evaluate reward models, or show per-token rewards as colour",
-                            description="Reward models from preference pairs or minimal edits (RewardRunConfig).")
+                            description="Reward models from preference pairs, minimal edits or ranked lists "
+                                        "(RewardRunConfig).")
     reward.add_argument("action", choices=["train", "eval", "show"])
     evolve = sub.add_parser("evolve", help="SER: grow a reward model's training set from a few labels",
                             description="Self-evolved reward learning (EvolveConfig). Needs data=PAIRS.jsonl.")

@@ -1,9 +1,14 @@
-"""`tokencredit reward train|eval|show`: train and evaluate token or sequence reward models from files, and
-draw where a token reward model puts credit.
+"""`tokencredit reward train|eval|show`: train and evaluate token, sequence or PGG reward models from files,
+and draw where a token reward model puts credit.
 
-Data formats (see :mod:`tokencredit.rewards.data`): ``pairs`` ({prompt, chosen, rejected}) or ``edits``
-({prompt, original, edited}); edits give a token RM FG token labels (-1 on what the edit removed, +1 on what it
-wrote) plus the (edited > original) pair, and give a sequence RM just that pair.
+Data formats (see :mod:`tokencredit.rewards.data`): ``pairs`` ({prompt, chosen, rejected}), ``edits``
+({prompt, original, edited, chosen?}) or ``ranked`` ({prompt, responses, scores | ranking}).
+
+- ``kind=token``: pairs train Bradley-Terry on summed token rewards; edits train one of the FG losses picked
+  by ``token_loss`` (see TOKEN_LOSSES); ranked lists give every strictly ordered pair.
+- ``kind=sequence``: Bradley-Terry on pairs; an edit gives the pair (chosen or edited, original); a ranked
+  list gives its ordered pairs.
+- ``kind=pgg``: a bounded token RM fitted to ranked lists with ListMLE (pairs count as lists of two).
 """
 
 from __future__ import annotations
@@ -18,15 +23,25 @@ from tokencredit.config import ConfigError
 from tokencredit.models import LoraSettings
 from tokencredit.runs import atomic_write_json
 
+# FG token-RM losses on minimal edits: name -> (bce_weight, bt_weight, span_bt_weight). "bt" is the only
+# token loss for pairs and ranked lists (they have no token labels).
+TOKEN_LOSSES: dict[str, tuple[float, float, float]] = {
+    "hybrid": (0.0, 1.0, 1.0),  # span BT + sequence BT on (chosen or edited, original): FG's hybrid
+    "span_bt": (0.0, 0.0, 1.0),  # -log sigma(sum of written-token rewards - sum of removed-token rewards)
+    "bce": (1.0, 0.0, 0.0),  # per-token BCE: removed tokens bad, written tokens good
+    "bce_bt": (1.0, 1.0, 0.0),  # per-token BCE + sequence BT
+    "bt": (0.0, 1.0, 0.0),  # sequence BT on summed token rewards only
+}
+
 
 @dataclass
 class RewardRunConfig:
     """Settings of `tokencredit reward train|eval|show`."""
 
-    kind: Literal["token", "sequence"] = "token"
+    kind: Literal["token", "sequence", "pgg"] = "token"
     model: str = "smollm2-135m-instruct"  # train: backbone to start from; eval/show: a trained RM folder
-    data: str | None = None  # train/eval: a .jsonl of pairs or edits
-    data_format: Literal["pairs", "edits"] = "pairs"
+    data: str | None = None  # train/eval: a .jsonl of pairs, edits or ranked lists
+    data_format: Literal["pairs", "edits", "ranked"] = "pairs"
     prompt_field: str | None = "prompt"  # None: records have no prompt (the responses hold everything)
     max_examples: int | None = None  # use only the first N records
     output_dir: str = "runs/reward"  # train: run folder (model/ inside); eval: eval.json; show: show.html
@@ -34,63 +49,112 @@ class RewardRunConfig:
     num_epochs: int = 1
     batch_size: int = 8
     learning_rate: float = 1e-4
+    max_length: int = 512  # prompt + response tokens seen in training (prompts lose their start first)
     eval_fraction: float = 0.1
-    balance_labels: bool = True  # token RM: good and bad tokens weigh equally in the BCE
+    token_loss: str | None = None  # kind=token: a TOKEN_LOSSES name; None = hybrid on edits, bt otherwise
+    balance_labels: bool = True  # token RM BCE: good and bad tokens weigh equally
+    aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled, METHODS §5)
     seed: int = 0
     progress: bool = True
     # show: texts to draw, each {"prompt": ..., "response": ...} (or a .jsonl file of them in `data`)
     texts: list[dict] = field(default_factory=list)
 
 
-def _records(cfg: RewardRunConfig) -> tuple[list, list, list]:
-    """(token examples, pairs, edit token examples for eval) from cfg.data."""
-    from tokencredit.rewards.data import load_edits, load_pairs
+@dataclass
+class _Data:
+    """What a data file gives each kind of reward model."""
+
+    pairs: list = field(default_factory=list)  # PreferencePair
+    token_examples: list = field(default_factory=list)  # TokenExample: FG labels of each edit's two sides
+    edits: list = field(default_factory=list)  # EditTriple
+    lists: list = field(default_factory=list)  # RankedList
+
+
+def _records(cfg: RewardRunConfig) -> _Data:
+    """Read cfg.data in cfg.data_format."""
+    from tokencredit.rewards.data import RankedList, load_edits, load_pairs, load_ranked
     from tokencredit.rewards.edits import edit_examples
+    from tokencredit.rewards.token_rm import PreferencePair
 
     if cfg.data is None:
-        raise ConfigError("reward train/eval needs data=FILE.jsonl (pairs or edits, see data_format)")
+        raise ConfigError("reward train/eval needs data=FILE.jsonl (pairs, edits or ranked, see data_format)")
     if cfg.data_format == "pairs":
         pairs = load_pairs(cfg.data, prompt_field=cfg.prompt_field)[: cfg.max_examples]
-        return [], pairs, []
+        return _Data(pairs=pairs, lists=[RankedList(p.prompt, [p.chosen, p.rejected], [1.0, 0.0]) for p in pairs])
+    if cfg.data_format == "ranked":
+        lists = load_ranked(cfg.data, prompt_field=cfg.prompt_field)[: cfg.max_examples]
+        return _Data(pairs=[pair for lst in lists for pair in lst.preference_pairs()], lists=lists)
+    if cfg.data_format != "edits":
+        raise ConfigError(f"data_format must be pairs, edits or ranked (got {cfg.data_format!r})")
     triples = load_edits(cfg.data, prompt_field=cfg.prompt_field)[: cfg.max_examples]
-    examples, pairs = [], []
+    data = _Data(edits=triples)
     for triple in triples:
-        original, edited, pair = edit_examples(triple)
-        examples += [original, edited]
-        pairs.append(pair)
-    return examples, pairs, examples
+        original, edited, _ = edit_examples(triple)
+        data.token_examples += [original, edited]
+        data.pairs.append(PreferencePair(triple.prompt, triple.chosen or triple.edited, triple.original))
+    return data
+
+
+def token_loss_weights(cfg: RewardRunConfig) -> tuple[float, float, float]:
+    """(bce_weight, bt_weight, span_bt_weight) of cfg.token_loss, checked against the data format."""
+    name = cfg.token_loss or ("hybrid" if cfg.data_format == "edits" else "bt")
+    if name not in TOKEN_LOSSES:
+        raise ConfigError(f"token_loss must be one of {sorted(TOKEN_LOSSES)} (got {name!r})")
+    if name != "bt" and cfg.data_format != "edits":
+        raise ConfigError(f"token_loss={name} needs token labels, i.e. data_format=edits; "
+                          f"{cfg.data_format} data trains token_loss=bt")
+    return TOKEN_LOSSES[name]
 
 
 def reward_train(cfg: RewardRunConfig) -> dict:
     """Train the configured reward model; returns its held-out evaluation."""
+    from tokencredit.rewards.pgg import PGGRMConfig, train_pgg_reward_model
     from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
     from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
 
-    examples, pairs, _ = _records(cfg)
+    if cfg.kind not in ("token", "sequence", "pgg"):
+        raise ConfigError(f"kind must be token, sequence or pgg (got {cfg.kind!r})")
+    weights = token_loss_weights(cfg) if cfg.kind == "token" else None
+    data = _records(cfg)
     common = dict(output_dir=cfg.output_dir, seed=cfg.seed, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
-                  learning_rate=cfg.learning_rate, eval_fraction=cfg.eval_fraction, progress=cfg.progress)
+                  learning_rate=cfg.learning_rate, eval_fraction=cfg.eval_fraction, progress=cfg.progress,
+                  max_length=cfg.max_length)
     if cfg.kind == "sequence":
         rm = SequenceRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
-        history = train_sequence_reward_model(rm, SeqRMConfig(**common), pairs)
-    else:
+        history = train_sequence_reward_model(rm, SeqRMConfig(**common), data.pairs)
+    elif cfg.kind == "pgg":
         rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
-        history = train_token_reward_model(rm, TokenRMConfig(**common, balance_labels=cfg.balance_labels),
-                                           token_examples=examples, pairs=pairs)
+        history = train_pgg_reward_model(rm, PGGRMConfig(**common, aggregator=cfg.aggregator), data.lists)
+    else:
+        bce, bt, span_bt = weights
+        rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
+        config = TokenRMConfig(**common, balance_labels=cfg.balance_labels, bce_weight=bce, bt_weight=bt,
+                               span_bt_weight=span_bt)
+        history = train_token_reward_model(rm, config, token_examples=data.token_examples if bce else (),
+                                           pairs=data.pairs if bt else (), edits=data.edits if span_bt else ())
     return history[-1]["eval"]
 
 
 def reward_eval(cfg: RewardRunConfig) -> dict:
-    """Pairwise accuracy (summed token rewards for a token RM) and, for a token RM on edits, token P/R."""
+    """Pairwise accuracy (summed token rewards for a token RM); for a token RM on edits also token P/R and
+    span accuracy; for a PGG RM also the ranking accuracy of its aggregated scores."""
+    from tokencredit.rewards.pgg import evaluate_pgg_reward_model
     from tokencredit.rewards.seq_rm import SequenceRewardModel, evaluate_sequence_reward_model
     from tokencredit.rewards.token_rm import TokenRewardModel, evaluate_token_reward_model
 
-    examples, pairs, edit_examples_ = _records(cfg)
+    if cfg.kind not in ("token", "sequence", "pgg"):
+        raise ConfigError(f"kind must be token, sequence or pgg (got {cfg.kind!r})")
+    data = _records(cfg)
     if cfg.kind == "sequence":
-        metrics = evaluate_sequence_reward_model(SequenceRewardModel.from_pretrained(cfg.model), pairs,
+        metrics = evaluate_sequence_reward_model(SequenceRewardModel.from_pretrained(cfg.model), data.pairs,
                                                  cfg.batch_size)
     else:
         rm = TokenRewardModel.from_pretrained(cfg.model)
-        metrics = evaluate_token_reward_model(rm, edit_examples_, pairs, batch_size=cfg.batch_size)
+        metrics = evaluate_token_reward_model(rm, data.token_examples, data.pairs, batch_size=cfg.batch_size,
+                                              edits=data.edits)
+        if cfg.kind == "pgg":
+            metrics.update(evaluate_pgg_reward_model(rm, data.lists, cfg.aggregator, batch_size=cfg.batch_size,
+                                                     max_length=cfg.max_length))
     metrics = {"kind": cfg.kind, "model": cfg.model, "data": cfg.data, **metrics}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,19 @@ left-padded, see :func:`tokencredit.generation.encode_prompts`), then the respon
 The reward of response token t is the head output AT token t's position, so it has read y<=t. (The PPO
 critic reads the position before token t instead: V(s_t) must not see the action it values.)
 
-Training (:func:`train_token_reward_model`) mixes two kinds of labels:
+Training (:func:`train_token_reward_model`) mixes three kinds of labels, each with its own weight:
 - token labels (span labels projected to tokens): masked per-token BCE, sigmoid(r_t) vs 1 (good) / 0 (bad);
 - sequence preferences: Bradley-Terry on the summed token rewards, -log sigma(sum r(chosen) - sum r(rejected)),
-  which spreads a sequence judgement over the tokens.
+  which spreads a sequence judgement over the tokens;
+- minimal edits (FG): span Bradley-Terry, -log sigma(sum_{E+} r(e) - sum_{O-} r(o)) over the tokens the edit
+  wrote and the tokens it removed (:func:`tokencredit.rewards.edits.span_bt_loss`). Span BT plus sequence BT
+  on the (chosen, original) pairs is FG's hybrid loss.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -33,6 +37,7 @@ from tokencredit.models import (
     load_tokenizer,
     lora_config,
     resolve_device,
+    resolve_model,
 )
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.labels import (
@@ -69,10 +74,17 @@ def _add_lora(model: ScalarHeadModel, lora: LoraSettings) -> None:
     model.head.requires_grad_(True)
 
 
-class TokenRewardModel:
-    """A ScalarHeadModel and its tokenizer, scoring every response token: r_phi(x, y<=t)."""
+REWARD_INFO = "tokencredit_reward.json"
 
-    def __init__(self, model: ScalarHeadModel, tokenizer: object) -> None:
+
+class TokenRewardModel:
+    """A ScalarHeadModel and its tokenizer, scoring every response token: r_phi(x, y<=t).
+
+    ``bounded`` (PGG): the scored reward is sigmoid(head) in (0, 1) instead of the raw head value. Training
+    losses read the raw head through :meth:`token_rewards` either way; the flag is saved with the model.
+    """
+
+    def __init__(self, model: ScalarHeadModel, tokenizer: object, bounded: bool = False) -> None:
         """Wrap a scalar-head model and the tokenizer its ids belong to."""
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
@@ -80,6 +92,7 @@ class TokenRewardModel:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model
         self.tokenizer = tokenizer
+        self.bounded = bounded
 
     @classmethod
     def from_pretrained(
@@ -87,16 +100,18 @@ class TokenRewardModel:
     ) -> TokenRewardModel:
         """Load a saved TokenRewardModel folder, or any backbone (e.g. "smollm2-135m-instruct") with a zero head."""
         model = ScalarHeadModel.from_pretrained(path_or_name, dtype=dtype)
-        return cls.from_model(model, load_tokenizer(path_or_name), lora=lora)
+        info = resolve_model(path_or_name) / REWARD_INFO
+        bounded = bool(json.loads(info.read_text()).get("bounded", False)) if info.is_file() else False
+        return cls.from_model(model, load_tokenizer(path_or_name), lora=lora, bounded=bounded)
 
     @classmethod
     def from_model(
-        cls, model: ScalarHeadModel, tokenizer: object, lora: LoraSettings | None = None
+        cls, model: ScalarHeadModel, tokenizer: object, lora: LoraSettings | None = None, bounded: bool = False
     ) -> TokenRewardModel:
         """Wrap an in-memory ScalarHeadModel, optionally adding LoRA adapters to its backbone."""
         if lora is not None:
             _add_lora(model, lora)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, bounded=bounded)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write backbone, head and tokenizer; LoRA adapters are merged into a copy so the folder is plain."""
@@ -107,6 +122,7 @@ class TokenRewardModel:
             merged.head.load_state_dict(model.head.state_dict())
             model = merged
         model.save_pretrained(path, tokenizer=self.tokenizer)
+        (Path(path) / REWARD_INFO).write_text(json.dumps({"bounded": self.bounded}) + "\n")
 
     @property
     def device(self) -> torch.device:
@@ -180,7 +196,8 @@ class TokenRewardModel:
         batch_size: int = 16,
         policy_tokenizer: object | None = None,
     ) -> list[list[float]]:
-        """Reward of every given response token (ids used as given, so same tokenizer as the policy)."""
+        """Reward of every given response token (ids used as given, so same tokenizer as the policy);
+        sigmoid of the head for a bounded (PGG) model."""
         if len(prompts) != len(response_token_ids):
             raise ValueError(f"{len(prompts)} prompts but {len(response_token_ids)} responses")
         if batch_size < 1:
@@ -195,6 +212,8 @@ class TokenRewardModel:
             for start in range(0, len(prompts), batch_size):
                 batch_ids = [list(r) for r in response_token_ids[start : start + batch_size]]
                 rewards, _ = self.token_rewards(list(prompts[start : start + batch_size]), batch_ids)
+                if self.bounded:
+                    rewards = torch.sigmoid(rewards)
                 rows = rewards.float().cpu().tolist()
                 out.extend(row[: len(ids)] for row, ids in zip(rows, batch_ids))
         finally:
@@ -320,6 +339,7 @@ class TokenRMConfig:
     bce_weight: float = 1.0  # weight of the per-token BCE on span labels
     balance_labels: bool = False  # good and bad tokens weigh equally in the BCE, whatever their counts
     bt_weight: float = 1.0  # weight of Bradley-Terry on summed token rewards of preference pairs
+    span_bt_weight: float = 0.0  # weight of span Bradley-Terry on minimal edits (FG)
     max_grad_norm: float | None = 1.0  # None = no clipping
     eval_fraction: float = 0.1  # share of each kind of data held out for the final eval
     progress: bool = True  # progress bar
@@ -329,8 +349,9 @@ class TokenRMConfig:
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
         validate_fit_config(self)
-        if self.bce_weight < 0 or self.bt_weight < 0 or self.bce_weight + self.bt_weight == 0:
-            raise ValueError("bce_weight and bt_weight must be >= 0 and not both 0")
+        weights = (self.bce_weight, self.bt_weight, self.span_bt_weight)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ValueError("bce_weight, bt_weight and span_bt_weight must be >= 0 and not all 0")
 
 
 class _TokenRow(NamedTuple):
@@ -347,6 +368,16 @@ class _PairRow(NamedTuple):
     prompt: str
     chosen: list[int]
     rejected: list[int]
+
+
+class _EditRow(NamedTuple):
+    """A minimal edit as the model reads it: both responses with their -1 / +1 token labels."""
+
+    prompt: str
+    orig_ids: list[int]
+    orig_labels: list[int]
+    edit_ids: list[int]
+    edit_labels: list[int]
 
 
 def _token_rows(rm: TokenRewardModel, examples: Sequence[TokenExample]) -> list[_TokenRow]:
@@ -367,6 +398,13 @@ def _token_rows(rm: TokenRewardModel, examples: Sequence[TokenExample]) -> list[
 def _pair_rows(rm: TokenRewardModel, pairs: Sequence[PreferencePair]) -> list[_PairRow]:
     """Tokenize preference pairs (EOS appended)."""
     return [_PairRow(p.prompt, rm.encode_response(p.chosen), rm.encode_response(p.rejected)) for p in pairs]
+
+
+def _edit_rows(rm: TokenRewardModel, edits: Sequence[object]) -> list[_EditRow]:
+    """Tokenize edit triples and project their diff labels onto the RM's tokens (EOS appended, label 0)."""
+    from tokencredit.rewards.edits import edit_token_labels  # edits imports this module
+
+    return [_EditRow(e.prompt, *edit_token_labels(e.prompt, e.original, e.edited, rm.tokenizer)) for e in edits]
 
 
 def _split(items: Sequence, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
@@ -396,9 +434,13 @@ def _pad_labels(labels: list[list[int]], width: int, device: torch.device) -> to
 
 
 def _loss(
-    rm: TokenRewardModel, config: TokenRMConfig, token_batch: list[_TokenRow], pair_batch: list[_PairRow]
+    rm: TokenRewardModel,
+    config: TokenRMConfig,
+    token_batch: list[_TokenRow],
+    pair_batch: list[_PairRow],
+    edit_batch: list[_EditRow] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted BCE + BT loss of one step and its statistics."""
+    """Weighted BCE + BT + span-BT loss of one step and its statistics."""
     loss = torch.zeros((), device=rm.device)
     stats: dict[str, float] = {}
     if token_batch and config.bce_weight > 0:
@@ -422,8 +464,30 @@ def _loss(
         sums = masked_sum(rewards.detach(), mask.float(), -1)
         stats["loss/bt"] = bt.item()
         stats["train/pair_accuracy"] = (sums[:n] > sums[n:]).float().mean().item()
+    if edit_batch and config.span_bt_weight > 0:
+        span_bt, margin = _span_bt(rm, edit_batch, config.max_length)
+        loss = loss + config.span_bt_weight * span_bt
+        stats["loss/span_bt"] = span_bt.item()
+        stats["train/span_accuracy"] = (margin > 0).float().mean().item()
     stats["loss/total"] = loss.item()
     return loss, stats
+
+
+def _span_bt(rm: TokenRewardModel, rows: Sequence[_EditRow], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span-BT loss of edit rows and each row's margin sum_{E+} r - sum_{O-} r (detached)."""
+    from tokencredit.rewards.edits import span_bt_loss
+
+    n = len(rows)
+    # Original and edited in one forward pass: rows [0, n) original, [n, 2n) edited.
+    rewards, mask = _rewards_truncated(rm, [r.prompt for r in rows] * 2,
+                                       [r.orig_ids for r in rows] + [r.edit_ids for r in rows], max_length)
+    labels = _pad_labels([r.orig_labels for r in rows] + [r.edit_labels for r in rows], rewards.size(1), rm.device)
+    labels = labels * mask.long()  # labels past a truncated response do not count
+    loss = span_bt_loss(rewards[n:], labels[n:] > 0, rewards[:n], labels[:n] < 0)
+    with torch.no_grad():
+        margin = masked_sum(rewards[n:], (labels[n:] > 0).float(), -1) - masked_sum(
+            rewards[:n], (labels[:n] < 0).float(), -1)
+    return loss, margin
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -437,16 +501,20 @@ def evaluate_token_reward_model(
     token_examples: Sequence[TokenExample] = (),
     pairs: Sequence[PreferencePair] = (),
     batch_size: int = 16,
+    edits: Sequence[object] = (),
 ) -> dict:
-    """Token accuracy/precision/recall (sign of r_t vs label, labelled tokens only) and pairwise accuracy.
+    """Token accuracy/precision/recall (sign of r_t vs label, labelled tokens only), pairwise accuracy, and
+    for minimal edits (:class:`~tokencredit.rewards.data.EditTriple`) the span accuracy.
 
-    Precision and recall are for the "good" class (+1); ``token_bad_*`` for the "bad" class (-1).
+    Precision and recall are for the "good" class (+1); ``token_bad_*`` for the "bad" class (-1). Span accuracy
+    is the share of edits whose written tokens outscore their removed ones: sum_{E+} r > sum_{O-} r.
     """
     tp = fp = fn = tn = 0
     if token_examples:
         rows = _token_rows(rm, token_examples)
         scores = rm.score_token_ids([r.prompt for r in rows], [r.ids for r in rows], batch_size)
-        pred = np.array([s > 0 for row in scores for s in row])
+        threshold = 0.5 if rm.bounded else 0.0  # a bounded reward calls a token good above sigmoid(0)
+        pred = np.array([s > threshold for row in scores for s in row])
         gold = np.array([lab for r in rows for lab in r.labels])
         pred, gold = pred[gold != 0], gold[gold != 0] > 0
         tp, fp = int((pred & gold).sum()), int((pred & ~gold).sum())
@@ -458,6 +526,16 @@ def evaluate_token_reward_model(
         chosen = rm.score_token_ids(prompts, [p.chosen for p in prow], batch_size)
         rejected = rm.score_token_ids(prompts, [p.rejected for p in prow], batch_size)
         pair_correct = sum(sum(c) > sum(r) for c, r in zip(chosen, rejected))
+    span_correct = 0
+    if edits:
+        erows = _edit_rows(rm, edits)
+        prompts = [e.prompt for e in erows]
+        orig = rm.score_token_ids(prompts, [e.orig_ids for e in erows], batch_size)
+        edit = rm.score_token_ids(prompts, [e.edit_ids for e in erows], batch_size)
+        for e, o_r, e_r in zip(erows, orig, edit):
+            gained = sum(r for r, lab in zip(e_r, e.edit_labels) if lab > 0)
+            lost = sum(r for r, lab in zip(o_r, e.orig_labels) if lab < 0)
+            span_correct += gained > lost
     return {
         "token_examples": len(token_examples),
         "labelled_tokens": tp + fp + fn + tn,
@@ -468,6 +546,8 @@ def evaluate_token_reward_model(
         "token_bad_recall": _ratio(tn, tn + fp),
         "pairs": len(pairs),
         "pair_accuracy": _ratio(pair_correct, len(pairs)),
+        "edits": len(edits),
+        "span_accuracy": _ratio(span_correct, len(edits)),
     }
 
 
@@ -478,8 +558,10 @@ def train_token_reward_model(
     config: TokenRMConfig,
     token_examples: Sequence[TokenExample] = (),
     pairs: Sequence[PreferencePair] = (),
+    edits: Sequence[object] = (),
 ) -> list[dict]:
-    """Train rm in place on span labels (BCE) and/or preference pairs (summed BT); one dict per step.
+    """Train rm in place on span labels (BCE), preference pairs (summed BT) and/or minimal edits (span BT,
+    :class:`~tokencredit.rewards.data.EditTriple`); one dict per step.
 
     The last entry is ``{"step": ..., "eval": {...}}`` on the held-out split (also ``output_dir/eval.json``);
     the trained model is saved to ``output_dir/model``.
@@ -487,34 +569,40 @@ def train_token_reward_model(
     config.validate()
     uses_tokens = bool(token_examples) and config.bce_weight > 0
     uses_pairs = bool(pairs) and config.bt_weight > 0
-    if not (uses_tokens or uses_pairs):
+    uses_edits = bool(edits) and config.span_bt_weight > 0
+    if not (uses_tokens or uses_pairs or uses_edits):
         raise ValueError(
-            "nothing to train on: pass token_examples (with bce_weight > 0) and/or pairs (with bt_weight > 0)"
+            "nothing to train on: pass token_examples (with bce_weight > 0), pairs (with bt_weight > 0) "
+            "and/or edits (with span_bt_weight > 0)"
         )
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     tok_train, tok_eval = _split(list(token_examples), config.eval_fraction, rng) if uses_tokens else ([], [])
     pair_train, pair_eval = _split(list(pairs), config.eval_fraction, rng) if uses_pairs else ([], [])
+    edit_train, edit_eval = _split(list(edits), config.eval_fraction, rng) if uses_edits else ([], [])
     tok_rows, pair_rows = _token_rows(rm, tok_train), _pair_rows(rm, pair_train)
+    edit_rows = _edit_rows(rm, edit_train)
     if tok_rows and not any(lab != 0 for r in tok_rows for lab in r.labels):
         log.warning("no token example has a labelled token; the BCE term will be 0")
+    if edit_rows and not any(lab != 0 for r in edit_rows for lab in r.orig_labels + r.edit_labels):
+        log.warning("no edit changes a token; the span-BT term will be constant")
 
     rm.to(resolve_device(config.device))
     bs = config.batch_size
-    steps_per_epoch = max(math.ceil(len(tok_rows) / bs), math.ceil(len(pair_rows) / bs))
+    kinds = (tok_rows, pair_rows, edit_rows)
+    steps_per_epoch = max(math.ceil(len(rows) / bs) for rows in kinds)
 
-    def epoch_batches(epoch: int) -> Iterator[tuple[list[_TokenRow], list[_PairRow]]]:
-        tok_order, pair_order = rng.permutation(len(tok_rows)), rng.permutation(len(pair_rows))
+    def epoch_batches(epoch: int) -> Iterator[tuple[list[_TokenRow], list[_PairRow], list[_EditRow]]]:
+        orders = [rng.permutation(len(rows)) for rows in kinds]
         for b in range(steps_per_epoch):
-            # Each kind is batched on its own; the shorter kind simply runs out earlier in the epoch.
-            yield ([tok_rows[i] for i in tok_order[b * bs : (b + 1) * bs]],
-                   [pair_rows[i] for i in pair_order[b * bs : (b + 1) * bs]])
+            # Each kind is batched on its own; a shorter kind simply runs out earlier in the epoch.
+            yield tuple([rows[i] for i in order[b * bs : (b + 1) * bs]] for rows, order in zip(kinds, orders))
 
     history = fit(rm.model, config, epoch_batches, lambda batch: _loss(rm, config, *batch), steps_per_epoch,
                   "token rm")
     step = history[-1]["step"] if history else 0
     out = Path(config.output_dir)
-    metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs)
+    metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs, edits=edit_eval)
     atomic_write_json(out / "eval.json", metrics)
     history.append({"step": step, "eval": metrics})
     rm.save_pretrained(out / "model")
