@@ -52,7 +52,7 @@ def test_every_fg_token_loss_trains_from_the_command_line(setup, loss):
     metrics = json.loads((setup / loss / "eval.json").read_text())
     logged = json.loads((setup / loss / "metrics.jsonl").read_text().splitlines()[0])
     assert ("loss/span_bt" in logged) == (loss in ("span_bt", "hybrid"))
-    assert ("loss/bt" in logged) == (loss == "hybrid")
+    assert ("loss/edit_bt" in logged) == (loss == "hybrid")
     assert ("loss/bce" in logged) == (loss == "bce")
     assert (metrics["edits"] > 0) == (loss != "bce")
 

@@ -332,14 +332,21 @@ def test_span_bt_training_learns_which_words_the_edit_fixed(tmp_path):
 
 
 def test_hybrid_loss_combines_span_bt_and_sequence_bt(tmp_path):
+    from tokencredit.rewards.data import EditTriple
     from tokencredit.rewards.token_rm import _edit_rows, _loss, _pair_rows
 
     rm = make_rm(seed=3)
     edits = toy_edits(6, seed=1)
-    pairs = [PreferencePair(e.prompt, e.edited, e.original) for e in edits]
-    both = cfg(tmp_path, bce_weight=0.0, bt_weight=1.0, span_bt_weight=2.0)
-    loss, stats = _loss(rm, both, [], _pair_rows(rm, pairs), _edit_rows(rm, edits))
-    assert stats["loss/total"] == pytest.approx(stats["loss/bt"] + 2 * stats["loss/span_bt"], rel=1e-5)
+    # The last edit comes from a pair whose preferred side is another text: its sequence BT uses that text.
+    edits[-1] = EditTriple(edits[-1].prompt, edits[-1].original, edits[-1].edited, chosen="y y a")
+    pairs = [PreferencePair(e.prompt, e.chosen or e.edited, e.original) for e in edits]
+    hybrid = cfg(tmp_path, bce_weight=0.0, bt_weight=0.0, span_bt_weight=2.0, edit_bt_weight=1.0)
+    loss, stats = _loss(rm, hybrid, [], [], _edit_rows(rm, edits))
+    assert stats["loss/total"] == pytest.approx(stats["loss/edit_bt"] + 2 * stats["loss/span_bt"], rel=1e-5)
+    # The hybrid's sequence BT, scored inside the edit forward pass, equals BT on the same pairs scored apart.
+    _, separate = _loss(rm, cfg(tmp_path, bce_weight=0.0), [], _pair_rows(rm, pairs))
+    assert stats["loss/edit_bt"] == pytest.approx(separate["loss/bt"], rel=1e-5)
+    assert stats["train/edit_pair_accuracy"] == pytest.approx(separate["train/pair_accuracy"])
     # Span BT sees only the changed tokens: "x" in each original, "y" in each edit, not the shared words.
     rows = _edit_rows(rm, edits)
     x, y = rm.tokenizer.convert_tokens_to_ids(["x", "y"])
@@ -353,6 +360,9 @@ def test_hybrid_loss_combines_span_bt_and_sequence_bt(tmp_path):
                 - rm.token_rewards([r.prompt], [r.orig_ids])[0][0][r.orig_labels.index(-1)])
             for r in rows]).mean()
     assert stats["loss/span_bt"] == pytest.approx(expected.item(), rel=1e-4)
+    history = train_token_reward_model(rm, cfg(tmp_path, bce_weight=0.0, bt_weight=0.0, span_bt_weight=1.0,
+                                               edit_bt_weight=1.0, num_epochs=1), edits=toy_edits(40))
+    assert "loss/edit_bt" in history[0] and "loss/span_bt" in history[0]
     with pytest.raises(ValueError, match="nothing to train on"):
         train_token_reward_model(rm, cfg(tmp_path, span_bt_weight=0.0, bt_weight=0.0), edits=edits)
     with pytest.raises(ValueError, match="not all 0"):

@@ -25,12 +25,14 @@ from tokencredit.runs import atomic_write_json
 
 # FG token-RM losses on minimal edits: name -> (bce_weight, bt_weight, span_bt_weight). "bt" is the only
 # token loss for pairs and ranked lists (they have no token labels).
-TOKEN_LOSSES: dict[str, tuple[float, float, float]] = {
-    "hybrid": (0.0, 1.0, 1.0),  # span BT + sequence BT on (chosen or edited, original): FG's hybrid
-    "span_bt": (0.0, 0.0, 1.0),  # -log sigma(sum of written-token rewards - sum of removed-token rewards)
-    "bce": (1.0, 0.0, 0.0),  # per-token BCE: removed tokens bad, written tokens good
-    "bce_bt": (1.0, 1.0, 0.0),  # per-token BCE + sequence BT
-    "bt": (0.0, 1.0, 0.0),  # sequence BT on summed token rewards only
+TOKEN_LOSSES: dict[str, dict[str, float]] = {
+    # span BT + sequence BT on (chosen or edited, original), both from one forward pass: FG's hybrid
+    "hybrid": {"span_bt_weight": 1.0, "edit_bt_weight": 1.0},
+    # -log sigma(sum of written-token rewards - sum of removed-token rewards)
+    "span_bt": {"span_bt_weight": 1.0},
+    "bce": {"bce_weight": 1.0},  # per-token BCE: removed tokens bad, written tokens good
+    "bce_bt": {"bce_weight": 1.0, "bt_weight": 1.0},  # per-token BCE + sequence BT
+    "bt": {"bt_weight": 1.0},  # sequence BT on summed token rewards only
 }
 
 
@@ -95,15 +97,16 @@ def _records(cfg: RewardRunConfig) -> _Data:
     return data
 
 
-def token_loss_weights(cfg: RewardRunConfig) -> tuple[float, float, float]:
-    """(bce_weight, bt_weight, span_bt_weight) of cfg.token_loss, checked against the data format."""
+def token_loss_weights(cfg: RewardRunConfig) -> dict[str, float]:
+    """TokenRMConfig loss weights of cfg.token_loss (the others 0), checked against the data format."""
     name = cfg.token_loss or ("hybrid" if cfg.data_format == "edits" else "bt")
     if name not in TOKEN_LOSSES:
         raise ConfigError(f"token_loss must be one of {sorted(TOKEN_LOSSES)} (got {name!r})")
     if name != "bt" and cfg.data_format != "edits":
         raise ConfigError(f"token_loss={name} needs token labels, i.e. data_format=edits; "
                           f"{cfg.data_format} data trains token_loss=bt")
-    return TOKEN_LOSSES[name]
+    return {"bce_weight": 0.0, "bt_weight": 0.0, "span_bt_weight": 0.0, "edit_bt_weight": 0.0,
+            **TOKEN_LOSSES[name]}
 
 
 def reward_train(cfg: RewardRunConfig) -> dict:
@@ -126,12 +129,13 @@ def reward_train(cfg: RewardRunConfig) -> dict:
         rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
         history = train_pgg_reward_model(rm, PGGRMConfig(**common, aggregator=cfg.aggregator), data.lists)
     else:
-        bce, bt, span_bt = weights
         rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
-        config = TokenRMConfig(**common, balance_labels=cfg.balance_labels, bce_weight=bce, bt_weight=bt,
-                               span_bt_weight=span_bt)
-        history = train_token_reward_model(rm, config, token_examples=data.token_examples if bce else (),
-                                           pairs=data.pairs if bt else (), edits=data.edits if span_bt else ())
+        config = TokenRMConfig(**common, balance_labels=cfg.balance_labels, **weights)
+        uses_edits = weights["span_bt_weight"] or weights["edit_bt_weight"]
+        history = train_token_reward_model(rm, config,
+                                           token_examples=data.token_examples if weights["bce_weight"] else (),
+                                           pairs=data.pairs if weights["bt_weight"] else (),
+                                           edits=data.edits if uses_edits else ())
     return history[-1]["eval"]
 
 

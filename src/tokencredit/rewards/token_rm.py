@@ -11,7 +11,7 @@ Training (:func:`train_token_reward_model`) mixes three kinds of labels, each wi
   which spreads a sequence judgement over the tokens;
 - minimal edits (FG): span Bradley-Terry, -log sigma(sum_{E+} r(e) - sum_{O-} r(o)) over the tokens the edit
   wrote and the tokens it removed (:func:`tokencredit.rewards.edits.span_bt_loss`). Span BT plus sequence BT
-  on the (chosen, original) pairs is FG's hybrid loss.
+  on each edit's (chosen or edited, original) pair (``edit_bt_weight``) is FG's hybrid loss.
 """
 
 from __future__ import annotations
@@ -340,6 +340,10 @@ class TokenRMConfig:
     balance_labels: bool = False  # good and bad tokens weigh equally in the BCE, whatever their counts
     bt_weight: float = 1.0  # weight of Bradley-Terry on summed token rewards of preference pairs
     span_bt_weight: float = 0.0  # weight of span Bradley-Terry on minimal edits (FG)
+    # Weight of sequence BT on each edit's (chosen, original) pair, chosen = the edit's chosen or else its
+    # edited text: FG's hybrid is span BT + this. Scored in the span-BT forward pass, so it costs no extra pass
+    # when an edit has no separate chosen text.
+    edit_bt_weight: float = 0.0
     max_grad_norm: float | None = 1.0  # None = no clipping
     eval_fraction: float = 0.1  # share of each kind of data held out for the final eval
     progress: bool = True  # progress bar
@@ -349,9 +353,9 @@ class TokenRMConfig:
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
         validate_fit_config(self)
-        weights = (self.bce_weight, self.bt_weight, self.span_bt_weight)
+        weights = (self.bce_weight, self.bt_weight, self.span_bt_weight, self.edit_bt_weight)
         if min(weights) < 0 or sum(weights) == 0:
-            raise ValueError("bce_weight, bt_weight and span_bt_weight must be >= 0 and not all 0")
+            raise ValueError("bce_weight, bt_weight, span_bt_weight and edit_bt_weight must be >= 0 and not all 0")
 
 
 class _TokenRow(NamedTuple):
@@ -378,6 +382,7 @@ class _EditRow(NamedTuple):
     orig_labels: list[int]
     edit_ids: list[int]
     edit_labels: list[int]
+    chosen_ids: list[int] | None  # the edit's separate chosen response, if it has one
 
 
 def _token_rows(rm: TokenRewardModel, examples: Sequence[TokenExample]) -> list[_TokenRow]:
@@ -404,7 +409,8 @@ def _edit_rows(rm: TokenRewardModel, edits: Sequence[object]) -> list[_EditRow]:
     """Tokenize edit triples and project their diff labels onto the RM's tokens (EOS appended, label 0)."""
     from tokencredit.rewards.edits import edit_token_labels  # edits imports this module
 
-    return [_EditRow(e.prompt, *edit_token_labels(e.prompt, e.original, e.edited, rm.tokenizer)) for e in edits]
+    return [_EditRow(e.prompt, *edit_token_labels(e.prompt, e.original, e.edited, rm.tokenizer),
+                     rm.encode_response(e.chosen) if getattr(e, "chosen", None) else None) for e in edits]
 
 
 def _split(items: Sequence, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
@@ -464,30 +470,48 @@ def _loss(
         sums = masked_sum(rewards.detach(), mask.float(), -1)
         stats["loss/bt"] = bt.item()
         stats["train/pair_accuracy"] = (sums[:n] > sums[n:]).float().mean().item()
-    if edit_batch and config.span_bt_weight > 0:
-        span_bt, margin = _span_bt(rm, edit_batch, config.max_length)
-        loss = loss + config.span_bt_weight * span_bt
-        stats["loss/span_bt"] = span_bt.item()
-        stats["train/span_accuracy"] = (margin > 0).float().mean().item()
+    if edit_batch and (config.span_bt_weight > 0 or config.edit_bt_weight > 0):
+        span_bt, margin, edit_bt, pair_margin = _edit_losses(rm, edit_batch, config.max_length)
+        if config.span_bt_weight > 0:
+            loss = loss + config.span_bt_weight * span_bt
+            stats["loss/span_bt"] = span_bt.item()
+            stats["train/span_accuracy"] = (margin > 0).float().mean().item()
+        if config.edit_bt_weight > 0:
+            loss = loss + config.edit_bt_weight * edit_bt
+            stats["loss/edit_bt"] = edit_bt.item()
+            stats["train/edit_pair_accuracy"] = (pair_margin > 0).float().mean().item()
     stats["loss/total"] = loss.item()
     return loss, stats
 
 
-def _span_bt(rm: TokenRewardModel, rows: Sequence[_EditRow], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Span-BT loss of edit rows and each row's margin sum_{E+} r - sum_{O-} r (detached)."""
+def _edit_losses(
+    rm: TokenRewardModel, rows: Sequence[_EditRow], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(span BT, its per-row margins, sequence BT on (chosen, original), its per-row margins) of edit rows.
+
+    Original, edited and any separate chosen responses go through one forward pass; margins are detached.
+    """
     from tokencredit.rewards.edits import span_bt_loss
 
     n = len(rows)
-    # Original and edited in one forward pass: rows [0, n) original, [n, 2n) edited.
-    rewards, mask = _rewards_truncated(rm, [r.prompt for r in rows] * 2,
-                                       [r.orig_ids for r in rows] + [r.edit_ids for r in rows], max_length)
+    extra = [r for r in rows if r.chosen_ids is not None]
+    # Rows [0, n) original, [n, 2n) edited, then the separate chosen responses.
+    rewards, mask = _rewards_truncated(
+        rm, [r.prompt for r in rows] * 2 + [r.prompt for r in extra],
+        [r.orig_ids for r in rows] + [r.edit_ids for r in rows] + [r.chosen_ids for r in extra], max_length)
     labels = _pad_labels([r.orig_labels for r in rows] + [r.edit_labels for r in rows], rewards.size(1), rm.device)
-    labels = labels * mask.long()  # labels past a truncated response do not count
-    loss = span_bt_loss(rewards[n:], labels[n:] > 0, rewards[:n], labels[:n] < 0)
+    labels = labels * mask[: 2 * n].long()  # labels past a truncated response do not count
+    span = span_bt_loss(rewards[n : 2 * n], labels[n:] > 0, rewards[:n], labels[:n] < 0)
+    sums = masked_sum(rewards, mask.float(), -1)
+    chosen_row = list(range(n, 2 * n))
+    for k, i in enumerate(i for i, r in enumerate(rows) if r.chosen_ids is not None):
+        chosen_row[i] = 2 * n + k
+    pair_margin = sums[chosen_row] - sums[:n]
+    edit_bt = -F.logsigmoid(pair_margin).mean()
     with torch.no_grad():
-        margin = masked_sum(rewards[n:], (labels[n:] > 0).float(), -1) - masked_sum(
+        margin = masked_sum(rewards[n : 2 * n], (labels[n:] > 0).float(), -1) - masked_sum(
             rewards[:n], (labels[:n] < 0).float(), -1)
-    return loss, margin
+    return span, margin, edit_bt, pair_margin.detach()
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -569,11 +593,11 @@ def train_token_reward_model(
     config.validate()
     uses_tokens = bool(token_examples) and config.bce_weight > 0
     uses_pairs = bool(pairs) and config.bt_weight > 0
-    uses_edits = bool(edits) and config.span_bt_weight > 0
+    uses_edits = bool(edits) and (config.span_bt_weight > 0 or config.edit_bt_weight > 0)
     if not (uses_tokens or uses_pairs or uses_edits):
         raise ValueError(
             "nothing to train on: pass token_examples (with bce_weight > 0), pairs (with bt_weight > 0) "
-            "and/or edits (with span_bt_weight > 0)"
+            "and/or edits (with span_bt_weight or edit_bt_weight > 0)"
         )
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
