@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Self-evolved reward learning (EvolveConfig). Needs data=PAIRS.jsonl.")
     evolve.add_argument("--config", help="YAML file with EvolveConfig fields")
     evolve.add_argument("overrides", nargs="*", help="key=value settings, e.g. labelled_fraction=0.15")
+    serve = sub.add_parser("serve", help="serve a local model over an OpenAI-compatible HTTP API",
+                           description="OpenAI-compatible /v1/chat/completions and /v1/completions for a local "
+                                       "causal LM (ServeConfig).")
+    serve.add_argument("model", help="built-in name, model folder (e.g. a trained policy) or cached hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
+    serve.add_argument("--served-name", help="the model name clients send (default: the folder or built-in name)")
+    serve.add_argument("--device", default="auto")
     reward.add_argument("--config", help="YAML file with RewardRunConfig fields")
     reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
     return parser
@@ -195,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             from tokencredit.rewards.commands import RewardRunConfig, run_reward
 
             run_reward(args.action, load_config(RewardRunConfig, args.config, args.overrides))
+        elif args.command == "serve":
+            from tokencredit.serve import ServeConfig, run_serve
+
+            run_serve(ServeConfig(model=args.model, host=args.host, port=args.port, served_name=args.served_name,
+                                  device=args.device))
         elif args.command == "demo":
             from tokencredit.demo import run_demo
 
