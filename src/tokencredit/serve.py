@@ -135,9 +135,9 @@ class ModelServer:
         if top is not None and not logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         top = _int(top if top is not None else 0, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT)
-        params = self._params(body, top if logprobs else None)
-        prompt = self._render(messages)
-        choices, prompt_tokens = self._sample([prompt], params)
+        params = self.params(body, top if logprobs else None)
+        prompt = self.render(messages)
+        choices, prompt_tokens = self.sample([prompt], params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if params.stream:
             return self._chat_chunks(rid, created, choices)
@@ -163,8 +163,8 @@ class ModelServer:
             raise ApiError(400, "'echo' is not supported by tokencredit serve", "echo")
         logprobs = body.get("logprobs")
         top = None if logprobs is None else _int(logprobs, "logprobs", 0, MAX_LOGPROBS_COMPLETION)
-        params = self._params(body, top)
-        choices, prompt_tokens = self._sample(prompts, params)
+        params = self.params(body, top)
+        choices, prompt_tokens = self.sample(prompts, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if params.stream:
             return self._completion_chunks(rid, created, choices)
@@ -195,7 +195,7 @@ class ModelServer:
             raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.name}'", "model",
                            "model_not_found")
 
-    def _params(self, body: dict, top_logprobs: int | None) -> _Params:
+    def params(self, body: dict, top_logprobs: int | None) -> _Params:
         """Validated sampling parameters."""
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = self.config.default_max_tokens if max_tokens is None else max_tokens
@@ -217,13 +217,13 @@ class ModelServer:
             stream=stream,
         )
 
-    def _render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict]) -> str:
         """Messages as one prompt string: the chat template, or role-prefixed lines without one."""
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def _sample(self, prompts: list[str], params: _Params) -> tuple[list[_Choice], int]:
+    def sample(self, prompts: list[str], params: _Params) -> tuple[list[_Choice], int]:
         """n answers per prompt (prompt-major order) and the number of prompt tokens."""
         prompt_tokens = sum(len(self.tokenizer(p)["input_ids"]) for p in prompts)
         batch = [p for p in prompts for _ in range(params.n)]
@@ -254,7 +254,7 @@ class ModelServer:
                 dist = records[step][row]
                 lps.append(float(dist[tok]))
                 if params.top_logprobs:
-                    values, idx = dist.topk(params.top_logprobs)
+                    values, idx = dist.topk(min(params.top_logprobs, dist.numel()))
                     tops.append([(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, idx)])
                 else:
                     tops.append([])

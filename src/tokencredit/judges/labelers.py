@@ -1,0 +1,251 @@
+"""RLAIF labelers on a judge backend: pairwise preferences, rubric scores, token spans and minimal edits.
+
+Each labeler returns one result per input, in input order, and a :class:`LabelStats` with how many judge
+answers could not be read. An unreadable answer never becomes a label: its result is ``None`` (or a tie for a
+pair whose two orders disagree, which is a real verdict, not a parse failure).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tokencredit.judges.backends import ChatRequest, JudgeBackend
+from tokencredit.judges.templates import Template, load_template
+from tokencredit.rewards.labels import SpanLabel
+
+
+@dataclass
+class LabelStats:
+    """What a labelling pass produced: labelled, ties, unreadable judge answers (with examples)."""
+
+    total: int = 0
+    labelled: int = 0
+    ties: int = 0
+    unparseable: int = 0
+    examples: list[str] = field(default_factory=list)  # the first few unreadable answers, for the report
+
+    def bad(self, text: str) -> None:
+        """Count an unreadable answer and keep the first five."""
+        self.unparseable += 1
+        if len(self.examples) < 5:
+            self.examples.append(text[:300])
+
+
+# ---------------------------------------------------------------------- pairwise
+_LETTER = re.compile(r"^\W*(?:answer\s*)?\(?([AB])\b", re.IGNORECASE)
+
+
+def parse_letter(text: str) -> str | None:
+    """"A" or "B" from an answer that starts with it (``"B"``, ``"(A)"``, ``"Answer B: ..."``), else None."""
+    m = _LETTER.match(text.strip())
+    return m.group(1).upper() if m else None
+
+
+@dataclass
+class PairVerdict:
+    """The judge's view of (a, b) in both orders: P(a better) per order and the combined verdict."""
+
+    p_a_first: float | None  # P(a better) when a was shown first
+    p_a_second: float | None  # P(a better) when a was shown second
+    verdict: str | None  # "a", "b", "tie" (the orders disagree) or None (an answer could not be read)
+
+    @property
+    def p_a(self) -> float | None:
+        """P(a better) averaged over both orders (position bias cancels)."""
+        if self.p_a_first is None or self.p_a_second is None:
+            return None
+        return (self.p_a_first + self.p_a_second) / 2
+
+
+class PairwiseLabeler:
+    """Which of two responses is better, asked in both orders; the orders must agree or it is a tie.
+
+    With ``use_logprobs`` the preference is read from the log-probabilities of the answer letters
+    (P(A) / (P(A) + P(B))), which a local backend scores exactly and an HTTP backend reads from its top
+    alternatives; where a backend gives none, the sampled letter is used (P = 1 or 0).
+    """
+
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, use_logprobs: bool = True) -> None:
+        """Label with ``backend`` and the pairwise template (or another one with the same placeholders)."""
+        self.backend = backend
+        self.template = template or load_template("pairwise")
+        self.use_logprobs = use_logprobs
+
+    def _p_first(self, requests: list[ChatRequest], stats: LabelStats) -> list[float | None]:
+        """P(the first-shown answer is better) for each request, None where unreadable."""
+        out: list[float | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        if self.use_logprobs:
+            scored = self.backend.option_logprobs(requests, ["A", "B"])
+            todo = []
+            for i, lp in enumerate(scored):
+                a, b = lp.get("A", -math.inf), lp.get("B", -math.inf)
+                if math.isinf(a) and math.isinf(b):
+                    todo.append(i)  # no usable log-probabilities: fall back to the text
+                else:
+                    out[i] = 1.0 / (1.0 + math.exp(min(b - a, 700.0)))
+        for i, result in zip(todo, self.backend.chat([requests[i] for i in todo])):
+            letter = parse_letter(result.text)
+            if letter is None:
+                stats.bad(result.text)
+            else:
+                out[i] = 1.0 if letter == "A" else 0.0
+        return out
+
+    def label(self, items: Sequence[tuple[str, str, str]]) -> tuple[list[PairVerdict], LabelStats]:
+        """Verdicts for (prompt, a, b) items."""
+        stats = LabelStats(total=len(items))
+        requests = []
+        for prompt, a, b in items:
+            requests.append(ChatRequest(self.template.messages(prompt=prompt, first=a, second=b), max_tokens=8))
+            requests.append(ChatRequest(self.template.messages(prompt=prompt, first=b, second=a), max_tokens=8))
+        p = self._p_first(requests, stats)
+        verdicts = []
+        for k in range(len(items)):
+            first, second = p[2 * k], p[2 * k + 1]
+            if first is None or second is None:
+                verdicts.append(PairVerdict(first, None if second is None else 1 - second, None))
+                continue
+            a_first, a_second = first, 1.0 - second
+            if a_first > 0.5 and a_second > 0.5:
+                verdict = "a"
+            elif a_first < 0.5 and a_second < 0.5:
+                verdict = "b"
+            else:
+                verdict = "tie"
+                stats.ties += 1
+            stats.labelled += verdict != "tie"
+            verdicts.append(PairVerdict(a_first, a_second, verdict))
+        return verdicts, stats
+
+
+# ---------------------------------------------------------------------- rubric
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5])\b", re.IGNORECASE)
+
+
+def parse_score(text: str) -> int | None:
+    """The last "Score: N" (N in 1..5) of an answer, else None."""
+    found = _SCORE.findall(text)
+    return int(found[-1]) if found else None
+
+
+class RubricLabeler:
+    """An additive 1-5 score per (prompt, response)."""
+
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int = 512) -> None:
+        """Label with ``backend`` and the rubric template."""
+        self.backend, self.template, self.max_tokens = backend, template or load_template("rubric"), max_tokens
+
+    def label(self, items: Sequence[tuple[str, str]]) -> tuple[list[int | None], LabelStats]:
+        """Scores (None where the answer had no readable score)."""
+        stats = LabelStats(total=len(items))
+        requests = [ChatRequest(self.template.messages(prompt=p, response=r), max_tokens=self.max_tokens)
+                    for p, r in items]
+        scores = []
+        for result in self.backend.chat(requests):
+            score = parse_score(result.text)
+            if score is None:
+                stats.bad(result.text)
+            else:
+                stats.labelled += 1
+            scores.append(score)
+        return scores, stats
+
+
+# ---------------------------------------------------------------------- token spans
+def parse_spans(text: str, response: str) -> list[SpanLabel] | None:
+    """Span labels from '- phrase' / '+ phrase' lines located in the response; None if the answer is unreadable.
+
+    'none' (alone) means no spans. Each phrase is matched exactly, else case-insensitively, at its first
+    occurrence not already used; a line that matches nothing makes the whole answer unreadable, because a
+    partial reading would label the response as if the missing phrase were fine.
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) == 1 and lines[0].strip(" .").lower() == "none":
+        return []
+    if not lines:
+        return None
+    spans: list[SpanLabel] = []
+    taken: list[tuple[int, int]] = []
+    for line in lines:
+        if line[0] not in "+-" or len(line) < 2:
+            return None
+        phrase = line[1:].strip().strip('"').strip()
+        if not phrase:
+            return None
+        where = _find_free(response, phrase, taken)
+        if where is None:
+            return None
+        taken.append(where)
+        spans.append(SpanLabel(where[0], where[1], 1 if line[0] == "+" else -1))
+    return sorted(spans, key=lambda s: s.start)
+
+
+def _find_free(text: str, phrase: str, taken: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """First (start, end) of phrase in text (exact, then case-insensitive) that cuts no word in two and
+    overlaps no taken span ("is" is not found inside "Paris")."""
+    for hay, needle in ((text, phrase), (text.lower(), phrase.lower())):
+        start = hay.find(needle)
+        while start != -1:
+            end = start + len(needle)
+            cuts_word = (start > 0 and text[start - 1].isalnum() and text[start].isalnum()) or (
+                end < len(text) and text[end].isalnum() and text[end - 1].isalnum())
+            if not cuts_word and all(end <= a or start >= b for a, b in taken):
+                return start, end
+            start = hay.find(needle, start + 1)
+    return None
+
+
+class SpanLabeler:
+    """Good (+1) and bad (-1) character spans of each response, for a token reward model (TPPO)."""
+
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int = 512) -> None:
+        """Label with ``backend`` and the spans template."""
+        self.backend, self.template, self.max_tokens = backend, template or load_template("spans"), max_tokens
+
+    def label(self, items: Sequence[tuple[str, str]]) -> tuple[list[list[SpanLabel] | None], LabelStats]:
+        """Span lists (None where the answer could not be read)."""
+        stats = LabelStats(total=len(items))
+        requests = [ChatRequest(self.template.messages(prompt=p, response=r), max_tokens=self.max_tokens)
+                    for p, r in items]
+        out = []
+        for (_, response), result in zip(items, self.backend.chat(requests)):
+            spans = parse_spans(result.text, response)
+            if spans is None:
+                stats.bad(result.text)
+            else:
+                stats.labelled += 1
+            out.append(spans)
+        return out, stats
+
+
+# ---------------------------------------------------------------------- minimal edits
+class EditLabeler:
+    """A minimal edit of each (worse) response, for FG's edit labels."""
+
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int = 1024) -> None:
+        """Label with ``backend`` and the edit template."""
+        self.backend, self.template, self.max_tokens = backend, template or load_template("edits"), max_tokens
+
+    def label(self, items: Sequence[tuple[str, str]]) -> tuple[list[str | None], LabelStats]:
+        """Edited responses; None where the judge returned nothing or the same text (counted as a tie: no
+        edit is a verdict that the response needs none) or stopped at its length limit (unreadable)."""
+        stats = LabelStats(total=len(items))
+        requests = [ChatRequest(self.template.messages(prompt=p, response=r), max_tokens=self.max_tokens)
+                    for p, r in items]
+        out: list[str | None] = []
+        for (_, response), result in zip(items, self.backend.chat(requests)):
+            edited = result.text.strip()
+            if not edited or result.finish_reason == "length":
+                stats.bad(result.text)
+                out.append(None)
+            elif edited.split() == response.split():
+                stats.ties += 1
+                out.append(None)
+            else:
+                stats.labelled += 1
+                out.append(edited)
+        return out, stats
