@@ -274,3 +274,103 @@ def test_cache_keys_cover_the_whole_request(tmp_path):
     cache.put("k", {"a": 1}, {"text": "first"})
     cache.put("k", {"a": 1}, {"text": "second"})
     assert cache.get("k") == {"text": "first"} and len(cache) == 1 and cache.get("missing") is None
+
+
+# ------------------------------------------------------------------ commands
+def test_win_rate_counts_ties_half_and_brackets_the_estimate():
+    from tokencredit.judges.commands import win_rate
+
+    r = win_rate(["a", "a", "b", "tie", None, "a"])
+    assert r["judged"] == 5 and r["win_rate"] == pytest.approx(3.5 / 5)
+    assert (r["wins"], r["losses"], r["ties"]) == (3, 1, 1)
+    low, high = r["ci95"]
+    assert 0 <= low <= r["win_rate"] <= high <= 1 and high - low > 0.2  # five verdicts: a wide interval
+    assert win_rate([None, None])["win_rate"] is None
+    narrow = win_rate(["a"] * 300 + ["b"] * 100)
+    assert narrow["ci95"][1] - narrow["ci95"][0] < 0.1
+
+
+def test_judge_command_writes_reward_records_and_reruns_from_cache(faulty, tmp_path, capsys):
+    from tokencredit.cli import main
+
+    _, url = faulty
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "a": "yes good", "b": "no bad"}) + "\n" for i in range(5)))
+    args = ["judge", "task=pairwise", f"data={data}", f"output={tmp_path / 'labels.jsonl'}", f"base_url={url}",
+            "model=tiny", "api_key_env=", "max_retries=1"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["total"] == 5 and first["answers_asked"] > 0 and first["answers_from_cache"] == 0
+    # The tiny vocabulary fits in the top-20 alternatives, so every preference is read from log-probabilities.
+    assert first["unparseable"] == 0 and first["labelled"] + first["ties"] == 5
+    labels = (tmp_path / "labels.jsonl").read_text()
+    assert len(labels.splitlines()) == first["records"] == first["labelled"]
+    for line in labels.splitlines():
+        rec = json.loads(line)
+        assert {rec["chosen"], rec["rejected"]} == {"yes good", "no bad"} and rec["p_chosen"] > 0.5
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["answers_asked"] == 0 and (tmp_path / "labels.jsonl").read_text() == labels
+    summary = json.loads((tmp_path / "labels.jsonl.summary.json").read_text())
+    assert summary["records"] == first["records"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "a": "x"}\n')
+    assert main(["judge", f"data={tmp_path / 'bad.jsonl'}", f"output={tmp_path / 'o.jsonl'}", f"base_url={url}",
+                 "model=tiny", "api_key_env="]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_judge_spans_and_edits_feed_the_reward_loaders(tmp_path):
+    from tokencredit.judges.commands import JudgeRunConfig, run_judge
+    from tokencredit.rewards.data import load_edits
+
+    data = tmp_path / "responses.jsonl"
+    data.write_text(json.dumps({"prompt": "capital of France?", "response": "Paris is in Germany"}) + "\n")
+
+    class Fixed(Scripted):
+        pass
+
+    import tokencredit.judges.commands as commands
+
+    answers = {"spans": "- in Germany\n+ Paris", "edits": "Paris is in France"}
+    for task, answer in answers.items():
+        original = commands.make_backend
+        commands.make_backend = lambda settings, cache, a=answer: Fixed([a])
+        try:
+            summary = run_judge(JudgeRunConfig(task=task, data=str(data), output=str(tmp_path / f"{task}.jsonl")))
+        finally:
+            commands.make_backend = original
+        assert summary["records"] == 1 and summary["unparseable"] == 0
+    spans = json.loads((tmp_path / "spans.jsonl").read_text())["spans"]
+    assert spans == [{"start": 0, "end": 5, "label": 1}, {"start": 9, "end": 19, "label": -1}]
+    triples = load_edits(tmp_path / "edits.jsonl")
+    assert triples[0].original == "Paris is in Germany" and triples[0].edited == "Paris is in France"
+
+
+def test_evaluate_reports_win_rate_against_references(server, tmp_path):
+    import tokencredit.judges.commands as commands
+    from tokencredit.judges.commands import EvaluateConfig, run_evaluate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}", "reference": "yes good answer"}) + "\n"
+                               for i in range(6)))
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "yes good answer" if i < 3 else "no"}) + "\n"
+                            for i in range(6)))
+    original = commands.make_backend
+    commands.make_backend = lambda settings, cache: HFBackend(server.model, server.tokenizer, "tiny", cache=cache)
+    try:
+        result = run_evaluate(EvaluateConfig(prompts=str(prompts), a=str(gens), output_dir=str(tmp_path / "ev")))
+    finally:
+        commands.make_backend = original
+    assert result["prompts"] == 6 and result["judged"] == 6 and result["judge"]["unparseable"] == 0
+    assert 0 <= result["ci95"][0] <= result["win_rate"] <= result["ci95"][1] <= 1
+    metrics = result["metrics_vs_reference"]
+    assert metrics["b"]["rougeL"] == pytest.approx(1.0) and metrics["a"]["rougeL"] < 1.0
+    verdicts = [json.loads(line) for line in (tmp_path / "ev" / "verdicts.jsonl").read_text().splitlines()]
+    assert len(verdicts) == 6 and all(v["verdict"] in ("a", "b", "tie") for v in verdicts)
+    # Identical answers (the first three) cannot be told apart by position-swapped judging: ties.
+    assert all(v["verdict"] == "tie" for v in verdicts[:3])
+    missing = tmp_path / "few.jsonl"
+    missing.write_text(json.dumps({"prompt": "q0", "response": "x"}) + "\n")
+    with pytest.raises(Exception, match="no response for 5"):
+        run_evaluate(EvaluateConfig(prompts=str(prompts), a=str(missing), output_dir=str(tmp_path / "ev2")))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokencredit import __version__
 from tokencredit.config import ConfigError, load_config
+from tokencredit.judges.backends import JudgeError
 from tokencredit.models import LoraSettings, apply_chat
 from tokencredit.records import RecordError
 from tokencredit.rl.ppo import PPOConfig
@@ -152,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Self-evolved reward learning (EvolveConfig). Needs data=PAIRS.jsonl.")
     evolve.add_argument("--config", help="YAML file with EvolveConfig fields")
     evolve.add_argument("overrides", nargs="*", help="key=value settings, e.g. labelled_fraction=0.15")
+    judge = sub.add_parser("judge", help="label a dataset with an LLM judge (pairs, rubric scores, spans, edits)",
+                           description="RLAIF labelling with a cached, resumable judge (JudgeRunConfig).")
+    judge.add_argument("--config", help="YAML file with JudgeRunConfig fields")
+    judge.add_argument("overrides", nargs="*", help="key=value settings, e.g. task=pairwise data=pairs.jsonl")
+    evaluate = sub.add_parser("evaluate", help="judged win rate of one policy (or generations) against another",
+                              description="Judged win rate with a 95%% bootstrap interval, plus BLEU/ROUGE-L "
+                                          "against references (EvaluateConfig).")
+    evaluate.add_argument("--config", help="YAML file with EvaluateConfig fields")
+    evaluate.add_argument("overrides", nargs="*", help="key=value settings, e.g. prompts=p.jsonl a=runs/x/policy")
     serve = sub.add_parser("serve", help="serve a local model over an OpenAI-compatible HTTP API",
                            description="OpenAI-compatible /v1/chat/completions and /v1/completions for a local "
                                        "causal LM (ServeConfig).")
@@ -203,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             from tokencredit.rewards.commands import RewardRunConfig, run_reward
 
             run_reward(args.action, load_config(RewardRunConfig, args.config, args.overrides))
+        elif args.command == "judge":
+            from tokencredit.judges.commands import JudgeRunConfig, run_judge
+
+            print(json.dumps(run_judge(load_config(JudgeRunConfig, args.config, args.overrides)), indent=1))
+        elif args.command == "evaluate":
+            from tokencredit.judges.commands import EvaluateConfig, run_evaluate
+
+            print(json.dumps(run_evaluate(load_config(EvaluateConfig, args.config, args.overrides)), indent=1))
         elif args.command == "serve":
             from tokencredit.serve import ServeConfig, run_serve
 
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_demo(demo_config(args))
             print(json.dumps({k: summary[k] for k in ("sft", "tppo", "ppo_sequence") if k in summary}, indent=1))
-    except (ConfigError, RecordError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, RecordError, FileNotFoundError, ValueError, JudgeError) as exc:
         print(f"tokencredit: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,236 @@
+"""`tokencredit judge` (label a dataset with an LLM judge) and `tokencredit evaluate` (judged win rate).
+
+``judge`` writes the record formats the reward models read:
+
+- ``task=pairwise``: ``{prompt, a, b}`` in -> ``{prompt, chosen, rejected, p_chosen}`` pairs out (ties and
+  unreadable answers are left out and counted);
+- ``task=rubric``: ``{prompt, response}`` in -> ``{prompt, response, score}`` (1-5);
+- ``task=spans``: ``{prompt, response}`` in -> ``{prompt, response, spans: [{start, end, label}]}`` token labels;
+- ``task=edits``: ``{prompt, response}`` in -> ``{prompt, original, edited}`` minimal edits (FG).
+
+Every judge answer is stored in a SQLite cache (``cache``, default next to the output) as it arrives; a rerun
+after a crash or a kill asks only for what is missing, and the output file is written whole at the end, so it
+never holds a partial or duplicated label. ``<output>.summary.json`` counts labels, ties and unreadable answers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tokencredit.config import ConfigError
+from tokencredit.judges.backends import HFBackend, JudgeBackend, OpenAIBackend
+from tokencredit.judges.labelers import EditLabeler, LabelStats, PairwiseLabeler, RubricLabeler, SpanLabeler
+from tokencredit.judges.templates import load_template
+from tokencredit.records import read_jsonl
+from tokencredit.runs import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class JudgeSettings:
+    """Which judge to ask and how."""
+
+    backend: Literal["openai", "hf"] = "openai"
+    base_url: str = "http://127.0.0.1:8000/v1"  # openai: the endpoint, up to /v1
+    model: str = "smollm2-135m-instruct"  # openai: the served model name; hf: built-in name or folder
+    api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key ("" = no key)
+    concurrency: int = 4  # openai: requests in flight
+    timeout: float = 60.0  # openai: seconds per request
+    max_retries: int = 5  # openai: retries of 429/5xx/network failures, with exponential backoff
+    batch_size: int = 8  # hf: prompts per forward batch
+    device: str = "auto"  # hf
+    use_logprobs: bool = True  # pairwise: read the preference from the answer letters' log-probabilities
+    template: str | None = None  # a file replacing the task's built-in prompt (see judges/templates.py)
+
+
+def make_backend(settings: JudgeSettings, cache: str | Path | None) -> JudgeBackend:
+    """The configured backend, answering through ``cache``."""
+    if settings.backend == "openai":
+        return OpenAIBackend(settings.base_url, settings.model, api_key_env=settings.api_key_env, cache=cache,
+                             concurrency=settings.concurrency, timeout=settings.timeout,
+                             max_retries=settings.max_retries)
+    if settings.backend == "hf":
+        return HFBackend.from_pretrained(settings.model, batch_size=settings.batch_size, device=settings.device,
+                                         cache=cache)
+    raise ConfigError(f"judge backend must be 'openai' or 'hf' (got {settings.backend!r})")
+
+
+@dataclass
+class JudgeRunConfig(JudgeSettings):
+    """Settings of `tokencredit judge`."""
+
+    task: Literal["pairwise", "rubric", "spans", "edits"] = "pairwise"
+    data: str | None = None  # .jsonl input (fields below)
+    output: str = "runs/judge/labels.jsonl"
+    cache: str | None = None  # default: <output>.cache.sqlite
+    prompt_field: str = "prompt"
+    response_field: str = "response"  # rubric / spans / edits
+    a_field: str = "a"  # pairwise
+    b_field: str = "b"  # pairwise
+
+
+def _field(obj: dict, name: str, where: str) -> str:
+    """A string field of an input record, or a ConfigError naming the line."""
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: field {name!r} must be a string (got {type(value).__name__})")
+    return value
+
+
+def run_judge(cfg: JudgeRunConfig) -> dict:
+    """Label cfg.data with the judge; returns the summary (also written next to the output)."""
+    if cfg.data is None:
+        raise ConfigError("judge needs data=FILE.jsonl")
+    template = load_template(cfg.task, cfg.template)
+    rows = [(f"{cfg.data}:{n}", o) for n, o in read_jsonl(cfg.data)]
+    out = Path(cfg.output)
+    backend = make_backend(cfg, cfg.cache or str(out) + ".cache.sqlite")
+    records: list[dict] = []
+    if cfg.task == "pairwise":
+        items = [(_field(o, cfg.prompt_field, w), _field(o, cfg.a_field, w), _field(o, cfg.b_field, w))
+                 for w, o in rows]
+        verdicts, stats = PairwiseLabeler(backend, template, cfg.use_logprobs).label(items)
+        for (prompt, a, b), v in zip(items, verdicts):
+            if v.verdict in ("a", "b"):
+                chosen, rejected = (a, b) if v.verdict == "a" else (b, a)
+                p = v.p_a if v.verdict == "a" else 1 - v.p_a
+                records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "p_chosen": p})
+    else:
+        items = [(_field(o, cfg.prompt_field, w), _field(o, cfg.response_field, w)) for w, o in rows]
+        labeler = {"rubric": RubricLabeler, "spans": SpanLabeler, "edits": EditLabeler}[cfg.task](backend, template)
+        labels, stats = labeler.label(items)
+        for (prompt, response), label in zip(items, labels):
+            if label is None:
+                continue
+            if cfg.task == "rubric":
+                records.append({"prompt": prompt, "response": response, "score": label})
+            elif cfg.task == "spans":
+                records.append({"prompt": prompt, "response": response,
+                                "spans": [{"start": s.start, "end": s.end, "label": s.label} for s in label]})
+            else:
+                records.append({"prompt": prompt, "original": response, "edited": label})
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    summary = {"task": cfg.task, "output": str(out), "records": len(records), **_stats(stats),
+               "answers_from_cache": backend.stats.cached, "answers_asked": backend.stats.asked,
+               "retries": backend.stats.retries}
+    atomic_write_json(Path(str(out) + ".summary.json"), summary)
+    return summary
+
+
+def _stats(stats: LabelStats) -> dict:
+    """LabelStats as a dict."""
+    return {"total": stats.total, "labelled": stats.labelled, "ties": stats.ties,
+            "unparseable": stats.unparseable, "unparseable_examples": stats.examples}
+
+
+# ---------------------------------------------------------------------- evaluate: judged win rate
+def win_rate(verdicts: Sequence[str | None], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Win rate of side a (a tie counts half) over readable verdicts, with a 95% percentile-bootstrap interval."""
+    points = [1.0 if v == "a" else 0.0 if v == "b" else 0.5 for v in verdicts if v is not None]
+    if not points:
+        return {"win_rate": None, "ci95": None, "judged": 0}
+    rng = random.Random(seed)
+    n = len(points)
+    boots = sorted(sum(rng.choice(points) for _ in range(n)) / n for _ in range(n_boot))
+    return {"win_rate": sum(points) / n, "ci95": [boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]],
+            "judged": n, "wins": points.count(1.0), "losses": points.count(0.0), "ties": points.count(0.5)}
+
+
+@dataclass
+class EvaluateConfig(JudgeSettings):
+    """Settings of `tokencredit evaluate`: side a against side b on a prompt set."""
+
+    prompts: str | None = None  # .jsonl of {prompt, reference?} (e.g. instructions with reference outputs)
+    a: str | None = None  # a policy (built-in name or folder) or a .jsonl of {prompt, response} generations
+    b: str = "reference"  # the same, or "reference" for the prompts' reference field
+    output_dir: str = "runs/evaluate"
+    cache: str | None = None  # default: output_dir/judge_cache.sqlite
+    prompt_field: str = "prompt"
+    reference_field: str = "reference"
+    max_prompts: int | None = None
+    max_new_tokens: int = 256
+    chat: bool = True  # policies: render prompts with the chat template
+    gen_batch_size: int = 8
+    seed: int = 0
+
+
+def _side(cfg: EvaluateConfig, spec: str, prompts: list[str], refs: list[str | None], name: str) -> list[str]:
+    """Responses of one side: references, saved generations, or a policy's greedy answers (saved to output_dir)."""
+    if spec == "reference":
+        if any(r is None for r in refs):
+            raise ConfigError(f"{name}=reference but some prompts have no {cfg.reference_field!r} field")
+        return list(refs)
+    path = Path(spec)
+    if path.is_file():
+        saved = {}
+        for n, obj in read_jsonl(path):
+            saved[_field(obj, "prompt", f"{path}:{n}")] = _field(obj, "response", f"{path}:{n}")
+        missing = [p for p in prompts if p not in saved]
+        if missing:
+            raise ConfigError(f"{spec} has no response for {len(missing)} prompt(s), e.g. {missing[0][:80]!r}")
+        return [saved[p] for p in prompts]
+    import torch
+
+    from tokencredit.generation import generate
+    from tokencredit.models import apply_chat, load_policy, load_tokenizer, resolve_device
+
+    device = resolve_device(cfg.device)
+    model = load_policy(spec, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = load_tokenizer(spec)
+    inputs = apply_chat(tokenizer, prompts) if cfg.chat and getattr(tokenizer, "chat_template", None) else prompts
+    texts: list[str] = []
+    for start in range(0, len(inputs), cfg.gen_batch_size):
+        with torch.no_grad():
+            texts += generate(model, tokenizer, inputs[start : start + cfg.gen_batch_size], greedy=True,
+                              max_new_tokens=cfg.max_new_tokens).texts
+    texts = [t.strip() for t in texts]
+    out = Path(cfg.output_dir) / f"generations_{name}.jsonl"
+    atomic_write_text(out, "".join(json.dumps({"prompt": p, "response": t}) + "\n" for p, t in zip(prompts, texts)))
+    return texts
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """Judge side a against side b on every prompt (both orders) and report the win rate and task metrics."""
+    if cfg.prompts is None or cfg.a is None:
+        raise ConfigError("evaluate needs prompts=FILE.jsonl and a=POLICY_OR_GENERATIONS (b defaults to reference)")
+    rows = [(f"{cfg.prompts}:{n}", o) for n, o in read_jsonl(cfg.prompts)][: cfg.max_prompts]
+    prompts = [_field(o, cfg.prompt_field, w) for w, o in rows]
+    refs = [o.get(cfg.reference_field) if isinstance(o.get(cfg.reference_field), str) else None for _, o in rows]
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    side_a = _side(cfg, cfg.a, prompts, refs, "a")
+    side_b = _side(cfg, cfg.b, prompts, refs, "b")
+    backend = make_backend(cfg, cfg.cache or str(out / "judge_cache.sqlite"))
+    labeler = PairwiseLabeler(backend, load_template("pairwise", cfg.template), cfg.use_logprobs)
+    verdicts, stats = labeler.label(list(zip(prompts, side_a, side_b)))
+    result = {"a": cfg.a, "b": cfg.b, "prompts": len(prompts), **win_rate([v.verdict for v in verdicts],
+                                                                          seed=cfg.seed),
+              "judge": {"backend": cfg.backend, "model": cfg.model, **_stats(stats)},
+              "mean_length_words": {"a": _mean_words(side_a), "b": _mean_words(side_b)}}
+    if all(r is not None for r in refs):
+        result["metrics_vs_reference"] = {"a": _text_metrics(side_a, refs), "b": _text_metrics(side_b, refs)}
+    atomic_write_text(out / "verdicts.jsonl", "".join(
+        json.dumps({"prompt": p, "a": a, "b": b, "verdict": v.verdict, "p_a": v.p_a}) + "\n"
+        for p, a, b, v in zip(prompts, side_a, side_b, verdicts)))
+    atomic_write_json(out / "evaluate.json", result)
+    return result
+
+
+def _mean_words(texts: Sequence[str]) -> float:
+    """Mean length in words."""
+    return sum(len(t.split()) for t in texts) / max(len(texts), 1)
+
+
+def _text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus BLEU and mean ROUGE-L F of predictions against references, both in [0, 1]."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return {"bleu": sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100,
+            "rougeL": sum(rouge) / max(len(rouge), 1)}
