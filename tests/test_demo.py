@@ -91,8 +91,8 @@ def test_own_data_is_split_into_train_and_test(tmp_path):
 def test_bad_settings_fail_before_any_work(tmp_path, capsys):
     assert main(["demo", "--fast", "--output", str(tmp_path / "a"), "policies=[tppo]"]) == 2
     assert "policies" in capsys.readouterr().err
-    assert main(["demo", "--fast", "--output", str(tmp_path / "b"), "judge=gpt"]) == 2
-    assert "judge" in capsys.readouterr().err
+    assert main(["demo", "--fast", "--output", str(tmp_path / "b"), "--judge", "gpt"]) == 2
+    assert "judge must be an http(s) base URL" in capsys.readouterr().err
     assert main(["demo", "--fast", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "c")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
@@ -113,3 +113,51 @@ def test_model_flag_runs_the_pipeline_on_another_model(fast_run, tmp_path):
     assert not (tmp_path / "run" / "tiny-model").exists()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary) >= {"sft", "ppo_sequence"} and "tppo" not in summary
+
+
+class WordJudge:
+    """A judge stand-in that marks the first word of each answer bad and the last one good."""
+
+    def __new__(cls, cache):
+        from tokencredit.judges.backends import ChatResult, JudgeBackend
+
+        class Backend(JudgeBackend):
+            def identity(self):
+                return {"kind": "words"}
+
+            def _ask(self, request):
+                text = request.messages[-1]["content"]
+                answer = text.split("Answer:\n", 1)[1].split("\n\nCopy", 1)[0].split()
+                if len(answer) < 2:
+                    return ChatResult("none")
+                return ChatResult(f"- {answer[0]}\n+ {answer[-1]}")
+
+        return Backend(cache)
+
+
+def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
+    import tokencredit.demo as demo
+    from tokencredit.judges.backends import HFBackend, OpenAIBackend
+    from tokencredit.judges.labelers import JudgeTokenLabeler
+
+    monkeypatch.setattr(demo, "_labeler", lambda cfg, folder: JudgeTokenLabeler(
+        WordJudge(folder / "judge_cache.sqlite")))
+    cfg = DemoConfig(output=str(tmp_path / "run"), fast=True, judge="http://127.0.0.1:9/v1", label_prompts=4,
+                     ppo_updates=1, ppo_batch_size=4, ppo_mini_batch_size=2, max_new_tokens=4,
+                     policies=["sft", "tppo"])
+    summary = run_demo(cfg)
+    assert summary["labeler"].startswith("LLM judge http://127.0.0.1:9/v1")
+    assert summary["labels"]["judge_unparseable"] == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "labels" / "token_labels.jsonl").read_text().splitlines()]
+    two_words = [r for r in records if len(r["response"].split()) >= 2]
+    assert two_words and all(sorted(s[2] for s in r["spans"]) == [-1, 1] for r in two_words)
+    assert "LLM judge" in (tmp_path / "run" / "report.html").read_text()
+    # The real factory picks the backend from the judge setting.
+    monkeypatch.undo()
+    url = demo._labeler(DemoConfig(judge="http://127.0.0.1:9/v1", judge_model="m"), tmp_path)
+    assert isinstance(url.spans.backend, OpenAIBackend) and url.spans.backend.model == "m"
+    local_dir = tmp_path / "judge_model"
+    from tokencredit.testing import save_tiny_causal_lm
+
+    save_tiny_causal_lm(local_dir, ["a", "b"])
+    assert isinstance(demo._labeler(DemoConfig(judge=f"hf:{local_dir}"), tmp_path).spans.backend, HFBackend)

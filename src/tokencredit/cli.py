@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", help="run folder (default runs/demo)")
     demo.add_argument("--fast", action="store_true", help="tiny random model and few steps: checks the plumbing")
     demo.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
+    demo.add_argument("--judge", help="label samples with an LLM judge: an OpenAI-compatible base URL (model name "
+                                      "in judge_model=...) or hf:MODEL for a local one")
     demo.add_argument("--config", help="YAML file with DemoConfig fields")
     demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. ppo_updates=10")
     reward = sub.add_parser("reward", help="train / evaluate reward models, or show per-token rewards as colour",
@@ -180,7 +182,7 @@ def demo_config(args: argparse.Namespace) -> object:
     from tokencredit.demo import FAST_OVERRIDES, DemoConfig
 
     overrides = list(args.overrides)
-    for flag in ("model", "data", "output"):
+    for flag in ("model", "data", "output", "judge"):
         if getattr(args, flag):
             overrides.append(f"{flag}={getattr(args, flag)}")
     if args.fast:

@@ -52,7 +52,11 @@ class DemoConfig:
     max_test_sessions: int | None = 60
     history_entries: int = 3  # history entries shown in the prompt
     max_new_tokens: int = 12
-    judge: str | None = None  # reserved for the LLM-judge labeler; None = reference-based labeler
+    # AI feedback: an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1) or "hf:MODEL" for a local judge
+    # that marks good and bad words of each sample; None = the reference-based labeler (no judge).
+    judge: str | None = None
+    judge_model: str = "smollm2-135m-instruct"  # the model name the endpoint serves (URL judges)
+    judge_api_key_env: str = "OPENAI_API_KEY"
 
     # SFT
     sft_epochs: int = 1
@@ -87,8 +91,8 @@ class DemoConfig:
         unknown = set(self.policies) - {"sft", "tppo", "ppo_sequence"}
         if unknown or "sft" not in self.policies:
             raise ValueError(f"policies must include 'sft' and be among sft, tppo, ppo_sequence (got {self.policies})")
-        if self.judge is not None:
-            raise ValueError("judge labelling is not available yet; leave judge unset to use the reference labeler")
+        if self.judge is not None and not (self.judge.startswith(("http://", "https://", "hf:"))):
+            raise ValueError(f"judge must be an http(s) base URL or 'hf:MODEL' (got {self.judge!r})")
 
 
 FAST_OVERRIDES = dict(
@@ -227,7 +231,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         policy = load_policy(sft_model)
         rng = random.Random(cfg.seed)
         chosen = rng.sample(range(len(train)), min(cfg.label_prompts, len(train)))
-        labeler = ReferenceLabeler()
+        labeler = _labeler(cfg, labels_stage.dir)
         gen_rng = torch.Generator().manual_seed(cfg.seed)
         records = []
         for start in range(0, len(chosen), 16):
@@ -244,6 +248,9 @@ def _run_demo(cfg: DemoConfig) -> dict:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         stats = label_stats([[_span(s) for s in r["spans"]] for r in records])
+        if not isinstance(labeler, ReferenceLabeler):
+            stats["judge_unparseable"] = labeler.stats.unparseable
+            stats["judge_unparseable_examples"] = labeler.stats.examples
         labels_stage.finish({"records": len(records), **stats})
         del policy
     records = [json.loads(line) for line in labels_path.read_text().splitlines() if line.strip()]
@@ -303,7 +310,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     summary["data"] = {"train_sessions": len(train), "test_sessions": len(test), "labelled_samples": len(records),
                        "source": cfg.data or "built-in"}
-    summary["labeler"] = "reference-based (words supported by the true next query or clicked titles)"
+    summary["labeler"] = (f"LLM judge {cfg.judge} ({cfg.judge_model}) marking good and bad words" if cfg.judge
+                          else "reference-based (words supported by the true next query or clicked titles)")
     summary["labels"] = labels_stage.info()
     summary["reward_model_eval"] = rm_stage.info().get("eval", {})
     atomic_write_json(root / "summary.json", summary)
@@ -321,6 +329,23 @@ def _clamp_layers(model_name: str, top_layers: int | None) -> int | None:
         return None
     n = getattr(AutoConfig.from_pretrained(resolve_model(model_name)), "num_hidden_layers", None)
     return None if n is not None and n <= top_layers else top_layers
+
+
+def _labeler(cfg: DemoConfig, folder: Path) -> object:
+    """The demo's token labeler: the reference heuristic, or an LLM judge answering through a cache in folder."""
+    from tokencredit.feedback.labelers import ReferenceLabeler
+
+    if cfg.judge is None:
+        return ReferenceLabeler()
+    from tokencredit.judges.backends import HFBackend, OpenAIBackend
+    from tokencredit.judges.labelers import JudgeTokenLabeler
+
+    cache = folder / "judge_cache.sqlite"
+    if cfg.judge.startswith("hf:"):
+        backend = HFBackend.from_pretrained(cfg.judge[3:], cache=cache)
+    else:
+        backend = OpenAIBackend(cfg.judge, cfg.judge_model, api_key_env=cfg.judge_api_key_env, cache=cache)
+    return JudgeTokenLabeler(backend)
 
 
 def _span(s: list[int]) -> object:
@@ -420,8 +445,10 @@ def _write_report(cfg: DemoConfig, root: Path, summary: dict, generations: dict,
         last = session.history[-1].query if session.history else ""
         examples.append(f"<p class='small'>last query: <i>{html.escape(last)}</i> &rarr; true next query: "
                         f"<b>{html.escape(session.target_query)}</b></p><p>{'<br>'.join(cells)}</p>")
-    note = ("<p class='small'>Labels came from the reference-based labeler (words of a sampled query supported by "
-            "the true next query or clicked titles are good), not from an LLM judge. Colours: token rewards of the "
+    source = (f"an LLM judge ({html.escape(str(cfg.judge))}) that marked good and bad words of each sample"
+              if cfg.judge else "the reference-based labeler (words of a sampled query supported by the true next "
+              "query or clicked titles are good), not from an LLM judge")
+    note = (f"<p class='small'>Labels came from {source}. Colours: token rewards of the "
             "trained token reward model (green = positive, red = negative; hover for the value)."
             + (" FAST MODE: tiny random model, numbers are meaningless." if cfg.fast else "") + "</p>")
     run_rows = [{"stage": k, "seconds": v} for k, v in summary.get("timings_s", {}).items()]

@@ -249,3 +249,25 @@ class EditLabeler:
                 stats.labelled += 1
                 out.append(edited)
         return out, stats
+
+
+class JudgeTokenLabeler:
+    """The TokenLabeler protocol (see :mod:`tokencredit.feedback.labelers`) on an LLM judge: TPPO's AI feedback.
+
+    An answer that cannot be read labels nothing (an empty span list) and is counted in ``stats``.
+    """
+
+    def __init__(self, backend: JudgeBackend, template: Template | None = None) -> None:
+        """Label with ``backend`` through a :class:`SpanLabeler`."""
+        self.spans = SpanLabeler(backend, template)
+        self.stats = LabelStats()
+
+    def label(
+        self, prompts: Sequence[str], responses: Sequence[str], contexts: Sequence[dict]
+    ) -> list[list[SpanLabel]]:
+        """Span labels per response; the judge sees the prompt and the response (contexts are not shown)."""
+        labels, stats = self.spans.label(list(zip(prompts, responses)))
+        for name in ("total", "labelled", "ties", "unparseable"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+        self.stats.examples = (self.stats.examples + stats.examples)[:5]
+        return [spans or [] for spans in labels]
