@@ -78,6 +78,31 @@ def test_pgg_kind_trains_on_ranked_lists_and_on_pairs(setup):
     assert json.loads((setup / "pgg-pairs" / "eval.json").read_text())["lists"] == 5
 
 
+def test_token_rm_trains_on_judge_span_labels(setup, capsys):
+    rng = random.Random(2)
+    rows = []
+    for _ in range(40):
+        words = [rng.choice("xyab") for _ in range(rng.randint(2, 5))]
+        text, spans, pos = " ".join(words), [], 0
+        for w in words:
+            if w in "xy":
+                spans.append({"start": pos, "end": pos + 1, "label": 1 if w == "y" else -1})
+            pos += 2
+        rows.append({"prompt": "c", "response": text, "spans": spans})
+    (setup / "spans.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'spans.jsonl'}",
+                 "data_format=spans", *common(setup, "spans")]) == 0
+    held = json.loads((setup / "spans" / "eval.json").read_text())
+    assert held["token_examples"] == 4 and held["labelled_tokens"] > 0
+    (setup / "badspans.jsonl").write_text(json.dumps({"prompt": "c", "response": "x y",
+                                                      "spans": [{"start": 0, "end": 9, "label": 1}]}) + "\n")
+    assert main(["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'badspans.jsonl'}",
+                 "data_format=spans", *common(setup, "e")]) == 2
+    assert "badspans.jsonl:1" in capsys.readouterr().err
+    assert main(["reward", "train", "kind=sequence", f"data={setup / 'spans.jsonl'}", "data_format=spans"]) == 2
+    assert "kind=token" in capsys.readouterr().err
+
+
 def test_token_rm_on_edits_reports_token_precision_recall_and_show_draws_it(setup):
     assert main(["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'edits.jsonl'}",
                  "data_format=edits", *common(setup, "fg")]) == 0

@@ -2,7 +2,8 @@
 and draw where a token reward model puts credit.
 
 Data formats (see :mod:`tokencredit.rewards.data`): ``pairs`` ({prompt, chosen, rejected}), ``edits``
-({prompt, original, edited, chosen?}) or ``ranked`` ({prompt, responses, scores | ranking}).
+({prompt, original, edited, chosen?}), ``ranked`` ({prompt, responses, scores | ranking}) or ``spans``
+({prompt, response, spans: [{start, end, label}]}, token labels such as `tokencredit judge task=spans` writes).
 
 - ``kind=token``: pairs train Bradley-Terry on summed token rewards; edits train one of the FG losses picked
   by ``token_loss`` (see TOKEN_LOSSES); ranked lists give every strictly ordered pair.
@@ -43,7 +44,7 @@ class RewardRunConfig:
     kind: Literal["token", "sequence", "pgg"] = "token"
     model: str = "smollm2-135m-instruct"  # train: backbone to start from; eval/show: a trained RM folder
     data: str | None = None  # train/eval: a .jsonl of pairs, edits or ranked lists
-    data_format: Literal["pairs", "edits", "ranked"] = "pairs"
+    data_format: Literal["pairs", "edits", "ranked", "spans"] = "pairs"
     prompt_field: str | None = "prompt"  # None: records have no prompt (the responses hold everything)
     max_examples: int | None = None  # use only the first N records
     output_dir: str = "runs/reward"  # train: run folder (model/ inside); eval: eval.json; show: show.html
@@ -74,7 +75,7 @@ class _Data:
 
 def _records(cfg: RewardRunConfig) -> _Data:
     """Read cfg.data in cfg.data_format."""
-    from tokencredit.rewards.data import RankedList, load_edits, load_pairs, load_ranked
+    from tokencredit.rewards.data import RankedList, load_edits, load_pairs, load_ranked, load_span_examples
     from tokencredit.rewards.edits import edit_examples
     from tokencredit.rewards.token_rm import PreferencePair
 
@@ -86,8 +87,10 @@ def _records(cfg: RewardRunConfig) -> _Data:
     if cfg.data_format == "ranked":
         lists = load_ranked(cfg.data, prompt_field=cfg.prompt_field)[: cfg.max_examples]
         return _Data(pairs=[pair for lst in lists for pair in lst.preference_pairs()], lists=lists)
+    if cfg.data_format == "spans":
+        return _Data(token_examples=load_span_examples(cfg.data, prompt_field=cfg.prompt_field)[: cfg.max_examples])
     if cfg.data_format != "edits":
-        raise ConfigError(f"data_format must be pairs, edits or ranked (got {cfg.data_format!r})")
+        raise ConfigError(f"data_format must be pairs, edits, ranked or spans (got {cfg.data_format!r})")
     triples = load_edits(cfg.data, prompt_field=cfg.prompt_field)[: cfg.max_examples]
     data = _Data(edits=triples)
     for triple in triples:
@@ -99,10 +102,13 @@ def _records(cfg: RewardRunConfig) -> _Data:
 
 def token_loss_weights(cfg: RewardRunConfig) -> dict[str, float]:
     """TokenRMConfig loss weights of cfg.token_loss (the others 0), checked against the data format."""
-    name = cfg.token_loss or ("hybrid" if cfg.data_format == "edits" else "bt")
+    default = {"edits": "hybrid", "spans": "bce"}.get(cfg.data_format, "bt")
+    name = cfg.token_loss or default
     if name not in TOKEN_LOSSES:
         raise ConfigError(f"token_loss must be one of {sorted(TOKEN_LOSSES)} (got {name!r})")
-    if name != "bt" and cfg.data_format != "edits":
+    if cfg.data_format == "spans" and name != "bce":
+        raise ConfigError(f"span-labelled responses train token_loss=bce (got {name!r}): they have no pairs")
+    if name != "bt" and cfg.data_format not in ("edits", "spans"):
         raise ConfigError(f"token_loss={name} needs token labels, i.e. data_format=edits; "
                           f"{cfg.data_format} data trains token_loss=bt")
     return {"bce_weight": 0.0, "bt_weight": 0.0, "span_bt_weight": 0.0, "edit_bt_weight": 0.0,
@@ -117,6 +123,8 @@ def reward_train(cfg: RewardRunConfig) -> dict:
 
     if cfg.kind not in ("token", "sequence", "pgg"):
         raise ConfigError(f"kind must be token, sequence or pgg (got {cfg.kind!r})")
+    if cfg.data_format == "spans" and cfg.kind != "token":
+        raise ConfigError(f"span-labelled responses train a token RM (kind=token), not kind={cfg.kind}")
     weights = token_loss_weights(cfg) if cfg.kind == "token" else None
     data = _records(cfg)
     common = dict(output_dir=cfg.output_dir, seed=cfg.seed, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,

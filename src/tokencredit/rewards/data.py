@@ -19,6 +19,7 @@ Record shapes (JSONL, one object a line)::
                                                                           responses[i], 0 = best)
     {"prompt": ..., "original": ..., "edited": ..., "chosen": ...}        load_edits (chosen optional)
     {"prompt": ..., "a": ..., "b": ...}                                   load_unlabelled_pairs
+    {"prompt": ..., "response": ..., "spans": [{"start", "end", "label"}]} load_span_examples
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from tokencredit.records import RecordError, read_jsonl
-from tokencredit.rewards.token_rm import PreferencePair, _split
+from tokencredit.rewards.labels import SpanLabel
+from tokencredit.rewards.token_rm import PreferencePair, TokenExample, _split
 
 if TYPE_CHECKING:
     import datasets
@@ -56,6 +58,7 @@ __all__ = [
     "load_edits",
     "load_pairs",
     "load_ranked",
+    "load_span_examples",
     "load_unlabelled_pairs",
     "split_records",
 ]
@@ -200,6 +203,33 @@ def load_edits(
         return None if _same_text(original, edited) else EditTriple(prompt, original, edited, chosen)
 
     return _load(source, parse, "edit triples", f"{original_field!r} and {edited_field!r} are the same text")
+
+
+def load_span_examples(
+    source: Source, prompt_field: str | None = "prompt", response_field: str = "response", spans_field: str = "spans"
+) -> list[TokenExample]:
+    """Token labels {prompt, response, spans: [{start, end, label}]} (character offsets into the response,
+    label +1 / -1; ``[start, end, label]`` lists are read too), e.g. written by ``tokencredit judge task=spans``."""
+
+    def parse(obj: dict, where: str) -> TokenExample:
+        """One labelled response."""
+        prompt = _prompt(obj, prompt_field, where)
+        response = _text(obj, response_field, where)
+        raw = obj.get(spans_field)
+        if not isinstance(raw, list):
+            raise RewardDataError(f"{where}: field {spans_field!r} must be a list of {{start, end, label}}")
+        spans = []
+        for k, item in enumerate(raw):
+            values = [item.get(n) for n in ("start", "end", "label")] if isinstance(item, dict) else item
+            ok = isinstance(values, list) and len(values) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in values)
+            if not ok or not 0 <= values[0] < values[1] <= len(response) or values[2] not in (-1, 1):
+                raise RewardDataError(f"{where}: {spans_field}[{k}] = {item!r} is not a span inside the "
+                                      f"{len(response)}-character response with label +1 or -1")
+            spans.append(SpanLabel(*values))
+        return TokenExample(prompt, response, spans)
+
+    return _load(source, parse, "token-labelled responses", "")
 
 
 def load_ranked(
