@@ -140,3 +140,25 @@ def test_stop_strings_end_the_answer_and_its_logprobs(client):
     assert choice.finish_reason == "stop" and stop not in choice.text
     assert free.choices[0].text.startswith(choice.text)
     assert "".join(choice.logprobs.tokens) == choice.text
+
+
+def test_a_lora_adapter_folder_is_served_with_its_base_merged(model_dir, tmp_path):
+    import torch
+
+    from tokencredit.models import LoraSettings, is_peft, load_policy, load_tokenizer
+
+    policy = load_policy(model_dir, lora=LoraSettings(r=4))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter: it changes the outputs
+    policy.save_pretrained(tmp_path / "policy")
+    load_tokenizer(model_dir).save_pretrained(tmp_path / "policy")
+    server = ModelServer.from_config(ServeConfig(model=str(tmp_path / "policy"), device="cpu"))
+    assert server.name == "policy" and not is_peft(server.model)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        expected = policy(input_ids=ids).logits
+        base = load_policy(model_dir)(input_ids=ids).logits
+        assert torch.allclose(server.model(input_ids=ids).logits, expected, atol=1e-4)
+    assert not torch.allclose(base, expected, atol=1e-3)

@@ -328,6 +328,27 @@ def load_policy(
     return model.to(device).eval()
 
 
+def load_trained_policy(
+    name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) of any policy to run: a model folder or built-in name, or a LoRA adapter folder (a
+    PPO run's ``policy/``), whose base it names is loaded and the adapter merged in."""
+    folder = Path(name_or_path).expanduser()
+    config = folder / "adapter_config.json"
+    if not (folder.is_dir() and config.is_file() and not (folder / "config.json").is_file()):
+        return load_policy(name_or_path, dtype=dtype, device=device), load_tokenizer(name_or_path)
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelNotFoundError(f"{config} does not name its base model (base_model_name_or_path)")
+    model = load_policy(base, adapter=folder, dtype=dtype, device=device).merge_and_unload().eval()
+    has_tokenizer = (folder / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else load_tokenizer(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
 def is_peft(model: nn.Module) -> bool:
     """True for a peft-wrapped model."""
     # Importing peft costs seconds; a model can only be a PeftModel if peft is already loaded.

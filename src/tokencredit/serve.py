@@ -102,15 +102,14 @@ class ModelServer:
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> ModelServer:
-        """Load the configured model (fp32 on CPU, bf16 on a GPU) and its tokenizer."""
-        from tokencredit.models import load_policy, load_tokenizer, resolve_device
+        """Load the configured model or LoRA adapter folder (fp32 on CPU, bf16 on a GPU) and its tokenizer."""
+        from tokencredit.models import load_trained_policy, resolve_device
 
         device = resolve_device(config.device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = load_policy(config.model, dtype=dtype, device=device)
-        model.eval()
+        model, tokenizer = load_trained_policy(config.model, dtype=dtype, device=device)
         name = config.served_name or (Path(config.model).name if Path(config.model).is_dir() else config.model)
-        return cls(model, load_tokenizer(config.model), name, config)
+        return cls(model, tokenizer, name, config)
 
     # ------------------------------------------------------------------ endpoints
     def models(self) -> dict:

@@ -176,11 +176,11 @@ def _side(cfg: EvaluateConfig, spec: str, prompts: list[str], refs: list[str | N
     import torch
 
     from tokencredit.generation import generate
-    from tokencredit.models import apply_chat, load_policy, load_tokenizer, resolve_device
+    from tokencredit.models import apply_chat, load_trained_policy, resolve_device
 
     device = resolve_device(cfg.device)
-    model = load_policy(spec, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = load_tokenizer(spec)
+    model, tokenizer = load_trained_policy(spec, device=device,
+                                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     inputs = apply_chat(tokenizer, prompts) if cfg.chat and getattr(tokenizer, "chat_template", None) else prompts
     texts: list[str] = []
     for start in range(0, len(inputs), cfg.gen_batch_size):
