@@ -42,7 +42,7 @@ def main() -> int:
         print(f"skipped: {args.data} not found")
         return 0
     rows = [line for line in Path(args.data).read_text().splitlines() if line.strip()]
-    per_seed = {}
+    per_seed = _earlier_seeds(args)
     started = time.perf_counter()
     for seed in args.seeds:
         out = Path(args.output) / f"seed{seed}"
@@ -65,6 +65,27 @@ def main() -> int:
     return 0
 
 
+_SETTINGS = ("pairs_per_seed", "labelled_fraction", "epochs", "learning_rate", "calibrate")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The settings that make results of different runs comparable."""
+    return {"pairs_per_seed": args.pairs, "labelled_fraction": args.labelled, "epochs": args.epochs,
+            "learning_rate": args.lr, "calibrate": args.calibrate}
+
+
+def _earlier_seeds(args: argparse.Namespace) -> dict:
+    """Seeds already in the results file with the same settings (kept, so seeds can run in separate calls)."""
+    path = Path(args.results)
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if {k: old.get(k) for k in _SETTINGS} != _settings(args):
+        print(f"{path} holds results of other settings; they will be replaced")
+        return {}
+    return {int(s): v for s, v in old["per_seed"].items() if int(s) not in args.seeds}
+
+
 def _write(args: argparse.Namespace, per_seed: dict, started: float) -> None:
     """Write the results of the seeds finished so far (a long run leaves numbers behind as it goes)."""
     seeds = list(per_seed)
@@ -75,9 +96,8 @@ def _write(args: argparse.Namespace, per_seed: dict, started: float) -> None:
 
     result = {
         "what": "SER (15% labels + loops) vs a sequence RM on 100% labels, HH-RLHF harmless-base, MiniLM backbone",
-        "data": args.data, "pairs_per_seed": args.pairs, "labelled_fraction": args.labelled,
-        "epochs": args.epochs, "learning_rate": args.lr, "calibrate": args.calibrate, "seeds": seeds,
-        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+        "data": args.data, **_settings(args), "seeds": sorted(seeds),
+        "wall_minutes_this_call": round((time.perf_counter() - started) / 60, 1),
         "aggregate": {k: stat(k) for k in ("seed_accuracy", "best_accuracy", "final_accuracy",
                                            "full_label_accuracy")},
         "per_seed": per_seed,

@@ -224,6 +224,9 @@ def test_pairwise_labeler_swaps_positions_and_reads_logprobs(model_dir, server):
     top = local.chat([ChatRequest(req.messages, max_tokens=1, top_logprobs=len(WORDS) + 5)])[0].logprobs[0].top
     assert exact["A"] == pytest.approx(top["A"], abs=1e-4) and exact["B"] == pytest.approx(top["B"], abs=1e-4)
     assert math.exp(exact["A"]) + math.exp(exact["B"]) < 1
+    # Multi-token options are scored token by token: "A" alone agrees with the one-pass path, "A B" is less likely.
+    multi = local.option_logprobs([req], ["A", "A B"])[0]
+    assert multi["A"] == pytest.approx(exact["A"], abs=1e-4) and multi["A B"] < multi["A"]
 
 
 class Scripted(HFBackend):

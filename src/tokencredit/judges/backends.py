@@ -369,9 +369,20 @@ class HFBackend(JudgeBackend):
             raise ValueError("every option must encode to at least one token")
         out: list[dict[str, float]] = []
         device = next(model.parameters()).device
+        single = all(len(ids) == 1 for ids in option_ids)
         for start in range(0, len(requests), self.batch_size):
             prompts = [self.server.render(r.messages) for r in requests[start : start + self.batch_size]]
             rows = {}
+            if single:
+                # One-token options (the usual "A" / "B"): one forward pass gives all of them.
+                p_ids, p_mask = encode_prompts(tokenizer, prompts, None, device)
+                with torch.no_grad():
+                    pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+                    logits = model(input_ids=p_ids, attention_mask=p_mask, position_ids=pos).logits[:, -1]
+                logp = logits.float().log_softmax(-1)
+                out.extend({o: float(logp[i, ids[0]]) for o, ids in zip(options, option_ids)}
+                           for i in range(len(prompts)))
+                continue
             for o, ids in zip(options, option_ids):
                 p_ids, p_mask = encode_prompts(tokenizer, prompts, None, device)
                 tail = torch.tensor(ids, device=device).expand(len(prompts), -1)
