@@ -120,23 +120,29 @@ def run_ppo(cfg: PPORunConfig) -> list[dict]:
     return history
 
 
+def _config_command(
+    sub: argparse._SubParsersAction, name: str, config: str, help_: str, description: str, example: str
+) -> argparse.ArgumentParser:
+    """A subcommand configured by a dataclass: --config FILE.yaml and key=value overrides."""
+    parser = sub.add_parser(name, help=help_, description=f"{description} ({config})")
+    parser.add_argument("--config", help=f"YAML file with {config} fields")
+    parser.add_argument("overrides", nargs="*", help=f"key=value settings that win over the file, e.g. {example}")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the `tokencredit` command."""
     parser = argparse.ArgumentParser(prog="tokencredit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tokencredit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    ppo = sub.add_parser("ppo", help="token-level PPO on prompts with a reward function",
-                         description="Token-level PPO. With no config, a short example run of the built-in model.")
-    ppo.add_argument("--config", help="YAML file with PPORunConfig fields")
-    ppo.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. resume=true")
-    sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/response pairs",
-                         description="Supervised fine-tuning: mean NLL of the response tokens. Needs data=FILE.jsonl.")
-    sft.add_argument("--config", help="YAML file with SFTRunConfig fields")
-    sft.add_argument("overrides", nargs="*", help="key=value settings that win over the file, e.g. resume=true")
-    demo = sub.add_parser(
-        "demo", help="TPPO query generation end to end: SFT, labels, token reward model, TPPO vs sequence PPO",
-        description="The TPPO query-generation demo on the built-in sessions and model (about 10 minutes on 2 CPU "
-        "cores). Writes summary.json and report.html to --output.")
+    _config_command(sub, "ppo", "PPORunConfig", "token-level PPO on prompts with a reward function",
+                    "Token-level PPO. With no config, a short example run of the built-in model.", "resume=true")
+    _config_command(sub, "sft", "SFTRunConfig", "supervised fine-tuning on prompt/response pairs",
+                    "Supervised fine-tuning: mean NLL of the response tokens. Needs data=FILE.jsonl.", "resume=true")
+    demo = _config_command(
+        sub, "demo", "DemoConfig", "TPPO query generation end to end: SFT, labels, token reward model, TPPO vs "
+        "sequence PPO", "The TPPO query-generation demo on the built-in sessions and model (about 10 minutes on 2 "
+        "CPU cores). Writes summary.json and report.html to --output.", "ppo_updates=10")
     demo.add_argument("--model", help="policy and reward-model backbone (built-in name, folder or cached hub id)")
     demo.add_argument("--data", help="sessions .jsonl ({history: [{query, clicked}], target_query}); "
                       "split into train/test by test_fraction")
@@ -145,25 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     demo.add_argument("--judge", help="label samples with an LLM judge: an OpenAI-compatible base URL (model name "
                                       "in judge_model=...) or hf:MODEL for a local one")
-    demo.add_argument("--config", help="YAML file with DemoConfig fields")
-    demo.add_argument("overrides", nargs="*", help="key=value settings, e.g. ppo_updates=10")
     reward = sub.add_parser("reward", help="train / evaluate reward models, or show per-token rewards as colour",
-                            description="Reward models from preference pairs, minimal edits or ranked lists "
-                                        "(RewardRunConfig).")
+                            description="Reward models from preference pairs, minimal edits, ranked lists or span "
+                                        "labels (RewardRunConfig).")
     reward.add_argument("action", choices=["train", "eval", "show"])
-    evolve = sub.add_parser("evolve", help="SER: grow a reward model's training set from a few labels",
-                            description="Self-evolved reward learning (EvolveConfig). Needs data=PAIRS.jsonl.")
-    evolve.add_argument("--config", help="YAML file with EvolveConfig fields")
-    evolve.add_argument("overrides", nargs="*", help="key=value settings, e.g. labelled_fraction=0.15")
-    judge = sub.add_parser("judge", help="label a dataset with an LLM judge (pairs, rubric scores, spans, edits)",
-                           description="RLAIF labelling with a cached, resumable judge (JudgeRunConfig).")
-    judge.add_argument("--config", help="YAML file with JudgeRunConfig fields")
-    judge.add_argument("overrides", nargs="*", help="key=value settings, e.g. task=pairwise data=pairs.jsonl")
-    evaluate = sub.add_parser("evaluate", help="judged win rate of one policy (or generations) against another",
-                              description="Judged win rate with a 95%% bootstrap interval, plus BLEU/ROUGE-L "
-                                          "against references (EvaluateConfig).")
-    evaluate.add_argument("--config", help="YAML file with EvaluateConfig fields")
-    evaluate.add_argument("overrides", nargs="*", help="key=value settings, e.g. prompts=p.jsonl a=runs/x/policy")
+    reward.add_argument("--config", help="YAML file with RewardRunConfig fields")
+    reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
+    _config_command(sub, "evolve", "EvolveConfig", "SER: grow a reward model's training set from a few labels",
+                    "Self-evolved reward learning. Needs data=PAIRS.jsonl.", "labelled_fraction=0.15")
+    _config_command(sub, "judge", "JudgeRunConfig", "label a dataset with an LLM judge (pairs, rubric scores, spans, "
+                    "edits)", "RLAIF labelling with a cached, resumable judge.", "task=pairwise data=pairs.jsonl")
+    _config_command(sub, "evaluate", "EvaluateConfig", "judged win rate of one policy (or generations) against "
+                    "another", "Judged win rate with a 95%% bootstrap interval, plus BLEU/ROUGE-L against "
+                    "references.", "prompts=p.jsonl a=runs/x/policy")
     serve = sub.add_parser("serve", help="serve a local model over an OpenAI-compatible HTTP API",
                            description="OpenAI-compatible /v1/chat/completions and /v1/completions for a local "
                                        "causal LM (ServeConfig).")
@@ -172,8 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
     serve.add_argument("--served-name", help="the model name clients send (default: the folder or built-in name)")
     serve.add_argument("--device", default="auto")
-    reward.add_argument("--config", help="YAML file with RewardRunConfig fields")
-    reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
     return parser
 
 

@@ -132,27 +132,50 @@ def parse_score(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-class RubricLabeler:
-    """An additive 1-5 score per (prompt, response)."""
+class _ResponseLabeler:
+    """Shared loop of the labelers that judge one (prompt, response) at a time: ask, read, count."""
 
-    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int = 512) -> None:
-        """Label with ``backend`` and the rubric template."""
-        self.backend, self.template, self.max_tokens = backend, template or load_template("rubric"), max_tokens
+    task = ""
+    default_max_tokens = 512
 
-    def label(self, items: Sequence[tuple[str, str]]) -> tuple[list[int | None], LabelStats]:
-        """Scores (None where the answer had no readable score)."""
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int | None = None
+                 ) -> None:
+        """Label with ``backend`` and the task's template (or another one with the same placeholders)."""
+        self.backend = backend
+        self.template = template or load_template(self.task)
+        self.max_tokens = max_tokens or self.default_max_tokens
+
+    def read(self, text: str, finish_reason: str | None, response: str) -> tuple[object, str]:
+        """(label, "label" | "tie" | "bad") of one judge answer."""
+        raise NotImplementedError
+
+    def label(self, items: Sequence[tuple[str, str]]) -> tuple[list, LabelStats]:
+        """One label per (prompt, response), None where the judge gave none (a tie) or could not be read."""
         stats = LabelStats(total=len(items))
         requests = [ChatRequest(self.template.messages(prompt=p, response=r), max_tokens=self.max_tokens)
                     for p, r in items]
-        scores = []
-        for result in self.backend.chat(requests):
-            score = parse_score(result.text)
-            if score is None:
+        out = []
+        for (_, response), result in zip(items, self.backend.chat(requests)):
+            value, kind = self.read(result.text, result.finish_reason, response)
+            if kind == "bad":
                 stats.bad(result.text)
+            elif kind == "tie":
+                stats.ties += 1
             else:
                 stats.labelled += 1
-            scores.append(score)
-        return scores, stats
+            out.append(value if kind == "label" else None)
+        return out, stats
+
+
+class RubricLabeler(_ResponseLabeler):
+    """An additive 1-5 score per (prompt, response); None where the answer had no readable score."""
+
+    task = "rubric"
+
+    def read(self, text: str, finish_reason: str | None, response: str) -> tuple[object, str]:
+        """The last 'Score: N'."""
+        score = parse_score(text)
+        return score, "bad" if score is None else "label"
 
 
 # ---------------------------------------------------------------------- token spans
@@ -199,56 +222,34 @@ def _find_free(text: str, phrase: str, taken: list[tuple[int, int]]) -> tuple[in
     return None
 
 
-class SpanLabeler:
+class SpanLabeler(_ResponseLabeler):
     """Good (+1) and bad (-1) character spans of each response, for a token reward model (TPPO)."""
 
-    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int = 512) -> None:
-        """Label with ``backend`` and the spans template."""
-        self.backend, self.template, self.max_tokens = backend, template or load_template("spans"), max_tokens
+    task = "spans"
 
-    def label(self, items: Sequence[tuple[str, str]]) -> tuple[list[list[SpanLabel] | None], LabelStats]:
-        """Span lists (None where the answer could not be read)."""
-        stats = LabelStats(total=len(items))
-        requests = [ChatRequest(self.template.messages(prompt=p, response=r), max_tokens=self.max_tokens)
-                    for p, r in items]
-        out = []
-        for (_, response), result in zip(items, self.backend.chat(requests)):
-            spans = parse_spans(result.text, response)
-            if spans is None:
-                stats.bad(result.text)
-            else:
-                stats.labelled += 1
-            out.append(spans)
-        return out, stats
+    def read(self, text: str, finish_reason: str | None, response: str) -> tuple[object, str]:
+        """'- phrase' / '+ phrase' lines located in the response."""
+        spans = parse_spans(text, response)
+        return spans, "bad" if spans is None else "label"
 
 
 # ---------------------------------------------------------------------- minimal edits
-class EditLabeler:
-    """A minimal edit of each (worse) response, for FG's edit labels."""
+class EditLabeler(_ResponseLabeler):
+    """A minimal edit of each (worse) response, for FG's edit labels.
 
-    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int = 1024) -> None:
-        """Label with ``backend`` and the edit template."""
-        self.backend, self.template, self.max_tokens = backend, template or load_template("edits"), max_tokens
+    Returning the same text counts as a tie (no edit is a verdict that the response needs none); an empty answer
+    or one cut at the length limit is unreadable.
+    """
 
-    def label(self, items: Sequence[tuple[str, str]]) -> tuple[list[str | None], LabelStats]:
-        """Edited responses; None where the judge returned nothing or the same text (counted as a tie: no
-        edit is a verdict that the response needs none) or stopped at its length limit (unreadable)."""
-        stats = LabelStats(total=len(items))
-        requests = [ChatRequest(self.template.messages(prompt=p, response=r), max_tokens=self.max_tokens)
-                    for p, r in items]
-        out: list[str | None] = []
-        for (_, response), result in zip(items, self.backend.chat(requests)):
-            edited = result.text.strip()
-            if not edited or result.finish_reason == "length":
-                stats.bad(result.text)
-                out.append(None)
-            elif edited.split() == response.split():
-                stats.ties += 1
-                out.append(None)
-            else:
-                stats.labelled += 1
-                out.append(edited)
-        return out, stats
+    task = "edits"
+    default_max_tokens = 1024
+
+    def read(self, text: str, finish_reason: str | None, response: str) -> tuple[object, str]:
+        """The edited response."""
+        edited = text.strip()
+        if not edited or finish_reason == "length":
+            return None, "bad"
+        return edited, "tie" if edited.split() == response.split() else "label"
 
 
 class JudgeTokenLabeler:
