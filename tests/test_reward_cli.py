@@ -73,6 +73,10 @@ def test_pgg_kind_trains_on_ranked_lists_and_on_pairs(setup):
                  "data_format=ranked", f"output_dir={setup / 'pgg-eval'}"]) == 0
     metrics = json.loads((setup / "pgg-eval" / "eval.json").read_text())
     assert metrics["lists"] == 40 and metrics["rank_pair_accuracy"] >= 0.75
+    assert main(["reward", "show", f"model={setup / 'pgg' / 'model'}", 'texts=[{"response": "y x"}]',
+                 f"output_dir={setup / 'pgg-show'}"]) == 0
+    page = (setup / "pgg-show" / "show.html").read_text()
+    assert "bounded PGG" in page and page.count('class="tok"') == 3
     assert main(["reward", "train", "kind=pgg", f"model={setup / 'backbone'}", f"data={setup / 'pairs.jsonl'}",
                  *common(setup, "pgg-pairs")]) == 0
     assert json.loads((setup / "pgg-pairs" / "eval.json").read_text())["lists"] == 5

@@ -193,16 +193,21 @@ def reward_show(cfg: RewardRunConfig) -> Path:
     responses = [item["response"] for item in items]
     ids = [rm.encode_response(r) for r in responses]
     rewards = rm.score_token_ids(prompts, ids, cfg.batch_size)
-    scale = max((abs(r) for row in rewards for r in row), default=1.0) or 1.0
+    # A bounded (PGG) reward lies in (0, 1): colour its distance from the neutral 0.5.
+    centre = 0.5 if rm.bounded else 0.0
+    colours = [[r - centre for r in row] for row in rewards]
+    scale = max((abs(r) for row in colours for r in row), default=1.0) or 1.0
     blocks, rows = [], []
-    for prompt, row_ids, row in zip(prompts, ids, rewards):
+    for prompt, row_ids, row, colour in zip(prompts, ids, rewards, colours):
         blocks.append(f"<p class='small'>{html.escape(prompt)}</p>"
-                      f"<p>{token_heatmap_html(token_pieces(rm.tokenizer, row_ids), row, scale)}</p>")
+                      f"<p>{token_heatmap_html(token_pieces(rm.tokenizer, row_ids), colour, scale)}</p>")
         rows.append({"sum": sum(row), "min": min(row), "max": max(row), "tokens": len(row)})
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "show.html"
-    note = ("<p class='small'>Green: positive token reward, red: negative; one colour scale for the page "
+    what = "above 0.5, red: below (a bounded PGG reward; hover values are r - 0.5)" if rm.bounded else \
+        "positive token reward, red: negative"
+    note = (f"<p class='small'>Green: {what}; one colour scale for the page "
             f"(|r| = {scale:.3g} is full colour). Model: {html.escape(cfg.model)}.</p>")
     write_html_report(path, "tokencredit: per-token rewards", [("Texts", note + "".join(blocks)),
                                                                 ("Totals", html_table(rows))])
