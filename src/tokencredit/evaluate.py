@@ -63,13 +63,17 @@ def svg_line_chart(
                  f'<text x="{pad_l + plot_w / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
                  f'<text x="12" y="{pad_t + plot_h / 2}" transform="rotate(-90 12 {pad_t + plot_h / 2})" '
                  f'text-anchor="middle">{html.escape(ylabel)}</text>')
+    # Legend entries in a grid wide enough for the longest name (about 6.5 px per character at 11 px).
+    cell = max(130, int(6.5 * max(len(n) for n in points)) + 24)
+    per_row = max(1, int((plot_w - 8) // cell))
     for i, (name, pts) in enumerate(points.items()):
         color = PALETTE[i % len(PALETTE)]
         if pts:
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
-        parts.append(f'<rect x="{pad_l + 8 + 130 * i}" y="{pad_t + 6}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{pad_l + 22 + 130 * i}" y="{pad_t + 15}">{html.escape(name)}</text>')
+        lx, ly = pad_l + 8 + cell * (i % per_row), pad_t + 6 + 14 * (i // per_row)
+        parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{lx + 14}" y="{ly + 9}">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
