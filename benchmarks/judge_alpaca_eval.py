@@ -63,13 +63,21 @@ def main() -> int:
     policy_s = time.perf_counter() - started
     sanity = run_evaluate(EvaluateConfig(prompts=str(prompts), a="reference", b=str(shuffled),
                                          output_dir=str(out / "reference_vs_shuffled"), **judge))
+    def p_a(name: str) -> dict:
+        """Mean, min and max over prompts of P(side a better), averaged over the two orders."""
+        rows_ = [json.loads(line) for line in (out / name / "verdicts.jsonl").read_text().splitlines()]
+        values = [r["p_a"] for r in rows_ if r["p_a"] is not None]
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else {}
+
     result = {
         "what": "judged win rate on AlpacaEval instructions vs text-davinci-003 references, and a judge sanity check",
         "prompts": len(rows), "policy": args.policy, "judge": args.judge, "max_new_tokens": args.max_new_tokens,
         "policy_vs_reference": {k: policy[k] for k in ("win_rate", "ci95", "judged", "wins", "losses", "ties",
-                                                       "metrics_vs_reference", "mean_length_words")},
+                                                       "metrics_vs_reference", "mean_length_words")}
+        | {"p_a_over_orders": p_a("policy_vs_reference")},
         "reference_vs_shuffled_reference": {k: sanity[k] for k in ("win_rate", "ci95", "judged", "wins", "losses",
-                                                                   "ties")},
+                                                                   "ties")}
+        | {"p_a_over_orders": p_a("reference_vs_shuffled")},
         "policy_minutes": round(policy_s / 60, 1),
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
     }
