@@ -141,8 +141,8 @@ def generate(
         prompt_mask = torch.ones_like(prompt_ids)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    eos_list = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_list[0]
     stops = [s for s in stop_strings if s]
     # Each token decodes to at least one character in practice, so this many tokens cover any stop string.
     tail_tokens = max((len(s) for s in stops), default=0) + 2
@@ -155,7 +155,7 @@ def generate(
     tokens: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
     alive_steps: list[torch.Tensor] = []
-    eos_tensor = torch.tensor(eos_ids, device=device)
+    eos_tensor = torch.tensor(eos_list, device=device)
     try:
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                     use_cache=True)
@@ -216,7 +216,7 @@ def generate(
     )
 
 
-def _eos_ids(model: nn.Module, tokenizer: object) -> list[int]:
+def eos_ids(model: nn.Module, tokenizer: object) -> list[int]:
     """All ids that end a response: the tokenizer's EOS and the model's generation-config EOS ids."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:

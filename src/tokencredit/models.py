@@ -193,10 +193,14 @@ def _write_dequantized(gguf: Path, out: Path) -> None:
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a model, with a pad token (EOS if none) and left padding for generation."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    return _ready_for_generation(AutoTokenizer.from_pretrained(resolve_model(name_or_path)), name_or_path)
+
+
+def _ready_for_generation(tokenizer: PreTrainedTokenizerBase, name: str | Path) -> PreTrainedTokenizerBase:
+    """Give a tokenizer a pad token (EOS if none) and left padding, as batched sampling needs."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an EOS token.")
+            raise ValueError(f"Tokenizer of {name!r} has neither a pad nor an EOS token.")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
@@ -329,10 +333,15 @@ def load_policy(
 
 
 def load_trained_policy(
-    name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of any policy to run: a model folder or built-in name, or a LoRA adapter folder (a
-    PPO run's ``policy/``), whose base it names is loaded and the adapter merged in."""
+    PPO run's ``policy/``), whose base it names is loaded and the adapter merged in.
+
+    ``dtype`` None: bfloat16 on a GPU, float32 on a CPU (inference only, so bf16 costs nothing in training).
+    """
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     folder = Path(name_or_path).expanduser()
     config = folder / "adapter_config.json"
     if not (folder.is_dir() and config.is_file() and not (folder / "config.json").is_file()):
@@ -341,12 +350,9 @@ def load_trained_policy(
     if not base:
         raise ModelNotFoundError(f"{config} does not name its base model (base_model_name_or_path)")
     model = load_policy(base, adapter=folder, dtype=dtype, device=device).merge_and_unload().eval()
-    has_tokenizer = (folder / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else load_tokenizer(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+    if not (folder / "tokenizer_config.json").is_file():
+        return model, load_tokenizer(base)
+    return model, _ready_for_generation(AutoTokenizer.from_pretrained(folder), folder)
 
 
 def is_peft(model: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tokencredit.generation import generate
+from tokencredit.generation import eos_ids, generate
 from tokencredit.rewards.labels import token_pieces
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ class ModelServer:
         """Load the configured model or LoRA adapter folder (fp32 on CPU, bf16 on a GPU) and its tokenizer."""
         from tokencredit.models import load_trained_policy, resolve_device
 
-        device = resolve_device(config.device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model, tokenizer = load_trained_policy(config.model, dtype=dtype, device=device)
+        model, tokenizer = load_trained_policy(config.model, device=resolve_device(config.device))
         name = config.served_name or (Path(config.model).name if Path(config.model).is_dir() else config.model)
         return cls(model, tokenizer, name, config)
 
@@ -242,7 +240,7 @@ class ModelServer:
                            temperature=params.temperature if params.temperature > 0 else 1.0,
                            top_p=params.top_p, greedy=params.temperature == 0, stop_strings=params.stop,
                            logits_processors=[record], generator=generator)
-        eos = set(_eos_ids(self.model, self.tokenizer))
+        eos = set(eos_ids(self.model, self.tokenizer))
         choices = []
         for row, ids in enumerate(out.token_ids()):
             visible = [t for t in ids if t not in eos]
@@ -287,13 +285,6 @@ class ModelServer:
                 yield {**base, "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}]}
             yield {**base, "choices": [{"index": i, "text": "", "finish_reason": c.finish_reason,
                                         "logprobs": None}]}
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: object) -> list[int]:
-    """The ids that end an answer (shared with the sampler)."""
-    from tokencredit.generation import _eos_ids as eos_ids
-
-    return eos_ids(model, tokenizer)
 
 
 def _pieces(choice: _Choice) -> list[str]:

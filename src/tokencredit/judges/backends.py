@@ -120,9 +120,7 @@ class JudgeBackend:
         def one(request: ChatRequest) -> ChatResult:
             """Ask, count and store one answer."""
             result = self._ask(request)
-            with self._stats_lock:
-                self.stats.asked += 1
-            self._store(request, result)
+            self._keep(request, result)
             return result
 
         if self.concurrency <= 1 or len(requests) <= 1:
@@ -140,8 +138,10 @@ class JudgeBackend:
                 raise first_error
             return results
 
-    def _store(self, request: ChatRequest, result: ChatResult) -> None:
-        """Put an answer in the cache."""
+    def _keep(self, request: ChatRequest, result: ChatResult) -> None:
+        """Count a freshly asked answer and put it in the cache."""
+        with self._stats_lock:
+            self.stats.asked += 1
         if self.cache is not None:
             self.cache.put(request_key(self.identity(), request.to_dict()), request.to_dict(), result.to_dict())
 
@@ -353,15 +353,14 @@ class HFBackend(JudgeBackend):
                         lps = [TokenLogprob(t, lp, dict(alts)) for t, lp, alts in
                                zip(c.tokens, c.token_logprobs, c.top_logprobs)]
                     results[i] = ChatResult(c.text, c.finish_reason, lps)
-                    self.stats.asked += 1
-                    self._store(requests[i], results[i])
+                    self._keep(requests[i], results[i])
         return results
 
     def option_logprobs(self, requests: Sequence[ChatRequest], options: Sequence[str]) -> list[dict[str, float]]:
         """Exact log P(option | rendered prompt) of each option's whole token sequence (not cached: cheap)."""
         import torch
 
-        from tokencredit.generation import encode_prompts
+        from tokencredit.generation import encode_prompts, position_ids_from_mask
 
         model, tokenizer = self.server.model, self.server.tokenizer
         option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
@@ -372,25 +371,24 @@ class HFBackend(JudgeBackend):
         single = all(len(ids) == 1 for ids in option_ids)
         for start in range(0, len(requests), self.batch_size):
             prompts = [self.server.render(r.messages) for r in requests[start : start + self.batch_size]]
-            rows = {}
+            p_ids, p_mask = encode_prompts(tokenizer, prompts, None, device)
             if single:
-                # One-token options (the usual "A" / "B"): one forward pass gives all of them.
-                p_ids, p_mask = encode_prompts(tokenizer, prompts, None, device)
+                # One-token options (the usual "A" / "B"): one forward pass over the prompts gives all of them.
                 with torch.no_grad():
-                    pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-                    logits = model(input_ids=p_ids, attention_mask=p_mask, position_ids=pos).logits[:, -1]
+                    logits = model(input_ids=p_ids, attention_mask=p_mask,
+                                   position_ids=position_ids_from_mask(p_mask)).logits[:, -1]
                 logp = logits.float().log_softmax(-1)
                 out.extend({o: float(logp[i, ids[0]]) for o, ids in zip(options, option_ids)}
                            for i in range(len(prompts)))
                 continue
+            rows = {}
             for o, ids in zip(options, option_ids):
-                p_ids, p_mask = encode_prompts(tokenizer, prompts, None, device)
                 tail = torch.tensor(ids, device=device).expand(len(prompts), -1)
                 full = torch.cat([p_ids, tail], 1)
                 mask = torch.cat([p_mask, torch.ones_like(tail)], 1)
                 with torch.no_grad():
-                    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                    logits = model(input_ids=full, attention_mask=mask, position_ids=pos).logits.float()
+                    logits = model(input_ids=full, attention_mask=mask,
+                                   position_ids=position_ids_from_mask(mask)).logits.float()
                 logp = logits[:, p_ids.size(1) - 1 : -1].log_softmax(-1).gather(-1, tail[..., None]).squeeze(-1)
                 rows[o] = logp.sum(-1).tolist()
             out.extend({o: rows[o][i] for o in options} for i in range(len(prompts)))

@@ -26,7 +26,7 @@ from tokencredit.config import ConfigError
 from tokencredit.judges.backends import HFBackend, JudgeBackend, OpenAIBackend
 from tokencredit.judges.labelers import EditLabeler, LabelStats, PairwiseLabeler, RubricLabeler, SpanLabeler
 from tokencredit.judges.templates import load_template
-from tokencredit.records import read_jsonl
+from tokencredit.records import load_prompts, read_jsonl
 from tokencredit.runs import atomic_write_json, atomic_write_text
 
 
@@ -178,9 +178,7 @@ def _side(cfg: EvaluateConfig, spec: str, prompts: list[str], refs: list[str | N
     from tokencredit.generation import generate
     from tokencredit.models import apply_chat, load_trained_policy, resolve_device
 
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_trained_policy(spec, device=device,
-                                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tokenizer = load_trained_policy(spec, device=resolve_device(cfg.device))
     inputs = apply_chat(tokenizer, prompts) if cfg.chat and getattr(tokenizer, "chat_template", None) else prompts
     texts: list[str] = []
     for start in range(0, len(inputs), cfg.gen_batch_size):
@@ -197,9 +195,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Judge side a against side b on every prompt (both orders) and report the win rate and task metrics."""
     if cfg.prompts is None or cfg.a is None:
         raise ConfigError("evaluate needs prompts=FILE.jsonl and a=POLICY_OR_GENERATIONS (b defaults to reference)")
-    rows = [(f"{cfg.prompts}:{n}", o) for n, o in read_jsonl(cfg.prompts)][: cfg.max_prompts]
-    prompts = [_field(o, cfg.prompt_field, w) for w, o in rows]
-    refs = [o.get(cfg.reference_field) if isinstance(o.get(cfg.reference_field), str) else None for _, o in rows]
+    prompts, refs = load_prompts(cfg.prompts, cfg.prompt_field, cfg.reference_field)
+    prompts, refs = prompts[: cfg.max_prompts], refs[: cfg.max_prompts]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     side_a = _side(cfg, cfg.a, prompts, refs, "a")

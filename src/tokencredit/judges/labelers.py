@@ -27,6 +27,14 @@ class LabelStats:
     unparseable: int = 0
     examples: list[str] = field(default_factory=list)  # the first few unreadable answers, for the report
 
+    def add(self, other: LabelStats) -> None:
+        """Count another pass's results into this one (examples up to five)."""
+        self.total += other.total
+        self.labelled += other.labelled
+        self.ties += other.ties
+        self.unparseable += other.unparseable
+        self.examples = (self.examples + other.examples)[:5]
+
     def bad(self, text: str) -> None:
         """Count an unreadable answer and keep the first five."""
         self.unparseable += 1
@@ -50,7 +58,17 @@ class PairVerdict:
 
     p_a_first: float | None  # P(a better) when a was shown first
     p_a_second: float | None  # P(a better) when a was shown second
-    verdict: str | None  # "a", "b", "tie" (the orders disagree) or None (an answer could not be read)
+
+    @property
+    def verdict(self) -> str | None:
+        """"a" or "b" when both orders prefer it, "tie" when they disagree, None when an answer was unreadable."""
+        if self.p_a_first is None or self.p_a_second is None:
+            return None
+        if self.p_a_first > 0.5 and self.p_a_second > 0.5:
+            return "a"
+        if self.p_a_first < 0.5 and self.p_a_second < 0.5:
+            return "b"
+        return "tie"
 
     @property
     def p_a(self) -> float | None:
@@ -106,19 +124,10 @@ class PairwiseLabeler:
         verdicts = []
         for k in range(len(items)):
             first, second = p[2 * k], p[2 * k + 1]
-            if first is None or second is None:
-                verdicts.append(PairVerdict(first, None if second is None else 1 - second, None))
-                continue
-            a_first, a_second = first, 1.0 - second
-            if a_first > 0.5 and a_second > 0.5:
-                verdict = "a"
-            elif a_first < 0.5 and a_second < 0.5:
-                verdict = "b"
-            else:
-                verdict = "tie"
-                stats.ties += 1
-            stats.labelled += verdict != "tie"
-            verdicts.append(PairVerdict(a_first, a_second, verdict))
+            verdict = PairVerdict(first, None if second is None else 1.0 - second)
+            stats.ties += verdict.verdict == "tie"
+            stats.labelled += verdict.verdict in ("a", "b")
+            verdicts.append(verdict)
         return verdicts, stats
 
 
@@ -268,7 +277,5 @@ class JudgeTokenLabeler:
     ) -> list[list[SpanLabel]]:
         """Span labels per response; the judge sees the prompt and the response (contexts are not shown)."""
         labels, stats = self.spans.label(list(zip(prompts, responses)))
-        for name in ("total", "labelled", "ties", "unparseable"):
-            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
-        self.stats.examples = (self.stats.examples + stats.examples)[:5]
+        self.stats.add(stats)
         return [spans or [] for spans in labels]
