@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -109,6 +110,60 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+def sample_next(
+    scores: torch.Tensor, *, greedy: bool, temperature: float, top_k: int, top_p: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from float scores [B, V]; return it and its log-prob under the sampled distribution."""
+    if greedy:
+        tok = scores.argmax(-1)
+        return tok, scores.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+    logprobs_all = filter_logits(scores / temperature, top_k, top_p).log_softmax(-1)
+    tok = torch.multinomial(logprobs_all.exp(), 1, generator=generator).squeeze(-1)
+    return tok, logprobs_all.gather(-1, tok[:, None]).squeeze(-1)
+
+
+class Decoder(Protocol):
+    """What the sampling loop needs from a model: prefill prompts, then feed one token per row at a time."""
+
+    sync_every: int  # steps between reads of "is any row still going?" back to the host
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Process left-padded prompts; return the logits [B, V] for the first response token."""
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token [B] per row; return the logits [B, V] for the next one."""
+
+
+class HFDecoder:
+    """The plain path: any transformers causal LM with its own (dynamic) KV cache."""
+
+    sync_every = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        """Wrap a causal LM."""
+        self.model = model
+        self.mask: torch.Tensor | None = None
+        self.past: object = None
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Run the prompts through the model, keeping its cache."""
+        self.mask = prompt_mask.clone()
+        out = self.model(input_ids=prompt_ids, attention_mask=self.mask,
+                         position_ids=position_ids_from_mask(self.mask), use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row through the cached model."""
+        self.mask = torch.cat([self.mask, torch.ones_like(token[:, None])], 1)
+        pos = (self.mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=pos,
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1, :]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -126,8 +181,14 @@ def generate(
     logits_processors: Sequence[LogitsProcessor] = (),
     max_prompt_length: int | None = None,
     generator: torch.Generator | None = None,
+    decoder: Decoder | None = None,
 ) -> GenerationOutput:
-    """Sample responses for a batch of prompts with a KV cache; stops on EOS and on stop strings."""
+    """Sample responses for a batch of prompts with a KV cache; stops on EOS and on stop strings.
+
+    `decoder` runs the model (default: `HFDecoder`, transformers' own cache); pass a
+    `tokencredit.fastdecode.StaticKVDecoder` for the static-cache / CUDA-graph path. Both draw from the same
+    generator in the same order, so on CPU they sample the same tokens.
+    """
     if temperature <= 0 and not greedy:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
     if max_new_tokens < 1:
@@ -146,59 +207,55 @@ def generate(
     stops = [s for s in stop_strings if s]
     # Each token decodes to at least one character in practice, so this many tokens cover any stop string.
     tail_tokens = max((len(s) for s in stops), default=0) + 2
+    if decoder is None:
+        decoder = HFDecoder(model)
+    # Stop strings are matched on the host after every token, so they need a read-back each step anyway.
+    sync_every = 1 if stops else max(1, decoder.sync_every)
 
     was_training = model.training
     model.eval()
     bsz = prompt_ids.size(0)
-    mask = prompt_mask.clone()
     alive = torch.ones(bsz, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
     alive_steps: list[torch.Tensor] = []
     eos_tensor = torch.tensor(eos_list, device=device)
+    pad_tensor = torch.full((bsz,), pad_id, dtype=torch.long, device=device)
     try:
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    use_cache=True)
-        past = out.past_key_values
-        next_logits = out.logits[:, -1, :]
-        seq = prompt_ids
-        for _step in range(max_new_tokens):
+        next_logits = decoder.start(prompt_ids, prompt_mask, max_new_tokens)
+        for step in range(max_new_tokens):
             scores = next_logits.float()
-            for proc in logits_processors:
-                scores = proc(seq, scores)
-            if greedy:
-                tok = scores.argmax(-1)
-                logp = scores.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
-            else:
-                scores = filter_logits(scores / temperature, top_k, top_p)
-                logprobs_all = scores.log_softmax(-1)
-                tok = torch.multinomial(logprobs_all.exp(), 1, generator=generator).squeeze(-1)
-                logp = logprobs_all.gather(-1, tok[:, None]).squeeze(-1)
-            tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+            if logits_processors:
+                seq = torch.cat([prompt_ids, torch.stack(tokens, 1)], 1) if tokens else prompt_ids
+                for proc in logits_processors:
+                    scores = proc(seq, scores)
+            tok, logp = sample_next(scores, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator)
+            tok = torch.where(alive, tok, pad_tensor)
             tokens.append(tok)
             logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
-            alive_steps.append(alive.clone())
+            alive_steps.append(alive)
             alive = alive & ~torch.isin(tok, eos_tensor)
             if stops and bool(alive.any()):
                 resp = torch.stack(tokens, 1)
                 lengths = torch.stack(alive_steps, 1).sum(-1)
                 hit = _ends_with_stop(tokenizer, resp, lengths, stops, tail_tokens)
                 alive = alive & ~torch.tensor(hit, device=device)
-            if not bool(alive.any()):
+            if step == max_new_tokens - 1:
                 break
-            seq = torch.cat([seq, tok[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(tok[:, None])], 1)
-            pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
-                        use_cache=True)
-            past = out.past_key_values
-            next_logits = out.logits[:, -1, :]
+            if (step + 1) % sync_every == 0 and not bool(alive.any()):
+                break
+            next_logits = decoder.step(tok)
     finally:
         model.train(was_training)
 
-    response_ids = torch.stack(tokens, 1)
-    response_mask = torch.stack(alive_steps, 1).long()
-    logprobs = torch.stack(logps, 1)
+    response_mask = torch.stack(alive_steps, 1)
+    # A decoder that reads "any row alive?" only every few steps may run past the end: drop columns where no
+    # row was generating (a no-op for the plain path, which stops at once).
+    width = int(response_mask.any(0).nonzero().max()) + 1
+    response_ids = torch.stack(tokens, 1)[:, :width]
+    response_mask = response_mask[:, :width].long()
+    logprobs = torch.stack(logps, 1)[:, :width]
     texts = tokenizer.batch_decode(
         [row[: int(n)] for row, n in zip(response_ids.tolist(), response_mask.sum(-1).tolist())],
         skip_special_tokens=True,
