@@ -311,3 +311,65 @@ def test_reused_sampling_logprobs_refuse_filtered_sampling(tmp_path):
     with pytest.raises(ValueError, match="logits_processors"):
         PPOTrainer(cfg(tmp_path, reuse_sampling_logprobs=True), policy=model, tokenizer=tok, prompts=PROMPTS,
                    reward_fn=count_a_per_token(tok), logits_processors=[lambda seq, scores: scores])
+
+
+def test_static_rollout_backend_gives_the_same_run_as_the_plain_one(tmp_path):
+    """The fast path (static KV cache decoder) and the plain path: same samples, log-probs, losses, weights."""
+    histories, policies = [], []
+    for backend in ("plain", "static"):
+        model, tok = make()
+        trainer = PPOTrainer(cfg(tmp_path, output_dir=str(tmp_path / backend), num_updates=3, temperature=0.8,
+                                 rollout_backend=backend),
+                             policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+        assert (trainer.decoder is not None) == (backend == "static")
+        histories.append(trainer.train())
+        policies.append(model)
+    for h_plain, h_fast in zip(*histories):
+        for key in ("reward/mean", "kl/mean", "response_length/mean", "loss/policy", "loss/value", "loss/total",
+                    "policy/entropy", "policy/approx_kl", "grad_norm"):
+            assert h_fast[key] == pytest.approx(h_plain[key], rel=1e-4, abs=1e-5), key
+    for (name, a), b in zip(policies[0].named_parameters(), policies[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rollout_backend_is_validated(tmp_path):
+    model, tok = make()
+    with pytest.raises(ValueError, match="rollout_backend"):
+        PPOTrainer(cfg(tmp_path, rollout_backend="fast"), policy=model, tokenizer=tok, prompts=PROMPTS,
+                   reward_fn=count_a_per_token(tok))
+    with pytest.raises(ValueError, match="vllm"):
+        PPOTrainer(cfg(tmp_path, rollout_backend="vllm", reuse_sampling_logprobs=True), policy=model,
+                   tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+
+
+def test_vllm_backend_gets_the_model_folder_once_and_weights_after_each_update(tmp_path, monkeypatch):
+    """The trainer's side of the vLLM backend, with a stand-in engine that samples with the plain path."""
+    import tokencredit.vllm_rollout as vr
+
+    calls = {"init": [], "sync": 0, "generate": 0}
+
+    class FakeEngine:
+        def __init__(self, model_path, tokenizer, **kw):
+            calls["init"].append(model_path)
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(model_path)
+            self.tokenizer = tokenizer
+
+        def sync_weights(self, policy):
+            calls["sync"] += 1
+            self.model.load_state_dict(dict(vr.policy_weights(policy)))
+
+        def generate(self, prompts, *, eos_ids, **kw):
+            calls["generate"] += 1
+            kw.pop("stop_strings")
+            return generate(self.model, self.tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(vr, "VLLMRollout", FakeEngine)
+    model, tok = make()
+    trainer = PPOTrainer(cfg(tmp_path, num_updates=3, rollout_backend="vllm"), policy=model, tokenizer=tok,
+                         prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    trainer.train()
+    assert calls == {"init": [str(tmp_path / "run" / "vllm_model")], "sync": 2, "generate": 3}
+    # after the last sync the engine holds the weights the policy had before the last update
+    assert not torch.equal(trainer._vllm.model.lm_head.weight, make()[0].lm_head.weight)

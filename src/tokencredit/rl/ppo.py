@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from tokencredit.config import config_to_dict, save_config
-from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts, generate
+from tokencredit.fastdecode import StaticKVDecoder
+from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts, eos_ids, generate
 from tokencredit.models import (
     ScalarHeadModel,
     is_peft,
@@ -78,6 +79,13 @@ class PPOConfig:
     # when sampling draws from the policy itself (top_k=0, top_p=1, no logits processors); the KV-cached
     # decode and the full forward then differ by float rounding only.
     reuse_sampling_logprobs: bool = False
+    # Who runs the policy while sampling. "plain": transformers' own KV cache, any causal LM. "static":
+    # tokencredit's preallocated KV cache, each decode step one CUDA graph on a GPU (Llama, Mistral, Qwen2,
+    # Qwen3 layouts; same tokens as plain on CPU). "vllm": a vLLM engine that gets the policy's weights after
+    # every update (`pip install "tokencredit[vllm]"`, GPU only).
+    rollout_backend: Literal["plain", "static", "vllm"] = "plain"
+    cuda_graphs: bool = True  # static backend on CUDA: replay each decode step as a captured graph
+    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory the vLLM engine may take (KV cache included)
 
     # --- optimisation ---
     learning_rate: float = 1e-5  # policy
@@ -130,6 +138,11 @@ class PPOConfig:
         if self.reuse_sampling_logprobs and (self.top_k or self.top_p < 1):
             raise ValueError("reuse_sampling_logprobs needs top_k=0 and top_p=1: filtered sampling log-probs are "
                              "not the policy's")
+        if self.rollout_backend not in ("plain", "static", "vllm"):
+            raise ValueError(f"rollout_backend must be 'plain', 'static' or 'vllm' (got {self.rollout_backend!r})")
+        if self.rollout_backend == "vllm" and self.reuse_sampling_logprobs:
+            raise ValueError("reuse_sampling_logprobs cannot be used with rollout_backend='vllm': vLLM's kernels "
+                             "give other log-probs than the training forward pass")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -241,6 +254,9 @@ class PPOTrainer:
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
         self._perm_cache: dict[int, np.ndarray] = {}
         self._target_ids = self._tokenize_references() if self.reference_responses else None
+        self.decoder = StaticKVDecoder(self.policy, cuda_graphs=config.cuda_graphs) if (
+            config.rollout_backend == "static") else None
+        self._vllm = None  # built on the first rollout (it needs the run folder)
 
     # ------------------------------------------------------------------ data order
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -297,13 +313,7 @@ class PPOTrainer:
         """One PPO update on the prompts at `indices`: rollout, score, advantages, optimise."""
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in indices]
-        gen = generate(
-            self.policy, self.tokenizer, prompts,
-            max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
-            top_k=self.config.top_k, top_p=self.config.top_p, stop_strings=self.config.stop_strings,
-            logits_processors=self.logits_processors, max_prompt_length=self.config.max_prompt_length,
-            generator=self.generator,
-        )
+        gen = self.rollout(prompts)
         t1 = time.perf_counter()
         batch, stats = self.make_batch(prompts, gen, torch.tensor(list(indices)))
         t2 = time.perf_counter()
@@ -315,6 +325,46 @@ class PPOTrainer:
         stats["time/score"] = t2 - t1
         stats["time/update"] = time.perf_counter() - t2
         return stats
+
+    def rollout(self, prompts: list[str]) -> GenerationOutput:
+        """Sample one response per prompt from the current policy with the configured backend."""
+        cfg = self.config
+        if cfg.rollout_backend == "vllm":
+            return self._vllm_rollout(prompts)
+        return generate(
+            self.policy, self.tokenizer, prompts,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            stop_strings=cfg.stop_strings, logits_processors=self.logits_processors,
+            max_prompt_length=cfg.max_prompt_length, generator=self.generator, decoder=self.decoder,
+        )
+
+    def _vllm_rollout(self, prompts: list[str]) -> GenerationOutput:
+        """Sample with vLLM after pushing the policy's current weights into the engine."""
+        from tokencredit.vllm_rollout import VLLMRollout
+
+        cfg = self.config
+        if self.logits_processors:
+            raise ValueError("rollout_backend='vllm' does not run tokencredit's logits_processors; use 'static'")
+        if self._vllm is None:
+            # vLLM loads a model from a folder; the policy as it is now (LoRA merged) is written once, and
+            # later updates reach the engine through sync_weights.
+            folder = self.run_dir / "vllm_model"
+            with quiet_saves():
+                merged = copy.deepcopy(self.policy).merge_and_unload() if is_peft(self.policy) else self.policy
+                merged.save_pretrained(folder, safe_serialization=True)
+                self.tokenizer.save_pretrained(folder)
+            self._vllm = VLLMRollout(str(folder), self.tokenizer, seed=cfg.seed,
+                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+        else:
+            self._vllm.sync_weights(self.policy)
+        gen = self._vllm.generate(
+            prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, stop_strings=cfg.stop_strings, max_prompt_length=cfg.max_prompt_length,
+            eos_ids=eos_ids(self.policy, self.tokenizer),
+        )
+        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "finished"):
+            setattr(gen, name, getattr(gen, name).to(self.device))
+        return gen
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -409,6 +459,7 @@ class PPOTrainer:
         micro = self._micro_batch_size()
         params = self.policy_params + self.critic_params
         sums: dict[str, float] = {}
+        tensor_sums: dict[str, torch.Tensor] = {}
         count = 0
         skipped_steps = 0
         optimizer_steps = 0
@@ -419,35 +470,38 @@ class PPOTrainer:
             order = torch.randperm(len(batch), generator=self.shuffle_generator).to(self.device)
             for start in range(0, len(batch), mb_size):
                 self.optimizer.zero_grad(set_to_none=True)
-                ok = True
-                mb_kl = []
+                mb_stats: list[dict[str, torch.Tensor]] = []
+                finite = torch.ones((), dtype=torch.bool, device=self.device)
                 for rows in order[start : start + mb_size].split(micro):
                     loss, s = self._loss(batch.select(rows))
-                    if not torch.isfinite(loss):
-                        ok = False
-                        break
+                    # Checked on the device and read once per optimiser step: a read per micro-batch would
+                    # stall the GPU's launch queue every time.
+                    finite = finite & torch.isfinite(loss)
                     (loss / cfg.gradient_accumulation_steps).backward()
-                    mb_kl.append(s["policy/approx_kl"])
-                    for k, v in s.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
-                if ok:
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                    ok = bool(torch.isfinite(grad_norm))
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * ok
+                    mb_stats.append(s)
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                summary = torch.stack([finite.float(), grad_norm.float()] + [
+                    torch.stack([s["policy/approx_kl"] for s in mb_stats]).mean()]).tolist()
+                ok = summary[0] == 1.0 and math.isfinite(summary[1])
                 if ok:
                     self.optimizer.step()
                     optimizer_steps += 1
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + summary[1]
+                    for s in mb_stats:
+                        for k, v in s.items():
+                            tensor_sums[k] = tensor_sums[k] + v if k in tensor_sums else v
+                        count += 1
                 else:
                     # Never step on a non-finite loss or gradient: the weights and Adam state stay as they were.
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped_steps += 1
-                if cfg.target_kl is not None and mb_kl and sum(mb_kl) / len(mb_kl) > cfg.target_kl:
+                if cfg.target_kl is not None and summary[2] > cfg.target_kl:
                     early_stopped = True
                     break
             if early_stopped:
                 break
+        sums.update(zip(tensor_sums, torch.stack(list(tensor_sums.values())).tolist() if tensor_sums else []))
         stats = {k: v / max(count, 1) for k, v in sums.items() if k != "grad_norm"}
         stats["grad_norm"] = sums.get("grad_norm", 0.0) / max(optimizer_steps, 1)
         stats["optim/steps"] = optimizer_steps
@@ -455,8 +509,8 @@ class PPOTrainer:
         stats["optim/early_stopped"] = early_stopped
         return stats
 
-    def _loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """PPO loss of one micro-batch and its statistics."""
+    def _loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """PPO loss of one micro-batch and its statistics (0-d tensors, read back once per update)."""
         cfg = self.config
         ids, attn = mb.input_ids(), mb.attention_mask()
         T = mb.response_ids.size(1)
@@ -475,23 +529,23 @@ class PPOTrainer:
                 entropy = masked_mean(entropy_from_logits(logits.detach()), train_mask)
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
         stats = {
-            "loss/policy": pg_loss.item(),
-            "loss/value": vf_loss.item(),
-            "policy/entropy": entropy.item(),
-            "policy/clipfrac": pg_stats["clipfrac"].item(),
-            "policy/approx_kl": pg_stats["approx_kl"].item(),
-            "value/clipfrac": vf_stats["clipfrac"].item(),
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+            "policy/entropy": entropy.detach(),
+            "policy/clipfrac": pg_stats["clipfrac"],
+            "policy/approx_kl": pg_stats["approx_kl"],
+            "value/clipfrac": vf_stats["clipfrac"],
         }
         if not cfg.kl_in_reward and self.kl_ctl.value > 0:
             kl_loss = masked_mean(kl_estimate(logprobs, mb.ref_logprobs, cfg.kl_estimator), train_mask)
             loss = loss + self.kl_ctl.value * kl_loss
-            stats["loss/kl"] = kl_loss.item()
+            stats["loss/kl"] = kl_loss.detach()
         if cfg.target_coef > 0:
             nll = self._target_nll(mb.row_index)
             if nll is not None:
                 loss = loss + cfg.target_coef * nll
-                stats["loss/target_nll"] = nll.item()
-        stats["loss/total"] = loss.item()
+                stats["loss/target_nll"] = nll.detach()
+        stats["loss/total"] = loss.detach()
         return loss, stats
 
     def _tokenize_references(self) -> list[list[int] | None]:

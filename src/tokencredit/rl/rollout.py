@@ -63,12 +63,24 @@ def response_logits(
     return out.logits[:, :-1, :]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability [B, T] of tokens under softmax(logits / temperature)."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   chunk_rows: int = 4096) -> torch.Tensor:
+    """Log-probability [B, T] of tokens under softmax(logits / temperature).
+
+    Computed as logit(token) - logsumexp(logits) over chunks of rows, so a float32 copy of the whole [B, T, V]
+    logits (0.8 GB for 64 x 64 tokens of a 49k vocabulary) never exists. Under autograd the chunks are kept
+    anyway, so chunking applies only when no gradient is needed.
+    """
+    flat = logits.reshape(-1, logits.size(-1))
+    flat_tokens = tokens.reshape(-1, 1)
+    size = flat.size(0) if torch.is_grad_enabled() and logits.requires_grad else chunk_rows
+    parts = []
+    for rows, toks in zip(flat.split(size), flat_tokens.split(size)):
+        rows = rows.float()
+        if temperature != 1.0:
+            rows = rows / temperature
+        parts.append(rows.gather(-1, toks).squeeze(-1) - torch.logsumexp(rows, -1))
+    return torch.cat(parts).reshape(tokens.shape)
 
 
 def response_values(
