@@ -77,12 +77,12 @@ def peak_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
 
-def bench_tokenizer():
+def bench_tokenizer(path: str):
     """SmolLM2's tokenizer whose EOS is a token the models cannot emit, so every response is full length (TRL is
     run with the same property: no stop token, min length = max length)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(path)
     vocab = len(tok)
     tok.add_special_tokens({"eos_token": BENCH_EOS})
     assert tok.eos_token_id >= vocab
@@ -265,6 +265,7 @@ def main() -> int:
     p.add_argument("--gen-batches", default="64,256")
     p.add_argument("--gen-repeats", type=int, default=3)
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--tokenizer", default=str(SMOLLM2_TOKENIZER), help="folder with SmolLM2's tokenizer files")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script runs")
     p.add_argument("--work-dir", default="/tmp/tokencredit-gpu-bench")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_ppo_throughput.json"))
@@ -278,7 +279,7 @@ def main() -> int:
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tok, vocab = bench_tokenizer()
+    tok, vocab = bench_tokenizer(a.tokenizer)
     import transformers
 
     result: dict = {
