@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 # Architectures whose decoder layer is: x + attn(norm(x)), then x + mlp(norm(x)), with q/k/v/o projections,
 # rotary embeddings and gated MLPs. Qwen3 adds per-head q/k norms, handled below.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# Rotary variants whose frequencies do not depend on the current sequence length (dynamic RoPE does, which
+# Rotary variants whose frequencies do not depend on the current sequence length (dynamic and long RoPE do, which
 # would break a captured graph).
-_STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -192,9 +192,15 @@ class StaticKVDecoder:
         if self._next_slot >= state.key_mask.size(1):
             raise RuntimeError("the cache is full: more steps than max_new_tokens given to start()")
         state.token.copy_(token)
-        if self._use_graph(state):
-            if state.graph is None or state.weights_at_capture != self._weight_ptrs():
+        if self._use_graph(state) and (state.graph is None or state.weights_at_capture != self._weight_ptrs()):
+            try:
                 self._capture(state)
+            except RuntimeError as err:
+                # A module that reads a value back to the host cannot be captured; decoding eagerly is slower
+                # but gives the same tokens, so the run goes on without graphs.
+                log.warning("CUDA graph capture failed (%s); decoding without graphs from now on", err)
+                self.cuda_graphs = False
+        if self._use_graph(state):
             state.graph.replay()
         else:
             self._decode(state)
