@@ -110,6 +110,14 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+def check_sampling_args(temperature: float, greedy: bool, max_new_tokens: int) -> None:
+    """Raise ValueError for a temperature or length no sampler can honour."""
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+
+
 def sample_next(
     scores: torch.Tensor, *, greedy: bool, temperature: float, top_k: int, top_p: float,
     generator: torch.Generator | None,
@@ -189,10 +197,7 @@ def generate(
     `tokencredit.fastdecode.StaticKVDecoder` for the static-cache / CUDA-graph path. Both draw from the same
     generator in the same order, so on CPU they sample the same tokens.
     """
-    if temperature <= 0 and not greedy:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    check_sampling_args(temperature, greedy, max_new_tokens)
     device = next(model.parameters()).device
     if prompt_ids is None:
         if prompts is None:

@@ -20,9 +20,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from tokencredit.generation import GenerationOutput, _cut_at_stop, encode_prompts
+from tokencredit.generation import GenerationOutput, _cut_at_stop, check_sampling_args, encode_prompts
 from tokencredit.models import is_peft
 
 INSTALL_HINT = (
@@ -90,10 +91,7 @@ class VLLMRollout:
         eos_ids: list[int],
     ) -> GenerationOutput:
         """Sample one response per prompt; stops on ``eos_ids`` and on stop strings."""
-        if temperature <= 0 and not greedy:
-            raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        check_sampling_args(temperature, greedy, max_new_tokens)
         if not eos_ids:
             raise ValueError("eos_ids must name at least one token id (see tokencredit.generation.eos_ids)")
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, max_prompt_length)
@@ -324,17 +322,8 @@ def _strip_compile_prefix(name: str) -> str:
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
-    """Leading numeric release parts of a version string ("0.10.1rc2+cu128" -> (0, 10, 1)); () if none."""
-    parts: list[int] = []
-    for piece in version.split("+", 1)[0].split("."):
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        parts.append(int(digits))
-        if len(digits) != len(piece):
-            break
-    return tuple(parts)
+    """Release numbers of a version string ("0.10.1rc2+cu128" -> (0, 10, 1)); () when it is not a version."""
+    try:
+        return Version(version).release
+    except InvalidVersion:
+        return ()
