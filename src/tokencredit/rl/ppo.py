@@ -458,8 +458,8 @@ class PPOTrainer:
         mb_size = cfg.mini_batch_size or cfg.batch_size
         micro = self._micro_batch_size()
         params = self.policy_params + self.critic_params
-        sums: dict[str, float] = {}
-        tensor_sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}  # statistics summed on the device, read back once at the end
+        grad_norm_sum = 0.0
         count = 0
         skipped_steps = 0
         optimizer_steps = 0
@@ -487,11 +487,11 @@ class PPOTrainer:
                 if ok:
                     self.optimizer.step()
                     optimizer_steps += 1
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + summary[1]
+                    grad_norm_sum += summary[1]
+                    count += len(mb_stats)
                     for s in mb_stats:
                         for k, v in s.items():
-                            tensor_sums[k] = tensor_sums[k] + v if k in tensor_sums else v
-                        count += 1
+                            sums[k] = sums[k] + v if k in sums else v
                 else:
                     # Never step on a non-finite loss or gradient: the weights and Adam state stay as they were.
                     self.optimizer.zero_grad(set_to_none=True)
@@ -501,9 +501,9 @@ class PPOTrainer:
                     break
             if early_stopped:
                 break
-        sums.update(zip(tensor_sums, torch.stack(list(tensor_sums.values())).tolist() if tensor_sums else []))
-        stats = {k: v / max(count, 1) for k, v in sums.items() if k != "grad_norm"}
-        stats["grad_norm"] = sums.get("grad_norm", 0.0) / max(optimizer_steps, 1)
+        totals = torch.stack(list(sums.values())).tolist() if sums else []
+        stats = {k: v / max(count, 1) for k, v in zip(sums, totals)}
+        stats["grad_norm"] = grad_norm_sum / max(optimizer_steps, 1)
         stats["optim/steps"] = optimizer_steps
         stats["optim/skipped_nonfinite"] = skipped_steps
         stats["optim/early_stopped"] = early_stopped
