@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from tokencredit.fastdecode import StaticKVDecoder, unsupported_reason
 from tokencredit.generation import HFDecoder, encode_prompts, generate
@@ -32,6 +32,7 @@ def tok():
 FAMILIES = {
     "llama": (LlamaConfig, {}),
     "llama-bias": (LlamaConfig, {"attention_bias": True, "mlp_bias": True}),
+    "mistral": (MistralConfig, {"sliding_window": 64}),  # window never reached here: full attention
     "qwen2": (Qwen2Config, {}),  # q/k/v biases
     "qwen3": (Qwen3Config, {"head_dim": 8}),  # per-head q/k norms
 }
@@ -152,6 +153,15 @@ def test_unsupported_models_are_named(tok):
     with pytest.raises(ValueError, match="gpt2"):
         StaticKVDecoder(gpt2)
     assert unsupported_reason(build(LlamaConfig, tok)) is None
+
+
+def test_mistral_sequences_longer_than_the_window_are_refused(tok):
+    model = build(MistralConfig, tok, sliding_window=8)
+    decoder = StaticKVDecoder(model, length_bucket=1)
+    ids, mask = encode_prompts(tok, ["a b c"])
+    decoder.start(ids, mask, max_new_tokens=5)  # 8 tokens: inside the window
+    with pytest.raises(ValueError, match="sliding-window"):
+        decoder.start(ids, mask, max_new_tokens=6)
 
 
 def test_step_before_start_and_overflow_are_errors(tok):

@@ -45,8 +45,9 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
-def unsupported_reason(model: nn.Module, max_length: int | None = None) -> str | None:
-    """Why `StaticKVDecoder` cannot run this model, or None when it can."""
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `StaticKVDecoder` cannot run this model, or None when it can (Mistral's window is checked per call,
+    since it only matters for sequences longer than the window)."""
     lm = _causal_lm(model)
     config = getattr(lm, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -58,11 +59,7 @@ def unsupported_reason(model: nn.Module, max_length: int | None = None) -> str |
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope not in _STATIC_ROPE:
         return f"rope type {rope!r} changes with sequence length"
-    layer_types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None)
-    if any(t != "full_attention" for t in layer_types) or (
-        window is not None and model_type == "mistral" and max_length is not None and max_length > window
-    ):
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
         return "sliding-window attention is not implemented in the fast decoder"
     if getattr(config, "logit_scale", None) or getattr(config, "final_logit_softcapping", None):
         return "scaled or soft-capped logits are not implemented in the fast decoder"
@@ -111,6 +108,8 @@ class StaticKVDecoder:
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        # Mistral attends within a window on every layer; up to the window's length that is full attention.
+        self.max_length = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
         self.cuda_graphs = cuda_graphs
         self.length_bucket = length_bucket
         # How often the generation loop may read "is any row still going?" back to the CPU: on a GPU each read
@@ -164,9 +163,9 @@ class StaticKVDecoder:
         bsz, plen = prompt_ids.shape
         need = plen + max_new_tokens
         length = -(-need // self.length_bucket) * self.length_bucket
-        reason = unsupported_reason(self.model, length)
-        if reason is not None:
-            raise ValueError(f"StaticKVDecoder cannot decode {length} tokens: {reason}")
+        if self.max_length is not None and length > self.max_length:
+            raise ValueError(f"StaticKVDecoder cannot decode {length} tokens: sliding-window attention (window "
+                             f"{self.max_length}) is not implemented in the fast decoder")
         state = self._state_for(bsz, length, prompt_ids.device)
         state.key_mask.zero_()
         state.key_mask[:, :plen] = prompt_mask.bool()
