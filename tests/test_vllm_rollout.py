@@ -318,3 +318,26 @@ def test_version_parsing():
     assert vllm_rollout._version_tuple("0.10.1rc2+cu128") == (0, 10, 1)
     assert vllm_rollout._version_tuple("0.33.0") == (0, 33, 0)
     assert vllm_rollout._version_tuple("unknown") == ()
+
+
+def test_saved_policy_folder_loads_as_the_merged_policy(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tokencredit.testing import tiny_word_tokenizer
+    from tokencredit.vllm_rollout import save_policy_folder
+
+    tok = tiny_word_tokenizer(["a", "b", "c"])
+    policy = get_peft_model(tiny_causal_lm(vocab_size=len(tok)),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    policy.eval()
+    folder = save_policy_folder(policy, tok, tmp_path / "vllm_model")
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[3, 4, 5, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        with policy.disable_adapter():
+            base_logits = policy(input_ids=ids).logits
+    assert not torch.allclose(loaded(input_ids=ids).logits, base_logits, atol=1e-3)  # the adapter is in it
+    assert not any(getattr(m, "merged", False) for m in policy.modules())
+    assert (folder / "tokenizer.json").is_file()

@@ -17,6 +17,7 @@ import copy
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -158,6 +159,23 @@ class VLLMRollout:
         reset = getattr(self.llm, "reset_prefix_cache", None)
         if callable(reset):
             reset()
+
+
+def save_policy_folder(policy: nn.Module, tokenizer: object, folder: str | Path) -> Path:
+    """Write the policy (LoRA merged by `policy_weights`, the policy untouched) as a folder vLLM can load."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = policy.get_base_model() if is_peft(policy) else policy
+    base.config.save_pretrained(folder)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(folder)
+    # One tensor at a time to the host: no second copy of the model on the GPU, as merging a deep copy would need.
+    save_file({name: t.detach().to("cpu").contiguous() for name, t in policy_weights(policy)},
+              str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def _to_generation_output(

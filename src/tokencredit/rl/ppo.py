@@ -340,7 +340,7 @@ class PPOTrainer:
 
     def _vllm_rollout(self, prompts: list[str]) -> GenerationOutput:
         """Sample with vLLM after pushing the policy's current weights into the engine."""
-        from tokencredit.vllm_rollout import VLLMRollout
+        from tokencredit.vllm_rollout import VLLMRollout, save_policy_folder
 
         cfg = self.config
         if self.logits_processors:
@@ -348,11 +348,7 @@ class PPOTrainer:
         if self._vllm is None:
             # vLLM loads a model from a folder; the policy as it is now (LoRA merged) is written once, and
             # later updates reach the engine through sync_weights.
-            folder = self.run_dir / "vllm_model"
-            with quiet_saves():
-                merged = copy.deepcopy(self.policy).merge_and_unload() if is_peft(self.policy) else self.policy
-                merged.save_pretrained(folder, safe_serialization=True)
-                self.tokenizer.save_pretrained(folder)
+            folder = save_policy_folder(self.policy, self.tokenizer, self.run_dir / "vllm_model")
             self._vllm = VLLMRollout(str(folder), self.tokenizer, seed=cfg.seed,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
         else:
