@@ -33,14 +33,16 @@ def count_a_per_token(tok):
 def cfg(tmp_path, **kw):
     base = dict(batch_size=16, max_new_tokens=6, num_updates=2, learning_rate=3e-3, kl_coef=0.01, ppo_epochs=2,
                 seed=0, output_dir=str(tmp_path / "run"), mini_batch_size=8, progress=False,
-                log_tensorboard=False, save_every=100)
+                log_tensorboard=False, save_every=100, mixed_precision="no")
     base.update(kw)
     return PPOConfig(**base)
 
 
-def test_token_level_reward_rises_on_toy_task(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_token_level_reward_rises_on_toy_task(tmp_path, precision):
     model, tok = make()
-    trainer = PPOTrainer(cfg(tmp_path, num_updates=10, ppo_epochs=4), policy=model, tokenizer=tok,
+    trainer = PPOTrainer(cfg(tmp_path, num_updates=10, ppo_epochs=4, mixed_precision=precision), policy=model,
+                         tokenizer=tok,
                          prompts=PROMPTS, reward_fn=count_a_per_token(tok))
     history = trainer.train()
     assert len(history) == 10 and all("reward/mean" in h and "kl/mean" in h for h in history)
@@ -373,3 +375,82 @@ def test_vllm_backend_gets_the_model_folder_once_and_weights_after_each_update(t
     assert calls == {"init": [str(tmp_path / "run" / "vllm_model")], "sync": 2, "generate": 3}
     # after the last sync the engine holds the weights the policy had before the last update
     assert not torch.equal(trainer._vllm.model.lm_head.weight, make()[0].lm_head.weight)
+
+
+def _run(tmp_path, name, **kw):
+    model, tok = make()
+    trainer = PPOTrainer(cfg(tmp_path, output_dir=str(tmp_path / name), **kw), policy=model, tokenizer=tok,
+                         prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    return trainer, trainer.train()
+
+
+def _assert_same_runs(a, b, keys=("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/approx_kl",
+                                  "grad_norm")):
+    (ta, ha), (tb, hb) = a, b
+    for x, y in zip(ha, hb):
+        for key in keys:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), key
+    for (name, p), q in zip(ta.policy.named_parameters(), tb.policy.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_first_epoch_forward_reuse_gives_the_same_run(tmp_path):
+    """Old log-probs and values read off the first epoch's forward pass: the same run, two passes fewer."""
+    kw = dict(num_updates=3, mini_batch_size=16, ppo_epochs=2, temperature=0.8)
+    fused = _run(tmp_path, "fused", reuse_first_epoch_forward=True, **kw)
+    plain = _run(tmp_path, "plain", reuse_first_epoch_forward=False, **kw)
+    assert fused[0].config.fuses_first_epoch() and not plain[0].config.fuses_first_epoch()
+    assert all("time/first_forward" in h and "time/values" not in h for h in fused[1])
+    assert all("time/values" in h and "time/first_forward" not in h for h in plain[1])
+    _assert_same_runs(plain, fused)
+    # Only when one optimiser step covers the whole batch; with mini-batches the flag changes nothing.
+    assert not cfg(tmp_path, mini_batch_size=8).fuses_first_epoch()
+    assert not cfg(tmp_path, mini_batch_size=16, gradient_accumulation_steps=2).fuses_first_epoch()
+
+
+def test_fused_adamw_gives_the_same_run(tmp_path):
+    fused = _run(tmp_path, "fused", fused_optimizer=True)
+    plain = _run(tmp_path, "plain", fused_optimizer=False)
+    assert fused[0].optimizer.defaults.get("fused") and not plain[0].optimizer.defaults.get("fused")
+    _assert_same_runs(plain, fused)
+
+
+def test_bf16_mixed_precision_keeps_fp32_masters_and_fp32_statistics(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = make()
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = PPOTrainer(cfg(tmp_path, mixed_precision="bf16", mini_batch_size=16), policy=policy, tokenizer=tok,
+                         prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    assert trainer.amp_dtype == torch.bfloat16
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    frozen = [p for p in policy.parameters() if not p.requires_grad]
+    assert trained and frozen
+    assert all(p.dtype == torch.float32 for p in trained), "trainable weights are the fp32 masters"
+    assert all(p.dtype == torch.bfloat16 for p in frozen), "frozen weights are stored in bf16"
+    history = trainer.train()
+    assert all(math.isfinite(h["loss/total"]) and h["optim/steps"] == 2 for h in history)
+    for state in trainer.optimizer.state.values():
+        assert state["exp_avg"].dtype == torch.float32
+    idx = trainer.batch_indices(0)
+    prompts = [PROMPTS[i] for i in idx]
+    batch, _ = trainer.make_batch(prompts, trainer.rollout(prompts), torch.tensor(idx))
+    for name in ("logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        assert getattr(batch, name).dtype == torch.float32, name
+    # The first step's ratio is exactly 1 in bf16 too: old log-probs and the loss come from one forward pass.
+    trainer.config.ppo_epochs = 1
+    stats = trainer.optimize(batch)
+    assert stats["policy/approx_kl"] == 0.0 and stats["policy/clipfrac"] == 0.0
+
+
+def test_mixed_precision_auto_follows_the_hardware(tmp_path, monkeypatch):
+    from tokencredit import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_mixed_precision("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve_mixed_precision("auto", "cpu") is None
+    assert precision.resolve_mixed_precision("bf16", "cpu") == torch.bfloat16
+    assert precision.resolve_mixed_precision("no", "cpu") is None
+    with pytest.raises(ValueError, match="mixed_precision"):
+        cfg(tmp_path, mixed_precision="fp8").validate()

@@ -32,6 +32,7 @@ from tokencredit.models import (
     quiet_saves,
     resolve_device,
 )
+from tokencredit.precision import autocast, freeze_to, resolve_mixed_precision, validate_mixed_precision
 from tokencredit.rewards.tokens import RewardFn, all_finite, rewards_to_tensor
 from tokencredit.rl.advantages import compute_gae, masked_mean, masked_whiten
 from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -75,7 +76,8 @@ class PPOConfig:
     top_p: float = 1.0  # 1.0 = off
     stop_strings: list[str] = field(default_factory=list)  # end a response when its text contains one
     missing_eos_penalty: float | None = None  # subtracted from the last token of responses cut by length
-    # Use the sampler's log-probs as PPO's old log-probs, saving one policy forward pass per update. Exact only
+    # Use the sampler's log-probs as PPO's old log-probs, saving one policy forward pass per update (not needed, and
+    # not used, when reuse_first_epoch_forward applies: that path is exact and skips this pass too). Exact only
     # when sampling draws from the policy itself (top_k=0, top_p=1, no logits processors); the KV-cached
     # decode and the full forward then differ by float rounding only.
     reuse_sampling_logprobs: bool = False
@@ -85,6 +87,10 @@ class PPOConfig:
     # every update (`pip install "tokencredit[vllm]"`, GPU only).
     rollout_backend: Literal["plain", "static", "vllm"] = "plain"
     cuda_graphs: bool = True  # static backend on CUDA: replay each decode step as a captured graph
+    # Forward passes (sampling, scoring, training) in bf16 under autocast, with fp32 trainable weights, optimiser
+    # state, losses, log-probs and values; frozen weights (reference, LoRA base, frozen blocks) stored in bf16.
+    # "auto" = "bf16" where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, bf16 GPUs), else "no".
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory the vLLM engine may take (KV cache included)
 
     # --- optimisation ---
@@ -96,6 +102,11 @@ class PPOConfig:
     mini_batch_size: int | None = None  # rows per optimiser step; None = batch_size
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step (bounds memory)
     max_grad_norm: float | None = 1.0  # None = no clipping
+    fused_optimizer: bool = True  # AdamW's fused kernel (one pass over all parameters) where torch has it
+    # When one optimiser step covers the whole batch (mini_batch_size = batch_size, no accumulation) and dropout
+    # is off, the first epoch's forward pass *is* the old policy and old critic: take old log-probs and values
+    # from it (detached) instead of two extra no-grad passes. Exact, not an approximation.
+    reuse_first_epoch_forward: bool = True
     disable_dropout: bool = True  # dropout would make the PPO ratio != 1 before any update
 
     # --- PPO ---
@@ -153,6 +164,13 @@ class PPOConfig:
             raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3' (got {self.kl_estimator!r})")
         if self.kl_coef < 0 or self.learning_rate <= 0:
             raise ValueError("kl_coef must be >= 0 and learning_rate > 0")
+        validate_mixed_precision(self.mixed_precision)
+
+    def fuses_first_epoch(self) -> bool:
+        """Whether old log-probs and values come from the first epoch's forward pass (see the field's comment)."""
+        mb = self.mini_batch_size or self.batch_size
+        return (self.reuse_first_epoch_forward and self.disable_dropout and mb == self.batch_size
+                and self.gradient_accumulation_steps == 1)
 
 
 
@@ -162,6 +180,16 @@ def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def make_adamw(groups: list[dict], *, weight_decay: float, eps: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW, with its fused kernel when asked and torch supports it for these parameters (else the default)."""
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, weight_decay=weight_decay, eps=eps, fused=True)
+        except (RuntimeError, ValueError) as err:  # e.g. a device or dtype the fused kernel does not cover
+            log.info("fused AdamW unavailable (%s); using the default implementation", err)
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, eps=eps)
 
 
 def default_critic(policy: nn.Module) -> ScalarHeadModel:
@@ -232,13 +260,14 @@ class PPOTrainer:
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
         if not self.policy_params:
             raise ValueError("the policy has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(
+        self.amp_dtype = resolve_mixed_precision(config.mixed_precision, self.device)
+        freeze_to([self.policy, self.critic, self.reference], self.amp_dtype)
+        self.optimizer = make_adamw(
             [
                 {"params": self.policy_params, "lr": config.learning_rate},
                 {"params": self.critic_params, "lr": config.critic_learning_rate or config.learning_rate},
             ],
-            weight_decay=config.weight_decay,
-            eps=config.adam_eps,
+            weight_decay=config.weight_decay, eps=config.adam_eps, fused=config.fused_optimizer,
         )
         if config.adaptive_kl:
             self.kl_ctl: FixedKLController | AdaptiveKLController = AdaptiveKLController(
@@ -257,6 +286,7 @@ class PPOTrainer:
         self.decoder = StaticKVDecoder(self.policy, cuda_graphs=config.cuda_graphs) if (
             config.rollout_backend == "static") else None
         self._vllm = None  # built on the first rollout (it needs the run folder)
+        self._first_forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ data order
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -319,6 +349,7 @@ class PPOTrainer:
         t2 = time.perf_counter()
         if batch is None:
             log.warning("update %d skipped: %s", self.update_idx + 1, stats["skipped"])
+            self._first_forward = None
         else:
             stats.update(self.optimize(batch))
         stats["time/rollout"] = t1 - t0
@@ -326,17 +357,24 @@ class PPOTrainer:
         stats["time/update"] = time.perf_counter() - t2
         return stats
 
+    def _amp(self) -> object:
+        """The autocast context of config.mixed_precision (a no-op in full precision)."""
+        return autocast(self.device, self.amp_dtype)
+
     def rollout(self, prompts: list[str]) -> GenerationOutput:
         """Sample one response per prompt from the current policy with the configured backend."""
         cfg = self.config
         if cfg.rollout_backend == "vllm":
             return self._vllm_rollout(prompts)
-        return generate(
-            self.policy, self.tokenizer, prompts,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            stop_strings=cfg.stop_strings, logits_processors=self.logits_processors,
-            max_prompt_length=cfg.max_prompt_length, generator=self.generator, decoder=self.decoder,
-        )
+        # One autocast region for the whole decode: autocast caches the bf16 copy of each trainable weight for the
+        # region, so the fp32 masters are cast once per rollout, not once per token.
+        with self._amp():
+            return generate(
+                self.policy, self.tokenizer, prompts,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                stop_strings=cfg.stop_strings, logits_processors=self.logits_processors,
+                max_prompt_length=cfg.max_prompt_length, generator=self.generator, decoder=self.decoder,
+            )
 
     def _vllm_rollout(self, prompts: list[str]) -> GenerationOutput:
         """Sample with vLLM after pushing the policy's current weights into the engine."""
@@ -369,6 +407,8 @@ class PPOTrainer:
     ) -> tuple[RolloutBatch | None, dict]:
         """Score a generation: log-probs, reference log-probs, values, token rewards, KL, GAE."""
         cfg = self.config
+        self._first_forward = None
+        clock = _PhaseClock()
         mask = gen.response_mask.float()
         lengths = gen.response_mask.sum(-1).tolist()
         outputs = self.reward_fn(prompts, gen.texts, gen.token_ids())
@@ -385,6 +425,7 @@ class PPOTrainer:
             "response/finished_frac": float(gen.finished.float().mean()),
             "kl/coef": self.kl_ctl.value,
         }
+        clock.lap("time/reward")
         if not all_finite(scores):
             bad = torch.nonzero(~torch.isfinite(scores).all(-1)).squeeze(-1).tolist()
             stats.update({"skipped": f"non-finite reward in rows {bad}", "kl/mean": float("nan")})
@@ -392,21 +433,32 @@ class PPOTrainer:
 
         ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
         attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
-        logprobs, ref_logprobs, values = [], [], []
         T = gen.response_ids.size(1)
-        reuse = cfg.reuse_sampling_logprobs
-        for rows in torch.arange(len(prompts), device=self.device).split(self._micro_batch_size()):
-            if reuse:
-                logprobs.append(gen.logprobs[rows].to(self.device))
-            else:
-                logprobs.append(self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows]))
-            ref_model, ctx = self._reference()
-            with ctx:
-                ref_logprobs.append(self._logprobs(ref_model, ids[rows], attn[rows], gen.response_ids[rows]))
-            values.append(response_values(self.critic, ids[rows], attn[rows], T))
-        logprobs_t = torch.cat(logprobs) * mask
-        ref_t = torch.cat(ref_logprobs) * mask
-        values_t = torch.cat(values) * mask
+        ref_model, ref_ctx = self._reference()
+        with ref_ctx, self._amp():
+            ref_t = torch.cat([self._logprobs(ref_model, ids[rows], attn[rows], gen.response_ids[rows])
+                               for rows in self._row_chunks(len(prompts))]) * mask
+        clock.lap("time/reference")
+        if cfg.fuses_first_epoch():
+            # The first optimiser step sees exactly this policy and critic on exactly these rows: run its forward
+            # pass now, with gradients, and read the old log-probs and values off it.
+            with torch.enable_grad():
+                self._first_forward = self._forward((ids, attn, gen.response_ids))
+            logprobs_t = self._first_forward[1].detach() * mask
+            values_t = self._first_forward[2].detach() * mask
+            clock.lap("time/first_forward")
+        else:
+            with self._amp():
+                if cfg.reuse_sampling_logprobs:
+                    logprobs_t = gen.logprobs.to(self.device)
+                else:
+                    logprobs_t = torch.cat([self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows])
+                                            for rows in self._row_chunks(len(prompts))])
+                logprobs_t = logprobs_t * mask
+                clock.lap("time/logprobs")
+                values_t = torch.cat([response_values(self.critic, ids[rows], attn[rows], T)
+                                      for rows in self._row_chunks(len(prompts))]) * mask
+            clock.lap("time/values")
 
         kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator) * mask
         rewards = scores - self.kl_ctl.value * kl_tokens if cfg.kl_in_reward else scores.clone()
@@ -422,6 +474,7 @@ class PPOTrainer:
             "rewards/total_mean": float((rewards * mask).sum(-1).mean()),
             "values/mean": masked_mean(values_t, mask).item(),
             "returns/mean": masked_mean(returns, mask).item(),
+            **clock.laps,
         })
         self.kl_ctl.update(float(kl_seq.mean()), len(prompts))
         batch = RolloutBatch(
@@ -431,6 +484,10 @@ class PPOTrainer:
             returns=returns, row_index=row_index.to(self.device),
         )
         return batch, stats
+
+    def _row_chunks(self, n: int) -> tuple[torch.Tensor, ...]:
+        """Row indices of n rows split into forward-pass-sized chunks."""
+        return torch.arange(n, device=self.device).split(self._micro_batch_size())
 
     def _micro_batch_size(self) -> int:
         """Rows per forward pass."""
@@ -460,6 +517,7 @@ class PPOTrainer:
         skipped_steps = 0
         optimizer_steps = 0
         early_stopped = False
+        first_forward, self._first_forward = self._first_forward, None
         self.policy.train()
         self.critic.train()
         for _epoch in range(cfg.ppo_epochs):
@@ -469,7 +527,13 @@ class PPOTrainer:
                 mb_stats: list[dict[str, torch.Tensor]] = []
                 finite = torch.ones((), dtype=torch.bool, device=self.device)
                 for rows in order[start : start + mb_size].split(micro):
-                    loss, s = self._loss(batch.select(rows))
+                    if first_forward is not None:
+                        # The whole batch in rollout order: the forward pass already ran while scoring. A masked
+                        # token mean does not depend on the row order, so this is the same step as `rows`.
+                        loss, s = self._loss(batch, first_forward)
+                        first_forward = None
+                    else:
+                        loss, s = self._loss(batch.select(rows))
                     # Checked on the device and read once per optimiser step: a read per micro-batch would
                     # stall the GPU's launch queue every time.
                     finite = finite & torch.isfinite(loss)
@@ -505,16 +569,30 @@ class PPOTrainer:
         stats["optim/early_stopped"] = early_stopped
         return stats
 
-    def _loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """PPO loss of one micro-batch and its statistics (0-d tensors, read back once per update)."""
+    def _forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Policy logits (at the sampling temperature), log-probs and critic values [b, T] of the response tokens."""
+        ids, attn, resp = inputs
+        T = resp.size(1)
+        self.policy.train()
+        self.critic.train()
+        with self._amp():
+            logits = response_logits(self.policy, ids, attn, T)
+            values = response_values(self.critic, ids, attn, T)
+        if self.config.temperature != 1.0:
+            logits = logits / self.config.temperature
+        return logits, token_logprobs(logits, resp), values
+
+    def _loss(
+        self, mb: RolloutBatch, forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """PPO loss of one micro-batch and its statistics (0-d tensors, read back once per update).
+
+        `forward` is the (logits, log-probs, values) of `mb` when they were already computed with gradients.
+        """
         cfg = self.config
-        ids, attn = mb.input_ids(), mb.attention_mask()
-        T = mb.response_ids.size(1)
-        logits = response_logits(self.policy, ids, attn, T)
-        if cfg.temperature != 1.0:
-            logits = logits / cfg.temperature
-        logprobs = token_logprobs(logits, mb.response_ids)
-        values = response_values(self.critic, ids, attn, T)
+        if forward is None:
+            forward = self._forward((mb.input_ids(), mb.attention_mask(), mb.response_ids))
+        logits, logprobs, values = forward
         train_mask = mb.train_mask.float()
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, train_mask, cfg.cliprange)
         vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask.float(), cfg.cliprange_value)
@@ -571,9 +649,10 @@ class PPOTrainer:
             resp[j, : len(t)] = torch.tensor(t)
             resp_mask[j, : len(t)] = 1
         resp, resp_mask = resp.to(self.device), resp_mask.to(self.device)
-        logits = response_logits(
-            self.policy, torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), width
-        )
+        with self._amp():
+            logits = response_logits(
+                self.policy, torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), width
+            )
         return -masked_mean(token_logprobs(logits, resp), resp_mask.float())
 
     # ------------------------------------------------------------------ checkpoints
@@ -643,6 +722,21 @@ class PPOTrainer:
         self.shuffle_generator.set_state(state["shuffle_generator"])
         self.update_idx = int(state["update_idx"])
 
+
+
+class _PhaseClock:
+    """Wall-clock seconds of consecutive phases, one `lap(name)` at the end of each."""
+
+    def __init__(self) -> None:
+        """Start the first phase now."""
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the time since the previous lap under name."""
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def _progress(total: int, initial: int, enabled: bool) -> object | None:

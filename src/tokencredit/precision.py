@@ -1,0 +1,94 @@
+"""Mixed precision: bf16 matrix multiplies where the hardware has them, fp32 master weights for what trains.
+
+On a CPU with AMX or AVX512-BF16 (recent Xeons) a bf16 matmul runs several times faster than an fp32 one
+(6.7x measured on this project's 2-core Xeon at 2048^2), and a decode step reads half the bytes. Trainers take
+`mixed_precision`:
+
+    "no"    everything in the models' own dtype (fp32 by default): the exact reference numerics
+    "bf16"  forward passes under torch.autocast(bfloat16); trainable weights, optimiser state, losses, log-probs
+            and values stay fp32; frozen weights are stored in bf16 once (a frozen weight would otherwise be cast
+            again at every forward, which on a decode step costs more than it saves)
+    "auto"  "bf16" where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, CUDA GPUs with bf16), else "no"
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+MixedPrecision = Literal["auto", "no", "bf16"]
+CHOICES = ("auto", "no", "bf16")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matrix multiplies run in hardware on this device (AMX / AVX512-BF16, or a bf16 CUDA GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if all(p is None for p in probe):
+        return _cpuinfo_has(("amx_bf16", "avx512_bf16"))
+    return any(bool(p()) for p in probe if p is not None)
+
+
+def _cpuinfo_has(flags: Iterable[str]) -> bool:
+    """Whether /proc/cpuinfo lists any of flags (False where the file cannot be read)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return False
+    words = set(text.split())
+    return any(f in words for f in flags)
+
+
+def validate_mixed_precision(value: str) -> None:
+    """Raise ValueError naming the field when value is not one of auto / no / bf16."""
+    if value not in CHOICES:
+        raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16' (got {value!r})")
+
+
+def resolve_mixed_precision(value: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for a config value on a device: torch.bfloat16, or None for full precision."""
+    validate_mixed_precision(value)
+    if value == "no":
+        return None
+    if value == "bf16":
+        if torch.device(device).type not in ("cpu", "cuda"):
+            raise ValueError(f"mixed_precision='bf16' needs a cpu or cuda device (got {device})")
+        return torch.bfloat16
+    return torch.bfloat16 if native_bf16(device) else None
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for dtype on device, or a no-op context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def freeze_to(models: Iterable[nn.Module | None], dtype: torch.dtype | None) -> int:
+    """Store every frozen floating-point parameter of models in dtype; returns how many were converted.
+
+    Trainable parameters are left alone (they are the fp32 master weights). Under autocast a frozen fp32 weight is
+    cast to bf16 at every forward; stored in bf16 it is read as is, which halves its memory and its traffic.
+    """
+    if dtype is None:
+        return 0
+    n = 0
+    seen: set[int] = set()
+    for model in models:
+        if model is None:
+            continue
+        for p in model.parameters():
+            if id(p) in seen or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            seen.add(id(p))
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
