@@ -6,6 +6,8 @@
   line per seed, with each seed's RM on 100% of the labels as a flat line.
 - fg_qa_feedback.svg: per seed, each RM's pair accuracy on held-out human preferences and its sentence-level
   agreement (AUC) with the human error spans.
+- cpu_ppo_throughput.svg: PPO episodes/s of every arm (TRL and tokencredit, fp32 and bf16 comparisons, median
+  over the timed updates, with the best update as a tick) and sampling tokens/s against transformers `generate`.
 """
 
 from __future__ import annotations
@@ -42,9 +44,67 @@ def fg_chart(result: dict) -> str:
                           xlabel="seed + 1", ylabel="accuracy / AUC", width=640, height=300)
 
 
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_bars(groups: list[tuple[str, list[tuple[str, float, float | None, str]]]], title: str, unit: str,
+             width: int = 760) -> str:
+    """Horizontal bars in titled groups: (label, value, best or None, colour) per bar; value printed at the end."""
+    row, label_w, top = 18, 300, 34
+    height = top + sum(len(bars) * row + 26 for _, bars in groups) + 10
+    vmax = max((max(v, b or 0) for _, bars in groups for _, v, b, _ in bars), default=1.0) or 1.0
+    scale = (width - label_w - 90) / vmax
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="10" y="20" font-size="14" font-weight="bold">{_esc(title)}</text>']
+    y = top
+    for name, bars in groups:
+        out.append(f'<text x="10" y="{y + 14}" font-weight="bold">{_esc(name)}</text>')
+        y += 22
+        for label, value, best, colour in bars:
+            w = max(value * scale, 1)
+            out.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">{_esc(label)}</text>')
+            out.append(f'<rect x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{row - 5}" fill="{colour}"/>')
+            if best is not None:
+                bx = label_w + best * scale
+                out.append(f'<line x1="{bx:.1f}" x2="{bx:.1f}" y1="{y}" y2="{y + row - 1}" stroke="black"/>')
+            out.append(f'<text x="{label_w + max(w, (best or 0) * scale) + 6:.1f}" y="{y + 12}">'
+                       f'{value:.2f} {_esc(unit)}</text>')
+            y += row
+        y += 4
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def cpu_throughput_chart(result: dict) -> str:
+    """PPO episodes/s per arm and comparison, then sampling tokens/s per precision and batch."""
+    groups = []
+    for comp, arms in result["comparisons"].items():
+        bars = [(name, arm["episodes_per_s_median"], arm["episodes_per_s_best"],
+                 "#d62728" if name.startswith("trl") else "#1f77b4")
+                for name, arm in arms.items() if "episodes_per_s_median" in arm]
+        groups.append((f"PPO update, {comp} comparison (episodes/s; red = TRL 1.12)", bars))
+    for precision, batches in result.get("sampling", {}).items():
+        if not isinstance(batches, dict) or not all(isinstance(v, dict) for v in batches.values()):
+            continue
+        bars = []
+        for batch, rowd in batches.items():
+            for name in ("transformers_generate", "tokencredit_plain", "tokencredit_static"):
+                r = rowd[name]
+                bars.append((f"batch {batch}: {name}", r["tokens_per_s_median"], r["tokens_per_s_best"],
+                             "#d62728" if name == "transformers_generate" else "#2ca02c"))
+        groups.append((f"sampling alone, {precision} (new tokens/s)", bars))
+    shapes = result["shapes"]
+    title = (f"SmolLM2-135M PPO on {result['nproc']} CPU cores ({result['cpu']}): batch {shapes['batch']}, "
+             f"{shapes['prompt_tokens']}+{shapes['new_tokens']} tokens, {shapes['ppo_epochs']} epochs")
+    return svg_bars(groups, title, "")
+
+
 def main() -> int:
     """Write an SVG for each results file present."""
-    for name, chart in (("ser_hh_harmless", ser_chart), ("fg_qa_feedback", fg_chart)):
+    for name, chart in (("ser_hh_harmless", ser_chart), ("fg_qa_feedback", fg_chart),
+                        ("cpu_ppo_throughput", cpu_throughput_chart)):
         path = RESULTS / f"{name}.json"
         if path.exists():
             (RESULTS / f"{name}.svg").write_text(chart(json.loads(path.read_text())) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,8 +76,17 @@ def run_trl_ppo(
     dtype: torch.dtype,
     device: str,
     output_dir: str,
+    models: tuple[torch.nn.Module, ...] | None = None,
+    mixed_precision: str = "no",
+    time_phases: bool = False,
 ) -> dict[str, Any]:
-    """Time TRL PPOTrainer updates on random-init Llama policy, reference, value and reward models."""
+    """Time TRL PPOTrainer updates on random-init Llama policy, reference, value and reward models.
+
+    `models` = (policy, reference, value model, reward model) already built (e.g. from real weights) instead of
+    random ones from `model_config`. `mixed_precision="bf16"` makes TRL's Accelerator autocast the trained models'
+    forward passes (fp32 weights). `time_phases` adds seconds per update spent in sampling, the reference forward,
+    the value forward, the reward model and (the rest) optimisation, by timing TRL's own module-level helpers.
+    """
     import trl
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, TrainerCallback
     from transformers import set_seed as hf_set_seed
@@ -97,11 +107,14 @@ def run_trl_ppo(
         with torch.device(device):
             return auto_cls.from_config(cfg, dtype=dtype)
 
-    # Policy and reference share a seed, so they start identical as after SFT.
-    policy = build(AutoModelForCausalLM, seed)
-    ref_policy = build(AutoModelForCausalLM, seed)
-    value_model = build(AutoModelForSequenceClassification, seed + 1, num_labels=1)
-    reward_model = build(AutoModelForSequenceClassification, seed + 2, num_labels=1)
+    if models is not None:
+        policy, ref_policy, value_model, reward_model = models
+    else:
+        # Policy and reference share a seed, so they start identical as after SFT.
+        policy = build(AutoModelForCausalLM, seed)
+        ref_policy = build(AutoModelForCausalLM, seed)
+        value_model = build(AutoModelForSequenceClassification, seed + 1, num_labels=1)
+        reward_model = build(AutoModelForSequenceClassification, seed + 2, num_labels=1)
 
     rows = _prompt_rows(prompts, tokenizer, batch_size, prompt_len, config.vocab_size, seed)
     # PPOTrainer only takes len() of the dataset and indexes it through a DataLoader, so a list of rows will do. A
@@ -158,6 +171,13 @@ def run_trl_ppo(
     if on_cuda:
         # Reset after the four models exist, so the peak counts their weights plus optimiser state and activations.
         torch.cuda.reset_peak_memory_stats()
+    if mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16' (got {mixed_precision!r})")
+    # PPOTrainer builds its Accelerator without a mixed_precision argument, so accelerate reads this variable.
+    previous_mp = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = mixed_precision
+    phase_totals: dict[str, float] = {}
+    restore = _time_trl_phases(phase_totals, reward_model, device) if time_phases else (lambda: None)
     trainer = PPOTrainer(
         args=args,
         processing_class=tokenizer,
@@ -174,7 +194,23 @@ def run_trl_ppo(
     for cb in list(trainer.callback_handler.callbacks):
         if type(cb).__name__ in ("PrinterCallback", "ProgressCallback"):
             trainer.remove_callback(cb)
-    trainer.train()
+    phase_log: list[dict[str, float]] = []
+
+    class _PhaseSnapshot(TrainerCallback):
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            phase_log.append(dict(phase_totals))
+            phase_totals.clear()
+
+    if time_phases:
+        trainer.add_callback(_PhaseSnapshot())
+    try:
+        trainer.train()
+    finally:
+        restore()
+        if previous_mp is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = previous_mp
 
     timed = durations[warmup_updates:]
     if len(timed) != num_updates:
@@ -188,7 +224,45 @@ def run_trl_ppo(
         "updates_timed": len(timed),
         "trl_version": trl.__version__,
         "mixed_precision": trainer.accelerator.mixed_precision,
+        "update_seconds": timed,
+        "phases": phase_log[warmup_updates:] if time_phases else None,
     }
+
+
+def _time_trl_phases(totals: dict[str, float], reward_model: torch.nn.Module, device: str) -> Any:
+    """Wrap TRL's batch_generation / forward / get_reward to add their seconds to totals; returns an undo function.
+
+    No-grad `forward` calls are the reference pass (TRL reuses the sampling logits for old log-probs); `get_reward`
+    on the reward model is scoring, on anything else the value pass. Forward passes with gradients are optimisation.
+    """
+    from trl.experimental.ppo import ppo_trainer as mod
+
+    originals = {name: getattr(mod, name) for name in ("batch_generation", "forward", "get_reward")}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if name == "forward" and torch.is_grad_enabled():
+                return fn(*args, **kwargs)
+            if name == "get_reward":
+                phase = "reward" if args[0] is reward_model else "values"
+            else:
+                phase = {"batch_generation": "sampling", "forward": "reference"}[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(device)
+            totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - t0
+            return out
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(mod, name, timed(name, fn))
+
+    def restore() -> None:
+        for name, fn in originals.items():
+            setattr(mod, name, fn)
+
+    return restore
 
 
 def main() -> None:

@@ -131,3 +131,22 @@ def test_encode_prompts_keeps_the_limit_below_the_tokenizers_special_tokens():
         assert ids[0, -1].item() == bert.sep_token_id  # the end of the prompt is what is kept
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         encode_prompts(bert, ["a b c"], max_length=0)
+
+
+def test_sample_next_draws_from_the_softmax_and_never_a_filtered_token():
+    from tokencredit.generation import sample_next
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0, -20.0])
+    scores = logits.repeat(20000, 1)
+    gen = torch.Generator().manual_seed(0)
+    tok, logp = sample_next(scores, greedy=False, temperature=1.0, top_k=0, top_p=1.0, generator=gen)
+    freq = torch.bincount(tok, minlength=6).float() / len(tok)
+    torch.testing.assert_close(freq, logits.softmax(-1), atol=0.012, rtol=0)
+    torch.testing.assert_close(logp, logits.log_softmax(-1)[tok])
+    tok, _ = sample_next(scores, greedy=False, temperature=1.0, top_k=2, top_p=1.0, generator=gen)
+    assert set(tok.tolist()) == {0, 4}, "top-k filtered tokens are never drawn"
+    again, _ = sample_next(scores[:50], greedy=False, temperature=0.7, top_k=0, top_p=1.0,
+                           generator=torch.Generator().manual_seed(3))
+    same, _ = sample_next(scores[:50], greedy=False, temperature=0.7, top_k=0, top_p=1.0,
+                          generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, same), "seeded"

@@ -1,3 +1,4 @@
+import copy
 import math
 import os
 import signal
@@ -454,3 +455,54 @@ def test_mixed_precision_auto_follows_the_hardware(tmp_path, monkeypatch):
     assert precision.resolve_mixed_precision("no", "cpu") is None
     with pytest.raises(ValueError, match="mixed_precision"):
         cfg(tmp_path, mixed_precision="fp8").validate()
+
+
+def test_first_epoch_forward_is_used_only_for_the_batch_it_was_computed_for(tmp_path):
+    model, tok = make()
+    trainer = PPOTrainer(cfg(tmp_path, mini_batch_size=16, ppo_epochs=1), policy=model, tokenizer=tok,
+                         prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    calls = []
+    trainer.policy.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    batches = []
+    for update in range(2):
+        idx = trainer.batch_indices(update)
+        prompts = [PROMPTS[i] for i in idx]
+        batches.append(trainer.make_batch(prompts, trainer.rollout(prompts), torch.tensor(idx))[0])
+    calls.clear()
+    trainer.optimize(batches[0])  # the pending forward belongs to batches[1]: recompute
+    assert calls == [True]
+    idx = trainer.batch_indices(2)
+    prompts = [PROMPTS[i] for i in idx]
+    batch = trainer.make_batch(prompts, trainer.rollout(prompts), torch.tensor(idx))[0]
+    calls.clear()
+    trainer.optimize(batch)  # its own pending forward: no new policy pass
+    assert calls == []
+
+
+def test_shared_critic_learns_and_resumes_like_an_uninterrupted_run(tmp_path):
+    """The value head on the policy's trunk: rewards rise, values are learned, and a resumed run is the same run."""
+    kw = dict(num_updates=8, ppo_epochs=4, shared_critic=True, mini_batch_size=16, save_every=4)
+    trainer, history = _run(tmp_path, "shared", **kw)
+    assert not any(isinstance(m, type(trainer.policy)) for m in trainer.critic.modules()), "no second backbone"
+    assert sum(h["reward/mean"] for h in history[-3:]) > sum(h["reward/mean"] for h in history[:3]) + 1.5
+    assert abs(history[-1]["values/mean"]) > 1e-3
+    model, tok = make()
+    with pytest.raises(ValueError, match="shared_critic"):
+        PPOTrainer(cfg(tmp_path, shared_critic=True), policy=model, tokenizer=tok, prompts=PROMPTS,
+                   reward_fn=count_a_per_token(tok), critic=copy.deepcopy(trainer.critic))
+    # the same run cut after 4 updates and resumed from its checkpoint
+    part, _ = _run(tmp_path, "cut", **{**kw, "num_updates": 4})
+    model, tok = make()
+    resumed = PPOTrainer(cfg(tmp_path, output_dir=str(tmp_path / "cut"), resume=True, **kw), policy=model,
+                         tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok))
+    resumed.train()
+    torch.testing.assert_close(resumed.critic.head.weight, trainer.critic.head.weight, atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(trainer.policy.named_parameters(), resumed.policy.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_critic_without_the_first_epoch_forward_scores_values_from_the_policy(tmp_path):
+    kw = dict(num_updates=2, shared_critic=True, mini_batch_size=16)
+    fused = _run(tmp_path, "fused", **kw)
+    plain = _run(tmp_path, "plain", reuse_first_epoch_forward=False, **kw)
+    _assert_same_runs(plain, fused, keys=("reward/mean", "kl/mean", "loss/policy", "loss/value", "values/mean"))

@@ -40,7 +40,7 @@ def make(seed=0):
 
 def cfg(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "run"), batch_size=8, max_steps=3, learning_rate=1e-2, progress=False,
-                log_tensorboard=False, save_every=1000)
+                log_tensorboard=False, save_every=1000, mixed_precision="no")
     base.update(kw)
     return SFTConfig(**base)
 
@@ -308,3 +308,24 @@ def test_cli_sft_querygen_task_renders_sessions(cli_setup, tmp_path):
     builtin_prompts, builtin_targets = load_sft_data(SFTRunConfig(task="querygen", max_examples=2))
     assert len(builtin_prompts) == 2 and all(builtin_targets)
     assert main(["sft", "--config", str(cli_setup / "run.yaml"), "task=qg"]) == 2
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_lora_sft_learns_in_both_precisions_and_keeps_fp32_adapters(tmp_path, precision):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = make()
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    trainer = SFTTrainer(cfg(tmp_path, max_steps=20, learning_rate=3e-2, mixed_precision=precision), policy=policy,
+                         tokenizer=tok,
+                         prompts=PROMPTS, responses=RESPONSES)
+    assert trainer.amp_dtype == (torch.bfloat16 if precision == "bf16" else None)
+    history = trainer.train()
+    assert history[-1]["loss"] < 0.9 * history[0]["loss"], (history[0]["loss"], history[-1]["loss"])
+    # autocast computes in bf16; the weights themselves (adapters and the frozen base) keep their dtype
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+
+def test_sft_config_rejects_an_unknown_precision(tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision"):
+        cfg(tmp_path, mixed_precision="fp16").validate()

@@ -32,6 +32,7 @@ from tokencredit.models import (
     quiet_saves,
     train_top_layers,
 )
+from tokencredit.precision import validate_mixed_precision
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class DemoConfig:
     judge: str | None = None
     judge_model: str = "smollm2-135m-instruct"  # the model name the endpoint serves (URL judges)
     judge_api_key_env: str = "OPENAI_API_KEY"
+    # Every training stage (SFT, reward model, PPO) in bf16 autocast with fp32 trainable weights where bf16 matmuls
+    # are native ("auto"), always ("bf16") or never ("no"). See tokencredit.precision.
+    mixed_precision: str = "auto"
 
     # SFT
     sft_epochs: int = 1
@@ -91,6 +95,7 @@ class DemoConfig:
         unknown = set(self.policies) - {"sft", "tppo", "ppo_sequence"}
         if unknown or "sft" not in self.policies:
             raise ValueError(f"policies must include 'sft' and be among sft, tppo, ppo_sequence (got {self.policies})")
+        validate_mixed_precision(self.mixed_precision)
         if self.judge is not None and not (self.judge.startswith(("http://", "https://", "hf:"))):
             raise ValueError(f"judge must be an http(s) base URL or 'hf:MODEL' (got {self.judge!r})")
 
@@ -212,7 +217,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
         policy = load_policy(model_name, lora=lora)
         SFTTrainer(
             SFTConfig(output_dir=str(sft.dir), seed=cfg.seed, num_epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
-                      learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False),
+                      learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False,
+                      mixed_precision=cfg.mixed_precision),
             policy=policy, tokenizer=tokenizer, prompts=train_prompts, responses=[s.target_query for s in train],
         ).train()
         merged = policy.merge_and_unload()
@@ -270,7 +276,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         history = train_token_reward_model(
             rm, TokenRMConfig(output_dir=str(rm_stage.dir), seed=cfg.seed, num_epochs=cfg.rm_epochs,
                               batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, progress=True,
-                              balance_labels=True),
+                              balance_labels=True, mixed_precision=cfg.mixed_precision),
             token_examples=examples, pairs=pairs,
         )
         rm_stage.finish({"examples": len(examples), "pairs": len(pairs), "eval": history[-1].get("eval", {})})
@@ -295,7 +301,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
                           critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
                           max_new_tokens=cfg.max_new_tokens, save_every=2, resume=cfg.resume,
-                          log_tensorboard=False, reuse_sampling_logprobs=True),
+                          log_tensorboard=False, reuse_sampling_logprobs=True,
+                          mixed_precision=cfg.mixed_precision),
                 policy=policy, tokenizer=tokenizer, prompts=train_prompts, reward_fn=rm.as_reward_fn(kind),
                 critic=critic,
             ).train()

@@ -14,6 +14,13 @@ import torch
 from torch import nn
 
 from tokencredit.config import save_config
+from tokencredit.precision import (
+    autocast,
+    make_adamw,
+    resolve_mixed_precision,
+    tune_cpu_allocator,
+    validate_mixed_precision,
+)
 from tokencredit.runs import MetricsLogger
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict[str, float]]]
@@ -32,6 +39,7 @@ def validate_fit_config(config: object) -> None:
         raise ValueError(f"max_grad_norm must be > 0 or None (got {config.max_grad_norm})")
     if not 0 <= config.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1) (got {config.eval_fraction})")
+    validate_mixed_precision(getattr(config, "mixed_precision", "no"))
 
 
 def fit(
@@ -50,7 +58,13 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the reward model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    device = params[0].device
+    # Reward-model configs carry mixed_precision like the trainers; an older or custom config means full precision.
+    amp_dtype = resolve_mixed_precision(getattr(config, "mixed_precision", "no"), device)
+    if device.type == "cpu" and getattr(config, "tune_allocator", False):
+        tune_cpu_allocator()
+    optimizer = make_adamw([{"params": params}], lr=config.learning_rate, weight_decay=config.weight_decay,
+                           fused=True)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun in the same folder starts a fresh log
@@ -68,7 +82,8 @@ def fit(
                 for batch in epochs(epoch):
                     model.train()
                     optimizer.zero_grad(set_to_none=True)
-                    loss, stats = loss_fn(batch)
+                    with autocast(device, amp_dtype):
+                        loss, stats = loss_fn(batch)
                     stats["optim/skipped_nonfinite"] = 0
                     if torch.isfinite(loss):
                         loss.backward()

@@ -271,6 +271,8 @@ class PGGRMConfig:
     aggregator: Aggregator = "avg"  # the paper's ablation found avg best and sum worst on uneven lengths
     beta: float = 2.0  # temperature of the soft-max / soft-min aggregators
     max_grad_norm: float | None = 1.0
+    # bf16 autocast with fp32 trainable weights; "auto" = bf16 where bf16 matmuls are native (AMX, bf16 GPUs)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     eval_fraction: float = 0.1  # share of the ranked lists held out for the final eval
     progress: bool = True
     log_tensorboard: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -99,6 +100,8 @@ class SeqRMConfig:
     weight_decay: float = 0.0
     max_length: int = 512  # prompt + response tokens; responses keep their start, prompts their end
     max_grad_norm: float | None = 1.0  # None = no clipping
+    # bf16 autocast with fp32 trainable weights; "auto" = bf16 where bf16 matmuls are native (AMX, bf16 GPUs)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     eval_fraction: float = 0.1  # pairs held out for the final eval (0 = none)
     progress: bool = True
     log_tensorboard: bool = False

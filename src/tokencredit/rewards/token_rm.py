@@ -345,6 +345,8 @@ class TokenRMConfig:
     # when an edit has no separate chosen text.
     edit_bt_weight: float = 0.0
     max_grad_norm: float | None = 1.0  # None = no clipping
+    # bf16 autocast with fp32 trainable weights; "auto" = bf16 where bf16 matmuls are native (AMX, bf16 GPUs)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     eval_fraction: float = 0.1  # share of each kind of data held out for the final eval
     progress: bool = True  # progress bar
     log_tensorboard: bool = False  # scalars to output_dir/tensorboard when tensorboard is installed

@@ -24,6 +24,13 @@ from torch import nn
 
 from tokencredit.config import ConfigError, config_to_dict, save_config
 from tokencredit.models import LoraSettings, apply_chat, load_policy_weights, quiet_saves, resolve_device
+from tokencredit.precision import (
+    autocast,
+    make_adamw,
+    resolve_mixed_precision,
+    tune_cpu_allocator,
+    validate_mixed_precision,
+)
 from tokencredit.records import RecordError, read_jsonl
 from tokencredit.rl.rollout import response_logits, token_logprobs
 from tokencredit.runs import (
@@ -62,6 +69,10 @@ class SFTConfig:
     max_length: int = 512  # prompt + response tokens; prompts lose their beginning so the response always fits
 
     # --- optimisation ---
+    # bf16 autocast with fp32 trainable weights; "auto" = bf16 where bf16 matmuls are native (see PPOConfig)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    fused_optimizer: bool = True  # AdamW's fused kernel where torch has it
+    tune_allocator: bool = False  # CPU + glibc: keep freed buffers in the process (see PPOConfig)
     learning_rate: float = 2e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.0
     warmup_steps: int = 0  # the LR rises linearly over these first steps: step k uses lr * k / warmup_steps
@@ -86,6 +97,7 @@ class SFTConfig:
             raise ValueError("learning_rate must be > 0, weight_decay and warmup_steps >= 0")
         if self.lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule must be 'constant' or 'linear' (got {self.lr_schedule!r})")
+        validate_mixed_precision(self.mixed_precision)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None (got {self.max_grad_norm})")
 
@@ -240,7 +252,11 @@ class SFTTrainer:
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.amp_dtype = resolve_mixed_precision(config.mixed_precision, self.device)
+        if config.tune_allocator and self.device.type == "cpu":
+            tune_cpu_allocator()
+        self.optimizer = make_adamw([{"params": self.params}], lr=config.learning_rate,
+                                    weight_decay=config.weight_decay, fused=config.fused_optimizer)
         self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
         self.total_steps = config.max_steps or config.num_epochs * self.steps_per_epoch
         warmup, total, schedule = config.warmup_steps, self.total_steps, config.lr_schedule
@@ -316,7 +332,8 @@ class SFTTrainer:
             batch = collate_examples(examples[start : start + micro], self.pad_id, self.device)
             # Divide by the tokens of the whole step, so every response token weighs the same however the step
             # is split into micro-batches (a per-micro-batch mean would favour short responses).
-            loss = response_nll(self.policy, batch).sum() / n_tokens
+            with autocast(self.device, self.amp_dtype):
+                loss = response_nll(self.policy, batch).sum() / n_tokens
             loss.backward()
             loss_sum += loss.item()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
