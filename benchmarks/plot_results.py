@@ -50,16 +50,18 @@ def _esc(text: str) -> str:
 
 def svg_bars(groups: list[tuple[str, list[tuple[str, float, float | None, str]]]], title: str, unit: str,
              width: int = 760) -> str:
-    """Horizontal bars in titled groups: (label, value, best or None, colour) per bar; value printed at the end."""
+    """Horizontal bars in titled groups, each group on its own scale: (label, value, best or None, colour) per bar;
+    the value is printed at the end and the best value drawn as a tick."""
     row, label_w, top = 18, 300, 34
     height = top + sum(len(bars) * row + 26 for _, bars in groups) + 10
-    vmax = max((max(v, b or 0) for _, bars in groups for _, v, b, _ in bars), default=1.0) or 1.0
-    scale = (width - label_w - 90) / vmax
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
            f'<text x="10" y="20" font-size="14" font-weight="bold">{_esc(title)}</text>']
     y = top
     for name, bars in groups:
+        # each group on its own scale: episodes/s and tokens/s differ by two orders of magnitude
+        vmax = max((max(v, b or 0) for _, v, b, _ in bars), default=1.0) or 1.0
+        scale = (width - label_w - 90) / vmax
         out.append(f'<text x="10" y="{y + 14}" font-weight="bold">{_esc(name)}</text>')
         y += 22
         for label, value, best, colour in bars:

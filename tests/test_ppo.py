@@ -506,3 +506,10 @@ def test_shared_critic_without_the_first_epoch_forward_scores_values_from_the_po
     fused = _run(tmp_path, "fused", **kw)
     plain = _run(tmp_path, "plain", reuse_first_epoch_forward=False, **kw)
     _assert_same_runs(plain, fused, keys=("reward/mean", "kl/mean", "loss/policy", "loss/value", "values/mean"))
+
+
+def test_static_decoder_and_shared_critic_run_under_bf16(tmp_path):
+    trainer, history = _run(tmp_path, "static-bf16", num_updates=2, mixed_precision="bf16", rollout_backend="static",
+                            shared_critic=True, mini_batch_size=16)
+    assert trainer.amp_dtype == torch.bfloat16
+    assert all(math.isfinite(h["loss/total"]) and h["optim/steps"] == 2 for h in history)
