@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Supervised fine-tuning: mean NLL of the response tokens. Needs data=FILE.jsonl.", "resume=true")
     demo = _config_command(
         sub, "demo", "DemoConfig", "TPPO query generation end to end: SFT, labels, token reward model, TPPO vs "
-        "sequence PPO", "The TPPO query-generation demo on the built-in sessions and model (about 10 minutes on 2 "
+        "sequence PPO", "The TPPO query-generation demo on the built-in sessions and model (about 5 minutes on 2 "
         "CPU cores). Writes summary.json and report.html to --output.", "ppo_updates=10")
     demo.add_argument("--model", help="policy and reward-model backbone (built-in name, folder or cached hub id)")
     demo.add_argument("--data", help="sessions .jsonl ({history: [{query, clicked}], target_query}); "

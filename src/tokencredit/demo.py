@@ -32,7 +32,7 @@ from tokencredit.models import (
     quiet_saves,
     train_top_layers,
 )
-from tokencredit.precision import validate_mixed_precision
+from tokencredit.precision import release_free_memory, validate_mixed_precision
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         tokenizer.save_pretrained(sft_model)
         sft.finish({"model": str(sft_model)})
         del policy, merged
+        release_free_memory()
     timings["sft"] = time.perf_counter() - t0
 
     # 2. Sample queries from the SFT policy and label their words (reference-based labeler by default).
@@ -259,6 +260,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
             stats["judge_unparseable_examples"] = labeler.stats.examples
         labels_stage.finish({"records": len(records), **stats})
         del policy
+        release_free_memory()
     records = [json.loads(line) for line in labels_path.read_text().splitlines() if line.strip()]
     timings["labels"] = time.perf_counter() - t0
 
@@ -281,6 +283,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         )
         rm_stage.finish({"examples": len(examples), "pairs": len(pairs), "eval": history[-1].get("eval", {})})
         del rm
+        release_free_memory()
     rm = TokenRewardModel.from_pretrained(rm_dir)
     timings["reward_model"] = time.perf_counter() - t0
 
@@ -308,6 +311,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
             ).train()
             stage.finish({"policy": str(stage.dir / "policy")})
             del policy, critic
+            release_free_memory()
         timings[name] = time.perf_counter() - t0
 
     # 5. Evaluate every policy on held-out sessions: greedy queries vs the true next query, and RM reward.
@@ -422,6 +426,7 @@ def _evaluate_policies(cfg: DemoConfig, root: Path, sft_model: Path, test: list,
                           [{"prompt": p, "prediction": t, "target": r}
                            for p, t, r in zip(prompts, texts, references)])
         del policy
+        release_free_memory()
     return summary, generations
 
 

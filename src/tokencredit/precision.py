@@ -138,3 +138,22 @@ def make_adamw(groups: list[dict], *, fused: bool, **kwargs: float) -> torch.opt
         except (RuntimeError, ValueError) as err:  # e.g. a device or dtype the fused kernel does not cover
             log.info("fused AdamW unavailable (%s); using the default implementation", err)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc), e.g. between pipeline stages.
+
+    Freed tensors stay in the process's heap; when one process runs several stages (the demo), each stage's peak
+    stacks on what the earlier ones left behind unless the free pages are returned.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+    import platform
+
+    gc.collect()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
