@@ -32,8 +32,6 @@ TRL and `datasets` are not dependencies: put their wheels in the git-ignored `.w
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -52,6 +50,7 @@ from tokencredit import PPOConfig, PPOTrainer  # noqa: E402
 from tokencredit.fastdecode import StaticKVDecoder  # noqa: E402
 from tokencredit.generation import generate  # noqa: E402
 from tokencredit.models import ScalarHeadModel, resolve_model  # noqa: E402
+from tokencredit.precision import release_free_memory  # noqa: E402
 
 OFF = dict(mixed_precision="no", fused_optimizer=False, reuse_first_epoch_forward=False,
            reuse_sampling_logprobs=False, rollout_backend="plain", tune_allocator=False, shared_critic=False)
@@ -86,18 +85,9 @@ ARMS = [
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _trim() -> None:
-    """Return freed heap to the OS, so the next arm's high-water mark starts near its own baseline."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def reset_peak_rss() -> None:
     """Reset this process's RSS high-water mark (Linux: writing 5 to clear_refs)."""
-    _trim()
+    release_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -197,7 +187,7 @@ def run_tokencredit_arm(path, tok, vocab, texts, rows, dtype, overrides, a) -> d
     out["allocator_tuned_in_process"] = _allocator_tuned()
     out["last_stats"] = {k: stats[k] for k in ("reward/mean", "kl/mean", "loss/policy", "loss/value")}
     del trainer, policy, reference, critic, reward
-    _trim()
+    release_free_memory()
     return out
 
 
@@ -224,7 +214,7 @@ def run_trl_arm(path, tok, vocab, rows, dtype, mixed_precision, a) -> dict:
     out["config"] = {"model_dtype": str(dtype).removeprefix("torch."), "accelerate_mixed_precision":
                      res["mixed_precision"], "trl_version": res["trl_version"]}
     del models
-    _trim()
+    release_free_memory()
     return out
 
 
@@ -280,7 +270,7 @@ def run_sampling(path, tok, vocab, a) -> dict:
                   {k: round(v["tokens_per_s_median"], 1) for k, v in row.items() if "tokens_per_s_median" in v},
                   flush=True)
         del model
-        _trim()
+        release_free_memory()
     # The autocast sampler against generate in fp32: the lever a user gets by default on this CPU.
     for batch in a.gen_batches:
         b = str(batch)

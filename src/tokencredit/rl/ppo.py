@@ -94,13 +94,13 @@ class PPOConfig:
     # every update (`pip install "tokencredit[vllm]"`, GPU only).
     rollout_backend: Literal["plain", "static", "vllm"] = "plain"
     cuda_graphs: bool = True  # static backend on CUDA: replay each decode step as a captured graph
+    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory the vLLM engine may take (KV cache included)
+
+    # --- optimisation ---
     # Forward passes (sampling, scoring, training) in bf16 under autocast, with fp32 trainable weights, optimiser
     # state, losses, log-probs and values; frozen weights (reference, LoRA base, frozen blocks) stored in bf16.
     # "auto" = "bf16" where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, bf16 GPUs), else "no".
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory the vLLM engine may take (KV cache included)
-
-    # --- optimisation ---
     learning_rate: float = 1e-5  # policy
     critic_learning_rate: float | None = None  # None = learning_rate
     weight_decay: float = 0.0
