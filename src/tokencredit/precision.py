@@ -17,14 +17,12 @@ import contextlib
 import gc
 import logging
 from collections.abc import Iterable
-from typing import Literal
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-MixedPrecision = Literal["auto", "no", "bf16"]
 CHOICES = ("auto", "no", "bf16")
 
 

@@ -18,7 +18,6 @@ from tokencredit.precision import (
     autocast,
     make_adamw,
     resolve_mixed_precision,
-    tune_cpu_allocator,
     validate_mixed_precision,
 )
 from tokencredit.runs import MetricsLogger
@@ -61,8 +60,6 @@ def fit(
     device = params[0].device
     # Reward-model configs carry mixed_precision like the trainers; an older or custom config means full precision.
     amp_dtype = resolve_mixed_precision(getattr(config, "mixed_precision", "no"), device)
-    if device.type == "cpu" and getattr(config, "tune_allocator", False):
-        tune_cpu_allocator()
     optimizer = make_adamw([{"params": params}], lr=config.learning_rate, weight_decay=config.weight_decay,
                            fused=True)
     out = Path(config.output_dir)

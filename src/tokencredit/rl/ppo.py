@@ -417,7 +417,6 @@ class PPOTrainer:
         t2 = time.perf_counter()
         if batch is None:
             log.warning("update %d skipped: %s", self.update_idx + 1, stats["skipped"])
-            self._first_forward = None
         else:
             stats.update(self.optimize(batch))
         stats["time/rollout"] = t1 - t0
@@ -515,6 +514,14 @@ class PPOTrainer:
             logprobs_t = first_forward[1].detach() * mask
             values_t = first_forward[2].detach() * mask
             clock.lap("time/first_forward")
+        elif cfg.shared_critic:
+            # The values come off the policy's trunk, so one policy pass gives old log-probs and values together.
+            passes = [self._forward((ids[rows], attn[rows], gen.response_ids[rows]))[1:]
+                      for rows in self._row_chunks(len(prompts))]
+            logprobs_t = (gen.logprobs.to(self.device) if cfg.reuse_sampling_logprobs
+                          else torch.cat([lp for lp, _ in passes])) * mask
+            values_t = torch.cat([v for _, v in passes]) * mask
+            clock.lap("time/values")
         else:
             with self._amp():
                 if cfg.reuse_sampling_logprobs:
@@ -524,13 +531,8 @@ class PPOTrainer:
                                             for rows in self._row_chunks(len(prompts))])
                 logprobs_t = logprobs_t * mask
                 clock.lap("time/logprobs")
-                if cfg.shared_critic:  # values need the policy's trunk: one more policy pass
-                    values_t = torch.cat([self._forward((ids[rows], attn[rows], gen.response_ids[rows]))[2]
-                                          for rows in self._row_chunks(len(prompts))])
-                else:
-                    values_t = torch.cat([response_values(self.critic, ids[rows], attn[rows], T)
-                                          for rows in self._row_chunks(len(prompts))])
-                values_t = values_t * mask
+                values_t = torch.cat([response_values(self.critic, ids[rows], attn[rows], T)
+                                      for rows in self._row_chunks(len(prompts))]) * mask
             clock.lap("time/values")
 
         kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator) * mask
