@@ -288,7 +288,7 @@ def test_cli_sft_errors_name_the_line(cli_setup, capsys):
     assert main([*args, "data=null"]) == 2
     assert "needs data" in capsys.readouterr().err
     assert main([*args, "max_length=3"]) == 2
-    assert "row 0" in capsys.readouterr().err
+    assert "data.jsonl:1: the response" in capsys.readouterr().err
     assert main([*args, "learning_rat=1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
 
@@ -302,10 +302,10 @@ def test_cli_sft_querygen_task_renders_sessions(cli_setup, tmp_path):
     from tokencredit.rl.sft import SFTRunConfig, load_sft_data
 
     cfg = SFTRunConfig(task="querygen", data=str(sessions), max_examples=3)
-    prompts, responses = load_sft_data(cfg, tiny_word_tokenizer(["a"]))
+    prompts, responses, _ = load_sft_data(cfg, tiny_word_tokenizer(["a"]))
     assert responses == ["c a", "c b", "c c"]
     assert prompts[1].endswith("1. a b\n   clicked: b b\nNext query:")  # no chat template: the plain form
-    builtin_prompts, builtin_targets = load_sft_data(SFTRunConfig(task="querygen", max_examples=2))
+    builtin_prompts, builtin_targets, _ = load_sft_data(SFTRunConfig(task="querygen", max_examples=2))
     assert len(builtin_prompts) == 2 and all(builtin_targets)
     assert main(["sft", "--config", str(cli_setup / "run.yaml"), "task=qg"]) == 2
 
@@ -329,3 +329,18 @@ def test_lora_sft_learns_in_both_precisions_and_keeps_fp32_adapters(tmp_path, pr
 def test_sft_config_rejects_an_unknown_precision(tmp_path):
     with pytest.raises(ValueError, match="mixed_precision"):
         cfg(tmp_path, mixed_precision="fp16").validate()
+
+
+def test_cli_lora_runs_with_the_same_seed_are_identical(cli_setup):
+    from safetensors.torch import load_file
+
+    args = ["sft", "--config", str(cli_setup / "run.yaml"), "max_steps=2", "lora={r: 4, alpha: 8}"]
+    weights = []
+    for run, seed in (("a", 3), ("b", 3), ("c", 4)):
+        torch.rand(17)  # the global RNG stream differs before each run, as it would between processes
+        assert main([*args, f"seed={seed}", f"output_dir={cli_setup / run}"]) == 0
+        weights.append(load_file(cli_setup / run / "policy" / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[2].keys() and weights[0]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0] if "lora_A" in k)

@@ -107,7 +107,7 @@ def run_ppo(cfg: PPORunConfig) -> list[dict]:
     if cfg.chat_template and tokenizer.chat_template:
         prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
     reward_fn = make_reward_fn(cfg.reward, tokenizer)
-    policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype)
+    policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype, seed=cfg.seed)
     critic = load_critic(cfg.critic_model, dtype=cfg.dtype) if cfg.critic_model else None
     trainer = PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, reward_fn=reward_fn,
                          critic=critic, reference_responses=refs)
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
     serve.add_argument("--served-name", help="the model name clients send (default: the folder or built-in name)")
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route (default: the "
+                                         "TOKENCREDIT_API_KEY environment variable, which keeps it out of ps)")
     return parser
 
 
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             from tokencredit.serve import ServeConfig, run_serve
 
             run_serve(ServeConfig(model=args.model, host=args.host, port=args.port, served_name=args.served_name,
-                                  device=args.device))
+                                  device=args.device, api_key=args.api_key))
         elif args.command == "demo":
             from tokencredit.demo import run_demo
 

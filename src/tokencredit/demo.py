@@ -214,7 +214,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     sft = _Stage(root, "sft", cfg.resume)
     sft_model = sft.dir / "merged"
     if not sft.done:
-        policy = load_policy(model_name, lora=lora)
+        policy = load_policy(model_name, lora=lora, seed=cfg.seed)
         SFTTrainer(
             SFTConfig(output_dir=str(sft.dir), seed=cfg.seed, num_epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
                       learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False,
@@ -274,7 +274,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
                     for r in records if r["response"]]
         pairs = _pairs_from_labels(records)
         rm = TokenRewardModel.from_pretrained(
-            sft_model, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers))
+            sft_model, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers), seed=cfg.seed)
         history = train_token_reward_model(
             rm, TokenRMConfig(output_dir=str(rm_stage.dir), seed=cfg.seed, num_epochs=cfg.rm_epochs,
                               batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, progress=True,
@@ -295,7 +295,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         t0 = time.perf_counter()
         stage = _Stage(root, name, cfg.resume)
         if not stage.done:
-            policy = load_policy(sft_model, lora=dataclasses.replace(lora, top_layers=top_layers))
+            policy = load_policy(sft_model, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
             # The value model starts from the reward model's weights.
             critic = train_top_layers(load_critic(rm_dir), top_layers)
             PPOTrainer(

@@ -303,21 +303,33 @@ def train_top_layers(model: nn.Module, n: int | None) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Draw fresh weights from ``seed`` without touching the caller's torch RNG stream."""
+    # Adapters are built before a trainer seeds itself; without this, two runs with the same seed start
+    # from different LoRA weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_policy(
     name_or_path: str | Path,
     lora: LoraSettings | None = None,
     adapter: str | Path | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    seed: int = 0,
 ) -> PreTrainedModel:
-    """Load a causal LM (eval mode), optionally with fresh LoRA adapters or a saved trainable adapter."""
+    """Load a causal LM (eval mode), optionally with fresh LoRA adapters (drawn from ``seed``) or saved ones."""
     if lora is not None and adapter is not None:
         raise ValueError("Pass either lora (new adapters) or adapter (saved adapters), not both.")
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=_as_dtype(dtype))
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(model, lora))
+        with seeded_init(seed):
+            model = get_peft_model(model, lora_config(model, lora))
     elif adapter is not None:
         from peft import PeftModel
 

@@ -19,6 +19,7 @@ torch and numpy are imported inside the functions that need them, so that loadin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,6 +89,78 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(dirpath)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the folder and why."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint with a missing, truncated or unreadable file; resuming may fall back to an older one."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holding objects other than tensors and plain data: refused, never unpickled."""
+
+
+def save_trainer_state(path: str | Path, state: dict) -> None:
+    """Write trainer state (tensors, numbers, strings, lists, tuples, dicts) for :func:`load_trainer_state`."""
+    import torch
+
+    torch.save(state, path)
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    """Read a file from :func:`save_trainer_state` with the weights-only unpickler: it cannot run code.
+
+    A file that names any Python object to build (a class, a function) is refused with
+    :class:`UnsafeCheckpointError`; a missing, truncated or garbled one raises :class:`DamagedCheckpointError`.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedCheckpointError(f"{path} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(str(exc))
+        # The weights-only unpickler names the global it blocked; any other refusal is a garbled stream.
+        if "GLOBAL" in reason:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it asks to build Python objects, not only tensors and plain data "
+                f"({reason}). tokencredit never writes such a file; it was changed by someone or written by "
+                "another program (or by tokencredit < 0.2, whose RNG state held numpy arrays). Loading it could "
+                "run code, so it was not unpickled. Delete the checkpoint (or the run folder) to start over."
+            ) from exc
+        raise DamagedCheckpointError(f"{path} is damaged: {reason}") from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise DamagedCheckpointError(f"{path} is damaged or truncated: {exc}") from exc
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(f"{path} holds a {type(state).__name__}, not trainer state")
+    return state
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of torch's weights-only refusal that says what was refused (the rest is boilerplate)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running",
+                   "In PyTorch")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return useful[-1] if useful else (lines[0] if lines else "unreadable")
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: str | Path, what: str) -> Iterator[None]:
+    """Turn any failure to read ``what`` from checkpoint ``path`` into a :class:`DamagedCheckpointError`."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors, transformers and torch each raise their own types for a bad file
+        raise DamagedCheckpointError(f"{path}: {what} could not be read ({type(exc).__name__}: {exc})") from exc
+
+
 def checkpoint_to_resume(checkpoints: CheckpointManager, resume: bool, run_dir: str | Path) -> Path | None:
     """The newest checkpoint when ``resume`` is set, else None (warning when resume finds none)."""
     if not resume:
@@ -95,6 +169,37 @@ def checkpoint_to_resume(checkpoints: CheckpointManager, resume: bool, run_dir: 
     if ckpt is None:
         logging.getLogger("tokencredit").warning("resume=true but %s has no checkpoint; starting from scratch", run_dir)
     return ckpt
+
+
+def resume_newest_loadable(
+    checkpoints: CheckpointManager, resume: bool, run_dir: str | Path, load: Callable[[Path], None]
+) -> Path | None:
+    """Call ``load`` on the newest checkpoint that loads and return it (None: not resuming, or none saved).
+
+    A damaged checkpoint is moved aside to ``checkpoints/damaged-step-N`` with one warning and the next older
+    one is tried; an unsafe one (:class:`UnsafeCheckpointError`) stops the run, since someone changed the
+    folder. ``load`` must overwrite all trainer state, so a half-applied damaged checkpoint leaves no trace.
+    """
+    if checkpoints.latest() is None:
+        return checkpoint_to_resume(checkpoints, resume, run_dir)  # warns when resume finds nothing
+    if not resume:
+        return None
+    logger = logging.getLogger("tokencredit")
+    candidates = checkpoints.candidates()
+    for ckpt in candidates:
+        try:
+            load(ckpt)
+        except DamagedCheckpointError as exc:
+            aside = checkpoints.set_aside(ckpt)
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            logger.warning("could not resume from %s (%s); moved it to %s and trying the one before", ckpt.name,
+                           reason, aside.name)
+            continue
+        return ckpt
+    raise DamagedCheckpointError(
+        f"none of the {len(candidates)} checkpoints in {checkpoints.dir} could be loaded (moved to damaged-*); "
+        "resume=false starts the run over"
+    )
 
 
 class CheckpointManager:
@@ -155,6 +260,26 @@ class CheckpointManager:
         complete = self._complete()
         return complete[-1] if complete else None
 
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints to resume from, newest first (the one `latest` names leads)."""
+        found = self._complete()[::-1]
+        latest = self.latest()
+        if latest is not None and latest in found:
+            found.remove(latest)
+            found.insert(0, latest)
+        return found
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a checkpoint that failed to load to ``damaged-<name>`` (kept for inspection, never resumed)."""
+        aside = self.dir / f"damaged-{path.name}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.dir / f"damaged-{path.name}.{n}"
+        os.rename(path, aside)
+        _fsync_dir(self.dir)
+        return aside
+
     @staticmethod
     def step_of(path: Path) -> int:
         """Return the step number of a checkpoint folder such as ``checkpoints/step-00000012``."""
@@ -188,14 +313,15 @@ class CheckpointManager:
 def capture_rng_state() -> dict:
     """Return the state of Python's, numpy's and torch's (CPU and CUDA) random generators.
 
-    Save it with ``torch.save`` and read it back with ``torch.load(path, weights_only=False)``: the numpy
-    state holds an array that the weights-only unpickler refuses, and the file is one this run wrote itself,
-    so unpickling it runs no foreign code.
+    Only tensors, numbers and tuples, so that :func:`load_trainer_state` reads it back with the weights-only
+    unpickler: numpy's key array is stored as a tensor.
     """
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -207,7 +333,8 @@ def restore_rng_state(state: dict) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "torch_cuda" in state and torch.cuda.is_available():
         # Resuming on fewer GPUs than were saved: restore those that exist rather than fail.
@@ -335,18 +462,31 @@ def _parse_record(line: str) -> dict | None:
 
 
 def _repair_metrics(path: Path, resume_from_step: int | None) -> None:
-    """Keep only complete, parseable lines (and, when resuming, those with step <= resume_from_step)."""
+    """Keep only complete, parseable lines (and, when resuming, those with step <= resume_from_step).
+
+    A line that is not a metrics record (edited by hand, a disk error) is moved to ``metrics.jsonl.rejected``
+    with a warning naming its line numbers; only a torn last line, which a crash mid-write leaves, goes quietly.
+    """
     if not path.exists():
         return
     text = path.read_text(encoding="utf-8", errors="replace")
-    kept = []
-    for line in text.split("\n")[:-1]:  # the piece after the last newline is empty or torn
+    kept, rejected = [], []
+    for number, line in enumerate(text.split("\n")[:-1], start=1):  # after the last newline: empty or torn
         record = _parse_record(line)
         if record is None:
+            if line.strip():
+                rejected.append((number, line))
             continue
         if resume_from_step is not None and record["step"] > resume_from_step:
             continue
         kept.append(line + "\n")
+    if rejected:
+        with open(path.with_name(path.name + ".rejected"), "a", encoding="utf-8") as f:
+            f.writelines(f"{line}\n" for _, line in rejected)
+        numbers = ", ".join(str(n) for n, _ in rejected[:10]) + (" ..." if len(rejected) > 10 else "")
+        logging.getLogger("tokencredit").warning(
+            "%s: %d line(s) are not metrics records (line %s); moved to %s.rejected", path, len(rejected),
+            numbers, path.name)
     new_text = "".join(kept)
     # Even without a resume a torn last line must go: the next line would be appended onto it.
     if new_text != text:

@@ -90,7 +90,7 @@ def _train(cfg: EvolveConfig, pairs: list[PreferencePair], held: list[Preference
     """A fresh sequence RM from the backbone, trained on pairs and evaluated on held; returns the RM."""
     from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
 
-    rm = SequenceRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
+    rm = SequenceRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
     config = SeqRMConfig(output_dir=str(folder), seed=cfg.seed, num_epochs=cfg.num_epochs,
                          batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, max_length=cfg.max_length,
                          eval_fraction=0.0, progress=cfg.progress)

@@ -38,6 +38,7 @@ from tokencredit.models import (
     lora_config,
     resolve_device,
     resolve_model,
+    seeded_init,
 )
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.labels import (
@@ -61,8 +62,8 @@ def same_tokenizer(a: object, b: object) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-def _add_lora(model: ScalarHeadModel, lora: LoraSettings) -> None:
-    """Give the backbone fresh LoRA adapters in place; afterwards only adapters and head are trainable."""
+def _add_lora(model: ScalarHeadModel, lora: LoraSettings, seed: int = 0) -> None:
+    """Give the backbone fresh LoRA adapters (drawn from ``seed``) in place; then only adapters and head train."""
     from peft import get_peft_model
 
     config = lora_config(model.backbone, lora)
@@ -70,7 +71,8 @@ def _add_lora(model: ScalarHeadModel, lora: LoraSettings) -> None:
     config.task_type = "FEATURE_EXTRACTION"
     # Wrapping after ScalarHeadModel.__init__ keeps its position_ids check, made on the bare backbone's
     # signature; peft's wrapper forwards position_ids through **kwargs.
-    model.backbone = get_peft_model(model.backbone, config)
+    with seeded_init(seed):
+        model.backbone = get_peft_model(model.backbone, config)
     model.head.requires_grad_(True)
 
 
@@ -96,21 +98,23 @@ class TokenRewardModel:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_name: str | Path, lora: LoraSettings | None = None, dtype: torch.dtype | str = torch.float32
+        cls, path_or_name: str | Path, lora: LoraSettings | None = None, dtype: torch.dtype | str = torch.float32,
+        seed: int = 0,
     ) -> TokenRewardModel:
         """Load a saved TokenRewardModel folder, or any backbone (e.g. "smollm2-135m-instruct") with a zero head."""
         model = ScalarHeadModel.from_pretrained(path_or_name, dtype=dtype)
         info = resolve_model(path_or_name) / REWARD_INFO
         bounded = bool(json.loads(info.read_text()).get("bounded", False)) if info.is_file() else False
-        return cls.from_model(model, load_tokenizer(path_or_name), lora=lora, bounded=bounded)
+        return cls.from_model(model, load_tokenizer(path_or_name), lora=lora, bounded=bounded, seed=seed)
 
     @classmethod
     def from_model(
-        cls, model: ScalarHeadModel, tokenizer: object, lora: LoraSettings | None = None, bounded: bool = False
+        cls, model: ScalarHeadModel, tokenizer: object, lora: LoraSettings | None = None, bounded: bool = False,
+        seed: int = 0,
     ) -> TokenRewardModel:
-        """Wrap an in-memory ScalarHeadModel, optionally adding LoRA adapters to its backbone."""
+        """Wrap an in-memory ScalarHeadModel, optionally adding LoRA adapters (drawn from ``seed``)."""
         if lora is not None:
-            _add_lora(model, lora)
+            _add_lora(model, lora, seed)
         return cls(model, tokenizer, bounded=bounded)
 
     def save_pretrained(self, path: str | Path) -> None:

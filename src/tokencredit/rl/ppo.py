@@ -49,9 +49,12 @@ from tokencredit.runs import (
     CheckpointManager,
     MetricsLogger,
     capture_rng_state,
-    checkpoint_to_resume,
+    load_trainer_state,
     read_metrics,
+    reading_checkpoint,
     restore_rng_state,
+    resume_newest_loadable,
+    save_trainer_state,
 )
 
 log = logging.getLogger(__name__)
@@ -764,7 +767,8 @@ class PPOTrainer:
             self.critic.save_pretrained(tmp / "critic")
         n = len(self.prompts)
         epoch, offset = divmod(self.update_idx * self.config.batch_size, n)
-        torch.save(
+        save_trainer_state(
+            tmp / "trainer_state.pt",
             {
                 "update_idx": self.update_idx,
                 "optimizer": self.optimizer.state_dict(),
@@ -774,41 +778,43 @@ class PPOTrainer:
                 "shuffle_generator": self.shuffle_generator.get_state(),
                 "data_position": {"epoch": epoch, "offset": offset, "num_prompts": n},
             },
-            tmp / "trainer_state.pt",
         )
         return self.checkpoints.commit(self.update_idx)
 
     def _maybe_resume(self) -> bool:
-        """Load the newest checkpoint when config.resume is set and one exists."""
-        ckpt = checkpoint_to_resume(self.checkpoints, self.config.resume, self.run_dir)
+        """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged)."""
+        ckpt = resume_newest_loadable(self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
         if ckpt is None:
             return False
-        self.load_checkpoint(ckpt)
-        log.info("resumed from %s (update %d", ckpt, self.update_idx)
+        log.info("resumed from %s (update %d)", ckpt, self.update_idx)
         return True
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore trainer state written by save_checkpoint."""
+        """Restore trainer state written by save_checkpoint (weights-only: a checkpoint cannot run code)."""
         path = Path(path)
-        # Our own file, holding optimiser state and RNG states that are not plain tensors.
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        if state["data_position"]["num_prompts"] != len(self.prompts):
+        state = load_trainer_state(path / "trainer_state.pt")
+        with reading_checkpoint(path, "trainer_state.pt"):
+            num_prompts = state["data_position"]["num_prompts"]
+        if num_prompts != len(self.prompts):
             raise ValueError(
-                f"checkpoint {path} was made with {state['data_position']['num_prompts']} prompts, "
+                f"checkpoint {path} was made with {num_prompts} prompts, "
                 f"this run has {len(self.prompts)}; resume with the same prompts"
             )
-        load_policy_weights(self.policy, path / "policy")
-        if self.config.shared_critic:
-            self.critic.load_pretrained(path / "critic")
-        else:
-            loaded_critic = ScalarHeadModel.from_pretrained(path / "critic")
-            self.critic.load_state_dict(loaded_critic.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        restore_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
-        self.shuffle_generator.set_state(state["shuffle_generator"])
-        self.update_idx = int(state["update_idx"])
+        with reading_checkpoint(path, "policy weights"):
+            load_policy_weights(self.policy, path / "policy")
+        with reading_checkpoint(path, "critic weights"):
+            if self.config.shared_critic:
+                self.critic.load_pretrained(path / "critic")
+            else:
+                loaded_critic = ScalarHeadModel.from_pretrained(path / "critic")
+                self.critic.load_state_dict(loaded_critic.state_dict())
+        with reading_checkpoint(path, "trainer state"):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            restore_rng_state(state["rng"])
+            self.generator.set_state(state["generator"])
+            self.shuffle_generator.set_state(state["shuffle_generator"])
+            self.update_idx = int(state["update_idx"])
 
 
 

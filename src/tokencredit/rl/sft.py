@@ -37,9 +37,12 @@ from tokencredit.runs import (
     CheckpointManager,
     MetricsLogger,
     capture_rng_state,
-    checkpoint_to_resume,
+    load_trainer_state,
     read_metrics,
+    reading_checkpoint,
     restore_rng_state,
+    resume_newest_loadable,
+    save_trainer_state,
 )
 
 log = logging.getLogger(__name__)
@@ -129,9 +132,13 @@ class SFTBatch:
 
 
 def tokenize_examples(
-    tokenizer: object, prompts: Sequence[str], responses: Sequence[str], max_length: int
+    tokenizer: object, prompts: Sequence[str], responses: Sequence[str], max_length: int,
+    record_names: Sequence[str] | None = None,
 ) -> list[SFTExample]:
-    """Tokenize pairs; EOS ends every response, prompts keep their last tokens; a row that can't fit raises."""
+    """Tokenize pairs; EOS ends every response, prompts keep their last tokens; a row that can't fit raises.
+
+    ``record_names`` (e.g. "data.jsonl:12") name the rows in errors; without it a row is "row N".
+    """
     if isinstance(prompts, str) or isinstance(responses, str):
         raise ValueError("prompts and responses must be lists of strings, not one string")
     if len(prompts) != len(responses):
@@ -149,15 +156,18 @@ def tokenize_examples(
     prompt_ids = tokenizer(list(prompts))["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     examples = []
+    def name(row: int) -> str:
+        return record_names[row] if record_names is not None else f"row {row}"
+
     for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         r = [*r, eos]
         if len(r) >= max_length:
             raise ValueError(
-                f"row {row}: the response is {len(r)} tokens long (EOS included) but max_length={max_length} "
+                f"{name(row)}: the response is {len(r)} tokens long (EOS included) but max_length={max_length} "
                 "must leave room for at least one prompt token; shorten it or raise max_length"
             )
         if not p:
-            raise ValueError(f"row {row}: the prompt has no tokens; SFT predicts a response from its prompt")
+            raise ValueError(f"{name(row)}: the prompt has no tokens; SFT predicts a response from its prompt")
         examples.append(SFTExample(list(p)[-(max_length - len(r)):], r))
     return examples
 
@@ -238,12 +248,16 @@ class SFTTrainer:
         tokenizer: object,
         prompts: Sequence[str],
         responses: Sequence[str],
+        record_names: Sequence[str] | None = None,
     ) -> None:
-        """Tokenize the data and set up optimizer and LR schedule; `train()` runs (or resumes) the run."""
+        """Tokenize the data and set up optimizer and LR schedule; `train()` runs (or resumes) the run.
+
+        ``record_names`` (one per example, e.g. "data.jsonl:12") name bad examples in errors.
+        """
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
-        self.examples = tokenize_examples(tokenizer, prompts, responses, config.max_length)
+        self.examples = tokenize_examples(tokenizer, prompts, responses, config.max_length, record_names)
         self.pad_id = _pad_id(tokenizer)
         self.device = resolve_device(config.device)
 
@@ -377,7 +391,8 @@ class SFTTrainer:
         with quiet_saves():
             self.save_policy(tmp / "policy")
         epoch, batch_in_epoch = divmod(self.step_idx, self.steps_per_epoch)
-        torch.save(
+        save_trainer_state(
+            tmp / "trainer_state.pt",
             {
                 "step": self.step_idx,
                 "optimizer": self.optimizer.state_dict(),
@@ -386,36 +401,37 @@ class SFTTrainer:
                 "data_position": {"epoch": epoch, "batch": batch_in_epoch, "num_examples": len(self.examples),
                                   "batch_size": self.config.batch_size},
             },
-            tmp / "trainer_state.pt",
         )
         return self.checkpoints.commit(self.step_idx)
 
     def _maybe_resume(self) -> bool:
-        """Load the newest checkpoint when config.resume is set and one exists."""
-        ckpt = checkpoint_to_resume(self.checkpoints, self.config.resume, self.run_dir)
+        """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged)."""
+        ckpt = resume_newest_loadable(self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
         if ckpt is None:
             return False
-        self.load_checkpoint(ckpt)
-        log.info("resumed from %s (step %d", ckpt, self.step_idx)
+        log.info("resumed from %s (step %d)", ckpt, self.step_idx)
         return True
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore trainer state written by save_checkpoint."""
+        """Restore trainer state written by save_checkpoint (weights-only: a checkpoint cannot run code)."""
         path = Path(path)
-        # Our own file, holding optimizer state and RNG states that are not plain tensors.
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        saved = state["data_position"]
-        if (saved["num_examples"], saved["batch_size"]) != (len(self.examples), self.config.batch_size):
+        state = load_trainer_state(path / "trainer_state.pt")
+        with reading_checkpoint(path, "trainer_state.pt"):
+            saved = state["data_position"]
+            saved_shape = (saved["num_examples"], saved["batch_size"])
+        if saved_shape != (len(self.examples), self.config.batch_size):
             raise ValueError(
-                f"checkpoint {path} was made with {saved['num_examples']} examples and batch_size "
-                f"{saved['batch_size']}, this run has {len(self.examples)} and {self.config.batch_size}; "
+                f"checkpoint {path} was made with {saved_shape[0]} examples and batch_size "
+                f"{saved_shape[1]}, this run has {len(self.examples)} and {self.config.batch_size}; "
                 "resume with the same data and batch_size"
             )
-        load_policy_weights(self.policy, path / "policy")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        self.step_idx = int(state["step"])
+        with reading_checkpoint(path, "policy weights"):
+            load_policy_weights(self.policy, path / "policy")
+        with reading_checkpoint(path, "trainer state"):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            restore_rng_state(state["rng"])
+            self.step_idx = int(state["step"])
 
 
 def _progress(total: int, initial: int, enabled: bool) -> object | None:
@@ -454,8 +470,14 @@ class SFTRunConfig(SFTConfig):
             raise ValueError(f"task must be unset or 'querygen' (got {self.task!r})")
 
 
-def load_sft_data(cfg: SFTRunConfig, tokenizer: object | None = None) -> tuple[list[str], list[str]]:
-    """The (prompts, responses) a run config names, prompts rendered for ``tokenizer``; tasks plug in here."""
+def load_sft_data(
+    cfg: SFTRunConfig, tokenizer: object | None = None
+) -> tuple[list[str], list[str], list[str] | None]:
+    """(prompts, responses, record names) a run config names, prompts rendered for ``tokenizer``.
+
+    Record names ("file:line") let errors found later, such as a response longer than max_length, point at
+    the line; tasks plug in here.
+    """
     if cfg.task == "querygen":
         from tokencredit.tasks.querygen import PromptTemplate, builtin_sessions, load_sessions, render_prompt
 
@@ -465,10 +487,10 @@ def load_sft_data(cfg: SFTRunConfig, tokenizer: object | None = None) -> tuple[l
         # The task renders its own prompts (chat form or the plain "Next query:" form) exactly as the demo does.
         use_chat = cfg.chat_template and bool(getattr(tokenizer, "chat_template", None))
         prompts = [render_prompt(s, tokenizer, template, chat=use_chat) for s in sessions]
-        return prompts, [s.target_query for s in sessions]
+        return prompts, [s.target_query for s in sessions], None
     if cfg.data is None:
         raise ConfigError("sft needs data: a .jsonl file with one {prompt, response} object a line (data=...)")
-    prompts, responses = [], []
+    prompts, responses, names = [], [], []
     for lineno, obj in read_jsonl(cfg.data):
         prompt, response = obj.get(cfg.prompt_field), obj.get(cfg.response_field)
         if not isinstance(prompt, str) or not prompt.strip():
@@ -477,13 +499,14 @@ def load_sft_data(cfg: SFTRunConfig, tokenizer: object | None = None) -> tuple[l
             raise RecordError(f"{cfg.data}:{lineno}: field {cfg.response_field!r} must be a string")
         prompts.append(prompt)
         responses.append(response)
+        names.append(f"{cfg.data}:{lineno}")
         if cfg.max_examples is not None and len(prompts) == cfg.max_examples:
             break
     if not prompts:
         raise RecordError(f"{cfg.data}: no examples found")
     if tokenizer is not None and cfg.chat_template and getattr(tokenizer, "chat_template", None):
         prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
-    return prompts, responses
+    return prompts, responses, names
 
 
 def run_sft(cfg: SFTRunConfig) -> list[dict]:
@@ -491,9 +514,10 @@ def run_sft(cfg: SFTRunConfig) -> list[dict]:
     from tokencredit.models import load_policy, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    prompts, responses = load_sft_data(cfg, tokenizer)
-    policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype)
-    history = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses).train()
+    prompts, responses, names = load_sft_data(cfg, tokenizer)
+    policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype, seed=cfg.seed)
+    history = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses,
+                         record_names=names).train()
     if history:
         print(json.dumps({"steps": len(history), "first_loss": history[0].get("loss"),
                           "last_loss": history[-1].get("loss"), "run": str(cfg.output_dir)}))
