@@ -140,3 +140,20 @@ def test_errors_are_clear(setup, capsys):
     assert "data_format=edits" in capsys.readouterr().err
     assert main(["reward", "train", "token_loss=fancy", "data_format=edits", f"data={setup / 'edits.jsonl'}"]) == 2
     assert "token_loss must be one of" in capsys.readouterr().err
+
+
+def test_over_long_responses_are_named_by_line_or_cut_with_a_warning(setup, capsys, caplog):
+    pairs = [json.loads(line) for line in (setup / "pairs.jsonl").read_text().splitlines()]
+    pairs[6]["rejected"] = " ".join(["y"] * 40)
+    (setup / "long.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    args = ["reward", "train", f"model={setup / 'backbone'}", f"data={setup / 'long.jsonl'}", "max_length=16",
+            *common(setup, "long")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "long.jsonl:7: a response is 41 tokens long" in err and "long_records=truncate" in err
+    with caplog.at_level("WARNING"):
+        assert main([*args, "long_records=truncate", "num_epochs=1"]) == 0
+    assert any("long.jsonl:7" in r.getMessage() and "cut to fit" in r.getMessage() for r in caplog.records)
+    # More positions than the backbone has is refused up front, not an index error deep in a forward pass.
+    assert main([*args, "max_length=100000"]) == 2
+    assert "positions" in capsys.readouterr().err

@@ -300,3 +300,23 @@ def test_loaders_accept_a_hugging_face_dataset():
     assert error_of(load_pairs, bad) == "row 1: field 'rejected' must be a string, got int"
     with pytest.raises(TypeError, match=r"dataset\['train'\]"):
         load_pairs(datasets.DatasetDict(train=datasets.Dataset.from_list(PAIRS)))
+
+
+def test_file_errors_name_the_line_for_bytes_bom_and_nesting(tmp_path):
+    from tokencredit.records import load_prompts, read_jsonl
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9", "chosen": "b"}\n')
+    with pytest.raises(RewardDataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_pairs(path)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert load_pairs(bom)[0].chosen == "b"
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "a"}\n{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(RecordError, match="deep.jsonl:2"):
+        list(read_jsonl(deep))
+    txt = tmp_path / "prompts.txt"
+    txt.write_bytes(b"first\r\nsecond \xff\n")
+    with pytest.raises(RecordError, match=r"prompts.txt:2: not UTF-8"):
+        load_prompts(txt)

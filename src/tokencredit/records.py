@@ -11,22 +11,49 @@ class RecordError(ValueError):
     """A record file that cannot be used; the message names the file and line."""
 
 
+# One record line larger than this is refused: it is almost surely not a record (a binary file, a dump
+# without newlines), and reading it whole could exhaust memory before any other check runs.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded as UTF-8; a bad byte or an endless line names its line."""
+    with path.open("rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise RecordError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                                  "is this a JSONL file with one record a line?")
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecordError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                  f"{exc.start + 1}); save the file as UTF-8") from exc
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; a bad line raises RecordError naming it."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in _lines(path):
+        if lineno == 1 and line.startswith("\ufeff"):
+            line = line[1:]  # a byte-order mark, which some editors write, is not part of the record
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise RecordError(f"{path}:{lineno}: JSON nested too deeply") from exc
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def load_prompts(
@@ -37,7 +64,7 @@ def load_prompts(
     if path.suffix == ".txt":
         if not path.is_file():
             raise RecordError(f"{path}: no such file")
-        prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.rstrip("\r\n") for _, line in _lines(path) if line.strip()]
         if reference_field is not None:
             raise RecordError(f"{path}: a .txt prompt file has no fields; reference_field needs .jsonl")
         refs = None

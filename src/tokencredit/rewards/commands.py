@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,8 @@ from typing import Literal
 from tokencredit.config import ConfigError
 from tokencredit.models import LoraSettings
 from tokencredit.runs import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 # FG token-RM losses on minimal edits: name -> (bce_weight, bt_weight, span_bt_weight). "bt" is the only
 # token loss for pairs and ranked lists (they have no token labels).
@@ -53,6 +56,9 @@ class RewardRunConfig:
     batch_size: int = 8
     learning_rate: float = 1e-4
     max_length: int = 512  # prompt + response tokens seen in training (prompts lose their start first)
+    # a response longer than max_length - 1 tokens (EOS included): "error" names its file and line; "truncate"
+    # cuts it to fit (its end is then never seen, which can turn a preference into a tie) and warns
+    long_records: Literal["error", "truncate"] = "error"
     eval_fraction: float = 0.1
     token_loss: str | None = None  # kind=token: a TOKEN_LOSSES name; None = hybrid on edits, bt otherwise
     balance_labels: bool = True  # token RM BCE: good and bad tokens weigh equally
@@ -115,6 +121,50 @@ def token_loss_weights(cfg: RewardRunConfig) -> dict[str, float]:
             **TOKEN_LOSSES[name]}
 
 
+# Response fields of each data format (the default field names the loaders read).
+_RESPONSE_FIELDS = {"pairs": ("chosen", "rejected"), "edits": ("original", "edited", "chosen"),
+                    "ranked": ("responses",), "spans": ("response",)}
+
+
+def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None) -> None:
+    """Refuse (or, with long_records=truncate, warn about) responses that max_length would cut, by file:line."""
+    from tokencredit.records import read_jsonl
+    from tokencredit.rewards.data import RewardDataError
+
+    if cfg.long_records not in ("error", "truncate"):
+        raise ConfigError(f"long_records must be 'error' or 'truncate' (got {cfg.long_records!r})")
+    if positions is not None and cfg.max_length > positions:
+        raise ConfigError(f"max_length={cfg.max_length} is more than the {positions} positions of {cfg.model}; "
+                          f"use max_length <= {positions}")
+    if cfg.data is None:
+        return
+    where, texts = [], []
+    for count, (lineno, obj) in enumerate(read_jsonl(cfg.data)):
+        if cfg.max_examples is not None and count >= cfg.max_examples:
+            break
+        for name in _RESPONSE_FIELDS.get(cfg.data_format, ()):
+            values = obj.get(name)
+            for text in values if isinstance(values, list) else [values]:
+                if isinstance(text, str):
+                    where.append(lineno)
+                    texts.append(text)
+    if not texts:
+        return
+    keep = cfg.max_length - 1  # responses keep max_length - 1 tokens, EOS included: one is left for the prompt
+    lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    long = sorted({lineno: n for lineno, n in zip(where, lengths) if n > keep}.items())
+    if not long:
+        return
+    lines = ", ".join(str(lineno) for lineno, _ in long[:10]) + (" ..." if len(long) > 10 else "")
+    first, n = long[0]
+    message = (f"{cfg.data}:{first}: a response is {n} tokens long (EOS included) but max_length={cfg.max_length} "
+               f"keeps {keep}; {len(long)} record(s) in all (line {lines})")
+    if cfg.long_records == "error":
+        raise RewardDataError(f"{message}. Raise max_length, shorten those responses, or pass "
+                              "long_records=truncate to cut them (the cut-off ends are then never seen)")
+    log.warning("%s; cut to fit (long_records=truncate)", message)
+
+
 def reward_train(cfg: RewardRunConfig) -> dict:
     """Train the configured reward model; returns its held-out evaluation."""
     from tokencredit.rewards.pgg import PGGRMConfig, train_pgg_reward_model
@@ -131,13 +181,15 @@ def reward_train(cfg: RewardRunConfig) -> dict:
                   learning_rate=cfg.learning_rate, eval_fraction=cfg.eval_fraction, progress=cfg.progress,
                   max_length=cfg.max_length)
     if cfg.kind == "sequence":
-        rm = SequenceRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
+        rm = SequenceRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
+    else:
+        rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
+    check_lengths(cfg, rm.tokenizer, getattr(rm.model.backbone.config, "max_position_embeddings", None))
+    if cfg.kind == "sequence":
         history = train_sequence_reward_model(rm, SeqRMConfig(**common), data.pairs)
     elif cfg.kind == "pgg":
-        rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
         history = train_pgg_reward_model(rm, PGGRMConfig(**common, aggregator=cfg.aggregator), data.lists)
     else:
-        rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora)
         config = TokenRMConfig(**common, balance_labels=cfg.balance_labels, **weights)
         uses_edits = weights["span_bt_weight"] or weights["edit_bt_weight"]
         history = train_token_reward_model(rm, config,
