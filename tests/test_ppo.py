@@ -513,3 +513,13 @@ def test_static_decoder_and_shared_critic_run_under_bf16(tmp_path):
                             shared_critic=True, mini_batch_size=16)
     assert trainer.amp_dtype == torch.bfloat16
     assert all(math.isfinite(h["loss/total"]) and h["optim/steps"] == 2 for h in history)
+
+
+def test_prompt_plus_new_tokens_beyond_the_positions_is_refused_naming_the_prompt(tmp_path):
+    model, tok = make()
+    long_prompts = [*PROMPTS, " ".join(["a"] * 500)]
+    reward = count_a_per_token(tok)
+    with pytest.raises(ValueError, match="prompt 8 is 50[0-9] tokens .* 512 positions"):
+        PPOTrainer(cfg(tmp_path, max_new_tokens=20, max_prompt_length=None), model, tok, long_prompts, reward)
+    # Cut to max_prompt_length, the same prompts fit.
+    PPOTrainer(cfg(tmp_path, max_new_tokens=20, max_prompt_length=64), model, tok, long_prompts, reward)

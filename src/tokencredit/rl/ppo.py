@@ -307,6 +307,8 @@ class PPOTrainer:
             raise ValueError("reuse_sampling_logprobs cannot be used with logits_processors: the sampled "
                              "distribution is then not the policy's")
 
+        _check_positions(policy, tokenizer, self.prompts, config)
+
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device)
         self.reference = (make_reference(policy) if reference is None else reference)
@@ -816,6 +818,22 @@ class PPOTrainer:
             self.shuffle_generator.set_state(state["shuffle_generator"])
             self.update_idx = int(state["update_idx"])
 
+
+
+def _check_positions(policy: nn.Module, tokenizer: object, prompts: Sequence[str], config: PPOConfig) -> None:
+    """Refuse a run whose longest prompt (as cut) plus max_new_tokens exceeds the policy's positions."""
+    positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    kept = min(lengths[longest], config.max_prompt_length or lengths[longest])
+    if kept + config.max_new_tokens > positions:
+        raise ValueError(
+            f"prompt {longest} is {lengths[longest]} tokens (kept: {kept}); with max_new_tokens="
+            f"{config.max_new_tokens} that is more than the policy's {positions} positions. Lower "
+            "max_prompt_length (prompts keep their last tokens) or max_new_tokens"
+        )
 
 
 class _PhaseClock:
