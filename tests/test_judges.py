@@ -246,7 +246,7 @@ class Scripted(HFBackend):
 
         return [ChatResult(self.answers.pop(0), self.finish) for _ in requests]
 
-    def option_logprobs(self, requests, options):
+    def option_logprobs(self, requests, options, reask_unreadable=False):
         return [{} for _ in requests]
 
 

@@ -7,25 +7,32 @@ preference from log-probabilities rather than from sampled text. Every answer go
 for what is missing.
 
 HTTP: API key from an environment variable (``OPENAI_API_KEY`` by default; none needed for a local server),
-at most ``concurrency`` requests in flight, a timeout per request, and retries with exponential backoff and
-jitter on 429, 5xx, connection failures, timeouts and bodies that are not a chat completion (``Retry-After``
-is honoured). Other 4xx answers are not retried: they mean the request itself is wrong.
+at most ``concurrency`` requests in flight, a wall-clock deadline over each attempt (connect, send and the whole
+answer), and retries with exponential backoff and jitter on 408/409/429, 5xx, connection failures, deadlines
+and bodies that are not a chat completion (``Retry-After`` is honoured). Redirects are never followed.
+
+What a failure costs depends on whose fault it is. 401/403/404 (and a redirect) mean the endpoint, key or model
+is wrong, so the whole job stops (:class:`JudgeError`). Another 4xx is about one request: that request gets a
+:class:`ChatResult` with ``error`` set, nothing is cached, and the job goes on. A transient problem that outlasts
+every retry stops the job, since the server is unwell; what was answered is in the cache for the rerun.
 """
 
 from __future__ import annotations
 
+import email.message
 import http.client
 import json
 import logging
 import math
 import os
 import random
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +42,30 @@ log = logging.getLogger(__name__)
 
 
 class JudgeError(RuntimeError):
-    """A judge request that failed for good (after retries, or a request the server rejects)."""
+    """A judge failure that stops the job: wrong endpoint, key or model, a redirect, or retries exhausted."""
+
+
+class RequestRejected(JudgeError):
+    """The server refused one request (a 4xx about that request); the job marks it failed and goes on."""
+
+
+class RedirectRefused(JudgeError):
+    """The endpoint answered with a redirect, which the judge never follows."""
+
+    def __init__(self, url: str, status: int, location: str | None) -> None:
+        """Name the refused redirect: where the request went, the status and the Location it pointed at."""
+        super().__init__(
+            f"{url} answered HTTP {status} redirecting to {location or '(no Location header)'}; the judge never "
+            "follows redirects, so the request and its API key only ever go to base_url: set base_url to the "
+            "address that answers directly")
+        self.status, self.location = status, location
+
+
+@dataclass(frozen=True)
+class JudgeFailure:
+    """Stands in for the option scores of a request the server refused (see :meth:`JudgeBackend.option_logprobs`)."""
+
+    message: str
 
 
 @dataclass
@@ -64,12 +94,13 @@ class TokenLogprob:
 
 @dataclass
 class ChatResult:
-    """A judge's answer."""
+    """A judge's answer, or (``error`` set, empty text) why the server refused to give one."""
 
     text: str
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     cached: bool = False  # served from the cache, not asked
+    error: str | None = None  # the request was refused; such a result is never cached
 
     def to_dict(self) -> dict:
         """JSON-able form, as stored in the cache."""
@@ -88,11 +119,21 @@ class ChatResult:
 
 @dataclass
 class JudgeStats:
-    """Counters of one backend: answers from the cache, requests asked, retries made."""
+    """Counters of one backend: answers from the cache, asked, re-asked (unreadable in the cache), refused, retries."""
 
     cached: int = 0
     asked: int = 0
+    reasked: int = 0
+    failed: int = 0
     retries: int = 0
+
+
+def scores_readable(scores: dict[str, float]) -> bool:
+    """False when an option score is NaN or +inf: no preference can be read from that answer.
+
+    -inf is allowed: it is how an option that is not among the returned alternatives is scored.
+    """
+    return not any(math.isnan(v) or v == math.inf for v in scores.values())
 
 
 class JudgeBackend:
@@ -111,15 +152,25 @@ class JudgeBackend:
         raise NotImplementedError
 
     def _ask(self, request: ChatRequest) -> ChatResult:
-        """Answer one request (no cache)."""
+        """Answer one request (no cache); raise RequestRejected when the server refuses this request alone."""
         raise NotImplementedError
 
     def _ask_many(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        """Answer uncached requests; the default runs ``concurrency`` of them at a time, stored as they finish."""
+        """Answer uncached requests; the default runs ``concurrency`` of them at a time, stored as they finish.
+
+        A refused request becomes a result with ``error`` set; any other error stops the batch (requests not yet
+        started are dropped, those in flight finish and are stored) and is raised.
+        """
 
         def one(request: ChatRequest) -> ChatResult:
             """Ask, count and store one answer."""
-            result = self._ask(request)
+            try:
+                result = self._ask(request)
+            except RequestRejected as exc:
+                with self._stats_lock:
+                    self.stats.failed += 1
+                log.warning("judge request refused: %s", exc)
+                return ChatResult("", error=str(exc))
             self._keep(request, result)
             return result
 
@@ -127,68 +178,218 @@ class JudgeBackend:
             return [one(r) for r in requests]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = [pool.submit(one, r) for r in requests]
-            results, first_error = [], None
-            for f in futures:
-                try:
-                    results.append(f.result())
-                except Exception as exc:  # every finished answer is stored before the first error is raised
-                    first_error = first_error or exc
-                    results.append(None)
-            if first_error is not None:
-                raise first_error
-            return results
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            errors = [f.exception() for f in futures if f in done and f.exception() is not None]
+            if errors:
+                for f in futures:
+                    f.cancel()  # a dead endpoint should not be asked thousands more times before we stop
+        if errors:
+            raise errors[0]
+        return [f.result() for f in futures]
+
+    def _key(self, request: ChatRequest) -> str:
+        """The cache key of a request to this backend."""
+        return request_key(self.identity(), request.to_dict())
 
     def _keep(self, request: ChatRequest, result: ChatResult) -> None:
         """Count a freshly asked answer and put it in the cache."""
         with self._stats_lock:
             self.stats.asked += 1
         if self.cache is not None:
-            self.cache.put(request_key(self.identity(), request.to_dict()), request.to_dict(), result.to_dict())
+            self.cache.put(self._key(request), request.to_dict(), result.to_dict())
 
-    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        """Answers in request order: cached ones from the cache, the rest asked (and stored as they arrive)."""
+    def chat(self, requests: Sequence[ChatRequest],
+             reask_if: Callable[[int, ChatResult], bool] | None = None) -> list[ChatResult]:
+        """Answers in request order: cached ones from the cache, the rest asked (and stored as they arrive).
+
+        ``reask_if(i, answer)`` is asked about each cached answer to ``requests[i]``; where it is true the answer
+        is dropped from the cache and the request asked again, so the fresh answer takes the same key.
+        """
         results: list[ChatResult | None] = [None] * len(requests)
         missing = []
         for i, request in enumerate(requests):
-            stored = None
             if self.cache is not None:
-                stored = self.cache.get(request_key(self.identity(), request.to_dict()))
-            if stored is not None:
-                results[i] = ChatResult.from_dict(stored, cached=True)
-                self.stats.cached += 1
-            else:
-                missing.append(i)
+                key = self._key(request)
+                stored = self.cache.get(key)
+                if stored is not None:
+                    result = ChatResult.from_dict(stored, cached=True)
+                    if reask_if is None or not reask_if(i, result):
+                        results[i] = result
+                        self.stats.cached += 1
+                        continue
+                    self.cache.delete(key)
+                    self.stats.reasked += 1
+            missing.append(i)
         for i, result in zip(missing, self._ask_many([requests[i] for i in missing])):
             results[i] = result
         return results
 
-    def option_logprobs(self, requests: Sequence[ChatRequest], options: Sequence[str]) -> list[dict[str, float]]:
+    def option_logprobs(self, requests: Sequence[ChatRequest], options: Sequence[str],
+                        reask_unreadable: bool = False) -> list[dict[str, float] | JudgeFailure]:
         """Per request, log-probability of each option as the first answer token (-inf when not among the
-        returned alternatives); an empty dict when the backend gave no log-probabilities.
+        returned alternatives); an empty dict when the backend gave no log-probabilities; a JudgeFailure when
+        the server refused the request. With ``reask_unreadable``, cached answers whose scores are not
+        readable (see :func:`scores_readable`) are asked again.
 
         The default asks for one token with the top-20 alternatives and matches options to tokens after
         stripping whitespace; a backend that can score options exactly overrides this.
         """
         asked = [ChatRequest(r.messages, max_tokens=1, temperature=0.0, top_logprobs=20, seed=r.seed)
                  for r in requests]
-        out = []
-        for result in self.chat(asked):
-            if not result.logprobs:
-                out.append({})
-                continue
-            first = result.logprobs[0]
-            seen = dict(first.top)
-            seen.setdefault(first.token, first.logprob)
-            scores = {}
-            for option in options:
-                matches = [lp for tok, lp in seen.items() if tok.strip() == option]
-                scores[option] = max(matches) if matches else -math.inf
-            out.append(scores)
+        reask_if = None
+        if reask_unreadable:
+            def reask_if(i: int, result: ChatResult) -> bool:
+                """Whether a cached answer's option scores cannot be read."""
+                return not scores_readable(_option_scores(result, options))
+
+        out: list[dict[str, float] | JudgeFailure] = []
+        for result in self.chat(asked, reask_if):
+            out.append(JudgeFailure(result.error) if result.error else _option_scores(result, options))
         return out
+
+
+def _option_scores(result: ChatResult, options: Sequence[str]) -> dict[str, float]:
+    """Each option's log-probability as the first token of ``result`` ({} without log-probabilities)."""
+    if not result.logprobs:
+        return {}
+    first = result.logprobs[0]
+    seen = dict(first.top)
+    seen.setdefault(first.token, first.logprob)
+    if not scores_readable(seen):
+        # One NaN among the alternatives means the numbers are garbage; which option max() picks would be luck.
+        return {option: math.nan for option in options}
+    scores = {}
+    for option in options:
+        matches = [lp for tok, lp in seen.items() if tok.strip() == option]
+        scores[option] = max(matches) if matches else -math.inf
+    return scores
 
 
 # ---------------------------------------------------------------------- OpenAI-compatible HTTP
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# These say the endpoint, key or model is wrong, so every other request would fail the same way.
+_FATAL_STATUS = {401, 403, 404}
+
+
+class _Deadline:
+    """A wall-clock limit on one HTTP exchange.
+
+    A socket timeout bounds each read, not the exchange: a server that sends a byte every few seconds is never
+    cut by it. So a timer shuts the exchange's socket down when the time is up, which ends a blocked connect,
+    send or read at once, wherever the exchange is.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        """Start the clock."""
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._done = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        """Seconds left (at least a little, so a socket timeout derived from it stays blocking)."""
+        return max(self.end - time.monotonic(), 0.01)
+
+    def watch(self, sock: socket.socket) -> None:
+        """Cut ``sock`` when the time is up (at once if it already is)."""
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                self._cut()
+
+    def _expire(self) -> None:
+        """Timer callback: mark the exchange late and cut its socket, unless it already finished."""
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            self._cut()
+
+    def _cut(self) -> None:
+        """Shut the watched socket down (called with the lock held)."""
+        if self._sock is None:
+            return
+        try:
+            # The plain-socket method, so a TLS socket is cut at the TCP level without touching its TLS state
+            # from this thread.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed: nothing left to cut
+
+    def stop(self) -> bool:
+        """End the watch; True if the time ran out before it ended."""
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+        return self.expired
+
+
+class _DeadlineMixin:
+    """Connection behaviour shared by HTTP and HTTPS: connect within the deadline, then hand it the socket."""
+
+    def __init__(self, *args: object, deadline: _Deadline | None = None, **kwargs: object) -> None:
+        """A connection watched by ``deadline`` (None: an ordinary connection)."""
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        """Connect (and for HTTPS, handshake) with no more time than the deadline leaves."""
+        if self._deadline is not None:
+            self.timeout = self._deadline.remaining()
+        super().connect()
+        if self._deadline is not None:
+            self._deadline.watch(self.sock)
+
+
+class _DeadlineHTTPConnection(_DeadlineMixin, http.client.HTTPConnection):
+    """An HTTP connection under a deadline."""
+
+
+class _DeadlineHTTPSConnection(_DeadlineMixin, http.client.HTTPSConnection):
+    """An HTTPS connection under a deadline."""
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    """Opens http:// requests on connections watched by the request's ``deadline`` attribute."""
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        """Open the request."""
+        return self.do_open(_DeadlineHTTPConnection, req, deadline=getattr(req, "deadline", None))
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    """Opens https:// requests on connections watched by the request's ``deadline`` attribute."""
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        """Open the request (default TLS context: certificates and host names are checked)."""
+        return self.do_open(_DeadlineHTTPSConnection, req, deadline=getattr(req, "deadline", None))
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Raises on every redirect instead of following it.
+
+    urllib would re-send the request to the new address with its headers, API key included, and turn a POST
+    into a GET whose answer would then be cached as the judge's; neither may happen.
+    """
+
+    def redirect_request(self, req: urllib.request.Request, fp: object, code: int, msg: str,
+                         headers: email.message.Message, newurl: str) -> None:
+        """Refuse the redirect, naming where it pointed."""
+        fp.close()
+        raise RedirectRefused(req.full_url, code, newurl)
+
+
+@dataclass
+class _Reply:
+    """Status, headers and whole body of one HTTP exchange."""
+
+    status: int
+    headers: email.message.Message
+    body: bytes
 
 
 class OpenAIBackend(JudgeBackend):
@@ -206,7 +407,8 @@ class OpenAIBackend(JudgeBackend):
         backoff: float = 0.5,
         max_backoff: float = 30.0,
     ) -> None:
-        """``base_url`` ends before ``/chat/completions`` (e.g. ``http://127.0.0.1:8000/v1``)."""
+        """``base_url`` ends before ``/chat/completions`` (e.g. ``http://127.0.0.1:8000/v1``); ``timeout`` is the
+        wall-clock limit in seconds on one attempt, from connecting to the last byte of the answer."""
         super().__init__(cache)
         if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff < 0:
             raise ValueError("concurrency must be >= 1, max_retries >= 0, timeout > 0 and backoff >= 0")
@@ -215,6 +417,8 @@ class OpenAIBackend(JudgeBackend):
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.backoff, self.max_backoff = backoff, max_backoff
+        # Environment proxies still apply; only redirects and the plain connection handlers are replaced.
+        self._opener = urllib.request.build_opener(_RefuseRedirects, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
 
     def identity(self) -> dict:
         """Endpoint and model."""
@@ -231,38 +435,66 @@ class OpenAIBackend(JudgeBackend):
             body["top_logprobs"] = request.top_logprobs
         return body
 
+    def _post(self, url: str, data: bytes) -> _Reply:
+        """One POST, whole answer read within the deadline; TimeoutError when the deadline cut it."""
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+        if self.api_key:
+            # Unredirected: urllib never copies it onto a follow-up request (and redirects are refused anyway).
+            req.add_unredirected_header("Authorization", f"Bearer {self.api_key}")
+        deadline = _Deadline(self.timeout)
+        req.deadline = deadline  # read by the connection handlers
+        try:
+            try:
+                with self._opener.open(req, timeout=self.timeout) as resp:
+                    reply = _Reply(resp.status, resp.headers, resp.read())
+            except urllib.error.HTTPError as exc:  # an error status; its body is read under the same deadline
+                with exc:
+                    reply = _Reply(exc.code, exc.headers, exc.read())
+        except (OSError, http.client.HTTPException) as exc:
+            if deadline.stop():
+                raise TimeoutError(f"no complete answer within {self.timeout:g}s") from exc
+            raise
+        finally:
+            expired = deadline.stop()
+        if expired:  # a body without Content-Length ends quietly when its socket is cut: it is not whole
+            raise TimeoutError(f"no complete answer within {self.timeout:g}s")
+        return reply
+
     def _ask(self, request: ChatRequest) -> ChatResult:
         """POST the request, retrying transient failures with exponential backoff."""
         data = json.dumps(self._body(request)).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         url = f"{self.base_url}/chat/completions"
         problem = ""
         for attempt in range(self.max_retries + 1):
-            wait = None
+            wait_s = None
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                try:
-                    return _parse_chat(json.loads(raw))
-                except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    problem = f"the server answered with something that is not a chat completion ({exc})"
-            except urllib.error.HTTPError as exc:
-                detail = _error_message(exc)
-                if exc.code not in _RETRY_STATUS:
-                    raise JudgeError(f"{url} rejected the request: HTTP {exc.code}: {detail}") from exc
-                problem = f"HTTP {exc.code}: {detail}"
-                wait = _retry_after(exc)
+                reply = self._post(url, data)
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
                 problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            else:
+                if 200 <= reply.status < 300:
+                    try:
+                        return _parse_chat(json.loads(reply.body))
+                    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                        problem = f"the server answered with something that is not a chat completion ({exc})"
+                else:
+                    problem = f"HTTP {reply.status}: {_error_message(reply.body)}"
+                    if 300 <= reply.status < 400:  # one urllib does not treat as a redirect (300, 304, ...)
+                        raise RedirectRefused(url, reply.status, reply.headers.get("Location"))
+                    if reply.status in _FATAL_STATUS:
+                        raise JudgeError(f"{url} rejected the request: {problem} (check base_url, model and the "
+                                         "API key; every request would fail the same way)")
+                    if 400 <= reply.status < 500 and reply.status not in _RETRY_STATUS:
+                        raise RequestRejected(f"{url} rejected this request: {problem}")
+                    if reply.status not in _RETRY_STATUS:
+                        raise JudgeError(f"{url} failed: {problem}")
+                    wait_s = _retry_after(reply.headers)
             if attempt == self.max_retries:
                 break
             with self._stats_lock:
                 self.stats.retries += 1
             delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random())
-            delay = max(delay, wait or 0.0)
+            delay = max(delay, wait_s or 0.0)
             log.warning("judge request failed (%s); retry %d/%d in %.1fs", problem, attempt + 1,
                         self.max_retries, delay)
             time.sleep(delay)
@@ -284,21 +516,18 @@ def _parse_chat(payload: dict) -> ChatResult:
     return ChatResult(text, choice.get("finish_reason"), logprobs)
 
 
-def _error_message(exc: urllib.error.HTTPError) -> str:
+def _error_message(raw: bytes) -> str:
     """The error message of an HTTP error body, or its start."""
+    text = raw.decode("utf-8", "replace")
     try:
-        raw = exc.read().decode("utf-8", "replace")
-    except OSError:
-        return exc.reason or ""
-    try:
-        return json.loads(raw)["error"]["message"]
+        return str(json.loads(text)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return raw[:200]
+        return text[:200]
 
 
-def _retry_after(exc: urllib.error.HTTPError) -> float | None:
+def _retry_after(headers: email.message.Message | None) -> float | None:
     """Seconds from a Retry-After header, if any (capped at 60)."""
-    value = exc.headers.get("Retry-After") if exc.headers else None
+    value = headers.get("Retry-After") if headers else None
     try:
         return min(float(value), 60.0) if value else None
     except ValueError:
@@ -356,8 +585,10 @@ class HFBackend(JudgeBackend):
                     self._keep(requests[i], results[i])
         return results
 
-    def option_logprobs(self, requests: Sequence[ChatRequest], options: Sequence[str]) -> list[dict[str, float]]:
-        """Exact log P(option | rendered prompt) of each option's whole token sequence (not cached: cheap)."""
+    def option_logprobs(self, requests: Sequence[ChatRequest], options: Sequence[str],
+                        reask_unreadable: bool = False) -> list[dict[str, float] | JudgeFailure]:
+        """Exact log P(option | rendered prompt) of each option's whole token sequence (not cached: cheap, so
+        ``reask_unreadable`` has nothing to do)."""
         import torch
 
         from tokencredit.generation import encode_prompts, position_ids_from_mask
@@ -366,7 +597,7 @@ class HFBackend(JudgeBackend):
         option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
         if any(not ids for ids in option_ids):
             raise ValueError("every option must encode to at least one token")
-        out: list[dict[str, float]] = []
+        out: list[dict[str, float] | JudgeFailure] = []
         device = next(model.parameters()).device
         single = all(len(ids) == 1 for ids in option_ids)
         for start in range(0, len(requests), self.batch_size):

@@ -4,6 +4,10 @@ One SQLite file (stdlib, atomic commits, safe across threads and processes). Eac
 it arrives; a job killed mid-way loses at most the requests in flight, and a rerun asks only for what is not
 stored. The key is the SHA-256 of the canonical JSON of everything that can change the answer: the backend's
 identity (kind, base URL, model) and the request (messages, sampling settings, log-probability settings).
+
+Only answers that arrived whole and parsed as a chat completion are stored; refused requests never are. An
+answer that parsed but that a labeler could not read is stored like any other; re-asking it (``delete`` then a
+fresh ``put``) keeps the same key, so the cache stays a pure function of the request.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ class JudgeCache:
         with self._lock, self._db:
             self._db.execute("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?)",
                              (key, json.dumps(request, sort_keys=True), json.dumps(response), time.time()))
+
+    def delete(self, key: str) -> None:
+        """Forget a key's answer (committed at once), so the next put stores a fresh one under the same key."""
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM answers WHERE key = ?", (key,))
 
     def __len__(self) -> int:
         """Number of stored answers."""

@@ -10,7 +10,10 @@
 
 Every judge answer is stored in a SQLite cache (``cache``, default next to the output) as it arrives; a rerun
 after a crash or a kill asks only for what is missing, and the output file is written whole at the end, so it
-never holds a partial or duplicated label. ``<output>.summary.json`` counts labels, ties and unreadable answers.
+never holds a partial or duplicated label. ``<output>.summary.json`` counts labels, ties and unreadable answers,
+and lists the input records that failed (the server refused their request) by index, line and ``id`` field.
+An empty input is an error, and so is a job in which every record failed. ``reask_unreadable=true`` asks again
+for cached answers that could not be read. See docs/judge.md.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from pathlib import Path
 from typing import Literal
 
 from tokencredit.config import ConfigError
-from tokencredit.judges.backends import HFBackend, JudgeBackend, OpenAIBackend
+from tokencredit.judges.backends import HFBackend, JudgeBackend, JudgeError, OpenAIBackend
 from tokencredit.judges.labelers import EditLabeler, LabelStats, PairwiseLabeler, RubricLabeler, SpanLabeler
 from tokencredit.judges.templates import load_template
-from tokencredit.records import load_prompts, read_jsonl
+from tokencredit.records import RecordError, load_prompts, read_jsonl
 from tokencredit.runs import atomic_write_json, atomic_write_text
 
 
@@ -39,12 +42,13 @@ class JudgeSettings:
     model: str = "smollm2-135m-instruct"  # openai: the served model name; hf: built-in name or folder
     api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key ("" = no key)
     concurrency: int = 4  # openai: requests in flight
-    timeout: float = 60.0  # openai: seconds per request
-    max_retries: int = 5  # openai: retries of 429/5xx/network failures, with exponential backoff
+    timeout: float = 60.0  # openai: wall-clock seconds for one attempt: connect, send, read the whole answer
+    max_retries: int = 5  # openai: retries of 408/429/5xx/network failures/timeouts, with exponential backoff
     batch_size: int = 8  # hf: prompts per forward batch
     device: str = "auto"  # hf
     use_logprobs: bool = True  # pairwise: read the preference from the answer letters' log-probabilities
     template: str | None = None  # a file replacing the task's built-in prompt (see judges/templates.py)
+    reask_unreadable: bool = False  # ask again for cached answers that could not be read (once per run)
 
 
 def make_backend(settings: JudgeSettings, cache: str | Path | None) -> JudgeBackend:
@@ -86,14 +90,17 @@ def run_judge(cfg: JudgeRunConfig) -> dict:
     if cfg.data is None:
         raise ConfigError("judge needs data=FILE.jsonl")
     template = load_template(cfg.task, cfg.template)
-    rows = [(f"{cfg.data}:{n}", o) for n, o in read_jsonl(cfg.data)]
+    lines = list(read_jsonl(cfg.data))
+    if not lines:
+        raise RecordError(f"{cfg.data}: empty input: no records to judge")
+    rows = [(f"{cfg.data}:{n}", o) for n, o in lines]
     out = Path(cfg.output)
     backend = make_backend(cfg, cfg.cache or str(out) + ".cache.sqlite")
     records: list[dict] = []
     if cfg.task == "pairwise":
         items = [(_field(o, cfg.prompt_field, w), _field(o, cfg.a_field, w), _field(o, cfg.b_field, w))
                  for w, o in rows]
-        verdicts, stats = PairwiseLabeler(backend, template, cfg.use_logprobs).label(items)
+        verdicts, stats = PairwiseLabeler(backend, template, cfg.use_logprobs, cfg.reask_unreadable).label(items)
         for (prompt, a, b), v in zip(items, verdicts):
             if v.verdict in ("a", "b"):
                 chosen, rejected = (a, b) if v.verdict == "a" else (b, a)
@@ -101,7 +108,8 @@ def run_judge(cfg: JudgeRunConfig) -> dict:
                 records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "p_chosen": p})
     else:
         items = [(_field(o, cfg.prompt_field, w), _field(o, cfg.response_field, w)) for w, o in rows]
-        labeler = {"rubric": RubricLabeler, "spans": SpanLabeler, "edits": EditLabeler}[cfg.task](backend, template)
+        labeler = {"rubric": RubricLabeler, "spans": SpanLabeler, "edits": EditLabeler}[cfg.task](
+            backend, template, reask_unreadable=cfg.reask_unreadable)
         labels, stats = labeler.label(items)
         for (prompt, response), label in zip(items, labels):
             if label is None:
@@ -114,17 +122,23 @@ def run_judge(cfg: JudgeRunConfig) -> dict:
             else:
                 records.append({"prompt": prompt, "original": response, "edited": label})
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    failed = [{"index": k, "line": lines[k][0], **({"id": lines[k][1]["id"]} if "id" in lines[k][1] else {}),
+               "error": reason} for k, reason in stats.failures]
     summary = {"task": cfg.task, "output": str(out), "records": len(records), **_stats(stats),
-               "answers_from_cache": backend.stats.cached, "answers_asked": backend.stats.asked,
+               "failed_records": failed, "answers_from_cache": backend.stats.cached,
+               "answers_asked": backend.stats.asked, "answers_reasked": backend.stats.reasked,
                "retries": backend.stats.retries}
     atomic_write_json(Path(str(out) + ".summary.json"), summary)
+    if failed and len(failed) == len(lines):
+        raise JudgeError(f"every one of the {len(lines)} record(s) of {cfg.data} failed, e.g. record 0 (line "
+                         f"{failed[0]['line']}): {failed[0]['error']}")
     return summary
 
 
 def _stats(stats: LabelStats) -> dict:
-    """LabelStats as a dict."""
+    """LabelStats as a dict (failures are named by the caller, which knows the records)."""
     return {"total": stats.total, "labelled": stats.labelled, "ties": stats.ties,
-            "unparseable": stats.unparseable, "unparseable_examples": stats.examples}
+            "unparseable": stats.unparseable, "unparseable_examples": stats.examples, "failed": stats.failed}
 
 
 # ---------------------------------------------------------------------- evaluate: judged win rate
@@ -202,17 +216,30 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     side_a = _side(cfg, cfg.a, prompts, refs, "a")
     side_b = _side(cfg, cfg.b, prompts, refs, "b")
     backend = make_backend(cfg, cfg.cache or str(out / "judge_cache.sqlite"))
-    labeler = PairwiseLabeler(backend, load_template("pairwise", cfg.template), cfg.use_logprobs)
+    labeler = PairwiseLabeler(backend, load_template("pairwise", cfg.template), cfg.use_logprobs,
+                              cfg.reask_unreadable)
     verdicts, stats = labeler.label(list(zip(prompts, side_a, side_b)))
-    result = {"a": cfg.a, "b": cfg.b, "prompts": len(prompts), **win_rate([v.verdict for v in verdicts],
-                                                                          seed=cfg.seed),
+    atomic_write_text(out / "verdicts.jsonl", "".join(
+        json.dumps({"prompt": p, "a": a, "b": b, "verdict": v.verdict, "p_a": v.p_a,
+                    **({"error": v.error} if v.error else {})}) + "\n"
+        for p, a, b, v in zip(prompts, side_a, side_b, verdicts)))
+    rate = win_rate([v.verdict for v in verdicts], seed=cfg.seed)
+    result = {"a": cfg.a, "b": cfg.b, "prompts": len(prompts), **rate,
+              "unjudged": sum(v.verdict is None for v in verdicts),
+              "failed_prompts": [{"index": k, "error": reason} for k, reason in stats.failures],
               "judge": {"backend": cfg.backend, "model": cfg.model, **_stats(stats)},
               "mean_length_words": {"a": _mean_words(side_a), "b": _mean_words(side_b)}}
+    if rate["judged"] == 0:
+        # A win rate from no verdicts would read as a real 0.5 (or whatever a default gives); say why instead.
+        error = (f"no readable verdict for any of the {len(prompts)} prompt(s): {stats.unparseable} judge "
+                 f"answer(s) unreadable, {stats.failed} prompt(s) failed; not reporting a win rate")
+        example = stats.examples[0] if stats.examples else stats.failures[0][1] if stats.failures else None
+        if example:
+            error += f" (e.g. {example[:200]!r})"
+        atomic_write_json(out / "evaluate.json", {**result, "error": error})
+        raise JudgeError(error)
     if all(r is not None for r in refs):
         result["metrics_vs_reference"] = {"a": _text_metrics(side_a, refs), "b": _text_metrics(side_b, refs)}
-    atomic_write_text(out / "verdicts.jsonl", "".join(
-        json.dumps({"prompt": p, "a": a, "b": b, "verdict": v.verdict, "p_a": v.p_a}) + "\n"
-        for p, a, b, v in zip(prompts, side_a, side_b, verdicts)))
     atomic_write_json(out / "evaluate.json", result)
     return result
 

@@ -1,8 +1,13 @@
 """RLAIF labelers on a judge backend: pairwise preferences, rubric scores, token spans and minimal edits.
 
 Each labeler returns one result per input, in input order, and a :class:`LabelStats` with how many judge
-answers could not be read. An unreadable answer never becomes a label: its result is ``None`` (or a tie for a
-pair whose two orders disagree, which is a real verdict, not a parse failure).
+answers could not be read and which inputs failed. An unreadable answer never becomes a label: its result is
+``None`` (or a tie for a pair whose two orders disagree, which is a real verdict, not a parse failure). Non-finite
+log-probabilities are unreadable too: NaN compares false both ways and would otherwise pass for a tie. An input
+whose request the server refused is failed: ``None``, and its index and the reason are in ``stats.failures``.
+
+With ``reask_unreadable`` a labeler asks again, once, for each cached answer it cannot read (a bad answer stays in
+the cache otherwise, and every rerun would read the same garbage); answers asked in this run are not re-asked.
 """
 
 from __future__ import annotations
@@ -12,28 +17,38 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tokencredit.judges.backends import ChatRequest, JudgeBackend
+from tokencredit.judges.backends import ChatRequest, ChatResult, JudgeBackend, JudgeFailure, scores_readable
 from tokencredit.judges.templates import Template, load_template
 from tokencredit.rewards.labels import SpanLabel
 
 
 @dataclass
 class LabelStats:
-    """What a labelling pass produced: labelled, ties, unreadable judge answers (with examples)."""
+    """What a labelling pass produced: inputs labelled, ties, unreadable judge answers (with examples), and the
+    inputs that failed because the server refused a request (``failures``: (input index, reason))."""
 
     total: int = 0
     labelled: int = 0
     ties: int = 0
-    unparseable: int = 0
+    unparseable: int = 0  # answers, not inputs: a pair asks twice
     examples: list[str] = field(default_factory=list)  # the first few unreadable answers, for the report
+    failed: int = 0  # inputs
+    failures: list[tuple[int, str]] = field(default_factory=list)
 
     def add(self, other: LabelStats) -> None:
-        """Count another pass's results into this one (examples up to five)."""
+        """Count another pass's results into this one (examples up to five; failure indices stay per pass)."""
         self.total += other.total
         self.labelled += other.labelled
         self.ties += other.ties
         self.unparseable += other.unparseable
         self.examples = (self.examples + other.examples)[:5]
+        self.failed += other.failed
+        self.failures += other.failures
+
+    def fail(self, index: int, reason: str) -> None:
+        """Count input ``index`` as failed."""
+        self.failed += 1
+        self.failures.append((index, reason))
 
     def bad(self, text: str) -> None:
         """Count an unreadable answer and keep the first five."""
@@ -58,11 +73,13 @@ class PairVerdict:
 
     p_a_first: float | None  # P(a better) when a was shown first
     p_a_second: float | None  # P(a better) when a was shown second
+    error: str | None = None  # why the pair failed (a request the server refused)
 
     @property
     def verdict(self) -> str | None:
-        """"a" or "b" when both orders prefer it, "tie" when they disagree, None when an answer was unreadable."""
-        if self.p_a_first is None or self.p_a_second is None:
+        """"a" or "b" when both orders prefer it, "tie" when they disagree, None when an answer was unreadable
+        or not finite, or the pair failed."""
+        if self.error is not None or not _probability(self.p_a_first) or not _probability(self.p_a_second):
             return None
         if self.p_a_first > 0.5 and self.p_a_second > 0.5:
             return "a"
@@ -73,9 +90,19 @@ class PairVerdict:
     @property
     def p_a(self) -> float | None:
         """P(a better) averaged over both orders (position bias cancels)."""
-        if self.p_a_first is None or self.p_a_second is None:
+        if self.verdict is None:
             return None
         return (self.p_a_first + self.p_a_second) / 2
+
+
+def _no_letter(i: int, result: ChatResult) -> bool:
+    """Whether a pairwise answer has no readable letter."""
+    return parse_letter(result.text) is None
+
+
+def _probability(p: float | None) -> bool:
+    """Whether p is a usable probability (a number in [0, 1]; NaN is not)."""
+    return p is not None and 0.0 <= p <= 1.0
 
 
 class PairwiseLabeler:
@@ -86,32 +113,49 @@ class PairwiseLabeler:
     alternatives; where a backend gives none, the sampled letter is used (P = 1 or 0).
     """
 
-    def __init__(self, backend: JudgeBackend, template: Template | None = None, use_logprobs: bool = True) -> None:
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, use_logprobs: bool = True,
+                 reask_unreadable: bool = False) -> None:
         """Label with ``backend`` and the pairwise template (or another one with the same placeholders)."""
         self.backend = backend
         self.template = template or load_template("pairwise")
         self.use_logprobs = use_logprobs
+        self.reask_unreadable = reask_unreadable
 
-    def _p_first(self, requests: list[ChatRequest], stats: LabelStats) -> list[float | None]:
-        """P(the first-shown answer is better) for each request, None where unreadable."""
+    def _p_first(self, requests: list[ChatRequest], stats: LabelStats) -> tuple[list[float | None], list[str | None]]:
+        """P(the first-shown answer is better) for each request (None where unreadable or failed), and the
+        reason of each failed request."""
         out: list[float | None] = [None] * len(requests)
+        errors: list[str | None] = [None] * len(requests)
         todo = list(range(len(requests)))
         if self.use_logprobs:
-            scored = self.backend.option_logprobs(requests, ["A", "B"])
+            scored = self.backend.option_logprobs(requests, ["A", "B"], reask_unreadable=self.reask_unreadable)
             todo = []
             for i, lp in enumerate(scored):
+                if isinstance(lp, JudgeFailure):
+                    errors[i] = lp.message
+                    continue
                 a, b = lp.get("A", -math.inf), lp.get("B", -math.inf)
-                if math.isinf(a) and math.isinf(b):
-                    todo.append(i)  # no usable log-probabilities: fall back to the text
+                if not scores_readable(lp):
+                    stats.bad(f"non-finite log-probabilities: A={a} B={b}")
+                elif math.isinf(a) and math.isinf(b):
+                    todo.append(i)  # neither letter among the alternatives (or none returned): read the text
                 else:
-                    out[i] = 1.0 / (1.0 + math.exp(min(b - a, 700.0)))
-        for i, result in zip(todo, self.backend.chat([requests[i] for i in todo])):
+                    p = 1.0 / (1.0 + math.exp(min(b - a, 700.0)))
+                    if _probability(p):
+                        out[i] = p
+                    else:
+                        stats.bad(f"no probability from log-probabilities A={a} B={b}")
+        for i, result in zip(todo, self.backend.chat([requests[i] for i in todo],
+                                                     _no_letter if self.reask_unreadable else None)):
+            if result.error is not None:
+                errors[i] = result.error
+                continue
             letter = parse_letter(result.text)
             if letter is None:
                 stats.bad(result.text)
             else:
                 out[i] = 1.0 if letter == "A" else 0.0
-        return out
+        return out, errors
 
     def label(self, items: Sequence[tuple[str, str, str]]) -> tuple[list[PairVerdict], LabelStats]:
         """Verdicts for (prompt, a, b) items."""
@@ -120,11 +164,14 @@ class PairwiseLabeler:
         for prompt, a, b in items:
             requests.append(ChatRequest(self.template.messages(prompt=prompt, first=a, second=b), max_tokens=8))
             requests.append(ChatRequest(self.template.messages(prompt=prompt, first=b, second=a), max_tokens=8))
-        p = self._p_first(requests, stats)
+        p, errors = self._p_first(requests, stats)
         verdicts = []
         for k in range(len(items)):
             first, second = p[2 * k], p[2 * k + 1]
-            verdict = PairVerdict(first, None if second is None else 1.0 - second)
+            error = errors[2 * k] or errors[2 * k + 1]
+            verdict = PairVerdict(first, None if second is None else 1.0 - second, error)
+            if error is not None:
+                stats.fail(k, error)
             stats.ties += verdict.verdict == "tie"
             stats.labelled += verdict.verdict in ("a", "b")
             verdicts.append(verdict)
@@ -147,24 +194,36 @@ class _ResponseLabeler:
     task = ""
     default_max_tokens = 512
 
-    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int | None = None
-                 ) -> None:
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, max_tokens: int | None = None,
+                 reask_unreadable: bool = False) -> None:
         """Label with ``backend`` and the task's template (or another one with the same placeholders)."""
         self.backend = backend
         self.template = template or load_template(self.task)
         self.max_tokens = max_tokens or self.default_max_tokens
+        self.reask_unreadable = reask_unreadable
 
     def read(self, text: str, finish_reason: str | None, response: str) -> tuple[object, str]:
         """(label, "label" | "tie" | "bad") of one judge answer."""
         raise NotImplementedError
 
     def label(self, items: Sequence[tuple[str, str]]) -> tuple[list, LabelStats]:
-        """One label per (prompt, response), None where the judge gave none (a tie) or could not be read."""
+        """One label per (prompt, response), None where the judge gave none (a tie), could not be read, or the
+        request failed."""
         stats = LabelStats(total=len(items))
         requests = [ChatRequest(self.template.messages(prompt=p, response=r), max_tokens=self.max_tokens)
                     for p, r in items]
+
+        def unreadable(i: int, result: ChatResult) -> bool:
+            """Whether a cached answer to item i cannot be read (then it is asked again)."""
+            return self.read(result.text, result.finish_reason, items[i][1])[1] == "bad"
+
+        reask_if = unreadable if self.reask_unreadable else None
         out = []
-        for (_, response), result in zip(items, self.backend.chat(requests)):
+        for k, ((_, response), result) in enumerate(zip(items, self.backend.chat(requests, reask_if))):
+            if result.error is not None:
+                stats.fail(k, result.error)
+                out.append(None)
+                continue
             value, kind = self.read(result.text, result.finish_reason, response)
             if kind == "bad":
                 stats.bad(result.text)
@@ -264,12 +323,14 @@ class EditLabeler(_ResponseLabeler):
 class JudgeTokenLabeler:
     """The TokenLabeler protocol (see :mod:`tokencredit.feedback.labelers`) on an LLM judge: TPPO's AI feedback.
 
-    An answer that cannot be read labels nothing (an empty span list) and is counted in ``stats``.
+    An answer that cannot be read, or a request the server refused, labels nothing (an empty span list) and is
+    counted in ``stats``.
     """
 
-    def __init__(self, backend: JudgeBackend, template: Template | None = None) -> None:
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, reask_unreadable: bool = False
+                 ) -> None:
         """Label with ``backend`` through a :class:`SpanLabeler`."""
-        self.spans = SpanLabeler(backend, template)
+        self.spans = SpanLabeler(backend, template, reask_unreadable=reask_unreadable)
         self.stats = LabelStats()
 
     def label(
