@@ -112,18 +112,26 @@ def test_bad_requests_get_openai_style_4xx(client, base_url):
     assert status == 400 and body["error"]["param"] == "model"
 
 
-def test_the_command_serves_on_loopback(model_dir):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def test_the_command_serves_on_loopback_with_the_key_from_the_environment(model_dir):
+    key = "sk-from-env-4242"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENCREDIT_API_KEY": key}
     proc = subprocess.Popen([sys.executable, "-m", "tokencredit.cli", "serve", str(model_dir), "--port", "0",
-                             "--served-name", "tiny", "--device", "cpu"], stdout=subprocess.PIPE, text=True,
-                            env=env)
+                             "--served-name", "tiny", "--device", "cpu", "max_rows=2", "port=9"],
+                            stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         info = json.loads(line)
         assert info["serving"] == "tiny" and info["base_url"].startswith("http://127.0.0.1:")
-        client = openai.OpenAI(base_url=info["base_url"], api_key="unused", max_retries=0, timeout=30)
+        assert info["api_key_required"] is True and key not in line
+        client = openai.OpenAI(base_url=info["base_url"], api_key=key, max_retries=0, timeout=30)
         resp = client.completions.create(model="tiny", prompt="yes", max_tokens=3, temperature=0)
         assert resp.choices[0].finish_reason in ("stop", "length")
+        stranger = openai.OpenAI(base_url=info["base_url"], api_key="guess", max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+        # key=value sets any limit; the --port flag wins over port=9.
+        with pytest.raises(openai.BadRequestError, match="max_rows|rows"):
+            client.completions.create(model="tiny", prompt="yes", max_tokens=2, n=3)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.resources
 import importlib.util
@@ -168,12 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                            description="OpenAI-compatible /v1/chat/completions and /v1/completions for a local "
                                        "causal LM (ServeConfig).")
     serve.add_argument("model", help="built-in name, model folder (e.g. a trained policy) or cached hub id")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
+    serve.add_argument("--host", help="address to bind (default: 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 = any free port, printed at start)")
     serve.add_argument("--served-name", help="the model name clients send (default: the folder or built-in name)")
-    serve.add_argument("--device", default="auto")
+    serve.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route (default: the "
                                          "TOKENCREDIT_API_KEY environment variable, which keeps it out of ps)")
+    serve.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="any other ServeConfig field, e.g. the limits max_rows=16 max_context=4096 "
+                            "request_timeout_s=60 max_connections=8 max_body_bytes=1048576 read_timeout_s=10")
     return parser
 
 
@@ -198,7 +202,14 @@ def demo_config(args: argparse.Namespace) -> object:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tokencredit` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills serve's key=value positionals before it meets the flags after MODEL; collect the rest.
+        if getattr(args, "command", None) == "serve" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "ppo":
@@ -226,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from tokencredit.serve import ServeConfig, run_serve
 
-            run_serve(ServeConfig(model=args.model, host=args.host, port=args.port, served_name=args.served_name,
-                                  device=args.device, api_key=args.api_key))
+            flags = {"model": args.model, "host": args.host, "port": args.port, "served_name": args.served_name,
+                     "device": args.device, "api_key": args.api_key}
+            flags = {k: v for k, v in flags.items() if v is not None}  # a flag given wins over key=value
+            run_serve(dataclasses.replace(load_config(ServeConfig, None, args.overrides), **flags))
         elif args.command == "demo":
             from tokencredit.demo import run_demo
 
