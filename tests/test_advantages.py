@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from tokencredit.rl.advantages import compute_gae, masked_mean, masked_whiten, reward_to_go
-from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_loss
+from tokencredit.rl.losses import policy_loss
 
 
 def test_gae_matches_hand_computation():
@@ -83,3 +84,49 @@ def test_adaptive_kl_moves_towards_target():
     restored = AdaptiveKLController(0.5, 1.0, 100)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
+
+
+def _expected_grad(loss_of_y, theta, weights):
+    """Exact E_{y ~ weights}[grad loss(y)] over a categorical: the gradient of sum_y w(y) loss(y)."""
+    (grad,) = torch.autograd.grad((weights * loss_of_y).sum(), theta, retain_graph=True)
+    return grad
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_kl_loss_gradient_is_the_exact_reverse_kl_gradient(off_policy):
+    torch.manual_seed(0)
+    theta = torch.randn(5, requires_grad=True)
+    log_ref = torch.randn(5).log_softmax(-1)
+    log_pi = theta.log_softmax(-1)
+    # Tokens come from pi_old: pi itself on the first PPO epoch, an earlier policy on later ones.
+    log_old = (theta.detach() + (0.7 * torch.randn(5) if off_policy else 0)).log_softmax(-1)
+    exact_kl = (log_pi.exp() * (log_pi - log_ref)).sum()
+    (exact,) = torch.autograd.grad(exact_kl, theta, retain_graph=True)
+    ours = _expected_grad(kl_loss(log_pi, log_ref, log_old), theta, log_old.exp())
+    torch.testing.assert_close(ours, exact, atol=1e-6, rtol=1e-5)
+    assert exact.abs().max() > 1e-2  # a real gradient, not two zeros agreeing
+
+
+def test_k1_and_k3_as_losses_have_the_wrong_gradients():
+    torch.manual_seed(1)
+    theta = torch.randn(5, requires_grad=True)
+    log_ref = torch.randn(5).log_softmax(-1)
+    log_pi = theta.log_softmax(-1)
+    pi = log_pi.exp().detach()
+    k1 = _expected_grad(kl_estimate(log_pi, log_ref, "k1"), theta, pi)
+    torch.testing.assert_close(k1, torch.zeros(5), atol=1e-6, rtol=0)  # E[grad log pi] = 0
+    k3 = _expected_grad(kl_estimate(log_pi, log_ref, "k3"), theta, pi)
+    (forward_kl,) = torch.autograd.grad((log_ref.exp() * (log_ref - log_pi)).sum(), theta)
+    torch.testing.assert_close(k3, forward_kl, atol=1e-6, rtol=1e-5)  # KL(ref || pi), not KL(pi || ref)
+
+
+def test_approx_kl_is_an_unbiased_estimate_of_kl_old_new():
+    torch.manual_seed(2)
+    log_old, log_new = (2 * torch.randn(6)).log_softmax(-1), (2 * torch.randn(6)).log_softmax(-1)
+    old = log_old.exp()
+    # A float mask weights the mean, so weighting by pi_old gives the exact expectation over sampled tokens.
+    _, stats = policy_loss(log_new, log_old, torch.zeros(6), old, cliprange=0.2)
+    exact = float((old * (log_old - log_new)).sum())
+    assert float(stats["approx_kl"]) == pytest.approx(exact, rel=1e-5)
+    reverse = float((log_new.exp() * (log_new - log_old)).sum())
+    assert abs(exact - reverse) > 0.05  # the two directions differ here, so the test can tell them apart

@@ -180,7 +180,7 @@ def test_lora_policy_uses_adapters_off_as_reference(tmp_path):
 def test_kl_as_loss_term_and_adaptive_controller(tmp_path):
     model, tok = make()
     history = PPOTrainer(
-        cfg(tmp_path, kl_in_reward=False, kl_estimator="k3", adaptive_kl=True, kl_target=0.01, kl_horizon=16,
+        cfg(tmp_path, kl_in_reward=False, adaptive_kl=True, kl_target=0.01, kl_horizon=16,
             num_updates=3, kl_coef=0.1),
         policy=model, tokenizer=tok, prompts=PROMPTS, reward_fn=count_a_per_token(tok),
     ).train()
@@ -523,3 +523,10 @@ def test_prompt_plus_new_tokens_beyond_the_positions_is_refused_naming_the_promp
         PPOTrainer(cfg(tmp_path, max_new_tokens=20, max_prompt_length=None), model, tok, long_prompts, reward)
     # Cut to max_prompt_length, the same prompts fit.
     PPOTrainer(cfg(tmp_path, max_new_tokens=20, max_prompt_length=64), model, tok, long_prompts, reward)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_an_explicit_kl_estimator_with_kl_as_a_loss_is_refused(tmp_path, estimator):
+    with pytest.raises(ValueError, match="kl_estimator=.* with kl_in_reward=false.*KL\\(pi\\|\\|ref\\)"):
+        cfg(tmp_path, kl_in_reward=False, kl_estimator=estimator).validate()
+    cfg(tmp_path, kl_in_reward=True, kl_estimator=estimator).validate()

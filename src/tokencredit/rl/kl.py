@@ -26,6 +26,19 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
     raise ValueError(f"unknown KL estimator {estimator!r}; choose 'k1', 'k2' or 'k3'")
 
 
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token loss whose expected gradient is that of KL(pi || ref), for tokens sampled by pi_old.
+
+    ``w * (log pi - log ref)^2 / 2`` with ``w = pi / pi_old`` held constant: its gradient is
+    ``w (log pi - log ref) grad log pi``, and the expectation under pi_old is
+    ``sum_y pi(y) (log pi(y) - log ref(y)) grad log pi(y)`` = grad KL(pi || ref) (the dropped
+    ``sum_y grad pi(y)`` is zero). k1 as a loss has expected gradient zero (E[grad log pi] = 0), and k3 as a
+    loss follows KL(ref || pi), so neither is offered. On the first PPO epoch w = 1 and this is k2.
+    """
+    weight = torch.exp((logprobs - old_logprobs).detach().clamp(max=20.0))
+    return weight * 0.5 * (logprobs - ref_logprobs).pow(2)
+
+
 class FixedKLController:
     """A constant KL coefficient."""
 

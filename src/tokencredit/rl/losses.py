@@ -20,8 +20,9 @@ def policy_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            # k3 estimate of KL(old || new); cheap and non-negative, used for early stopping.
-            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            # k3 estimate of KL(old || new) from tokens sampled by old: with r = new/old, (r - 1) - log r.
+            # Unbiased and non-negative; target_kl early stopping reads it.
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats

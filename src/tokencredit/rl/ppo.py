@@ -42,7 +42,7 @@ from tokencredit.precision import (
 )
 from tokencredit.rewards.tokens import RewardFn, all_finite, rewards_to_tensor
 from tokencredit.rl.advantages import compute_gae, masked_mean, masked_whiten
-from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_loss
 from tokencredit.rl.losses import entropy_from_logits, policy_loss, value_loss
 from tokencredit.rl.rollout import RolloutBatch, response_logits, response_values, token_logprobs
 from tokencredit.runs import (
@@ -142,8 +142,11 @@ class PPOConfig:
 
     # --- KL to the reference ---
     kl_coef: float = 0.05  # beta; the initial value when adaptive_kl
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    kl_in_reward: bool = True  # True: r_t -= beta*KL_t; False: beta*KL as a loss term (use k3 there)
+    # estimator of KL_t in the reward (k1 unbiased, k2 low variance, k3 unbiased and >= 0); None = k1
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    # True: r_t -= beta*KL_t. False: beta*KL as a loss term, the importance-weighted k2 of rl.kl.kl_loss, whose
+    # gradient is that of KL(pi||ref) (k1's is zero, k3's is KL(ref||pi)'s, so kl_estimator must stay None)
+    kl_in_reward: bool = True
     adaptive_kl: bool = False  # steer beta towards kl_target
     kl_target: float = 6.0  # target KL per sequence (sum over tokens) for the adaptive controller
     kl_horizon: int = 10000  # samples over which the adaptive controller reacts
@@ -179,8 +182,14 @@ class PPOConfig:
             raise ValueError(f"gamma and lam must be in [0, 1] (got {self.gamma}, {self.lam})")
         if self.cliprange <= 0:
             raise ValueError(f"cliprange must be > 0 (got {self.cliprange})")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3' (got {self.kl_estimator!r})")
+        if self.kl_estimator not in (None, "k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1', 'k2', 'k3' or None (got {self.kl_estimator!r})")
+        if not self.kl_in_reward and self.kl_estimator is not None:
+            raise ValueError(
+                f"kl_estimator={self.kl_estimator!r} with kl_in_reward=false: as a loss term the KL uses the "
+                "importance-weighted k2 (rl.kl.kl_loss), the one estimator whose gradient is that of KL(pi||ref) "
+                "(k1's expected gradient is zero, k3's follows KL(ref||pi)); leave kl_estimator unset"
+            )
         if self.kl_coef < 0 or self.learning_rate <= 0:
             raise ValueError("kl_coef must be >= 0 and learning_rate > 0")
         validate_mixed_precision(self.mixed_precision)
@@ -540,7 +549,7 @@ class PPOTrainer:
                                       for rows in self._row_chunks(len(prompts))]) * mask
             clock.lap("time/values")
 
-        kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator) * mask
+        kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator or "k1") * mask
         rewards = scores - self.kl_ctl.value * kl_tokens if cfg.kl_in_reward else scores.clone()
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -701,9 +710,9 @@ class PPOTrainer:
             "value/clipfrac": vf_stats["clipfrac"],
         }
         if not cfg.kl_in_reward and self.kl_ctl.value > 0:
-            kl_loss = masked_mean(kl_estimate(logprobs, mb.ref_logprobs, cfg.kl_estimator), train_mask)
-            loss = loss + self.kl_ctl.value * kl_loss
-            stats["loss/kl"] = kl_loss.detach()
+            kl_term = masked_mean(kl_loss(logprobs, mb.ref_logprobs, mb.logprobs), train_mask)
+            loss = loss + self.kl_ctl.value * kl_term
+            stats["loss/kl"] = kl_term.detach()
         if cfg.target_coef > 0:
             nll = self._target_nll(mb.row_index)
             if nll is not None:
