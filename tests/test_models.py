@@ -123,8 +123,14 @@ def test_scalar_head_on_bert_backbone(tmp_path):
     perturb(model.head)
     before = model(ids, mask, pos)
     model.save_pretrained(tmp_path / "bert-rm")
-    after = ScalarHeadModel.from_pretrained(tmp_path / "bert-rm")(ids, mask, pos)
+    after = ScalarHeadModel.from_pretrained(tmp_path / "bert-rm", causal=False)(ids, mask, pos)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # By default (values, token rewards) the encoder runs causally: position t no longer sees later tokens.
+    causal = ScalarHeadModel.from_pretrained(tmp_path / "bert-rm")
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % 30
+    torch.testing.assert_close(causal(ids, mask, pos)[:, :-1], causal(changed, mask, pos)[:, :-1], rtol=0, atol=1e-6)
+    assert not torch.allclose(causal(ids, mask, pos), before)
 
 
 def test_critic_from_causal_lm_folder_drops_lm_head(saved_lm, tokenizer):

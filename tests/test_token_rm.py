@@ -367,3 +367,57 @@ def test_hybrid_loss_combines_span_bt_and_sequence_bt(tmp_path):
         train_token_reward_model(rm, cfg(tmp_path, span_bt_weight=0.0, bt_weight=0.0), edits=edits)
     with pytest.raises(ValueError, match="not all 0"):
         cfg(tmp_path, bce_weight=0.0, bt_weight=0.0, span_bt_weight=0.0).validate()
+
+
+def _rewards_before_last(rm, last_token):
+    prompt_ids = rm.tokenizer("good answers", add_special_tokens=False)["input_ids"]
+    response = [*prompt_ids, last_token]
+    with torch.no_grad():
+        rewards, _ = rm.token_rewards(["the question"], [response])
+    return rewards[0, :-1]
+
+
+@pytest.mark.parametrize("backbone", ["tiny causal LM", "all-minilm-l6-v2"])
+def test_token_rewards_only_look_back(backbone, tmp_path):
+    if backbone == "all-minilm-l6-v2":
+        rm = TokenRewardModel.from_pretrained(backbone)
+    else:
+        rm = make_rm()
+    torch.nn.init.normal_(rm.model.head.weight, std=1.0)  # a head that reads the hidden states
+    vocab = len(rm.tokenizer)
+    a, b = _rewards_before_last(rm, 5 % vocab), _rewards_before_last(rm, 11 % vocab)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # Saved and loaded again, the reward model still looks back only.
+    rm.save_pretrained(tmp_path / "rm")
+    again = TokenRewardModel.from_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(_rewards_before_last(again, 5 % vocab), _rewards_before_last(again, 11 % vocab),
+                               atol=1e-5, rtol=0)
+
+
+def test_a_sequence_rm_on_an_encoder_stays_bidirectional():
+    from tokencredit.models import attends_only_back
+    from tokencredit.rewards.seq_rm import SequenceRewardModel
+
+    rm = SequenceRewardModel.from_pretrained("all-minilm-l6-v2")
+    assert not attends_only_back(rm.model.backbone)  # its one score at the last token may read everything
+
+
+def test_a_backbone_without_a_causal_mode_is_refused():
+    from types import SimpleNamespace
+
+    from tokencredit.models import make_causal
+
+    class Pooled(torch.nn.Module):
+        """Every position sees the mean of the whole sequence, and there is no switch to stop it."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.config = SimpleNamespace(vocab_size=10)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.embed(input_ids)
+            return SimpleNamespace(last_hidden_state=h + h.mean(1, keepdim=True))
+
+    with pytest.raises(ValueError, match="Pooled.*no causal mode.*read the future"):
+        make_causal(Pooled(), "Pooled")

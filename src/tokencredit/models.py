@@ -395,6 +395,70 @@ def reference_context(
     return policy, policy.disable_adapter()
 
 
+def _base_config(backbone: nn.Module) -> object:
+    """The transformers config of a backbone, through a peft wrapper if there is one."""
+    base = backbone.get_base_model() if is_peft(backbone) else backbone
+    return base.config
+
+
+@torch.no_grad()
+def attends_only_back(backbone: nn.Module) -> bool:
+    """Whether the hidden state at position t ignores every token after t (probed: change the last token).
+
+    Probed twice, without and with a left-padded row: models often take another attention path (no mask at
+    all vs a 4-D mask) when nothing is padded, and both must be causal.
+    """
+    vocab = int(_base_config(backbone).vocab_size)
+    device = next(backbone.parameters()).device
+    ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % vocab
+    padded = torch.ones_like(ids)
+    padded[1, :2] = 0
+    was_training = backbone.training
+    backbone.eval()  # dropout would make the two passes differ for no reason
+    try:
+        for mask in (torch.ones_like(ids), padded):
+            before = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1].float()
+            after = backbone(input_ids=changed, attention_mask=mask).last_hidden_state[:, :-1].float()
+            scale = before.abs().max().clamp(min=1.0)
+            if (before - after).abs().max() / scale >= 1e-4:
+                return False
+    finally:
+        backbone.train(was_training)
+    return True
+
+
+def make_causal(backbone: nn.Module, name: str = "the backbone") -> None:
+    """Make an encoder attend only to earlier tokens (BERT-style ``is_decoder``); raise if it cannot.
+
+    A token reward or value at position t must be a function of the tokens up to t; a bidirectional encoder
+    reads the whole response at every position, so its "token reward" for t already knows y>t. The switch is
+    checked by probing, not trusted.
+    """
+    if attends_only_back(backbone):
+        return
+    config = _base_config(backbone)
+    if hasattr(config, "is_decoder") and not config.is_decoder:
+        # BERT-family encoders build a causal mask from config.is_decoder; their attention layers read their own
+        # is_causal flag (fixed when built) on the path without a padding mask, so both are switched.
+        flags = [m for m in backbone.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        config.is_decoder = True
+        for module in flags:
+            module.is_causal = True
+        if attends_only_back(backbone):
+            logger.info("%s is bidirectional; running it with a causal mask so token scores only look back", name)
+            return
+        config.is_decoder = False
+        for module in flags:
+            module.is_causal = False
+    raise ValueError(
+        f"{name} ({type(_base_config(backbone)).__name__}) lets position t see later tokens and has no causal "
+        "mode, so a per-token reward or value would read the future. Use a causal LM backbone, or a sequence "
+        "reward model (SequenceRewardModel), which scores the whole response at its last token"
+    )
+
+
 class ScalarHeadModel(nn.Module):
     """A transformer backbone with a linear head giving one float32 scalar per position ([B, T]).
 
@@ -409,7 +473,9 @@ class ScalarHeadModel(nn.Module):
         self.head = nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
+        parameters = inspect.signature(backbone.forward).parameters
+        self._takes_position_ids = "position_ids" in parameters
+        self._takes_use_cache = "use_cache" in parameters
 
     @property
     def config(self) -> object:
@@ -428,9 +494,13 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_name: str | Path, dtype: torch.dtype | str = torch.float32
+        cls, path_or_name: str | Path, dtype: torch.dtype | str = torch.float32, causal: bool = True
     ) -> ScalarHeadModel:
-        """Load a saved ScalarHeadModel, or a plain causal-LM / encoder folder with a fresh zero head."""
+        """Load a saved ScalarHeadModel, or a plain causal-LM / encoder folder with a fresh zero head.
+
+        ``causal`` (values, token rewards): an encoder backbone is run with a causal mask (see
+        :func:`make_causal`); False keeps it bidirectional (a sequence score read at the last token).
+        """
         folder = resolve_model(path_or_name)
         # AutoModel gives the bare transformer; for a causal-LM checkpoint the lm head is simply dropped. That drop
         # is expected, so transformers' load report is silenced and only missing backbone weights are reported.
@@ -445,6 +515,8 @@ class ScalarHeadModel(nn.Module):
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
             logger.warning("%s: backbone weights missing (freshly initialised): %s", folder, missing)
+        if causal:
+            make_causal(backbone, str(path_or_name))
         model = cls(backbone)
         if (folder / HEAD_WEIGHTS).is_file():
             from safetensors.torch import load_file
@@ -475,6 +547,8 @@ class ScalarHeadModel(nn.Module):
     ) -> torch.Tensor:
         """Scalar per position, [B, T] float32; pass position_ids for left-padded inputs."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._takes_use_cache:
+            kwargs["use_cache"] = False  # a causal-mode encoder would otherwise build a KV cache nobody reads
         if position_ids is not None and self._takes_position_ids:
             kwargs["position_ids"] = position_ids
         hidden = self.backbone(**kwargs).last_hidden_state

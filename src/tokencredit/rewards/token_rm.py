@@ -36,6 +36,7 @@ from tokencredit.models import (
     is_peft,
     load_tokenizer,
     lora_config,
+    make_causal,
     resolve_device,
     resolve_model,
     seeded_init,
@@ -86,12 +87,18 @@ class TokenRewardModel:
     losses read the raw head through :meth:`token_rewards` either way; the flag is saved with the model.
     """
 
+    # r(x, y<=t): a bidirectional backbone is run causally. SequenceRewardModel reads one score at the last
+    # token, which may see everything, and turns this off.
+    LOOKS_BACK = True
+
     def __init__(self, model: ScalarHeadModel, tokenizer: object, bounded: bool = False) -> None:
         """Wrap a scalar-head model and the tokenizer its ids belong to."""
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("the reward model's tokenizer has neither a pad nor an EOS token")
             tokenizer.pad_token = tokenizer.eos_token
+        if self.LOOKS_BACK:
+            make_causal(model.backbone, "the reward model's backbone")
         self.model = model
         self.tokenizer = tokenizer
         self.bounded = bounded
@@ -102,7 +109,7 @@ class TokenRewardModel:
         seed: int = 0,
     ) -> TokenRewardModel:
         """Load a saved TokenRewardModel folder, or any backbone (e.g. "smollm2-135m-instruct") with a zero head."""
-        model = ScalarHeadModel.from_pretrained(path_or_name, dtype=dtype)
+        model = ScalarHeadModel.from_pretrained(path_or_name, dtype=dtype, causal=cls.LOOKS_BACK)
         info = resolve_model(path_or_name) / REWARD_INFO
         bounded = bool(json.loads(info.read_text()).get("bounded", False)) if info.is_file() else False
         return cls.from_model(model, load_tokenizer(path_or_name), lora=lora, bounded=bounded, seed=seed)
