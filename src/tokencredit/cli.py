@@ -12,6 +12,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tokencredit import __version__
 from tokencredit.config import ConfigError, load_config
@@ -37,7 +38,13 @@ class PPORunConfig(PPOConfig):
     prompt_field: str = "prompt"
     reference_field: str | None = None  # .jsonl field with reference responses, for target_coef
     max_prompts: int | None = None
-    reward: str = "tokencredit.rewards.examples:PositiveWords"  # "module:name" or "file.py:name"
+    # "module:name", "file.py:name" (Python code: trusted), or "rm:PATH", a saved reward model folder (data)
+    reward: str = "tokencredit.rewards.examples:PositiveWords"
+    # rm:PATH only: auto (token RM: every token; sequence RM: its score), token, sum (token scores summed onto
+    # the last token) or last (the score at the last token); sigma(score) - baseline (SER); a scale
+    reward_placement: Literal["auto", "token", "sum", "last"] = "auto"
+    reward_sigmoid_baseline: float | None = None
+    reward_scale: float = 1.0
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
     system_prompt: str | None = None
 
@@ -90,6 +97,20 @@ def make_reward_fn(spec: str, tokenizer: object) -> object:
 
 
 
+def saved_rm_reward(cfg: PPORunConfig, tokenizer: object, raw_of: dict[str, str]) -> object:
+    """The reward_fn of ``reward=rm:PATH``: prompts go back to their raw text, then the RM's own format."""
+    from tokencredit.models import resolve_device
+    from tokencredit.rewards.saved import SavedRewardSettings, reward_from_saved_rm
+
+    settings = SavedRewardSettings(placement=cfg.reward_placement, sigmoid_baseline=cfg.reward_sigmoid_baseline,
+                                   scale=cfg.reward_scale)
+    try:
+        return reward_from_saved_rm(cfg.reward[3:], tokenizer, settings, raw_prompt=lambda p: raw_of.get(p, p),
+                                    device=resolve_device(cfg.device))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"reward={cfg.reward}: {exc}") from exc
+
+
 def run_ppo(cfg: PPORunConfig) -> list[dict]:
     """Load everything the config names and train."""
     from tokencredit.models import load_critic, load_policy, load_tokenizer
@@ -101,13 +122,18 @@ def run_ppo(cfg: PPORunConfig) -> list[dict]:
         prompts, refs = [line for line in text.splitlines() if line.strip()], None
     else:
         prompts, refs = load_prompts(cfg.prompts, cfg.prompt_field, cfg.reference_field)
+    if not cfg.reward.startswith("rm:") and (cfg.reward_placement != "auto" or cfg.reward_scale != 1.0
+                                             or cfg.reward_sigmoid_baseline is not None):
+        raise ConfigError("reward_placement, reward_scale and reward_sigmoid_baseline apply to reward=rm:PATH only")
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
         refs = refs[: cfg.max_prompts] if refs is not None else None
     tokenizer = load_tokenizer(cfg.model)
+    raw_prompts = list(prompts)
     if cfg.chat_template and tokenizer.chat_template:
         prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
-    reward_fn = make_reward_fn(cfg.reward, tokenizer)
+    reward_fn = make_reward_fn(cfg.reward, tokenizer) if not cfg.reward.startswith("rm:") else (
+        saved_rm_reward(cfg, tokenizer, dict(zip(prompts, raw_prompts))))
     policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype, seed=cfg.seed)
     critic = load_critic(cfg.critic_model, dtype=cfg.dtype) if cfg.critic_model else None
     trainer = PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, reward_fn=reward_fn,

@@ -35,6 +35,7 @@ class SequenceRewardModel(TokenRewardModel):
     """A scalar-head model whose output at the last response token is the score of the whole response."""
 
     LOOKS_BACK = False  # one score at the last token: a bidirectional backbone may read the whole response
+    KIND = "sequence"
 
     def sequence_scores(
         self, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]], max_prompt_length: int | None = None

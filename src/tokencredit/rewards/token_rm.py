@@ -33,6 +33,7 @@ from tokencredit.generation import encode_prompts, position_ids_from_mask
 from tokencredit.models import (
     LoraSettings,
     ScalarHeadModel,
+    apply_chat,
     is_peft,
     load_tokenizer,
     lora_config,
@@ -78,6 +79,30 @@ def _add_lora(model: ScalarHeadModel, lora: LoraSettings, seed: int = 0) -> None
 
 
 REWARD_INFO = "tokencredit_reward.json"
+RAW_PROMPTS = {"chat_template": False}
+
+
+def read_reward_info(path_or_name: str | Path) -> dict:
+    """The ``tokencredit_reward.json`` of a saved reward model ({} for a plain backbone folder)."""
+    info = resolve_model(path_or_name) / REWARD_INFO
+    if not info.is_file():
+        return {}
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{info} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{info} must hold a JSON object")
+    return data
+
+
+def render_for_reward_model(prompts: Sequence[str], prompt_format: dict, tokenizer: object) -> list[str]:
+    """Write prompts the way a reward model's training prompts were written (see ``prompt_format``)."""
+    if not prompt_format.get("chat_template"):
+        return list(prompts)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the reward model was trained on chat-template prompts but its tokenizer has no template")
+    return apply_chat(tokenizer, prompts, prompt_format.get("system_prompt"))
 
 
 class TokenRewardModel:
@@ -90,6 +115,7 @@ class TokenRewardModel:
     # r(x, y<=t): a bidirectional backbone is run causally. SequenceRewardModel reads one score at the last
     # token, which may see everything, and turns this off.
     LOOKS_BACK = True
+    KIND = "token"  # recorded in the saved folder's tokencredit_reward.json
 
     def __init__(self, model: ScalarHeadModel, tokenizer: object, bounded: bool = False) -> None:
         """Wrap a scalar-head model and the tokenizer its ids belong to."""
@@ -102,6 +128,10 @@ class TokenRewardModel:
         self.model = model
         self.tokenizer = tokenizer
         self.bounded = bounded
+        # How the prompts it was trained on were written, saved with it so a PPO run can write them the same way:
+        # {"chat_template": False} (as given) or {"chat_template": True, "system_prompt": ...} (this tokenizer's
+        # chat template, the prompt as the user turn).
+        self.prompt_format: dict = dict(RAW_PROMPTS)
 
     @classmethod
     def from_pretrained(
@@ -110,9 +140,11 @@ class TokenRewardModel:
     ) -> TokenRewardModel:
         """Load a saved TokenRewardModel folder, or any backbone (e.g. "smollm2-135m-instruct") with a zero head."""
         model = ScalarHeadModel.from_pretrained(path_or_name, dtype=dtype, causal=cls.LOOKS_BACK)
-        info = resolve_model(path_or_name) / REWARD_INFO
-        bounded = bool(json.loads(info.read_text()).get("bounded", False)) if info.is_file() else False
-        return cls.from_model(model, load_tokenizer(path_or_name), lora=lora, bounded=bounded, seed=seed)
+        info = read_reward_info(path_or_name)
+        rm = cls.from_model(model, load_tokenizer(path_or_name), lora=lora, bounded=bool(info.get("bounded", False)),
+                            seed=seed)
+        rm.prompt_format = dict(info.get("prompt_format") or RAW_PROMPTS)
+        return rm
 
     @classmethod
     def from_model(
@@ -133,7 +165,9 @@ class TokenRewardModel:
             merged.head.load_state_dict(model.head.state_dict())
             model = merged
         model.save_pretrained(path, tokenizer=self.tokenizer)
-        (Path(path) / REWARD_INFO).write_text(json.dumps({"bounded": self.bounded}) + "\n")
+        info = {"kind": self.KIND if not self.bounded else "pgg", "bounded": self.bounded,
+                "prompt_format": self.prompt_format}
+        (Path(path) / REWARD_INFO).write_text(json.dumps(info, indent=1) + "\n")
 
     @property
     def device(self) -> torch.device:
