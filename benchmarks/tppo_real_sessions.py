@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tokencredit.demo import DemoConfig, run_demo
+from tokencredit.recipes.tppo import DemoConfig, run_demo
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "querygen" / "trec2013_sessions.jsonl"
 POLICIES = ("sft", "tppo", "ppo_sequence")
@@ -49,7 +49,7 @@ def main() -> int:
         print(f"skipped: {args.data} not found")
         return 0
     from tokencredit.config import load_config
-    from tokencredit.demo import FAST_OVERRIDES
+    from tokencredit.recipes.tppo import FAST_OVERRIDES
 
     per_seed: dict[int, dict] = {}
     started = time.perf_counter()

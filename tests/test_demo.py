@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tokencredit.cli import main
-from tokencredit.demo import DemoConfig, run_demo
+from tokencredit.recipes.tppo import DemoConfig, run_demo
 from tokencredit.runs import read_metrics
 from tokencredit.tasks.querygen import builtin_sessions
 
@@ -103,7 +103,7 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
 
 
 def test_model_flag_runs_the_pipeline_on_another_model(fast_run, tmp_path):
-    from tokencredit.demo import FAST_OVERRIDES
+    from tokencredit.recipes.tppo import FAST_OVERRIDES
 
     small = [f"{k}={v}" for k, v in FAST_OVERRIDES.items()] + ["ppo_updates=1", "policies=[sft,ppo_sequence]"]
     model = fast_run / "tiny-model"  # a plain model folder; without --fast it is used as given
@@ -136,7 +136,7 @@ class WordJudge:
 
 
 def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
-    import tokencredit.demo as demo
+    import tokencredit.recipes.tppo as demo
     from tokencredit.judges.backends import HFBackend, OpenAIBackend
     from tokencredit.judges.labelers import JudgeTokenLabeler
 

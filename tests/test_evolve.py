@@ -71,7 +71,7 @@ def test_errors_are_clear(setup, capsys):
 
 def test_calibration_lets_small_scores_pass_the_thresholds():
     from tokencredit.rewards.evolve import _pool_probabilities
-    from tokencredit.rewards.token_rm import PreferencePair
+    from tokencredit.rewards.records import PreferencePair
 
     class TinyScores:
         """Scores that never leave (-0.01, 0.01): sigma of them stays inside the 0.45-0.55 band."""

@@ -17,7 +17,8 @@ from tokencredit.rewards.data import (
     load_unlabelled_pairs,
     split_records,
 )
-from tokencredit.rewards.token_rm import PreferencePair, _split
+from tokencredit.rewards.records import PreferencePair
+from tokencredit.rewards.records import random_split as _split
 
 
 def write_jsonl(path, rows):

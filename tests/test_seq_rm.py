@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from tokencredit.rewards.records import PreferencePair
 from tokencredit.rewards.seq_rm import (
     SeqRMConfig,
     SequenceRewardModel,
@@ -12,7 +13,6 @@ from tokencredit.rewards.seq_rm import (
     evaluate_sequence_reward_model,
     train_sequence_reward_model,
 )
-from tokencredit.rewards.token_rm import PreferencePair
 from tokencredit.testing import tiny_scalar_model, tiny_word_tokenizer
 
 WORDS = "a b c d x y".split()

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def demo_config(args: argparse.Namespace) -> object:
     """DemoConfig from the file, the flags and key=value overrides (flags win); --fast brings its small sizes."""
-    from tokencredit.demo import FAST_OVERRIDES, DemoConfig
+    from tokencredit.recipes.tppo import FAST_OVERRIDES, DemoConfig
 
     overrides = list(args.overrides)
     for flag in ("model", "data", "output", "judge"):
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = {k: v for k, v in flags.items() if v is not None}  # a flag given wins over key=value
             run_serve(dataclasses.replace(load_config(ServeConfig, None, args.overrides), **flags))
         elif args.command == "demo":
-            from tokencredit.demo import run_demo
+            from tokencredit.recipes.tppo import run_demo
 
             summary = run_demo(demo_config(args))
             print(json.dumps({k: summary[k] for k in ("sft", "tppo", "ppo_sequence") if k in summary}, indent=1))

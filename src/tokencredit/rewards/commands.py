@@ -83,7 +83,7 @@ def _records(cfg: RewardRunConfig) -> _Data:
     """Read cfg.data in cfg.data_format."""
     from tokencredit.rewards.data import RankedList, load_edits, load_pairs, load_ranked, load_span_examples
     from tokencredit.rewards.edits import edit_examples
-    from tokencredit.rewards.token_rm import PreferencePair
+    from tokencredit.rewards.records import PreferencePair
 
     if cfg.data is None:
         raise ConfigError("reward train/eval needs data=FILE.jsonl (pairs, edits or ranked, see data_format)")

@@ -25,10 +25,9 @@ from difflib import SequenceMatcher
 import torch
 import torch.nn.functional as F
 
-from tokencredit.rewards.data import EditTriple
+from tokencredit.masked import masked_sum
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels, word_spans
-from tokencredit.rewards.token_rm import PreferencePair, TokenExample
-from tokencredit.rl.advantages import masked_sum
+from tokencredit.rewards.records import EditTriple, PreferencePair, TokenExample
 
 _ZWJ = "\u200d"
 

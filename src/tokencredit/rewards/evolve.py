@@ -23,8 +23,8 @@ from typing import Literal
 
 from tokencredit.config import ConfigError, save_config
 from tokencredit.models import LoraSettings
+from tokencredit.rewards.records import PreferencePair
 from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
-from tokencredit.rewards.token_rm import PreferencePair
 from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.runs import atomic_write_json
 
 if TYPE_CHECKING:
-    from tokencredit.rewards.data import RankedList
+    from tokencredit.rewards.records import RankedList
     from tokencredit.rewards.token_rm import TokenRewardModel
 
 Aggregator = Literal["sum", "avg", "softmax", "softmin"]
@@ -366,7 +366,7 @@ def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Seq
     ``{"step": ..., "eval": {...}}`` on the held-out lists (also ``output_dir/eval.json``); the model is saved
     to ``output_dir/model``.
     """
-    from tokencredit.rewards.token_rm import _split
+    from tokencredit.rewards.records import random_split
 
     config.validate()
     if not lists:
@@ -374,7 +374,7 @@ def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Seq
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    train_lists, eval_lists = _split(list(lists), config.eval_fraction, rng)
+    train_lists, eval_lists = random_split(list(lists), config.eval_fraction, rng)
     groups = _groups(rm, train_lists, config.max_length)
     rm.bounded = True
     rm.to(resolve_device(config.device))

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from tokencredit.models import resolve_device
 from tokencredit.rewards.fit import fit, validate_fit_config
-from tokencredit.rewards.token_rm import PreferencePair, TokenRewardModel, _split
+from tokencredit.rewards.records import PreferencePair, random_split
+from tokencredit.rewards.token_rm import TokenRewardModel
 from tokencredit.rewards.tokens import RewardFn
 from tokencredit.runs import atomic_write_json
 
@@ -163,7 +164,7 @@ def train_sequence_reward_model(
     torch.manual_seed(config.seed)
     rows = list(zip(pairs, margins if margins is not None else [0.0] * len(pairs)))
     if eval_pairs is None:
-        train, held = _split(rows, config.eval_fraction, rng)
+        train, held = random_split(rows, config.eval_fraction, rng)
         eval_pairs = [p for p, _ in held]
     else:
         train = rows

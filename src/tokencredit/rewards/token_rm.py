@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tokencredit.generation import encode_prompts, position_ids_from_mask
+from tokencredit.masked import masked_mean, masked_sum
 from tokencredit.models import (
     LoraSettings,
     ScalarHeadModel,
@@ -42,16 +43,16 @@ from tokencredit.models import (
     resolve_model,
     seeded_init,
 )
+from tokencredit.rewards.edits import edit_token_labels, span_bt_loss
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.labels import (
-    SpanLabel,
     end_token_id,
     map_rewards_by_chars,
     spans_to_token_labels,
     token_char_spans,
 )
+from tokencredit.rewards.records import PreferencePair, TokenExample, random_split
 from tokencredit.rewards.tokens import RewardFn
-from tokencredit.rl.advantages import masked_mean, masked_sum
 from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -353,24 +354,6 @@ def summed_bt_loss(
 
 # ---------------------------------------------------------------------- training data and config
 @dataclass
-class TokenExample:
-    """A response with span labels over its characters (+1 good / -1 bad words)."""
-
-    prompt: str
-    response: str
-    spans: list[SpanLabel] = field(default_factory=list)
-
-
-@dataclass
-class PreferencePair:
-    """Two responses to one prompt, the first preferred."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-@dataclass
 class TokenRMConfig:
     """Every token-RM training knob, documented where declared."""
 
@@ -454,18 +437,9 @@ def _pair_rows(rm: TokenRewardModel, pairs: Sequence[PreferencePair]) -> list[_P
 
 def _edit_rows(rm: TokenRewardModel, edits: Sequence[object]) -> list[_EditRow]:
     """Tokenize edit triples and project their diff labels onto the RM's tokens (EOS appended, label 0)."""
-    from tokencredit.rewards.edits import edit_token_labels  # edits imports this module
 
     return [_EditRow(e.prompt, *edit_token_labels(e.prompt, e.original, e.edited, rm.tokenizer),
                      rm.encode_response(e.chosen) if getattr(e, "chosen", None) else None) for e in edits]
-
-
-def _split(items: Sequence, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
-    """Random (train, eval) split; eval gets round(fraction * n) items but train keeps at least one."""
-    n = len(items)
-    n_eval = min(n - 1, round(n * fraction)) if n > 1 else 0
-    order = rng.permutation(n)
-    return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
 
 
 def _rewards_truncated(
@@ -538,7 +512,6 @@ def _edit_losses(
 
     Original, edited and any separate chosen responses go through one forward pass; margins are detached.
     """
-    from tokencredit.rewards.edits import span_bt_loss
 
     n = len(rows)
     extra = [r for r in rows if r.chosen_ids is not None]
@@ -648,9 +621,9 @@ def train_token_reward_model(
         )
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    tok_train, tok_eval = _split(list(token_examples), config.eval_fraction, rng) if uses_tokens else ([], [])
-    pair_train, pair_eval = _split(list(pairs), config.eval_fraction, rng) if uses_pairs else ([], [])
-    edit_train, edit_eval = _split(list(edits), config.eval_fraction, rng) if uses_edits else ([], [])
+    tok_train, tok_eval = random_split(list(token_examples), config.eval_fraction, rng) if uses_tokens else ([], [])
+    pair_train, pair_eval = random_split(list(pairs), config.eval_fraction, rng) if uses_pairs else ([], [])
+    edit_train, edit_eval = random_split(list(edits), config.eval_fraction, rng) if uses_edits else ([], [])
     tok_rows, pair_rows = _token_rows(rm, tok_train), _pair_rows(rm, pair_train)
     edit_rows = _edit_rows(rm, edit_train)
     if tok_rows and not any(lab != 0 for r in tok_rows for lab in r.labels):

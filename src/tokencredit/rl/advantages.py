@@ -1,39 +1,15 @@
-"""Masked statistics, GAE and reward-to-go over response tokens; padding never leaks into real tokens."""
+"""GAE and reward-to-go over response tokens; padding never leaks into real tokens.
+
+The masked statistics live in :mod:`tokencredit.masked` and are re-exported here for the trainers.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from tokencredit.masked import masked_mean, masked_sum, masked_var, masked_whiten
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of x where mask is 1."""
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x where mask is 1 (0 when the mask is empty rather than NaN)."""
-    if dim is None:
-        return masked_sum(x, mask) / mask.sum().clamp(min=1)
-    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of x where mask is 1."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise x to unit variance (and zero mean if shift_mean) over masked entries; 0 on padding."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+__all__ = ["compute_gae", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "reward_to_go"]
 
 
 def compute_gae(

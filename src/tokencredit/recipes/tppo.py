@@ -368,7 +368,7 @@ def _span(s: list[int]) -> object:
 
 def _pairs_from_labels(records: list[dict]) -> list:
     """Preference pairs between samples of one prompt whose share of good words differs."""
-    from tokencredit.rewards.token_rm import PreferencePair
+    from tokencredit.rewards.records import PreferencePair
 
     by_session: dict[int, list[dict]] = {}
     for r in records:
