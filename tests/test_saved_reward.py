@@ -61,9 +61,14 @@ def test_each_placement_scores_what_it_says(folders):
     assert [pytest.approx(r) for r in rows] == token
     summed = reward_from_saved_rm(folders / "token-rm", tok, SavedRewardSettings(placement="sum", scale=2.0))
     assert summed(prompts, ["", ""], ids) == pytest.approx([2 * sum(r) for r in rows])
-    seq_rows = SequenceRewardModel.from_pretrained(folders / "seq-rm").score_token_ids(prompts, ids)
+    texts = ["x y a", "y"]
+    seq_scores = SequenceRewardModel.from_pretrained(folders / "seq-rm").score_sequences(prompts, texts)
     ser = reward_from_saved_rm(folders / "seq-rm", tok, SavedRewardSettings(sigmoid_baseline=0.5))
-    assert ser(prompts, ["", ""], ids) == pytest.approx([1 / (1 + math.exp(-r[-1])) - 0.5 for r in seq_rows])
+    assert ser(prompts, texts, ids) == pytest.approx([1 / (1 + math.exp(-r)) - 0.5 for r in seq_scores])
+    # A policy with another tokenizer gets the same scores: a sequence RM reads the text.
+    other = tiny_word_tokenizer([*WORDS, "z"])
+    assert reward_from_saved_rm(folders / "seq-rm", other, SavedRewardSettings(sigmoid_baseline=0.5))(
+        prompts, texts, [[0], [0]]) == pytest.approx([1 / (1 + math.exp(-r)) - 0.5 for r in seq_scores])
 
 
 def test_prompts_reach_the_reward_model_in_its_own_format(folders):

@@ -5,7 +5,9 @@ A folder written by ``tokencredit reward train``, ``evolve``, the demo or ``save
 
 - ``token``: the reward model's score at every response token (TPPO, fine-grained PPO); token and PGG models.
 - ``sum``: the sum of those token scores, placed on the last token (the sequence-level baseline of a token RM).
-- ``last``: the score at the last token, i.e. a sequence reward model's score of the whole response.
+- ``last``: the score at the last token, i.e. a sequence reward model's score of the whole response (scored on
+  the response text in the reward model's own tokens with EOS appended, as it was trained, so any policy
+  tokenizer works).
 - ``auto`` (default): ``token`` for token and PGG models, ``last`` for sequence models.
 
 ``sigmoid_baseline=b`` turns a sequence score s into sigma(s) - b, as SER feeds its reward model to PPO (b = 0.5
@@ -94,22 +96,24 @@ def reward_from_saved_rm(
         raise ValueError("sigmoid_baseline applies to one score per response (placement sum or last), not to "
                          "token rewards")
     cross = not same_tokenizer(rm.tokenizer, policy_tokenizer)
-    if cross and kind == "sequence":
-        raise ValueError(f"rm:{path} uses another tokenizer than the policy; a sequence reward model is scored on "
-                         "its own tokens, so pass a token-level model or one trained on the policy's backbone")
 
     def reward_fn(prompts: list[str], responses: list[str], response_token_ids: list[list[int]]) -> list:
         """Score the sampled responses with the saved reward model."""
         texts = [raw_prompt(p) for p in prompts] if raw_prompt is not None else list(prompts)
         rm_prompts = render_for_reward_model(texts, rm.prompt_format, rm.tokenizer)
         with torch.no_grad():
-            if cross:
+            if kind == "sequence":
+                # Scored as it was trained: the response text in the RM's own tokens, EOS appended, whatever
+                # tokenizer the policy has and whether or not the sample reached its EOS.
+                scores = rm.score_sequences(rm_prompts, list(responses), settings.batch_size)
+            elif cross:
                 rows = rm.score_for_policy(rm_prompts, response_token_ids, policy_tokenizer, settings.batch_size)
             else:
                 rows = rm.score_token_ids(rm_prompts, response_token_ids, settings.batch_size)
         if placement == "token":
             return [[settings.scale * r for r in row] for row in rows]
-        scores = [sum(row) if placement == "sum" else (row[-1] if row else 0.0) for row in rows]
+        if kind != "sequence":
+            scores = [sum(row) if placement == "sum" else (row[-1] if row else 0.0) for row in rows]
         if settings.sigmoid_baseline is not None:
             scores = [1.0 / (1.0 + math.exp(-s)) - settings.sigmoid_baseline for s in scores]
         return [settings.scale * s for s in scores]
