@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
     _config_command(sub, "evolve", "EvolveConfig", "SER: grow a reward model's training set from a few labels",
                     "Self-evolved reward learning. Needs data=PAIRS.jsonl.", "labelled_fraction=0.15")
+    _config_command(sub, "ser", "SERRecipeConfig", "SER recipe: evolve a reward model, then PPO on it vs the seed RM",
+                    "Self-evolved reward learning end to end (recipes/ser.py). Needs data=PAIRS.jsonl, or fast=true.",
+                    "data=pairs.jsonl ppo_updates=5")
     _config_command(sub, "judge", "JudgeRunConfig", "label a dataset with an LLM judge (pairs, rubric scores, spans, "
                     "edits)", "RLAIF labelling with a cached, resumable judge.", "task=pairwise data=pairs.jsonl")
     _config_command(sub, "evaluate", "EvaluateConfig", "judged win rate of one policy (or generations) against "
@@ -243,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             run_ppo(cfg)
         elif args.command == "sft":
             run_sft(load_config(SFTRunConfig, args.config, args.overrides))
+        elif args.command == "ser":
+            from tokencredit.recipes.ser import SERRecipeConfig, run_ser
+
+            summary = run_ser(load_config(SERRecipeConfig, args.config, args.overrides))
+            print(json.dumps({"evolve": summary["evolve"], "policies": {
+                k: {m: v[m] for m in ("scorer_mean_sigma", "mean_words")} for k, v in summary["policies"].items()}},
+                indent=1))
         elif args.command == "evolve":
             from tokencredit.rewards.evolve import EvolveConfig, run_evolve
 

@@ -149,6 +149,9 @@ def run_evolve(cfg: EvolveConfig) -> dict:
                                                      .splitlines()]}
     accs = [r["heldout_accuracy"] for r in summary["loops"]]
     summary["seed_accuracy"], summary["best_accuracy"] = accs[0], max(accs)
+    # The reward model to hand to PPO (`tokencredit ppo reward=rm:<best_model> reward_sigmoid_baseline=0.5`).
+    best = accs.index(max(accs))
+    summary["best_loop"], summary["best_model"] = best, str(out / f"loop-{best}" / "model")
     if cfg.full_baseline:
         _train(cfg, train, held, out / "full-labels")
         summary["full_label_accuracy"] = json.loads((out / "full-labels" / "eval.json").read_text())["pair_accuracy"]

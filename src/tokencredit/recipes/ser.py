@@ -1,0 +1,214 @@
+"""`tokencredit ser`: self-evolved reward learning, then PPO on the evolved reward model (arXiv 2411.00418).
+
+1. **Evolve** (``evolve/``): a sequence reward model trained on ``labelled_fraction`` of the preference pairs
+   labels the rest of them itself, loop after loop, keeping only pairs it is sure of (``tokencredit evolve``).
+   The RM trained on 100% of the labels is trained too: it is the scorer the policies are judged by.
+2. **PPO** (``ppo_ser/``, ``ppo_seed/``): the same start policy, budget and seed, rewarded by sigma(r) - 0.5 of
+   the best evolved RM, and — the baseline SER has to beat — of the seed RM that saw only the labelled share.
+   KL to the start policy is steered by the adaptive controller, as in the paper.
+3. **Evaluate**: greedy answers to held-out prompts from the start policy and both PPO policies, scored by the
+   100%-label RM (neither policy was trained on it) as the mean sigma(r), plus answer length.
+
+``summary.json`` and ``report.html`` land in ``output``. Stages are skipped when ``resume=true`` finds them done.
+The same thing from the command line, by hand:
+
+    tokencredit evolve data=pairs.jsonl output_dir=runs/ser/evolve full_baseline=true
+    tokencredit ppo reward=rm:runs/ser/evolve/loop-K/model reward_sigmoid_baseline=0.5 adaptive_kl=true ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokencredit.config import save_config
+from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
+from tokencredit.runs import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SERRecipeConfig:
+    """Every knob of the SER recipe; the defaults are sized for the built-in models on a CPU."""
+
+    output: str = "runs/ser"
+    data: str | None = None  # .jsonl of {prompt, chosen, rejected}; the prompts are also the RL prompts
+    fast: bool = False  # tiny random models and toy pairs, few steps: for tests, not for results
+    seed: int = 0
+    resume: bool = False
+
+    # 1. evolve (see tokencredit.rewards.evolve.EvolveConfig)
+    rm_model: str = "all-minilm-l6-v2"  # backbone of the sequence RMs
+    max_pairs: int | None = 600
+    labelled_fraction: float = 0.15
+    max_loops: int = 3
+    rm_epochs: int = 3
+    rm_learning_rate: float = 2e-4
+    rm_max_length: int = 256
+    calibrate: bool = True  # standardise the pool's scores before the confidence thresholds
+
+    # 2. PPO (both arms)
+    policy_model: str = "smollm2-135m-instruct"
+    chat_template: bool = True  # the policy sees prompts in its chat template; the RMs see them raw
+    test_prompts: int = 32  # held-out prompts (the last ones of the data) for the evaluation
+    ppo_updates: int = 5
+    ppo_batch_size: int = 16
+    ppo_learning_rate: float = 5e-4
+    max_new_tokens: int = 32
+    sigmoid_baseline: float = 0.5  # reward = sigma(r) - baseline
+    kl_coef: float = 0.05  # initial coefficient of the adaptive controller
+    kl_target: float = 2.0  # KL per sequence the controller steers towards
+    lora_r: int = 8
+    top_layers: int | None = 10  # blocks with adapters (None = all): cheaper backward passes on a CPU
+
+    def validate(self) -> None:
+        """Check what would fail late."""
+        if self.data is None and not self.fast:
+            raise ValueError("ser needs data=PAIRS.jsonl ({prompt, chosen, rejected} records), or fast=true")
+        if self.test_prompts < 1 or self.ppo_updates < 1:
+            raise ValueError("test_prompts and ppo_updates must be >= 1")
+
+
+FAST_OVERRIDES = dict(max_pairs=80, max_loops=1, rm_epochs=1, test_prompts=2, ppo_updates=2, ppo_batch_size=4,
+                      max_new_tokens=4, top_layers=None, lora_r=4)
+
+
+def _done(folder: Path, resume: bool) -> dict | None:
+    """What a finished stage recorded, when resuming."""
+    marker = folder / "done.json"
+    return json.loads(marker.read_text()) if resume and marker.exists() else None
+
+
+def _fast_inputs(root: Path) -> tuple[str, str, str]:
+    """Toy pairs and tiny random policy / RM backbones (one word tokenizer) for fast mode."""
+    from tokencredit.testing import save_tiny_causal_lm, toy_preference_pairs
+
+    words = "a b c d x y".split()
+    data = root / "toy_pairs.jsonl"
+    pairs = toy_preference_pairs(80, random.Random(0))
+    data.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    model = save_tiny_causal_lm(root / "tiny-model", words)
+    return str(data), str(model), str(model)
+
+
+def run_ser(cfg: SERRecipeConfig) -> dict:
+    """Evolve a reward model, train a policy on it and on the seed RM, evaluate; returns the summary."""
+    with quiet_saves():
+        return _run_ser(cfg)
+
+
+def _run_ser(cfg: SERRecipeConfig) -> dict:
+    """run_ser without the progress-bar settings."""
+    from tokencredit.rewards.evolve import EvolveConfig, run_evolve
+
+    if cfg.fast:
+        cfg = SERRecipeConfig(**{**vars(cfg), **FAST_OVERRIDES})
+    cfg.validate()
+    root = Path(cfg.output)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "config.yaml")
+    data, policy_model, rm_model = (_fast_inputs(root) if cfg.fast else (cfg.data, cfg.policy_model, cfg.rm_model))
+
+    # 1. Evolve from the labelled share; the 100%-label RM is trained beside it as the evaluation scorer.
+    evolve = _done(root / "evolve", cfg.resume)
+    if evolve is None:
+        evolve = run_evolve(EvolveConfig(
+            output_dir=str(root / "evolve"), model=rm_model, data=data, max_pairs=cfg.max_pairs, seed=cfg.seed,
+            labelled_fraction=cfg.labelled_fraction, max_loops=cfg.max_loops, patience=2, num_epochs=cfg.rm_epochs,
+            batch_size=16, learning_rate=cfg.rm_learning_rate, max_length=cfg.rm_max_length, full_baseline=True,
+            calibrate=cfg.calibrate, progress=not cfg.fast))
+        atomic_write_json(root / "evolve" / "done.json", evolve)
+    models = {"ppo_ser": evolve["best_model"], "ppo_seed": str(root / "evolve" / "loop-0" / "model")}
+    scorer = str(root / "evolve" / "full-labels" / "model")
+
+    prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in Path(data).read_text().splitlines()
+                                 if line.strip()))
+    if len(prompts) <= cfg.test_prompts:
+        raise ValueError(f"{len(prompts)} distinct prompts leave none for training after {cfg.test_prompts} test ones")
+    train_prompts, test_prompts = prompts[: -cfg.test_prompts], prompts[-cfg.test_prompts:]
+
+    # 2. The same start, budget and seed for both arms; only the reward model differs.
+    for arm, rm_folder in models.items():
+        if _done(root / arm, cfg.resume) is None:
+            history = _ppo(cfg, arm, root, policy_model, rm_folder, train_prompts)
+            atomic_write_json(root / arm / "done.json", {"updates": len(history), "reward_model": rm_folder})
+
+    # 3. Greedy answers on held-out prompts, scored by the 100%-label RM.
+    results = {name: _evaluate(cfg, policy, policy_model, scorer, test_prompts)
+               for name, policy in (("start", policy_model), ("ppo_seed", str(root / "ppo_seed" / "policy")),
+                                    ("ppo_ser", str(root / "ppo_ser" / "policy")))}
+    summary = {"evolve": {k: evolve[k] for k in ("seed_accuracy", "best_accuracy", "best_loop",
+                                                 "full_label_accuracy", "stop_reason")},
+               "policies": results, "train_prompts": len(train_prompts), "test_prompts": len(test_prompts),
+               "scorer": scorer}
+    atomic_write_json(root / "summary.json", summary)
+    _report(root, summary, evolve)
+    return summary
+
+
+def _ppo(cfg: SERRecipeConfig, arm: str, root: Path, policy_model: str, rm_folder: str,
+         prompts: list[str]) -> list[dict]:
+    """PPO from the start policy on sigma(RM) - baseline with adaptive KL; the policy lands in root/arm/policy."""
+    from tokencredit.models import apply_chat
+    from tokencredit.rewards.saved import SavedRewardSettings, reward_from_saved_rm
+    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
+
+    tokenizer = load_tokenizer(policy_model)
+    rendered = apply_chat(tokenizer, prompts) if cfg.chat_template and tokenizer.chat_template else list(prompts)
+    raw_of = dict(zip(rendered, prompts))
+    reward = reward_from_saved_rm(rm_folder, tokenizer, SavedRewardSettings(sigmoid_baseline=cfg.sigmoid_baseline),
+                                  raw_prompt=lambda p: raw_of.get(p, p))
+    lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, top_layers=cfg.top_layers)
+    policy = load_policy(policy_model, lora=lora, seed=cfg.seed)
+    config = PPOConfig(output_dir=str(root / arm), seed=cfg.seed, num_updates=cfg.ppo_updates,
+                       batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_batch_size // 2 or 1, ppo_epochs=1,
+                       learning_rate=cfg.ppo_learning_rate, max_new_tokens=cfg.max_new_tokens,
+                       kl_coef=cfg.kl_coef, adaptive_kl=True, kl_target=cfg.kl_target,
+                       kl_horizon=cfg.ppo_updates * cfg.ppo_batch_size, resume=cfg.resume, log_tensorboard=False,
+                       progress=not cfg.fast, save_every=max(1, cfg.ppo_updates // 2))
+    trainer = PPOTrainer(config, policy=policy, tokenizer=tokenizer, prompts=rendered, reward_fn=reward)
+    return trainer.train()
+
+
+@torch.no_grad()
+def _evaluate(cfg: SERRecipeConfig, policy_path: str, base_model: str, scorer: str, prompts: list[str]) -> dict:
+    """Mean sigma(score) of the 100%-label RM on greedy answers, and their mean length in words."""
+    from tokencredit.generation import generate
+    from tokencredit.models import apply_chat, load_trained_policy
+    from tokencredit.rewards.saved import load_saved_reward_model
+
+    model, tokenizer = load_trained_policy(policy_path)
+    rendered = apply_chat(tokenizer, prompts) if cfg.chat_template and tokenizer.chat_template else list(prompts)
+    answers = []
+    for start in range(0, len(rendered), 16):  # bounded batches: the held-out set can be large
+        answers += generate(model, tokenizer, rendered[start : start + 16], max_new_tokens=cfg.max_new_tokens,
+                            greedy=True).texts
+    rm = load_saved_reward_model(scorer)
+    scores = rm.score_sequences(prompts, answers)
+    probs = [1.0 / (1.0 + math.exp(-s)) for s in scores]
+    return {"scorer_mean_sigma": sum(probs) / len(probs), "mean_words": sum(len(a.split()) for a in answers)
+            / len(answers), "examples": [{"prompt": p, "answer": a, "sigma": q}
+                                         for p, a, q in list(zip(prompts, answers, probs))[:5]]}
+
+
+def _report(root: Path, summary: dict, evolve: dict) -> None:
+    """report.html: the evolve accuracies and the policies' held-out scores."""
+    from tokencredit.evaluate import html_table, write_html_report
+
+    rows = [{"policy": name, "scorer mean sigma(r)": round(r["scorer_mean_sigma"], 4),
+             "mean words": round(r["mean_words"], 1)} for name, r in summary["policies"].items()]
+    loops = [{k: v for k, v in r.items() if k in ("loop", "heldout_accuracy", "selected", "pseudo_label_accuracy",
+                                                    "train_pairs")} for r in evolve.get("loops", [])]
+    examples = [{"policy": name, **ex} for name, r in summary["policies"].items() for ex in r["examples"]]
+    write_html_report(root / "report.html", "tokencredit ser: self-evolved reward, then PPO", [
+        ("Reward models", html_table([summary["evolve"]]) + html_table(loops)),
+        ("Policies on held-out prompts (scored by the 100%-label RM)", html_table(rows)),
+        ("Examples", html_table(examples)),
+    ])
