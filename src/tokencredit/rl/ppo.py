@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -151,6 +152,20 @@ class PPOConfig:
     kl_target: float = 6.0  # target KL per sequence (sum over tokens) for the adaptive controller
     kl_horizon: int = 10000  # samples over which the adaptive controller reacts
 
+    # --- learning with a guide (RLGF, see tokencredit.rl.guided); PPOTrainer(..., guide=...) ---
+    # "ppo": no guide. "ppo_pp": the guide rolls in, the learner rolls out (losses on the learner's tokens).
+    # "aggrevated": the learner rolls in, the guide rolls out (policy loss on the learner's prefix; a separate
+    # guide critic learns the guide's cost-to-go on its continuation). "lols": each update ppo_pp with probability
+    # lols_tau, else aggrevated. "d2lols": aggrevated until d2lols_switch_update, then ppo_pp.
+    algorithm: Literal["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"] = "ppo"
+    guide_beta: float = 0.5  # share of rows that switch writer at h ~ U{1..L-1}; the rest are plain learner rows
+    guide_rollin_length: int | None = None  # L; None = max_new_tokens
+    lols_tau: float = 0.8  # LOLS: probability of a PPO++ update
+    d2lols_switch_update: int | None = None  # D2LOLS: first update (0-based) that is PPO++
+    guide_temperature: float = 1.0  # the guide's sampling (token-level guides)
+    guide_top_p: float = 1.0
+    guide_kl: bool = False  # also count guide-written tokens in the KL penalty (TRIL: off, they are not the policy's)
+
     def validate(self) -> None:
         """Check ranges and divisibility; raise ValueError naming the field."""
         positive = ("batch_size", "num_updates", "max_new_tokens", "ppo_epochs", "gradient_accumulation_steps",
@@ -193,6 +208,39 @@ class PPOConfig:
         if self.kl_coef < 0 or self.learning_rate <= 0:
             raise ValueError("kl_coef must be >= 0 and learning_rate > 0")
         validate_mixed_precision(self.mixed_precision)
+        self._validate_guide()
+
+    def _validate_guide(self) -> None:
+        """The RLGF fields: names, ranges and what guided rollouts cannot be combined with."""
+        from tokencredit.rl.guided import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
+        if not 0.0 <= self.guide_beta <= 1.0:
+            raise ValueError(f"guide_beta must be in [0, 1] (got {self.guide_beta})")
+        if not 0.0 <= self.lols_tau <= 1.0:
+            raise ValueError(f"lols_tau must be in [0, 1] (got {self.lols_tau})")
+        if self.algorithm == "d2lols" and (self.d2lols_switch_update is None or self.d2lols_switch_update < 0):
+            raise ValueError("algorithm='d2lols' needs d2lols_switch_update >= 0 (the first PPO++ update)")
+        rollin_length = self.guide_rollin_length or self.max_new_tokens
+        if self.algorithm != "ppo":
+            if not 2 <= rollin_length <= self.max_new_tokens:
+                raise ValueError(f"guide_rollin_length must be in [2, max_new_tokens] (got {rollin_length})")
+            if self.guide_temperature <= 0 or not 0 < self.guide_top_p <= 1:
+                raise ValueError("guide_temperature must be > 0 and guide_top_p in (0, 1]")
+            for name, bad in (("reuse_sampling_logprobs", self.reuse_sampling_logprobs),
+                              ("stop_strings", bool(self.stop_strings)),
+                              ("rollout_backend='vllm'", self.rollout_backend == "vllm")):
+                if bad:
+                    raise ValueError(f"algorithm={self.algorithm!r} cannot be combined with {name}: guided rows "
+                                     "are written by two models through tokencredit's own sampler")
+            if self.shared_critic and self.algorithm != "ppo_pp":
+                raise ValueError(f"algorithm={self.algorithm!r} trains a separate guide critic; use "
+                                 "shared_critic=false (ppo_pp works with either)")
+
+    def uses_guide_critic(self) -> bool:
+        """Whether some updates roll out with the guide, whose cost-to-go a separate critic learns."""
+        return self.algorithm in ("aggrevated", "lols", "d2lols")
 
     def fuses_first_epoch(self) -> bool:
         """Whether old log-probs and values come from the first epoch's forward pass (see the field's comment)."""
@@ -290,8 +338,13 @@ class PPOTrainer:
         reference: nn.Module | None = None,
         reference_responses: Sequence[str | None] | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
+        guide: object | None = None,
     ) -> None:
-        """Set up models, optimiser and KL controller; `train()` runs (or resumes) the run."""
+        """Set up models, optimiser and KL controller; `train()` runs (or resumes) the run.
+
+        ``guide`` (RLGF algorithms): a causal LM sharing the policy's tokenizer, or any object with
+        ``complete(texts, max_new_tokens) -> list[str]`` (a black-box guide; its text is re-tokenised).
+        """
         config.validate()
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
@@ -335,12 +388,17 @@ class PPOTrainer:
             _disable_dropout(self.policy)
             _disable_dropout(self.critic)
 
+        self.guide_writer, self.guide_critic = self._setup_guide(guide, logits_processors)
+
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        if self.guide_critic is not None:
+            self.critic_params += [p for p in self.guide_critic.parameters() if p.requires_grad]
         if not self.policy_params:
             raise ValueError("the policy has no trainable parameters")
         self.amp_dtype = resolve_mixed_precision(config.mixed_precision, self.device)
-        freeze_to([self.policy, self.critic, self.reference], self.amp_dtype)
+        freeze_to([self.policy, self.critic, self.reference, self.guide_critic,
+                   getattr(self.guide_writer, "model", None)], self.amp_dtype)
         if config.tune_allocator and self.device.type == "cpu":
             tune_cpu_allocator()
         self.optimizer = make_adamw(
@@ -358,6 +416,11 @@ class PPOTrainer:
             self.kl_ctl = FixedKLController(config.kl_coef)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
+        if hasattr(self.guide_writer, "generator"):
+            self.guide_writer.generator = self.generator
+        # Switch points and LOLS draws: their own stream, so beta = 0 leaves the policy's sampling untouched.
+        self.guide_rng = random.Random(config.seed + 2)
+        self._guided: tuple[str | None, torch.Tensor] | None = None  # (roll-in, learner mask) of the last rollout
         self.update_idx = 0
         self.history: list[dict] = []
         self.run_dir = Path(config.output_dir)
@@ -369,6 +432,38 @@ class PPOTrainer:
         self._vllm = None  # built on the first rollout (it needs the run folder)
         # (batch, its first-epoch forward pass) between make_batch and optimize; see reuse_first_epoch_forward
         self._first_forward: tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def _setup_guide(self, guide: object | None, logits_processors: Sequence[LogitsProcessor]) -> tuple[
+            object | None, nn.Module | None]:
+        """The guide as a writer, and the guide critic when some updates roll out with the guide."""
+        from tokencredit.rl.guided import ModelWriter, TextWriter
+
+        cfg = self.config
+        if cfg.algorithm == "ppo":
+            if guide is not None:
+                raise ValueError("a guide was passed but algorithm='ppo'; pick ppo_pp, aggrevated, lols or d2lols")
+            return None, None
+        if guide is None:
+            raise ValueError(f"algorithm={cfg.algorithm!r} needs guide=: a causal LM with the policy's tokenizer, "
+                             "or an object with complete(texts, max_new_tokens)")
+        if logits_processors:
+            raise ValueError("logits_processors cannot be combined with a guided algorithm")
+        if isinstance(guide, nn.Module):
+            vocab = getattr(getattr(guide, "config", None), "vocab_size", None)
+            if vocab is not None and vocab < len(self.tokenizer):
+                raise ValueError(f"the guide's vocabulary ({vocab}) is smaller than the policy tokenizer's "
+                                 f"({len(self.tokenizer)}): a token-level guide must share the policy's tokenizer; "
+                                 "wrap another model as a text guide (complete(texts, max_new_tokens))")
+            guide = guide.to(self.device).eval().requires_grad_(False)
+            # Sampling from the trainer's generator (set once it exists), so a guided run is reproducible.
+            writer: object = ModelWriter(guide, self.tokenizer, temperature=cfg.guide_temperature,
+                                         top_p=cfg.guide_top_p)
+        elif callable(getattr(guide, "complete", None)):
+            writer = TextWriter(guide.complete, self.tokenizer)
+        else:
+            raise ValueError("guide must be a causal LM (nn.Module) or have complete(texts, max_new_tokens)")
+        guide_critic = copy.deepcopy(self.critic) if cfg.uses_guide_critic() else None
+        return writer, guide_critic
 
     # ------------------------------------------------------------------ data order
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -445,6 +540,8 @@ class PPOTrainer:
     def rollout(self, prompts: list[str]) -> GenerationOutput:
         """Sample one response per prompt from the current policy with the configured backend."""
         cfg = self.config
+        if self.guide_writer is not None:
+            return self._guided_rollout(prompts)
         if cfg.rollout_backend == "vllm":
             return self._vllm_rollout(prompts)
         # One autocast region for the whole decode: autocast caches the bf16 copy of each trainable weight for the
@@ -456,6 +553,25 @@ class PPOTrainer:
                 stop_strings=cfg.stop_strings, logits_processors=self.logits_processors,
                 max_prompt_length=cfg.max_prompt_length, generator=self.generator, decoder=self.decoder,
             )
+
+    def _guided_rollout(self, prompts: list[str]) -> GenerationOutput:
+        """Roll in with one writer and out with the other (see rl.guided); records who wrote every token."""
+        from tokencredit.rl.guided import ModelWriter, as_generation_output, draw_switches, guided_rollout, rollin_of
+
+        cfg = self.config
+        rollin = rollin_of(cfg.algorithm, self.update_idx, cfg.lols_tau, cfg.d2lols_switch_update, self.guide_rng)
+        switches = draw_switches(len(prompts), cfg.guide_beta, cfg.guide_rollin_length or cfg.max_new_tokens,
+                                 self.guide_rng)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
+        learner = ModelWriter(self.policy, self.tokenizer, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, generator=self.generator)
+        with self._amp():
+            rows = guided_rollout(learner, self.guide_writer, rollin, prompt_ids, prompt_mask, switches,
+                                  cfg.max_new_tokens, self.tokenizer.pad_token_id)
+        gen, learner_mask = as_generation_output(rows, prompt_ids, prompt_mask, self.tokenizer,
+                                                 self.tokenizer.pad_token_id)
+        self._guided = (rollin, learner_mask)
+        return gen
 
     def _vllm_rollout(self, prompts: list[str]) -> GenerationOutput:
         """Sample with vLLM after pushing the policy's current weights into the engine."""
@@ -549,14 +665,30 @@ class PPOTrainer:
                                       for rows in self._row_chunks(len(prompts))]) * mask
             clock.lap("time/values")
 
-        kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator or "k1") * mask
+        # Guided rows: only the learner's tokens are its actions (train mask); guide tokens are context, kept out
+        # of the KL unless guide_kl, and valued by the guide critic where the guide rolled out.
+        train_mask, kl_mask, guide_value_mask = mask, mask, None
+        if self._guided is not None:
+            rollin, learner_tokens = self._guided
+            self._guided = None
+            train_mask = learner_tokens.float() * mask
+            kl_mask = mask if cfg.guide_kl else train_mask
+            if self.guide_critic is not None and rollin == "learner":
+                with torch.no_grad(), self._amp():
+                    guide_values = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
+                                              for rows in self._row_chunks(len(prompts))]) * mask
+                values_t = torch.where(train_mask.bool(), values_t, guide_values)
+                guide_value_mask = (mask - train_mask).long()
+            stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
+                          "guide/learner_token_frac": float(train_mask.sum() / mask.sum().clamp(min=1))})
+        kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator or "k1") * kl_mask
         rewards = scores - self.kl_ctl.value * kl_tokens if cfg.kl_in_reward else scores.clone()
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, values_t, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        kl_seq = ((logprobs_t - ref_t) * mask).sum(-1)  # k1 summed per sequence, the number people compare
+            advantages = masked_whiten(advantages, train_mask)
+        kl_seq = ((logprobs_t - ref_t) * kl_mask).sum(-1)  # k1 summed per sequence, the number people compare
         stats.update({
             "kl/mean": float(kl_seq.mean()),
             "kl/penalty_mean": float((self.kl_ctl.value * kl_tokens).sum(-1).mean()),
@@ -568,9 +700,9 @@ class PPOTrainer:
         self.kl_ctl.update(float(kl_seq.mean()), len(prompts))
         batch = RolloutBatch(
             prompt_ids=gen.prompt_ids, prompt_mask=gen.prompt_mask, response_ids=gen.response_ids,
-            response_mask=gen.response_mask, train_mask=gen.response_mask.clone(), logprobs=logprobs_t,
+            response_mask=gen.response_mask, train_mask=train_mask.long(), logprobs=logprobs_t,
             ref_logprobs=ref_t, values=values_t, scores=scores, rewards=rewards, advantages=advantages,
-            returns=returns, row_index=row_index.to(self.device),
+            returns=returns, row_index=row_index.to(self.device), guide_value_mask=guide_value_mask,
         )
         if cfg.fuses_first_epoch():
             self._first_forward = (batch, first_forward)
@@ -694,7 +826,18 @@ class PPOTrainer:
         logits, logprobs, values = forward
         train_mask = mb.train_mask.float()
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, train_mask, cfg.cliprange)
-        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask.float(), cfg.cliprange_value)
+        # The learner's critic learns the value of the learner's own tokens (all of them in plain PPO).
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, train_mask, cfg.cliprange_value)
+        if self.guide_critic is not None and mb.guide_value_mask is not None:
+            # The guide critic learns the guide's cost-to-go on the tokens the guide wrote (AggreVaTeD roll-outs;
+            # PPO++ roll-ins are context and are never valued, their returns are the learner's).
+            self.guide_critic.train()
+            with self._amp():
+                guide_values = response_values(self.guide_critic, mb.input_ids(), mb.attention_mask(),
+                                               mb.response_ids.size(1))
+            guide_vf, _ = value_loss(guide_values, mb.values, mb.returns, mb.guide_value_mask.float(),
+                                     cfg.cliprange_value)
+            vf_loss = vf_loss + guide_vf
         if cfg.entropy_coef > 0:
             entropy = masked_mean(entropy_from_logits(logits), train_mask)
         else:
@@ -776,6 +919,8 @@ class PPOTrainer:
         with quiet_saves():
             self.save_policy(tmp / "policy")
             self.critic.save_pretrained(tmp / "critic")
+            if self.guide_critic is not None:
+                self.guide_critic.save_pretrained(tmp / "guide_critic")
         n = len(self.prompts)
         epoch, offset = divmod(self.update_idx * self.config.batch_size, n)
         save_trainer_state(
@@ -787,6 +932,7 @@ class PPOTrainer:
                 "rng": capture_rng_state(),
                 "generator": self.generator.get_state(),
                 "shuffle_generator": self.shuffle_generator.get_state(),
+                "guide_rng": self.guide_rng.getstate(),  # switch points and the LOLS schedule
                 "data_position": {"epoch": epoch, "offset": offset, "num_prompts": n},
             },
         )
@@ -819,12 +965,18 @@ class PPOTrainer:
             else:
                 loaded_critic = ScalarHeadModel.from_pretrained(path / "critic")
                 self.critic.load_state_dict(loaded_critic.state_dict())
+        if self.guide_critic is not None:
+            with reading_checkpoint(path, "guide critic weights"):
+                loaded_guide = ScalarHeadModel.from_pretrained(path / "guide_critic")
+                self.guide_critic.load_state_dict(loaded_guide.state_dict())
         with reading_checkpoint(path, "trainer state"):
             self.optimizer.load_state_dict(state["optimizer"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
             restore_rng_state(state["rng"])
             self.generator.set_state(state["generator"])
             self.shuffle_generator.set_state(state["shuffle_generator"])
+            if "guide_rng" in state:
+                self.guide_rng.setstate(state["guide_rng"])
             self.update_idx = int(state["update_idx"])
 
 

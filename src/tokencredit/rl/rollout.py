@@ -30,6 +30,7 @@ class RolloutBatch:
     advantages: torch.Tensor  # [B, T]
     returns: torch.Tensor  # [B, T]
     row_index: torch.Tensor  # [B] index of each row's prompt in the trainer's prompt list
+    guide_value_mask: torch.Tensor | None = None  # [B, T] 1 = a guide roll-out token, valued by the guide critic
 
     def __len__(self) -> int:
         """Number of rows."""
@@ -37,7 +38,8 @@ class RolloutBatch:
 
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """Rows idx of every field."""
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
     def input_ids(self) -> torch.Tensor:
         """[B, P+T] prompt followed by response."""

@@ -1,0 +1,137 @@
+"""RLGF inside PPOTrainer: guide tokens are context, never actions; schedules, beta = 0, resume, errors."""
+
+import pytest
+import torch
+
+from tokencredit import PPOConfig, PPOTrainer
+from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
+
+WORDS = "a b c d e f g h".split()
+PROMPTS = [f"{WORDS[i]} {WORDS[(i + 3) % 8]}" for i in range(8)]
+
+
+class WordGuide:
+    """A black-box guide that always continues with the same words."""
+
+    def __init__(self, text="h h h h h h"):
+        self.text, self.calls = text, 0
+
+    def complete(self, texts, max_new_tokens):
+        self.calls += 1
+        return [self.text] * len(texts)
+
+
+def make(seed=0):
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_causal_lm(len(tok), seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, tok
+
+
+def count_a(tok):
+    a = tok.convert_tokens_to_ids("a")
+    return lambda prompts, responses, ids: [[1.0 if t == a else 0.0 for t in row] for row in ids]
+
+
+def cfg(tmp_path, name="run", **kw):
+    base = dict(batch_size=8, mini_batch_size=8, max_new_tokens=6, num_updates=2, learning_rate=3e-3, ppo_epochs=2,
+                seed=0, output_dir=str(tmp_path / name), progress=False, log_tensorboard=False, save_every=100,
+                mixed_precision="no", guide_beta=1.0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def trainer(tmp_path, guide=None, name="run", **kw):
+    model, tok = make()
+    return PPOTrainer(cfg(tmp_path, name, **kw), model, tok, PROMPTS, count_a(tok),
+                      guide=guide if guide is not None else WordGuide())
+
+
+@pytest.mark.parametrize("algorithm", ["ppo_pp", "aggrevated"])
+def test_guide_tokens_are_context_not_actions(tmp_path, algorithm):
+    t = trainer(tmp_path, algorithm=algorithm)
+    h = t.tokenizer.convert_tokens_to_ids("h")
+    gen = t.rollout(PROMPTS)
+    batch, _ = t.make_batch(PROMPTS, gen, torch.arange(8))
+    ids, train, resp = batch.response_ids, batch.train_mask.bool(), batch.response_mask.bool()
+    guide_tokens = resp & ~train
+    assert guide_tokens.any() and train.any()
+    assert bool((ids[guide_tokens] == h).all())  # every token the guide wrote is masked out of training
+    first = ids[:, 0]
+    if algorithm == "ppo_pp":  # the guide rolls in: every (switched) row starts with its words
+        assert bool((first == h).all()) and not bool(train[:, 0].any())
+    else:  # the learner rolls in: rows start with the learner's tokens and the guide's words end them
+        assert bool(train[:, 0].all()) and batch.guide_value_mask is not None
+        assert torch.equal(batch.guide_value_mask.bool(), guide_tokens)
+
+    # Exactly zero policy gradient from guide tokens: changing their advantages changes no gradient.
+    t.config.vf_coef, t.config.entropy_coef = 0.0, 0.0
+
+    def grads(b):
+        t.optimizer.zero_grad(set_to_none=True)
+        loss, _ = t._loss(b)
+        loss.backward()
+        return [p.grad.clone() for p in t.policy_params]
+
+    before = grads(batch)
+    batch.advantages = torch.where(guide_tokens, torch.full_like(batch.advantages, 1e3), batch.advantages)
+    after = grads(batch)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert any(x.abs().sum() > 0 for x in before)
+
+
+def test_beta_zero_reproduces_plain_ppo(tmp_path):
+    model, tok = make()
+    plain = PPOTrainer(cfg(tmp_path, "plain"), model, tok, PROMPTS, count_a(tok)).train()
+    for algorithm in ("ppo_pp", "aggrevated"):
+        guide = WordGuide()
+        guided = trainer(tmp_path, guide, name=algorithm, algorithm=algorithm, guide_beta=0.0).train()
+        assert guide.calls == 0
+        for x, y in zip(plain, guided):
+            for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/approx_kl"):
+                assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (algorithm, key)
+
+
+def test_schedules_of_lols_and_d2lols_in_the_trainer(tmp_path):
+    d2 = trainer(tmp_path, name="d2", algorithm="d2lols", d2lols_switch_update=2, num_updates=4).train()
+    assert [m["guide/rollin_is_guide"] for m in d2] == [0.0, 0.0, 1.0, 1.0]
+    lols = trainer(tmp_path, name="lols", algorithm="lols", lols_tau=0.5, num_updates=8, ppo_epochs=1).train()
+    picks = [m["guide/rollin_is_guide"] for m in lols]
+    assert set(picks) == {0.0, 1.0}  # a mixture, drawn from the run's own stream
+
+
+def test_a_resumed_guided_run_equals_an_uninterrupted_one(tmp_path):
+    kw = dict(algorithm="lols", lols_tau=0.5, save_every=1)
+    straight = trainer(tmp_path, name="straight", num_updates=4, **kw).train()
+    trainer(tmp_path, name="cut", num_updates=2, **kw).train()
+    resumed = trainer(tmp_path, name="cut", num_updates=4, resume=True, **kw).train()
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000004" / "guide_critic").is_dir()
+    for x, y in zip(straight, resumed):
+        for key in ("reward/mean", "guide/rollin_is_guide", "loss/value", "policy/approx_kl"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+
+
+def test_misconfiguration_is_a_value_error_naming_the_field(tmp_path):
+    model, tok = make()
+    with pytest.raises(ValueError, match="needs guide="):
+        PPOTrainer(cfg(tmp_path, algorithm="ppo_pp"), model, tok, PROMPTS, count_a(tok))
+    with pytest.raises(ValueError, match="algorithm='ppo'"):
+        PPOTrainer(cfg(tmp_path), model, tok, PROMPTS, count_a(tok), guide=WordGuide())
+    for field, kw in (("algorithm must be one of", dict(algorithm="dagger")),
+                      ("guide_beta", dict(algorithm="ppo_pp", guide_beta=1.5)),
+                      ("lols_tau", dict(algorithm="lols", lols_tau=-0.1)),
+                      ("d2lols_switch_update", dict(algorithm="d2lols")),
+                      ("reuse_sampling_logprobs", dict(algorithm="ppo_pp", reuse_sampling_logprobs=True)),
+                      ("guide critic", dict(algorithm="aggrevated", shared_critic=True))):
+        with pytest.raises(ValueError, match=field):
+            cfg(tmp_path, **kw).validate()
+    with pytest.raises(ValueError, match="causal LM .* or have complete"):
+        PPOTrainer(cfg(tmp_path, algorithm="ppo_pp"), model, tok, PROMPTS, count_a(tok), guide=object())
+
+
+def test_a_model_guide_writes_tokens_the_policy_then_continues(tmp_path):
+    guide_model, _ = make(seed=5)
+    t = trainer(tmp_path, guide=guide_model, algorithm="ppo_pp", guide_rollin_length=3)
+    batch, stats = t.make_batch(PROMPTS, t.rollout(PROMPTS), torch.arange(8))
+    assert 0 < stats["guide/learner_token_frac"] < 1
+    switch = (~batch.train_mask.bool() & batch.response_mask.bool()).sum(-1)
+    assert bool(((switch >= 1) & (switch <= 2)).all())  # h ~ U{1 .. L-1} with L = 3
