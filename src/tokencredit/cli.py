@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     demo.add_argument("--judge", help="label samples with an LLM judge: an OpenAI-compatible base URL (model name "
                                       "in judge_model=...) or hf:MODEL for a local one")
+    fg = _config_command(
+        sub, "fg", "FGConfig", "FG: fine-grained PPO (token RM from minimal edits) vs sequence-level PPO",
+        "Minimal edits -> SFT -> token RM (hybrid loss) and sequence RM -> fine-grained vs sequence PPO -> held-out "
+        "evaluation. Needs edits=FILE.jsonl; writes summary.json and report.html to output.", "edits=edits.jsonl")
+    fg.add_argument("--fast", action="store_true", help="tiny random model and few steps: checks the plumbing")
+    fg.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     reward = sub.add_parser("reward", help="train / evaluate reward models, or show per-token rewards as colour",
                             description="Reward models from preference pairs, minimal edits, ranked lists or span "
                                         "labels (RewardRunConfig).")
@@ -186,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
     _config_command(sub, "evolve", "EvolveConfig", "SER: grow a reward model's training set from a few labels",
                     "Self-evolved reward learning. Needs data=PAIRS.jsonl.", "labelled_fraction=0.15")
+    _config_command(sub, "rlgf", "RLGFConfig", "RLGF recipe: PPO vs PPO++ / AggreVaTeD / LOLS / D2LOLS with a guide",
+                    "Learning with a guide LLM end to end on IMDB continuation (recipes/rlgf.py). Needs "
+                    "data=REVIEWS.jsonl, or fast=true.", "data=imdb_train.jsonl algorithms='[ppo, ppo_pp]'")
     _config_command(sub, "ser", "SERRecipeConfig", "SER recipe: evolve a reward model, then PPO on it vs the seed RM",
                     "Self-evolved reward learning end to end (recipes/ser.py). Needs data=PAIRS.jsonl, or fast=true.",
                     "data=pairs.jsonl ppo_updates=5")
@@ -246,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             run_ppo(cfg)
         elif args.command == "sft":
             run_sft(load_config(SFTRunConfig, args.config, args.overrides))
+        elif args.command == "rlgf":
+            from tokencredit.recipes.rlgf import RLGFConfig, run_rlgf
+
+            summary = run_rlgf(load_config(RLGFConfig, args.config, args.overrides))
+            keys = ("reward_p_pos", "heldout_p_pos", "perplexity")
+            print(json.dumps({k: {m: v.get(m) for m in keys} for k, v in summary["policies"].items()}, indent=1))
         elif args.command == "ser":
             from tokencredit.recipes.ser import SERRecipeConfig, run_ser
 
@@ -277,6 +292,15 @@ def main(argv: list[str] | None = None) -> int:
                      "device": args.device, "api_key": args.api_key}
             flags = {k: v for k, v in flags.items() if v is not None}  # a flag given wins over key=value
             run_serve(dataclasses.replace(load_config(ServeConfig, None, args.overrides), **flags))
+        elif args.command == "fg":
+            from tokencredit.recipes.fg import FAST_OVERRIDES as FG_FAST
+            from tokencredit.recipes.fg import FGConfig, run_fg
+
+            flags = [*args.overrides, *(["fast=true"] if args.fast else []), *(["resume=true"] if args.resume else [])]
+            cfg = load_config(FGConfig, args.config, flags)
+            if cfg.fast:  # reloaded so the fast sizes are a base that the file and overrides still change
+                cfg = load_config(FGConfig, args.config, flags, base=FG_FAST)
+            print(json.dumps(run_fg(cfg)["policies"], indent=1))
         elif args.command == "demo":
             from tokencredit.recipes.tppo import run_demo
 
