@@ -47,3 +47,7 @@ def test_the_reward_modules_import_no_circle():
         if module not in state:
             visit(module, [])
 
+
+
+def test_each_paper_has_its_recipe_file():
+    assert {p.stem for p in (PACKAGE / "recipes").glob("*.py")} >= {"tppo", "fg", "ser", "rlgf"}

@@ -1,0 +1,278 @@
+"""FG on real text: does fine-grained PPO (token RM from minimal edits) beat sequence-level PPO at equal budget?
+
+Task: IMDB review continuation (`../shared/data/imdb`). Prompt = the first words of a review; the policy
+(SmolLM2-135M-Instruct, LoRA on its top blocks) writes the next words.
+
+- Minimal edits (the feedback): the real continuation of a test-split review is the original answer; every word
+  that the VADER sentiment lexicon scores negative is replaced by a positive word. The diff gives real
+  token-level feedback: -1 on the words the edit removed, +1 on the words it wrote.
+- Reward models (`tokencredit fg`, same backbone, seed, epochs and pairs): a token RM with FG's hybrid loss and
+  a sequence RM (Bradley-Terry on (edited, original)); both scored on held-out edits.
+- PPO: fine-grained (token RM at every token) vs sequence-level (sequence RM on the last token), the same start,
+  seed, KL and number of samples.
+- Gold scorer, which neither policy nor the edit maker used: a bag-of-words logistic regression trained here (in
+  numpy) on the IMDB *train* split's labels; its score is P(positive) of an answer. Guards against reward
+  hacking: mean length and distinct-1/2 of the answers.
+- Upper-reference checks before any policy number is read: the gold classifier's accuracy on IMDB test
+  reviews, how often it prefers the edited over the original answer of held-out edits, and both RMs' held-out
+  pair accuracy.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fg_policy.py                 # 3 seeds, ~60 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fg_policy.py --smoke         # tiny budgets, checks plumbing
+    # the same SFT and RMs, PPO again with a stronger KL penalty:
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fg_policy.py --stages-from runs/bench-fg-policy \
+        --output runs/bench-fg-policy-kl02 --results benchmarks/results/fg_policy_kl02.json kl_coef=0.2
+
+Results go to `benchmarks/results/fg_policy.json` after every seed, a chart to `fg_policy.svg`, and a
+side-by-side table is printed. The edit maker is vaderSentiment's lexicon (a project dependency; offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from tokencredit.recipes.fg import FGConfig, run_fg
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imdb"
+RESULTS = Path(__file__).parent / "results"
+WORD = re.compile(r"[a-z][a-z']*")
+# Written in place of a word the lexicon dislikes; picked by the word's length so the edit is deterministic.
+POSITIVE = ("good", "fine", "great", "nice", "solid", "fun", "lovely", "decent")
+POLICIES = ("sft", "fine_grained", "sequence")
+
+
+def clean(text: str) -> str:
+    """Review text without HTML line breaks and runs of spaces."""
+    return " ".join(text.replace("<br />", " ").split())
+
+
+def read_reviews(name: str) -> list[dict]:
+    """Rows {text, label} of imdb/<name>.jsonl."""
+    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().split("\n") if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------- gold scorer
+class BagOfWordsSentiment:
+    """Logistic regression on word presence, trained by full-batch gradient descent; P(positive) of a text."""
+
+    def __init__(self, reviews: list[dict], vocab_size: int = 6000, l2: float = 1e-3, steps: int = 400) -> None:
+        """Fit on reviews {text, label}."""
+        counts = Counter(w for r in reviews for w in set(WORD.findall(clean(r["text"]).lower())))
+        self.vocab = {w: i for i, (w, c) in enumerate(counts.most_common(vocab_size)) if c >= 3}
+        x = self._features([r["text"] for r in reviews])
+        y = np.array([float(r["label"]) for r in reviews])
+        self.w, self.b = np.zeros(x.shape[1]), 0.0
+        lr = 0.5
+        for _ in range(steps):
+            p = 1 / (1 + np.exp(-(x @ self.w + self.b)))
+            self.w -= lr * (x.T @ (p - y) / len(y) + l2 * self.w)
+            self.b -= lr * float(np.mean(p - y))
+
+    def _features(self, texts: list[str]) -> np.ndarray:
+        """Binary word presence, scaled by 1/sqrt(words) so short answers and long reviews are comparable."""
+        x = np.zeros((len(texts), len(self.vocab)))
+        for i, text in enumerate(texts):
+            ids = {self.vocab[w] for w in WORD.findall(clean(text).lower()) if w in self.vocab}
+            if ids:
+                x[i, list(ids)] = 1 / np.sqrt(len(ids))
+        return x
+
+    def proba(self, texts: list[str]) -> list[float]:
+        """P(positive) of each text."""
+        return (1 / (1 + np.exp(-(self._features(texts) @ self.w + self.b)))).tolist()
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """The gold score of an answer: P(positive) of the answer alone."""
+        return self.proba(responses)
+
+
+# ---------------------------------------------------------------------------------------------- edit maker
+def negative_words() -> dict[str, float]:
+    """VADER's lexicon entries with a negative valence (<= -1.0)."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        sys.exit("fg_policy.py needs the VADER lexicon: pip install vaderSentiment")
+    return {w: v for w, v in SentimentIntensityAnalyzer().lexicon.items() if v <= -1.0 and w.isalpha()}
+
+
+def make_edits(reviews: list[dict], prompt_words: int, answer_words: int, lexicon: dict[str, float]) -> list[dict]:
+    """{prompt, original, edited}: the review's next words, and the same with every disliked word replaced."""
+    edits = []
+    for r in reviews:
+        words = clean(r["text"]).split()
+        if len(words) < prompt_words + answer_words:
+            continue
+        prompt = " ".join(words[:prompt_words])
+        original = words[prompt_words : prompt_words + answer_words]
+        edited = []
+        for w in original:
+            core = w.strip(".,!?;:\"'()").lower()
+            if core in lexicon:
+                new = POSITIVE[len(core) % len(POSITIVE)]
+                w = w.lower().replace(core, new, 1)
+            edited.append(w)
+        if edited != original:
+            edits.append({"prompt": prompt, "original": " ".join(original), "edited": " ".join(edited)})
+    return edits
+
+
+# ------------------------------------------------------------------------------------------------- running
+def summarize(per_seed: dict) -> dict:
+    """Mean and std over seeds of every policy metric, RM accuracy and check."""
+    def stat(values: list[float]) -> dict:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values}
+
+    runs = list(per_seed.values())
+    out: dict = {"policies": {}, "reward_models": {}}
+    for name in POLICIES:
+        keys = runs[0]["policies"][name].keys()
+        out["policies"][name] = {k: stat([r["policies"][name][k] for r in runs]) for k in keys}
+    for rm in ("token_rm", "sequence_rm"):
+        out["reward_models"][rm] = stat([r["reward_models"][rm]["pair_accuracy"] for r in runs])
+    out["gold_edited_preferred"] = stat([r["gold_on_heldout_edits"]["edited_preferred"] for r in runs])
+    gaps = [r["policies"]["fine_grained"]["gold"] - r["policies"]["sequence"]["gold"] for r in runs]
+    out["gold_gap_fine_minus_sequence"] = {**stat(gaps), "fine_grained_wins": sum(g > 0 for g in gaps)}
+    return out
+
+
+def write_chart(result: dict, path: Path) -> None:
+    """Bars of mean gold score per policy with a +-std whisker, one dot per seed."""
+    agg = result["summary"]["policies"]
+    values = [agg[p]["gold"] for p in POLICIES]
+    # The axis starts just below the lowest seed: the differences are a few hundredths of a probability.
+    low = max(0.0, min(min(v["values"]) for v in values) - 0.03)
+    top = max(max(v["values"]) for v in values) + 0.02
+    width, height, pad = 520, 300, 50
+    bar = (width - 2 * pad) / len(POLICIES)
+
+    def y(v: float) -> float:
+        return height - pad - (height - 2 * pad) * (v - low) / (top - low)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             'font-size="12">', f'<text x="{width / 2}" y="20" text-anchor="middle">IMDB continuation: gold '
+             'P(positive) on held-out prompts (mean over seeds, +-std, dots = seeds)</text>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>']
+    for tick in np.linspace(low, top, 5):
+        parts.append(f'<text x="{pad - 5}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
+    for i, (name, v) in enumerate(zip(POLICIES, values)):
+        x0 = pad + i * bar + bar * 0.2
+        parts.append(f'<rect x="{x0:.1f}" y="{y(v["mean"]):.1f}" width="{bar * 0.6:.1f}" '
+                     f'height="{height - pad - y(v["mean"]):.1f}" fill="{("#999", "#2ca02c", "#1f77b4")[i]}"/>')
+        cx = x0 + bar * 0.3
+        parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(v["mean"] - v["std"]):.1f}" '
+                     f'y2="{y(v["mean"] + v["std"]):.1f}" stroke="black"/>')
+        for s in v["values"]:
+            parts.append(f'<circle cx="{cx + 8:.1f}" cy="{y(s):.1f}" r="2.5" fill="black"/>')
+        parts.append(f'<text x="{cx:.1f}" y="{height - pad + 16}" text-anchor="middle">{name}</text>')
+        d1 = agg[name]["distinct_1"]["mean"]
+        parts.append(f'<text x="{cx:.1f}" y="{height - pad + 32}" text-anchor="middle">distinct-1 {d1:.2f}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+def print_table(result: dict) -> None:
+    """Side-by-side table of the policies (mean +- std over seeds)."""
+    agg = result["summary"]["policies"]
+    cols = ("gold", "token_rm_reward", "sequence_rm_reward", "mean_length_tokens", "distinct_1", "distinct_2")
+    print("| policy | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name in POLICIES:
+        cells = [f"{agg[name][c]['mean']:.3f} ± {agg[name][c]['std']:.3f}" for c in cols]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    s = result["summary"]
+    print(f"gold classifier accuracy on IMDB test reviews: {result['gold_classifier']['test_accuracy']:.3f}; "
+          f"prefers edited over original on held-out edits: {s['gold_edited_preferred']['mean']:.3f}")
+    for rm in ("token_rm", "sequence_rm"):
+        acc = s["reward_models"][rm]
+        print(f"{rm} held-out pair accuracy: {acc['mean']:.3f} ± {acc['std']:.3f}")
+    gap = s["gold_gap_fine_minus_sequence"]
+    print(f"gold gap fine_grained - sequence: {gap['mean']:+.4f} ± {gap['std']:.4f} "
+          f"(fine-grained ahead in {gap['fine_grained_wins']}/{len(gap['values'])} seeds)")
+
+
+def main() -> int:
+    """Build the edits and the gold scorer, run `fg` once per seed, write results as they arrive."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--edits", type=int, default=300, help="minimal edits made (20%% held out per seed)")
+    parser.add_argument("--prompt-words", type=int, default=12)
+    parser.add_argument("--answer-words", type=int, default=16)
+    parser.add_argument("--output", default="runs/bench-fg-policy")
+    parser.add_argument("--results", default=str(RESULTS / "fg_policy.json"))
+    parser.add_argument("--smoke", action="store_true", help="tiny random models and budgets: checks plumbing")
+    parser.add_argument("--stages-from", help="an earlier --output: reuse its SFT and reward-model stages (linked) "
+                        "so that only PPO and the evaluation run again, e.g. with another kl_coef")
+    parser.add_argument("overrides", nargs="*", help="FGConfig key=value settings for every seed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not DATA.is_dir():
+        print(f"skipping: {DATA} not found")
+        return 0
+    started = time.time()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train, test = read_reviews("train"), read_reviews("test")
+    gold = BagOfWordsSentiment(train)
+    test_acc = float(np.mean([(p > 0.5) == bool(r["label"]) for p, r in zip(gold.proba([r["text"] for r in test]),
+                                                                            test)]))
+    edits = make_edits(test, args.prompt_words, args.answer_words, negative_words())[: args.edits]
+    edits_path = out / "edits.jsonl"
+    edits_path.write_text("".join(json.dumps(e) + "\n" for e in edits))
+    print(f"gold classifier: test accuracy {test_acc:.3f}; {len(edits)} edits -> {edits_path}", flush=True)
+
+    settings = dict(
+        edits=str(edits_path), chat_template=False, sft_epochs=1, rm_epochs=2, rm_learning_rate=3e-4,
+        ppo_updates=10, ppo_batch_size=16, ppo_mini_batch_size=8, ppo_epochs=2, ppo_learning_rate=1e-3,
+        kl_coef=0.05, max_new_tokens=24, shared_critic=True, max_eval_prompts=60, top_layers=10,
+    )
+    if args.smoke:
+        settings.update(fast=True, max_eval_prompts=8, sft_epochs=1, sft_batch_size=4, rm_epochs=1, rm_batch_size=4,
+                        ppo_updates=2, ppo_batch_size=4, ppo_mini_batch_size=2, max_new_tokens=6, top_layers=1,
+                        lora_r=4, rm_lora_r=4)
+    result: dict = {"args": vars(args), "settings": settings, "edits": len(edits),
+                    "gold_classifier": {"kind": "bag-of-words logistic regression on imdb/train labels",
+                                        "train_reviews": len(train), "test_accuracy": test_acc},
+                    "per_seed": {}}
+    results_path = Path(args.results)
+    from tokencredit.config import load_config
+
+    for seed in args.seeds:
+        cfg = load_config(FGConfig, None, [*(f"{k}={v}" for k, v in settings.items()), *args.overrides,
+                                           f"seed={seed}", f"output={out / f'seed{seed}'}", "resume=true"])
+        if args.stages_from:
+            for stage in ("sft", "token_rm", "sequence_rm"):
+                link = Path(cfg.output) / stage
+                if not link.exists():
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to((Path(args.stages_from) / f"seed{seed}" / stage).resolve(), True)
+        t0 = time.time()
+        summary = run_fg(cfg, gold_scorer=gold)
+        result["per_seed"][str(seed)] = {**{k: summary[k] for k in ("policies", "reward_models",
+                                                                    "gold_on_heldout_edits", "data", "timings_s")},
+                                         "minutes": round((time.time() - t0) / 60, 1)}
+        result["summary"] = summarize(result["per_seed"])
+        result["minutes"] = round((time.time() - started) / 60, 1)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"seed {seed} done in {result['per_seed'][str(seed)]['minutes']} min: "
+              + json.dumps({p: round(summary["policies"][p]["gold"], 4) for p in POLICIES}), flush=True)
+    write_chart(result, results_path.with_suffix(".svg"))
+    print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
