@@ -9,20 +9,21 @@ same splits per seed:
 - ``100% labels``: the same RM recipe on every training label.
 
 Data (read from ../shared/data, "skipped" when absent; not part of the product). Every split is by group
-(article / question / review), so no text is shared between training and held-out pairs:
+(article / question / dialogue; IMDB: train vs test file), so no text is shared between training and held-out pairs:
 
 - ``frank``: FRANK human factuality judgments on CNN/DM summaries, pairs with a factuality gap >= ``--frank-gap``;
   the prompt is the article's lead (CNN/DM summaries draw on it) so it fits the RM's context.
-- ``qa``: QA-Feedback (FineGrainedRLHF) human pairwise preferences; prompt = question + the start of the passages.
+- ``qa``: QA-Feedback (FineGrainedRLHF) human pairwise preferences; prompt = start of the passages + question
+  (probed only: the 100% reference is at chance).
 - ``imdb``: DERIVED, easy: "Write a positive review" with a real positive review chosen over a real negative one
   (IMDB human labels define the preference); train pairs from imdb/train.jsonl, held-out pairs from imdb/test.jsonl.
 - ``hh``: HH-RLHF harmless-base, kept as the hard case (the 100% reference is at chance there).
 
     python benchmarks/ser_preferences.py --probe --datasets frank qa imdb   # 100% vs 15% only, first seed
-    python benchmarks/ser_preferences.py --seeds 0 1 2                      # frank, hh, imdb; ~40 min on 2 cores
+    python benchmarks/ser_preferences.py --seeds 0 1 2                      # frank, hh, imdb; ~50 min on 2 cores
 
 Results go to benchmarks/results/ser_preferences.json after every seed (the probe to ser_preferences_probe.json),
-the chart to ser_preferences.svg.
+the chart to ser_preferences.svg; ``--report`` redoes the tables and chart from a results file.
 """
 
 from __future__ import annotations
