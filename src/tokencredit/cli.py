@@ -11,11 +11,10 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from tokencredit import __version__
-from tokencredit.config import ConfigError, load_config
+from tokencredit.config import ConfigError, import_object, load_config
 from tokencredit.judges.backends import JudgeError
 from tokencredit.models import LoraSettings, apply_chat
 from tokencredit.records import RecordError
@@ -63,28 +62,6 @@ PPO_DEFAULTS = {
     "save_every": 2,
     "lora": {"r": 8, "alpha": 32, "dropout": 0.0},
 }
-
-
-def import_object(spec: str) -> object:
-    """Import "package.module:name" or "path/to/file.py:name"."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"reward {spec!r} must look like 'package.module:name' or 'file.py:name'")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ConfigError(f"reward file {path} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import {module_name!r} for reward {spec!r}: {exc}") from exc
-    if not hasattr(module, attr):
-        raise ConfigError(f"{module_name} has no {attr!r} (reward {spec!r})")
-    return getattr(module, attr)
 
 
 def make_reward_fn(spec: str, tokenizer: object) -> object:

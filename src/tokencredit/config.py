@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import importlib.util
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
@@ -292,3 +294,28 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     return value
+
+
+def import_object(spec: str, what: str = "reward") -> object:
+    """Import "package.module:name" or "path/to/file.py:name" (running that code: it is trusted, see SECURITY.md).
+
+    ``what`` names the setting in errors (``reward``, ``gold_scorer``).
+    """
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{what} {spec!r} must look like 'package.module:name' or 'file.py:name'")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ConfigError(f"{what} file {path} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import {module_name!r} for {what} {spec!r}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise ConfigError(f"{module_name} has no {attr!r} ({what} {spec!r})")
+    return getattr(module, attr)

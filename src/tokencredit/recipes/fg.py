@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import importlib
-import importlib.util
 import json
 import logging
 import random
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokencredit.config import ConfigError, save_config
+from tokencredit.config import ConfigError, import_object, save_config
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
 from tokencredit.judges.commands import JudgeSettings
@@ -313,24 +311,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
 # ------------------------------------------------------------------------------------------------ helpers
 def load_gold_scorer(spec: str) -> GoldScorer:
     """The callable a "module:name" or "file.py:name" spec names (a class is constructed with no argument)."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"gold_scorer {spec!r} must look like 'package.module:name' or 'file.py:name'")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ConfigError(f"gold_scorer file {path} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(f"_fg_gold_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import {module_name!r} for gold_scorer {spec!r}: {exc}") from exc
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise ConfigError(f"{module_name} has no {attr!r} (gold_scorer {spec!r})")
+    obj = import_object(spec, "gold_scorer")
     fn = obj() if isinstance(obj, type) else obj
     if not callable(fn):
         raise ConfigError(f"gold_scorer {spec!r} is not callable")
