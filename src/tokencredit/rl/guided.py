@@ -58,8 +58,7 @@ class ModelWriter:
     def write(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, budgets: Sequence[int]) -> list[
             tuple[list[int], bool]]:
         """Sample max(budgets) tokens for the rows that have a budget, then cut each row to its own."""
-        out: list[tuple[list[int], bool]] = [([], False) for _ in budgets]
-        rows = [i for i, b in enumerate(budgets) if b > 0]
+        out, rows = _rows_with_budget(budgets)
         if not rows:
             return out
         index = torch.tensor(rows, device=prompt_ids.device)
@@ -87,8 +86,7 @@ class TextWriter:
     def write(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, budgets: Sequence[int]) -> list[
             tuple[list[int], bool]]:
         """Ask for the continuation of every row that has a budget."""
-        out: list[tuple[list[int], bool]] = [([], False) for _ in budgets]
-        rows = [i for i, b in enumerate(budgets) if b > 0]
+        out, rows = _rows_with_budget(budgets)
         if not rows:
             return out
         contexts = [self.tokenizer.decode(prompt_ids[i][prompt_mask[i].bool()].tolist(), skip_special_tokens=False)
@@ -104,6 +102,11 @@ class TextWriter:
             else:
                 out[i] = (ids[: budgets[i]], False)
         return out
+
+
+def _rows_with_budget(budgets: Sequence[int]) -> tuple[list[tuple[list[int], bool]], list[int]]:
+    """An empty answer for every row, and the indices of the rows that get to write."""
+    return [([], False) for _ in budgets], [i for i, b in enumerate(budgets) if b > 0]
 
 
 def draw_switches(n: int, beta: float, rollin_length: int, rng: random.Random) -> list[int]:
@@ -169,8 +172,12 @@ def guided_rollout(
     ctx_ids, ctx_mask = _left_pad(contexts, pad_id, prompt_ids.device)
     budgets = [0 if head[i][1] else max_new_tokens - len(head[i][0]) for i in range(n)]
     switched = [h > 0 for h in switches]
-    tail_second = second.write(ctx_ids, ctx_mask, [b if s else 0 for b, s in zip(budgets, switched)])
-    tail_learner = learner.write(ctx_ids, ctx_mask, [0 if s else b for b, s in zip(budgets, switched)])
+    if second is learner:
+        # PPO++: the learner writes every row's remainder, switched or not, in one pass.
+        tail_second = tail_learner = learner.write(ctx_ids, ctx_mask, budgets)
+    else:
+        tail_second = second.write(ctx_ids, ctx_mask, [b if s else 0 for b, s in zip(budgets, switched)])
+        tail_learner = learner.write(ctx_ids, ctx_mask, [0 if s else b for b, s in zip(budgets, switched)])
     token_ids, learner_wrote, finished = [], [], []
     for i in range(n):
         if switched[i]:
