@@ -29,6 +29,7 @@ import torch
 from tokencredit.config import save_config
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
+from tokencredit.recipes.tppo import _Stage
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,11 @@ def _run_rlgf(cfg: RLGFConfig) -> dict:
     # 3. Every algorithm from the same start with the same seed and budget.
     curves = {}
     for algorithm in cfg.algorithms:
-        folder = root / algorithm
-        if not (cfg.resume and (folder / "done.json").exists()):
-            _rl(cfg, algorithm, start, guide_model, tokenizer, train_prompts, folder)
-            atomic_write_json(folder / "done.json", {"algorithm": algorithm})
-        curves[algorithm] = [m.get("reward/mean") for m in read_metrics(folder)]
+        stage = _Stage(root, algorithm, cfg.resume)
+        if not stage.done:
+            _rl(cfg, algorithm, start, guide_model, tokenizer, train_prompts, stage.dir)
+            stage.finish({"algorithm": algorithm})
+        curves[algorithm] = [m.get("reward/mean") for m in read_metrics(stage.dir)]
 
     # 4. Held-out prompts: the training reward, the held-out scorer, fluency under the start model.
     policies = {"start": None, **{a: root / a / "policy" for a in cfg.algorithms}}

@@ -29,6 +29,7 @@ import torch
 
 from tokencredit.config import save_config
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
+from tokencredit.recipes.tppo import _Stage
 from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,6 @@ FAST_OVERRIDES = dict(max_pairs=80, max_loops=1, rm_epochs=1, test_prompts=2, pp
                       max_new_tokens=4, top_layers=None, lora_r=4)
 
 
-def _done(folder: Path, resume: bool) -> dict | None:
-    """What a finished stage recorded, when resuming."""
-    marker = folder / "done.json"
-    return json.loads(marker.read_text()) if resume and marker.exists() else None
-
-
 def _fast_inputs(root: Path) -> tuple[str, str, str]:
     """Toy pairs and tiny random policy / RM backbones (one word tokenizer) for fast mode."""
     from tokencredit.testing import save_tiny_causal_lm, toy_preference_pairs
@@ -117,14 +112,15 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
     data, policy_model, rm_model = (_fast_inputs(root) if cfg.fast else (cfg.data, cfg.policy_model, cfg.rm_model))
 
     # 1. Evolve from the labelled share; the 100%-label RM is trained beside it as the evaluation scorer.
-    evolve = _done(root / "evolve", cfg.resume)
+    evolve_stage = _Stage(root, "evolve", cfg.resume)
+    evolve = evolve_stage.info() if evolve_stage.done else None
     if evolve is None:
         evolve = run_evolve(EvolveConfig(
             output_dir=str(root / "evolve"), model=rm_model, data=data, max_pairs=cfg.max_pairs, seed=cfg.seed,
             labelled_fraction=cfg.labelled_fraction, max_loops=cfg.max_loops, patience=2, num_epochs=cfg.rm_epochs,
             batch_size=16, learning_rate=cfg.rm_learning_rate, max_length=cfg.rm_max_length, full_baseline=True,
             calibrate=cfg.calibrate, progress=not cfg.fast))
-        atomic_write_json(root / "evolve" / "done.json", evolve)
+        evolve_stage.finish(evolve)
     models = {"ppo_ser": evolve["best_model"], "ppo_seed": str(root / "evolve" / "loop-0" / "model")}
     scorer = str(root / "evolve" / "full-labels" / "model")
 
@@ -136,9 +132,10 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
 
     # 2. The same start, budget and seed for both arms; only the reward model differs.
     for arm, rm_folder in models.items():
-        if _done(root / arm, cfg.resume) is None:
+        stage = _Stage(root, arm, cfg.resume)
+        if not stage.done:
             history = _ppo(cfg, arm, root, policy_model, rm_folder, train_prompts)
-            atomic_write_json(root / arm / "done.json", {"updates": len(history), "reward_model": rm_folder})
+            stage.finish({"updates": len(history), "reward_model": rm_folder})
 
     # 3. Greedy answers on held-out prompts, scored by the 100%-label RM.
     results = {name: _evaluate(cfg, policy, policy_model, scorer, test_prompts)
