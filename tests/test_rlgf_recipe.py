@@ -13,7 +13,7 @@ def test_fast_recipe_runs_each_algorithm_from_the_same_start_and_resumes(tmp_pat
                      guide_beta=1.0)
     summary = run_rlgf(cfg)
     root = tmp_path / "rlgf"
-    assert set(summary["policies"]) == {"start", "ppo", "ppo_pp", "d2lols"}
+    assert set(summary["policies"]) == {"start", "guide", "ppo", "ppo_pp", "d2lols"}
     assert all(len(summary["reward_curves"][a]) == 2 for a in ("ppo", "ppo_pp", "d2lols"))
     for name, metrics in summary["policies"].items():
         assert 0 <= metrics["reward_p_pos"] <= 1 and 0 <= metrics["heldout_p_pos"] <= 1, name
@@ -38,5 +38,45 @@ def test_bad_settings_are_refused_with_the_field_named(tmp_path, capsys):
     assert "data=REVIEWS.jsonl" in capsys.readouterr().err
     with pytest.raises(ValueError, match="algorithms must be among"):
         RLGFConfig(fast=True, algorithms=["dagger"]).validate()
-    with pytest.raises(ValueError, match="task must be 'imdb'"):
-        RLGFConfig(fast=True, task="commongen").validate()
+    with pytest.raises(ValueError, match="task must be one of"):
+        RLGFConfig(fast=True, task="tldr").validate()
+    with pytest.raises(ValueError, match="CONCEPTS.jsonl"):
+        RLGFConfig(task="commongen").validate()
+    with pytest.raises(ValueError, match="start must be"):
+        RLGFConfig(fast=True, start=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(ValueError, match="guide must be a model folder"):
+        RLGFConfig(fast=True, guide=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(ValueError, match="ppo_updates must be at least 1"):
+        RLGFConfig(fast=True, ppo_updates=0).validate()
+
+
+def test_task_defaults_are_the_papers_and_explicit_values_win():
+    imdb = RLGFConfig(task="imdb").resolved()
+    assert (imdb.kl_coef, imdb.guide_beta, imdb.start) == (0.001, 0.6, "sft")
+    cg = RLGFConfig(task="commongen").resolved()
+    assert (cg.kl_coef, cg.guide_beta, cg.start) == (0.0, 0.8, "base")
+    assert RLGFConfig(task="commongen", guide_beta=0.3, kl_coef=0.01).resolved().guide_beta == 0.3
+
+
+def test_fast_commongen_scores_concepts_and_reuses_a_given_start_and_guide(tmp_path, monkeypatch):
+    first = run_rlgf(RLGFConfig(output=str(tmp_path / "a"), task="commongen", fast=True, start="sft",
+                                algorithms=["ppo_pp"]))
+    assert set(first["policies"]) == {"start", "guide", "ppo_pp"}
+    for name, metrics in first["policies"].items():
+        for key in ("reward", "coverage", "bleu", "rouge_l", "chrf"):
+            assert 0 <= metrics[key] <= 1, (name, key)
+    # The references bracket the metrics: a held-out human sentence covers its concepts, another record's does not.
+    assert first["human_reference"]["coverage"] > first["other_record_reference"]["coverage"]
+    assert len(first["reward_curves"]["ppo_pp"]) == 2
+
+    # A second run given the first run's start and guide trains neither again.
+    def refuse(*args, **kwargs):
+        raise AssertionError("SFT ran although start and guide were given")
+
+    monkeypatch.setattr(rlgf, "_sft", refuse)
+    start, guide = tmp_path / "a" / "learner_sft" / "merged", tmp_path / "a" / "guide_sft" / "merged"
+    second = run_rlgf(RLGFConfig(output=str(tmp_path / "b"), task="commongen", fast=True, start=str(start),
+                                 guide=str(guide), algorithms=["ppo_pp"]))
+    assert second["settings"]["start"] == str(start)
+    # Same start, guide and seed -> the same run.
+    assert second["reward_curves"] == first["reward_curves"]
