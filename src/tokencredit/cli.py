@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Self-evolved reward learning. Needs data=PAIRS.jsonl.", "labelled_fraction=0.15")
     _config_command(sub, "rlgf", "RLGFConfig", "RLGF recipe: PPO vs PPO++ / AggreVaTeD / LOLS / D2LOLS with a guide",
                     "Learning with a guide LLM end to end on IMDB continuation or CommonGen (recipes/rlgf.py). "
-                    "Needs data=REVIEWS.jsonl (task=imdb) or data=CONCEPTS.jsonl (task=commongen), or fast=true.", "data=imdb_train.jsonl algorithms='[ppo, ppo_pp]'")
+                    "Needs data=REVIEWS.jsonl (task=imdb) or data=CONCEPTS.jsonl (task=commongen), or fast=true.",
+                    "data=imdb_train.jsonl algorithms='[ppo, ppo_pp]'")
     _config_command(sub, "ser", "SERRecipeConfig", "SER recipe: evolve a reward model, then PPO on it vs the seed RM",
                     "Self-evolved reward learning end to end (recipes/ser.py). Needs data=PAIRS.jsonl, or fast=true.",
                     "data=pairs.jsonl ppo_updates=5")

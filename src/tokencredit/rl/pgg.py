@@ -1,0 +1,507 @@
+"""PGG: train a language model with token guidance grounded in sequence-level rankings (arXiv 2306.00398).
+
+The loop alternates two things. **Grounding**: sample K responses per prompt from the current LM, rank them
+with a metric (``score_fn``), and (re)fit a bounded token reward r_phi(s_t, a_t) in (0, 1) so that its
+aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tokencredit.rewards.pgg`).
+**LM training**: a set number of steps with one of two objectives that use r_t as a per-token weight:
+
+- ``"reinforce"`` (no supervised data; e.g. discrete prompt generation): on the LM's own samples,
+  L = mean_t[r_t * NLL_t] - alpha * mean_t H_t, with r_t replaced by the reward-to-go sum_{t'>=t} r_t' when
+  ``reward_to_go``. Every r_t is in (0, 1), so each sampled token is imitated in proportion to its guidance.
+- ``"weighted_mle"`` (references exist; e.g. summarisation): on the reference tokens,
+  L = mean_rows sum_t w_t * NLL_t with w_t = r_t / sum_t' r_t' (no gradient through w).
+
+Grounding happens before the first LM step and then every ``ground_every`` steps until ``ground_until``
+(the paper re-grounds often early and stops later). Read top to bottom: :func:`pgg_reinforce_loss` and
+:func:`weighted_mle_loss` are the objectives; :func:`rank_by_score` turns metric scores into rankings;
+:class:`PGGTrainer` is the loop, with a run folder, checkpoints and resume like :class:`~tokencredit.rl.ppo.PPOTrainer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from tokencredit.config import config_to_dict, save_config
+from tokencredit.generation import generate
+from tokencredit.masked import masked_mean
+from tokencredit.models import ScalarHeadModel, is_peft, load_policy_weights, quiet_saves, resolve_device
+from tokencredit.precision import autocast, freeze_to, make_adamw, resolve_mixed_precision, validate_mixed_precision
+from tokencredit.rewards.pgg import AGGREGATORS, PGGRMConfig, ranking_order, train_pgg_reward_model
+from tokencredit.rewards.records import RankedList
+from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rl.losses import entropy_from_logits
+from tokencredit.rl.rollout import response_logits, token_logprobs
+from tokencredit.rl.sft import collate_examples, tokenize_examples
+from tokencredit.runs import (
+    CheckpointError,
+    CheckpointManager,
+    MetricsLogger,
+    capture_rng_state,
+    load_trainer_state,
+    read_metrics,
+    reading_checkpoint,
+    restore_rng_state,
+    resume_newest_loadable,
+    save_trainer_state,
+)
+
+log = logging.getLogger(__name__)
+
+ScoreFn = Callable[[list[str], list[str]], list[float]]
+OBJECTIVES = ("reinforce", "weighted_mle")
+
+
+# ---------------------------------------------------------------------- objectives
+def token_weights_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reward-to-go [B, T]: sum of the rewards at t and after, over unmasked tokens only."""
+    masked = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+    return masked.flip(-1).cumsum(-1).flip(-1)
+
+
+def pgg_reinforce_loss(
+    logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.125,
+    reward_to_go: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PGG's REINFORCE: mean_t[w_t * NLL_t] - entropy_coef * mean_t H_t over unmasked tokens, w = r (or its to-go).
+
+    ``logprobs`` [B, T] of the sampled tokens (with gradient), ``rewards`` [B, T] token guidance (no gradient is
+    taken through it), ``mask`` [B, T] 1 on response tokens, ``entropy`` [B, T] of the policy at each position
+    (None: no bonus). Means are over all unmasked tokens of the batch.
+    """
+    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same [B, T] shape")
+    if entropy_coef < 0:
+        raise ValueError(f"entropy_coef must be >= 0 (got {entropy_coef})")
+    weights = (token_weights_to_go(rewards, mask) if reward_to_go else rewards).detach().to(logprobs.dtype)
+    mask = mask.to(logprobs.dtype)
+    pg = masked_mean(-logprobs * weights, mask)
+    loss = pg
+    stats = {"loss/pg": float(pg.detach())}
+    if entropy is not None:
+        ent = masked_mean(entropy, mask)
+        loss = loss - entropy_coef * ent
+        stats["entropy/mean"] = float(ent.detach())
+    stats["loss/total"] = float(loss.detach())
+    return loss, stats
+
+
+def weighted_mle_loss(
+    logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reward-weighted MLE: mean over rows of sum_t w_t * NLL_t, w_t = r_t / sum_t' r_t' per row (no gradient).
+
+    ``rewards`` must be positive on unmasked tokens (PGG's bounded reward is in (0, 1)); a row without tokens
+    contributes nothing and is left out of the mean.
+    """
+    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same [B, T] shape")
+    on = mask.bool()
+    r = torch.where(on, rewards.detach(), torch.zeros_like(rewards)).to(logprobs.dtype)
+    if (r < 0).any():
+        raise ValueError("weighted MLE needs non-negative token rewards (a bounded PGG reward is in (0, 1))")
+    totals = r.sum(-1, keepdim=True)
+    rows = on.any(-1)
+    weights = r / totals.clamp(min=torch.finfo(r.dtype).tiny)
+    per_row = (-logprobs * weights).where(on, torch.zeros_like(logprobs)).sum(-1)
+    loss = per_row[rows].mean() if rows.any() else per_row.sum() * 0.0
+    plain = masked_mean(-logprobs.detach(), mask.to(logprobs.dtype))
+    return loss, {"loss/total": float(loss.detach()), "loss/weighted_nll": float(loss.detach()),
+                  "loss/plain_nll": float(plain)}
+
+
+# ---------------------------------------------------------------------- preferences from a metric
+def rank_by_score(scores: Sequence[float], generator: torch.Generator | None = None) -> list[int]:
+    """Rank of each sample (0 = best) by its metric score, higher better; ties broken at random from ``generator``."""
+    values = torch.tensor([float(s) for s in scores], dtype=torch.float64)
+    if values.numel() < 2:
+        raise ValueError("ranking needs at least two samples")
+    if torch.isnan(values).any():
+        raise ValueError("score_fn returned NaN; a metric must give every sample a number")
+    order = ranking_order(values[None], generator=generator)[0].tolist()
+    ranks = [0] * len(order)
+    for rank, index in enumerate(order):
+        ranks[index] = rank
+    return ranks
+
+
+def ranked_lists(prompts: Sequence[str], responses: Sequence[str], scores: Sequence[float], k: int,
+                 generator: torch.Generator | None = None) -> list[RankedList]:
+    """Group consecutive runs of ``k`` samples (the same prompt repeated) into ranked lists by their scores."""
+    if not len(prompts) == len(responses) == len(scores) or len(prompts) % k:
+        raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(scores)} scores must be "
+                         f"equal and a multiple of k={k}")
+    out = []
+    for g in range(0, len(prompts), k):
+        out.append(RankedList(prompts[g], list(responses[g : g + k]),
+                              ranking=rank_by_score(scores[g : g + k], generator)))
+    return out
+
+
+# ---------------------------------------------------------------------- the trainer
+@dataclass
+class PGGConfig:
+    """Every PGG hyper-parameter, documented where declared."""
+
+    # --- run ---
+    output_dir: str = "runs/pgg"  # config.yaml, metrics.jsonl, grounding/, checkpoints/, policy/, reward_model/
+    seed: int = 0  # seeds data order, sampling, tie-breaking and the reward model's fits
+    num_steps: int = 100  # LM optimizer steps
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    save_every: int = 20  # LM steps between checkpoints; the last step is always saved
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    log_tensorboard: bool = True
+    progress: bool = True
+
+    # --- LM objective ---
+    objective: Literal["reinforce", "weighted_mle"] = "reinforce"  # weighted_mle needs references
+    batch_size: int = 8  # prompts per LM step
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    entropy_coef: float = 0.125  # alpha of the REINFORCE objective's entropy bonus (the paper's value)
+    reward_to_go: bool = False  # REINFORCE weight: r_t (False) or sum_{t'>=t} r_t' (True)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_length: int | None = None  # prompts keep their last tokens
+    max_reference_length: int = 256  # weighted_mle: prompt + reference tokens
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+
+    # --- grounding the token reward in rankings ---
+    samples_per_prompt: int = 4  # K responses ranked per prompt
+    ground_prompts: int = 16  # prompts sampled per grounding
+    ground_every: int = 10  # LM steps between groundings
+    ground_until: int | None = None  # no grounding at or after this LM step; None = half of num_steps
+    aggregator: Literal["sum", "avg", "softmax", "softmin"] = "avg"  # C = mean group length; see rewards.pgg
+    aggregator_beta: float = 2.0  # temperature of softmax / softmin
+    rm_epochs: int = 2  # passes over each grounding's ranked lists
+    rm_batch_size: int = 8  # ranked lists per reward-model step
+    rm_learning_rate: float = 1e-4
+    rm_max_length: int = 512
+    rm_eval_fraction: float = 0.2  # share of each grounding's lists held out to report the fit's rank accuracy
+
+    def validate(self) -> None:
+        """Check ranges; raise ValueError naming the field."""
+        for name in ("num_steps", "save_every", "keep_checkpoints", "batch_size", "max_new_tokens",
+                     "ground_prompts", "ground_every", "rm_epochs", "rm_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES} (got {self.objective!r})")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2: a ranking needs two samples "
+                             f"(got {self.samples_per_prompt})")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {AGGREGATORS} (got {self.aggregator!r})")
+        if self.ground_until is not None and self.ground_until < 1:
+            raise ValueError(f"ground_until must be >= 1 or None (got {self.ground_until})")
+        if self.entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0 (got {self.entropy_coef})")
+        if self.learning_rate <= 0 or self.rm_learning_rate <= 0:
+            raise ValueError("learning_rate and rm_learning_rate must be > 0")
+        if not 0 <= self.rm_eval_fraction < 1:
+            raise ValueError(f"rm_eval_fraction must be in [0, 1) (got {self.rm_eval_fraction})")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        validate_mixed_precision(self.mixed_precision)
+
+    def grounds_at(self, step: int) -> bool:
+        """Whether a grounding runs before LM step ``step`` (0-based)."""
+        until = self.ground_until if self.ground_until is not None else max(1, self.num_steps // 2)
+        return step == 0 or (step < until and step % self.ground_every == 0)
+
+
+def default_reward_model(policy: nn.Module, tokenizer: object) -> TokenRewardModel:
+    """A bounded token reward on a copy of the policy's backbone (LoRA merged), head at zero (r = 0.5 everywhere)."""
+    base = copy.deepcopy(policy).merge_and_unload() if is_peft(policy) else copy.deepcopy(policy)
+    backbone = base.base_model
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    return TokenRewardModel(ScalarHeadModel.from_backbone(backbone), tokenizer, bounded=True)
+
+
+class PGGTrainer:
+    """Alternate grounding a bounded token reward in metric rankings with LM steps guided by it."""
+
+    def __init__(
+        self,
+        config: PGGConfig,
+        policy: nn.Module,
+        tokenizer: object,
+        prompts: Sequence[str],
+        score_fn: ScoreFn,
+        references: Sequence[str] | None = None,
+        reward_model: TokenRewardModel | None = None,
+    ) -> None:
+        """Set up; ``score_fn(prompts, responses) -> list[float]`` (higher better) ranks samples; ``references``
+        (one per prompt) are the weighted-MLE targets; ``reward_model`` defaults to a copy of the policy's backbone."""
+        config.validate()
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        if not callable(score_fn):
+            raise ValueError("score_fn must be callable: fn(prompts, responses) -> list[float]")
+        if config.objective == "weighted_mle":
+            if references is None:
+                raise ValueError("objective='weighted_mle' needs references= (one target text per prompt); "
+                                 "use objective='reinforce' when there are none")
+        if references is not None:
+            if isinstance(references, str) or len(references) != len(prompts):
+                raise ValueError(f"references must be a list with one text per prompt ({len(prompts)} prompts)")
+            if not all(isinstance(r, str) and r.strip() for r in references):
+                raise ValueError("every reference must be a non-empty string")
+        self.config = config
+        self.device = resolve_device(config.device)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)
+        self.references = list(references) if references is not None else None
+        self.score_fn = score_fn
+        torch.manual_seed(config.seed)
+        self.policy = policy.to(self.device)
+        self.rm = reward_model if reward_model is not None else default_reward_model(policy, tokenizer)
+        self.rm.bounded = True
+        self.rm.to(self.device)
+        self.reward_fn = self.rm.as_reward_fn("token", policy_tokenizer=tokenizer)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the policy has no trainable parameters")
+        self.amp_dtype = resolve_mixed_precision(config.mixed_precision, self.device)
+        freeze_to([self.policy], self.amp_dtype)
+        self.optimizer = make_adamw([{"params": self.params, "lr": config.learning_rate}],
+                                    weight_decay=config.weight_decay, fused=True)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.rank_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.step_idx = 0
+        self.groundings = 0
+        self.history: list[dict] = []
+        self.run_dir = Path(config.output_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
+        self._examples = (tokenize_examples(tokenizer, self.prompts, self.references, config.max_reference_length)
+                          if config.objective == "weighted_mle" else None)
+
+    # ------------------------------------------------------------------ data order
+    def batch_indices(self, step: int, size: int, stream: int = 0) -> list[int]:
+        """Prompt indices of LM step (or grounding) ``step``: passes over a (seed, stream, epoch) permutation."""
+        n = len(self.prompts)
+        out = []
+        for k in range(step * size, (step + 1) * size):
+            epoch, offset = divmod(k, n)
+            out.append(int(np.random.default_rng([self.config.seed, stream, epoch]).permutation(n)[offset]))
+        return out
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> list[dict]:
+        """Run (or resume) ``num_steps`` LM steps with groundings on schedule; one metrics dict per step."""
+        cfg = self.config
+        resumed = self._maybe_resume()
+        if not resumed:
+            self._start_fresh()
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.history = read_metrics(self.run_dir) if resumed else []
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.num_steps, initial=self.step_idx, desc="pgg", unit="step", dynamic_ncols=True)
+        try:
+            with MetricsLogger(self.run_dir, tensorboard=cfg.log_tensorboard, config=config_to_dict(cfg),
+                               resume_from_step=self.step_idx) as logger:
+                while self.step_idx < cfg.num_steps:
+                    stats: dict = {}
+                    if cfg.grounds_at(self.step_idx):
+                        stats.update(self.ground())
+                    stats.update(self.lm_step(self.batch_indices(self.step_idx, cfg.batch_size)))
+                    self.step_idx += 1
+                    logger.log(self.step_idx, stats)
+                    stats = {"step": self.step_idx, **stats}
+                    self.history.append(stats)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(score=f"{stats['score/mean']:.3f}", loss=f"{stats['loss/total']:.3f}")
+                    if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.num_steps:
+                        self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        with quiet_saves():
+            self.save_policy(self.run_dir / "policy")
+            self.rm.save_pretrained(self.run_dir / "reward_model")
+        return self.history
+
+    def _sample(self, prompts: list[str]) -> tuple[object, list[float]]:
+        """One sampled response per prompt from the current LM, and the metric's score of each."""
+        cfg = self.config
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
+                gen = generate(self.policy, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, max_prompt_length=cfg.max_prompt_length,
+                               generator=self.generator)
+        finally:
+            self.policy.train(was_training)
+        scores = [float(s) for s in self.score_fn(list(prompts), list(gen.texts))]
+        if len(scores) != len(prompts):
+            raise ValueError(f"score_fn returned {len(scores)} scores for {len(prompts)} responses")
+        return gen, scores
+
+    def ground(self) -> dict:
+        """Sample K responses for ``ground_prompts`` prompts, rank them by the metric, refit the token reward."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        chosen = self.batch_indices(self.groundings, cfg.ground_prompts, stream=1)
+        prompts = [self.prompts[i] for i in chosen for _ in range(cfg.samples_per_prompt)]
+        gen, scores = self._sample(prompts)
+        lists = ranked_lists(prompts, gen.texts, scores, cfg.samples_per_prompt, self.rank_generator)
+        folder = self.run_dir / "grounding" / f"{self.groundings:03d}"
+        history = train_pgg_reward_model(self.rm, PGGRMConfig(
+            output_dir=str(folder), seed=cfg.seed + 1000 * (self.groundings + 1), num_epochs=cfg.rm_epochs,
+            batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, max_length=cfg.rm_max_length,
+            aggregator=cfg.aggregator, beta=cfg.aggregator_beta, eval_fraction=cfg.rm_eval_fraction,
+            mixed_precision=cfg.mixed_precision, progress=False, log_tensorboard=False, device=str(self.device)),
+            lists)
+        # Each grounding's model is in the checkpoints and the final reward_model/; a copy per grounding is waste.
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        self.groundings += 1
+        fit = [h for h in history if "eval" not in h]
+        evaluation = history[-1].get("eval", {})
+        return {"ground/index": self.groundings, "ground/score_mean": float(np.mean(scores)),
+                "ground/rm_loss_last": float(fit[-1]["loss/total"]) if fit else float("nan"),
+                "ground/rm_rank_accuracy": evaluation.get("rank_pair_accuracy"),
+                "time/ground": time.perf_counter() - t0}
+
+    def lm_step(self, indices: Sequence[int]) -> dict:
+        """One LM step on the prompts at ``indices`` with the configured objective."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        prompts = [self.prompts[i] for i in indices]
+        gen, scores = self._sample(prompts)
+        t1 = time.perf_counter()
+        if cfg.objective == "reinforce":
+            prompt_ids, prompt_mask = gen.prompt_ids, gen.prompt_mask
+            resp, resp_mask = gen.response_ids, gen.response_mask
+            token_ids = [row[: int(m.sum())].tolist() for row, m in zip(resp, resp_mask)]
+        else:
+            batch = collate_examples([self._examples[i] for i in indices], self.tokenizer.pad_token_id, self.device)
+            prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
+            resp, resp_mask = batch.response_ids, batch.response_mask
+            token_ids = [row[: int(m.sum())].tolist() for row, m in zip(resp, resp_mask)]
+        rewards = self._token_rewards(prompts, token_ids, resp.shape)
+        t2 = time.perf_counter()
+        self.policy.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp_dtype):
+            logits = response_logits(self.policy, torch.cat([prompt_ids, resp], 1),
+                                     torch.cat([prompt_mask, resp_mask], 1), resp.size(1))
+        logprobs = token_logprobs(logits, resp)
+        if cfg.objective == "reinforce":
+            entropy = entropy_from_logits(logits) if cfg.entropy_coef > 0 else None
+            loss, stats = pgg_reinforce_loss(logprobs, rewards, resp_mask, entropy, cfg.entropy_coef,
+                                             cfg.reward_to_go)
+        else:
+            loss, stats = weighted_mle_loss(logprobs, rewards, resp_mask)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step_idx + 1}: the loss is {float(loss)}")
+        loss.backward()
+        if cfg.max_grad_norm is not None:
+            stats["optim/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        self.optimizer.step()
+        on = resp_mask.bool()
+        lengths = gen.response_mask.sum(-1).float()
+        stats.update({
+            "score/mean": float(np.mean(scores)), "score/std": float(np.std(scores)),
+            "reward/token_mean": float(rewards[on].mean()) if on.any() else 0.0,
+            "response/length_mean": float(lengths.mean()),
+            "time/sample": t1 - t0, "time/reward": t2 - t1, "time/optimize": time.perf_counter() - t2,
+        })
+        return stats
+
+    def _token_rewards(self, prompts: list[str], token_ids: list[list[int]], shape: torch.Size) -> torch.Tensor:
+        """The bounded token reward of each policy token as a [B, T] tensor (0 past each row's end)."""
+        rows = self.reward_fn(prompts, [""] * len(prompts), token_ids)
+        out = torch.zeros(shape, dtype=torch.float32)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.float32)
+        return out.to(self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _start_fresh(self) -> None:
+        """Clear an earlier run's checkpoints, metrics and groundings so the new run's files are its own."""
+        if self.checkpoints.latest() is not None or (self.run_dir / "metrics.jsonl").exists():
+            log.warning("%s holds an earlier run; starting over (pass resume=true to continue it)", self.run_dir)
+            for name in ("checkpoints", "grounding"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_policy(self, path: str | Path) -> None:
+        """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
+        path = Path(path)
+        self.policy.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+    def save_checkpoint(self) -> Path:
+        """Write policy, reward model, optimiser, RNGs and schedule position, atomically."""
+        tmp = self.checkpoints.begin(self.step_idx)
+        with quiet_saves():
+            self.save_policy(tmp / "policy")
+        # The live state (LoRA adapters unmerged), so a resumed run goes on training exactly what it had.
+        save_model(self.rm.model, str(tmp / "reward_model.safetensors"))
+        save_trainer_state(tmp / "trainer_state.pt", {
+            "step_idx": self.step_idx, "groundings": self.groundings, "num_prompts": len(self.prompts),
+            "optimizer": self.optimizer.state_dict(), "rng": capture_rng_state(),
+            "generator": self.generator.get_state(), "rank_generator": self.rank_generator.get_state()})
+        return self.checkpoints.commit(self.step_idx)
+
+    def _maybe_resume(self) -> bool:
+        """Load the newest loadable checkpoint when config.resume is set."""
+        ckpt = resume_newest_loadable(self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
+        if ckpt is None:
+            return False
+        log.info("resumed from %s (step %d)", ckpt, self.step_idx)
+        return True
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore what save_checkpoint wrote (weights-only: a checkpoint cannot run code)."""
+        path = Path(path)
+        state = load_trainer_state(path / "trainer_state.pt")
+        with reading_checkpoint(path, "trainer_state.pt"):
+            num_prompts = int(state["num_prompts"])
+        if num_prompts != len(self.prompts):
+            raise ValueError(f"checkpoint {path} was made with {num_prompts} prompts, this run has "
+                             f"{len(self.prompts)}; resume with the same prompts")
+        with reading_checkpoint(path, "policy weights"):
+            load_policy_weights(self.policy, path / "policy")
+        with reading_checkpoint(path, "reward model weights"):
+            missing, unexpected = load_model(self.rm.model, str(path / "reward_model.safetensors"), strict=False,
+                                             device=str(self.device))
+            if missing or unexpected:
+                raise CheckpointError(f"{path}: the saved reward model does not match this run's (missing "
+                                 f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        with reading_checkpoint(path, "trainer state"):
+            self.optimizer.load_state_dict(state["optimizer"])
+            restore_rng_state(state["rng"])
+            self.generator.set_state(state["generator"])
+            self.rank_generator.set_state(state["rank_generator"])
+            self.step_idx = int(state["step_idx"])
+            self.groundings = int(state["groundings"])

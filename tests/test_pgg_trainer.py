@@ -1,0 +1,163 @@
+"""PGG's LM side: both objectives against hand-computed values, metric rankings, the alternating trainer."""
+
+import math
+
+import pytest
+import torch
+
+from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rl.pgg import (
+    PGGConfig,
+    PGGTrainer,
+    pgg_reinforce_loss,
+    rank_by_score,
+    ranked_lists,
+    token_weights_to_go,
+    weighted_mle_loss,
+)
+from tokencredit.runs import read_metrics
+from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer
+
+LOGPROBS = [[-1.0, -2.0], [-0.5, 0.0]]
+REWARDS = [[0.5, 0.25], [1.0, 9.0]]  # the 9 sits on padding and must count for nothing
+MASK = [[1, 1], [1, 0]]
+
+
+def test_reinforce_loss_matches_hand_computation_and_weights_carry_no_gradient():
+    logprobs = torch.tensor(LOGPROBS, requires_grad=True)
+    rewards = torch.tensor(REWARDS, requires_grad=True)
+    entropy = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    loss, stats = pgg_reinforce_loss(logprobs, rewards, torch.tensor(MASK), entropy, entropy_coef=0.125)
+    # (0.5*1 + 0.25*2 + 1*0.5) / 3 tokens = 0.5; entropy mean (1+2+3)/3 = 2; 0.5 - 0.125*2
+    assert loss.item() == pytest.approx(0.25)
+    assert stats["loss/pg"] == pytest.approx(0.5) and stats["entropy/mean"] == pytest.approx(2.0)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[-0.5 / 3, -0.25 / 3], [-1.0 / 3, 0.0]]))
+    assert rewards.grad is None
+
+
+def test_reinforce_reward_to_go_sums_later_rewards_within_the_mask():
+    mask = torch.tensor(MASK)
+    assert torch.allclose(token_weights_to_go(torch.tensor(REWARDS), mask), torch.tensor([[0.75, 0.25], [1.0, 0.0]]))
+    loss, _ = pgg_reinforce_loss(torch.tensor(LOGPROBS), torch.tensor(REWARDS), mask, reward_to_go=True)
+    assert loss.item() == pytest.approx((0.75 * 1 + 0.25 * 2 + 1.0 * 0.5) / 3)
+
+
+def test_weighted_mle_normalises_rewards_per_row():
+    logprobs = torch.tensor(LOGPROBS, requires_grad=True)
+    loss, stats = weighted_mle_loss(logprobs, torch.tensor(REWARDS), torch.tensor(MASK))
+    # row 0: w = (2/3, 1/3), NLL (1, 2) -> 4/3; row 1: w = (1), NLL 0.5 -> 0.5; mean over rows
+    assert loss.item() == pytest.approx((4 / 3 + 0.5) / 2)
+    assert stats["loss/plain_nll"] == pytest.approx(0.5 * (1 + 2 + 0.5) / 3 * 2)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[-1 / 3, -1 / 6], [-0.5, 0.0]]))
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted_mle_loss(torch.zeros(1, 2), torch.tensor([[0.5, -0.1]]), torch.ones(1, 2))
+    empty, _ = weighted_mle_loss(torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([[1, 0], [0, 0]]))
+    assert empty.item() == 0.0  # a row without tokens is left out, not a division by zero
+
+
+def test_rankings_follow_scores_and_ties_break_at_random_but_seeded():
+    assert rank_by_score([0.1, 0.9, 0.5]) == [2, 0, 1]
+    draws = {tuple(rank_by_score([1.0, 1.0, 0.0], torch.Generator().manual_seed(s))) for s in range(20)}
+    assert draws == {(0, 1, 2), (1, 0, 2)}  # both tie orders occur; the lower score is always last
+    assert rank_by_score([1.0, 1.0], torch.Generator().manual_seed(3)) == rank_by_score(
+        [1.0, 1.0], torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="NaN"):
+        rank_by_score([0.1, math.nan])
+    lists = ranked_lists(["p", "p", "q", "q"], ["a", "b", "c", "d"], [0.0, 1.0, 5.0, 2.0], k=2)
+    assert [(lst.prompt, lst.ranking) for lst in lists] == [("p", [1, 0]), ("q", [0, 1])]
+    with pytest.raises(ValueError, match="multiple of k"):
+        ranked_lists(["p"] * 3, ["a"] * 3, [0.0] * 3, k=2)
+
+
+WORDS = "a b x y".split()
+PROMPTS = ["a", "b", "a b", "b a"]
+
+
+def share_of_y(prompts, responses):
+    return [r.split().count("y") / max(1, len(r.split())) for r in responses]
+
+
+def make(tmp_path, name="run", rm_seed=0, references=None, **kw):
+    tok = tiny_word_tokenizer(WORDS)
+    policy = tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    rm = TokenRewardModel(tiny_scalar_model(len(tok), seed=rm_seed), tok, bounded=True)
+    base = dict(output_dir=str(tmp_path / name), num_steps=4, batch_size=4, max_new_tokens=5, samples_per_prompt=3,
+                ground_prompts=4, ground_every=2, ground_until=3, rm_epochs=1, rm_batch_size=2, learning_rate=1e-2,
+                rm_learning_rate=1e-2, progress=False, log_tensorboard=False, mixed_precision="no", save_every=2)
+    base.update(kw)
+    return PGGTrainer(PGGConfig(**base), policy, tok, PROMPTS, share_of_y, references=references, reward_model=rm)
+
+
+def test_schedule_grounds_early_and_stops():
+    cfg = PGGConfig(num_steps=100, ground_every=10)
+    assert [s for s in range(100) if cfg.grounds_at(s)] == [0, 10, 20, 30, 40]  # until half of num_steps
+    assert [s for s in range(9) if PGGConfig(ground_every=3, ground_until=7).grounds_at(s)] == [0, 3, 6]
+
+
+def test_trainer_alternates_grounding_and_lm_steps_and_resumes_exactly(tmp_path):
+    straight = make(tmp_path, "straight")
+    history = straight.train()
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert all(0 <= h["score/mean"] <= 1 for h in history)
+    assert [h.get("ground/index") for h in history] == [1, None, 2, None]  # steps 0 and 2 (< ground_until 3)
+    assert all(h["reward/token_mean"] > 0 and h["reward/token_mean"] < 1 for h in history)  # bounded reward
+    run = tmp_path / "straight"
+    assert (run / "grounding" / "000" / "metrics.jsonl").exists() and (run / "grounding" / "001").is_dir()
+    assert not (run / "grounding" / "000" / "model").exists()
+    assert (run / "policy").is_dir() and (run / "reward_model").is_dir()
+    loaded = TokenRewardModel.from_pretrained(run / "reward_model")
+    assert loaded.bounded
+
+    # Interrupted after step 2 (a checkpoint), then resumed: the same numbers as the straight run.
+    first = make(tmp_path, "cut", num_steps=2)
+    first.train()
+    resumed = make(tmp_path, "cut", resume=True)
+    again = resumed.train()
+    assert len(again) == 4
+    for a, b in zip(history, again):
+        assert a["score/mean"] == pytest.approx(b["score/mean"]) and a["loss/total"] == pytest.approx(b["loss/total"])
+    for p, q in zip(straight.policy.parameters(), resumed.policy.parameters()):
+        assert torch.allclose(p, q)
+    assert len(read_metrics(tmp_path / "cut")) == 4
+
+
+def test_weighted_mle_trains_on_references_and_needs_them(tmp_path):
+    with pytest.raises(ValueError, match="needs references"):
+        make(tmp_path, objective="weighted_mle")
+    with pytest.raises(ValueError, match="one text per prompt"):
+        make(tmp_path, objective="weighted_mle", references=["y y"])
+    trainer = make(tmp_path, objective="weighted_mle", references=["y y", "y x", "y", "x y y"], num_steps=2)
+    history = trainer.train()
+    assert all("loss/weighted_nll" in h and "score/mean" in h for h in history)
+    assert history[-1]["loss/plain_nll"] < history[0]["loss/plain_nll"]  # it is learning the references
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("samples_per_prompt", 1, "samples_per_prompt"), ("objective", "dpo", "objective"),
+    ("aggregator", "max", "aggregator"), ("ground_every", 0, "ground_every"), ("entropy_coef", -1.0, "entropy")])
+def test_bad_settings_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        PGGConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("word", ["x", "y"])
+def test_guidance_grounded_in_the_metric_raises_the_metric(tmp_path, word):
+    # The metric rewards one word; the LM never sees the metric, only the token reward fitted to its rankings, so
+    # whichever word the metric names is the one that spreads.
+    tok = tiny_word_tokenizer(WORDS)
+    policy = tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    rm = TokenRewardModel(tiny_scalar_model(len(tok), seed=0), tok, bounded=True)
+    config = PGGConfig(output_dir=str(tmp_path / word), num_steps=20, batch_size=8, max_new_tokens=5,
+                       samples_per_prompt=3, ground_prompts=8, ground_every=5, ground_until=15, rm_epochs=3,
+                       rm_batch_size=2, learning_rate=1e-2, rm_learning_rate=1e-2, entropy_coef=0.0, progress=False,
+                       log_tensorboard=False, mixed_precision="no", save_every=100)
+
+    def share(prompts, responses):
+        return [r.split().count(word) / max(1, len(r.split())) for r in responses]
+
+    history = PGGTrainer(config, policy, tok, PROMPTS, share, reward_model=rm).train()
+    early = sum(h["score/mean"] for h in history[:3]) / 3
+    late = sum(h["score/mean"] for h in history[-3:]) / 3
+    assert late > early + 0.3, (early, late)
