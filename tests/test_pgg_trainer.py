@@ -134,9 +134,62 @@ def test_weighted_mle_trains_on_references_and_needs_them(tmp_path):
     assert history[-1]["loss/plain_nll"] < history[0]["loss/plain_nll"]  # it is learning the references
 
 
+def test_baselines_share_the_loop_without_a_reward_model(tmp_path):
+    tok = tiny_word_tokenizer(WORDS)
+    policy = tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = PGGConfig(output_dir=str(tmp_path / "seq2"), num_steps=2, batch_size=4, max_new_tokens=5,
+                       guidance="sequence", progress=False, log_tensorboard=False, mixed_precision="no")
+    history = PGGTrainer(config, policy, tok, PROMPTS, share_of_y).train()
+    assert all("ground/index" not in h for h in history) and not (tmp_path / "seq2" / "grounding").exists()
+    assert not (tmp_path / "seq2" / "reward_model").exists()
+    with pytest.raises(ValueError, match="uses no reward model"):
+        PGGTrainer(config, policy, tok, PROMPTS, share_of_y,
+                   reward_model=TokenRewardModel(tiny_scalar_model(len(tok)), tok))
+    # guidance="none" with weighted MLE is plain MLE: the loss is the mean over rows of each row's mean NLL.
+    plain = PGGConfig(output_dir=str(tmp_path / "mle"), num_steps=1, batch_size=4, objective="weighted_mle",
+                      guidance="none", progress=False, log_tensorboard=False, mixed_precision="no")
+    refs = ["y y", "y x", "y", "x y y"]
+    trainer = PGGTrainer(plain, policy, tok, PROMPTS, share_of_y, references=refs)
+    from tokencredit.rl.sft import collate_examples, response_nll
+
+    batch = collate_examples([trainer._examples[i] for i in trainer.batch_indices(0, 4)], tok.pad_token_id)
+    with torch.no_grad():
+        nll = response_nll(policy, batch)
+    expected = (nll.sum(-1) / batch.response_mask.sum(-1)).mean().item()
+    assert trainer.train()[0]["loss/total"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_sequence_weights_are_the_centred_scores(tmp_path):
+    tok = tiny_word_tokenizer(WORDS)
+    policy = tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = PGGConfig(output_dir=str(tmp_path / "s"), num_steps=1, batch_size=4, max_new_tokens=5,
+                       guidance="sequence", entropy_coef=0.0, progress=False, log_tensorboard=False,
+                       mixed_precision="no")
+    trainer = PGGTrainer(config, policy, tok, PROMPTS, share_of_y)
+    seen = {}
+    real = pgg_reinforce_loss
+
+    def spy(logprobs, rewards, mask, *args):
+        seen["rewards"], seen["mask"] = rewards.clone(), mask.clone()
+        return real(logprobs, rewards, mask, *args)
+
+    import tokencredit.rl.pgg as pgg_module
+
+    pgg_module.pgg_reinforce_loss, saved = spy, pgg_module.pgg_reinforce_loss
+    try:
+        stats = trainer.train()[0]
+    finally:
+        pgg_module.pgg_reinforce_loss = saved
+    per_row = seen["rewards"][:, 0]
+    assert per_row.sum().item() == pytest.approx(0.0, abs=1e-6)  # centred on the batch mean
+    assert torch.allclose(seen["rewards"], per_row[:, None].expand_as(seen["rewards"]))  # one weight per sample
+    assert stats["score/std"] == pytest.approx(per_row.std(unbiased=False).item(), abs=1e-6)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("samples_per_prompt", 1, "samples_per_prompt"), ("objective", "dpo", "objective"),
-    ("aggregator", "max", "aggregator"), ("ground_every", 0, "ground_every"), ("entropy_coef", -1.0, "entropy")])
+    ("aggregator", "max", "aggregator"), ("ground_every", 0, "ground_every"), ("entropy_coef", -1.0, "entropy"),
+    ("guidance", "none", "guidance must be one of")])
 def test_bad_settings_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         PGGConfig(**{field: value}).validate()

@@ -11,6 +11,10 @@ aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tok
 - ``"weighted_mle"`` (references exist; e.g. summarisation): on the reference tokens,
   L = mean_rows sum_t w_t * NLL_t with w_t = r_t / sum_t' r_t' (no gradient through w).
 
+The baselines run in the same loop with the same sampler and budget: ``guidance="sequence"`` weights every token
+of a sample by its metric score minus the batch mean (sequence-level REINFORCE), ``guidance="none"`` weights
+every reference token by 1 (plain MLE); neither has a reward model or groundings.
+
 Grounding happens before the first LM step and then every ``ground_every`` steps until ``ground_until``
 (the paper re-grounds often early and stops later). Read top to bottom: :func:`pgg_reinforce_loss` and
 :func:`weighted_mle_loss` are the objectives; :func:`rank_by_score` turns metric scores into rankings;
@@ -173,6 +177,10 @@ class PGGConfig:
 
     # --- LM objective ---
     objective: Literal["reinforce", "weighted_mle"] = "reinforce"  # weighted_mle needs references
+    # The per-token weight: "token" = PGG's grounded token reward; the baselines, with the same sampler and budget
+    # and no reward model: "sequence" (reinforce only) = the metric score of the sample minus the batch mean, on
+    # every token (sequence-level REINFORCE); "none" (weighted_mle only) = 1 on every token (plain MLE).
+    guidance: Literal["token", "sequence", "none"] = "token"
     batch_size: int = 8  # prompts per LM step
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -207,6 +215,10 @@ class PGGConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES} (got {self.objective!r})")
+        allowed = {"reinforce": ("token", "sequence"), "weighted_mle": ("token", "none")}[self.objective]
+        if self.guidance not in allowed:
+            raise ValueError(f"guidance must be one of {allowed} with objective={self.objective!r} "
+                             f"(got {self.guidance!r})")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt must be >= 2: a ranking needs two samples "
                              f"(got {self.samples_per_prompt})")
@@ -225,7 +237,9 @@ class PGGConfig:
         validate_mixed_precision(self.mixed_precision)
 
     def grounds_at(self, step: int) -> bool:
-        """Whether a grounding runs before LM step ``step`` (0-based)."""
+        """Whether a grounding runs before LM step ``step`` (0-based); only token guidance is grounded."""
+        if self.guidance != "token":
+            return False
         until = self.ground_until if self.ground_until is not None else max(1, self.num_steps // 2)
         return step == 0 or (step < until and step % self.ground_every == 0)
 
@@ -278,10 +292,14 @@ class PGGTrainer:
         self.score_fn = score_fn
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device)
-        self.rm = reward_model if reward_model is not None else default_reward_model(policy, tokenizer)
-        self.rm.bounded = True
-        self.rm.to(self.device)
-        self.reward_fn = self.rm.as_reward_fn("token", policy_tokenizer=tokenizer)
+        self.rm: TokenRewardModel | None = None
+        if config.guidance == "token":
+            self.rm = reward_model if reward_model is not None else default_reward_model(policy, tokenizer)
+            self.rm.bounded = True
+            self.rm.to(self.device)
+            self.reward_fn = self.rm.as_reward_fn("token", policy_tokenizer=tokenizer)
+        elif reward_model is not None:
+            raise ValueError(f"guidance={config.guidance!r} uses no reward model; do not pass reward_model=")
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
@@ -345,7 +363,8 @@ class PGGTrainer:
                 bar.close()
         with quiet_saves():
             self.save_policy(self.run_dir / "policy")
-            self.rm.save_pretrained(self.run_dir / "reward_model")
+            if self.rm is not None:
+                self.rm.save_pretrained(self.run_dir / "reward_model")
         return self.history
 
     def _sample(self, prompts: list[str]) -> tuple[object, list[float]]:
@@ -406,7 +425,13 @@ class PGGTrainer:
             prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
             resp, resp_mask = batch.response_ids, batch.response_mask
             token_ids = [row[: int(m.sum())].tolist() for row, m in zip(resp, resp_mask)]
-        rewards = self._token_rewards(prompts, token_ids, resp.shape)
+        if cfg.guidance == "token":
+            rewards = self._token_rewards(prompts, token_ids, resp.shape)
+        elif cfg.guidance == "sequence":
+            centred = torch.tensor(scores, dtype=torch.float32) - float(np.mean(scores))
+            rewards = centred[:, None].expand(resp.shape).to(self.device)
+        else:
+            rewards = torch.ones(resp.shape, device=self.device)
         t2 = time.perf_counter()
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -465,8 +490,9 @@ class PGGTrainer:
         tmp = self.checkpoints.begin(self.step_idx)
         with quiet_saves():
             self.save_policy(tmp / "policy")
-        # The live state (LoRA adapters unmerged), so a resumed run goes on training exactly what it had.
-        save_model(self.rm.model, str(tmp / "reward_model.safetensors"))
+        if self.rm is not None:
+            # The live state (LoRA adapters unmerged), so a resumed run goes on training exactly what it had.
+            save_model(self.rm.model, str(tmp / "reward_model.safetensors"))
         save_trainer_state(tmp / "trainer_state.pt", {
             "step_idx": self.step_idx, "groundings": self.groundings, "num_prompts": len(self.prompts),
             "optimizer": self.optimizer.state_dict(), "rng": capture_rng_state(),
@@ -492,12 +518,8 @@ class PGGTrainer:
                              f"{len(self.prompts)}; resume with the same prompts")
         with reading_checkpoint(path, "policy weights"):
             load_policy_weights(self.policy, path / "policy")
-        with reading_checkpoint(path, "reward model weights"):
-            missing, unexpected = load_model(self.rm.model, str(path / "reward_model.safetensors"), strict=False,
-                                             device=str(self.device))
-            if missing or unexpected:
-                raise CheckpointError(f"{path}: the saved reward model does not match this run's (missing "
-                                 f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        if self.rm is not None:
+            self._load_reward_model(path)
         with reading_checkpoint(path, "trainer state"):
             self.optimizer.load_state_dict(state["optimizer"])
             restore_rng_state(state["rng"])
@@ -505,3 +527,12 @@ class PGGTrainer:
             self.rank_generator.set_state(state["rank_generator"])
             self.step_idx = int(state["step_idx"])
             self.groundings = int(state["groundings"])
+
+    def _load_reward_model(self, path: Path) -> None:
+        """The reward model's live state from a checkpoint."""
+        with reading_checkpoint(path, "reward model weights"):
+            missing, unexpected = load_model(self.rm.model, str(path / "reward_model.safetensors"), strict=False,
+                                             device=str(self.device))
+            if missing or unexpected:
+                raise CheckpointError(f"{path}: the saved reward model does not match this run's (missing "
+                                      f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
