@@ -50,4 +50,4 @@ def test_the_reward_modules_import_no_circle():
 
 
 def test_each_paper_has_its_recipe_file():
-    assert {p.stem for p in (PACKAGE / "recipes").glob("*.py")} >= {"tppo", "fg", "ser", "rlgf"}
+    assert {p.stem for p in (PACKAGE / "recipes").glob("*.py")} >= {"tppo", "fg", "ser", "rlgf", "pgg"}

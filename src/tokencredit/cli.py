@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Learning with a guide LLM end to end on IMDB continuation or CommonGen (recipes/rlgf.py). "
                     "Needs data=REVIEWS.jsonl (task=imdb) or data=CONCEPTS.jsonl (task=commongen), or fast=true.",
                     "data=imdb_train.jsonl algorithms='[ppo, ppo_pp]'")
+    _config_command(sub, "pgg", "PGGRecipeConfig", "PGG recipe: token guidance grounded in metric rankings",
+                    "Preference-grounded token guidance end to end (recipes/pgg.py): task=fewshot (discrete prompts "
+                    "for a frozen classifier; data=a 16-shot split folder) or task=summarize (reward-weighted MLE; "
+                    "data=DOCUMENTS.jsonl), or fast=true.", "task=fewshot data=fewshot/sst-2/16-42")
     _config_command(sub, "ser", "SERRecipeConfig", "SER recipe: evolve a reward model, then PPO on it vs the seed RM",
                     "Self-evolved reward learning end to end (recipes/ser.py). Needs data=PAIRS.jsonl, or fast=true.",
                     "data=pairs.jsonl ppo_updates=5")
@@ -234,11 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sft":
             run_sft(load_config(SFTRunConfig, args.config, args.overrides))
         elif args.command == "rlgf":
-            from tokencredit.recipes.rlgf import RLGFConfig, run_rlgf
+            from tokencredit.recipes.rlgf import REPORT_KEYS, RLGFConfig, run_rlgf
 
             summary = run_rlgf(load_config(RLGFConfig, args.config, args.overrides))
-            keys = ("reward_p_pos", "heldout_p_pos", "perplexity")
+            keys = REPORT_KEYS[summary["task"]]
             print(json.dumps({k: {m: v.get(m) for m in keys} for k, v in summary["policies"].items()}, indent=1))
+        elif args.command == "pgg":
+            from tokencredit.recipes.pgg import PGGRecipeConfig, run_pgg
+
+            summary = run_pgg(load_config(PGGRecipeConfig, args.config, args.overrides))
+            print(json.dumps({arm: {k: v for k, v in r.items() if k not in ("candidates", "examples")}
+                              for arm, r in summary["results"].items()}, indent=1))
         elif args.command == "ser":
             from tokencredit.recipes.ser import SERRecipeConfig, run_ser
 

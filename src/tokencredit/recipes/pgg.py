@@ -1,0 +1,333 @@
+"""`tokencredit pgg`: preference-grounded token guidance (PGG, arXiv 2306.00398) end to end.
+
+``task=fewshot`` — discrete prompt generation. The policy (the built-in model with LoRA) is asked to write a
+short phrase; a frozen copy of the built-in model classifies the 16-shot training examples with that phrase
+(:class:`~tokencredit.tasks.fewshot.PromptedClassifier`), and the mean classification margin is the metric
+that ranks the samples. Arms, same start, seed and budget: ``pgg`` (REINFORCE with the grounded token reward,
+one arm per aggregator) and ``sequence`` (REINFORCE with the centred metric score, no reward model); the
+hand-written prompt is the reference. After training, ``candidates`` prompts are sampled from each policy, the
+best on the dev examples is kept, and its test accuracy is the arm's number.
+
+``task=summarize`` — reward-weighted MLE. The policy learns the reference summaries of ``data`` with each
+reference token weighted by the grounded token reward (``pgg``, ROUGE-L ranks the policy's own samples) or
+uniformly (``mle``: plain MLE); both from the same start with the same steps. Greedy summaries of held-out
+documents are scored with ROUGE-1/2/L.
+
+Each arm is a :class:`~tokencredit.rl.pgg.PGGTrainer` run folder; ``summary.json`` and ``report.html`` (score
+curves, the discovered prompts or example summaries) land in ``output``. ``resume=true`` skips finished arms.
+``fast=true`` uses toy data and a tiny random model, for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokencredit.config import save_config
+from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
+from tokencredit.precision import release_free_memory
+from tokencredit.recipes.tppo import _Stage
+from tokencredit.runs import atomic_write_json, read_metrics
+
+log = logging.getLogger(__name__)
+
+TASKS = ("fewshot", "summarize")
+ARMS = {"fewshot": ("pgg", "sequence"), "summarize": ("pgg", "mle")}
+
+
+@dataclass
+class PGGRecipeConfig:
+    """Every knob of the PGG recipe; the defaults are sized for the built-in model on a CPU."""
+
+    output: str = "runs/pgg"
+    task: str = "fewshot"  # fewshot | summarize
+    data: str | None = None  # fewshot: a split folder with train/dev[/test].tsv; summarize: documents .jsonl
+    test_data: str | None = None  # summarize: held-out documents .jsonl (None = test_fraction of data)
+    dataset: str | None = None  # fewshot: sst-2 | yelp-2 | agnews (None = the data folder's parent name)
+    test_fraction: float = 0.2
+    max_records: int | None = 1000
+    fast: bool = False
+    seed: int = 0
+    resume: bool = False
+    model: str = "smollm2-135m-instruct"
+    reward_backbone: str = "all-minilm-l6-v2"  # the token reward's backbone; "policy" = a copy of the policy's
+    arms: list[str] | None = None  # None = every arm of the task
+    aggregators: list[str] = field(default_factory=lambda: ["avg"])  # one pgg arm per aggregator
+
+    num_steps: int = 40
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    lora_r: int = 8
+    top_layers: int | None = 10
+    max_new_tokens: int | None = None  # None = 8 for prompts, 48 for summaries
+    samples_per_prompt: int = 4
+    ground_prompts: int = 8
+    ground_every: int = 10
+    ground_until: int | None = None
+    rm_epochs: int = 2
+    rm_learning_rate: float = 1e-4
+    entropy_coef: float = 0.125
+
+    candidates: int = 16  # fewshot: prompts sampled from each trained policy to pick from on dev
+    document_words: int = 200  # summarize: words of each document in the prompt
+    eval_documents: int = 64
+
+    def validate(self) -> None:
+        """Check what would fail late."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)} (got {self.task!r})")
+        if self.data is None and not self.fast:
+            what = "a split folder (train.tsv, dev.tsv)" if self.task == "fewshot" else "DOCUMENTS.jsonl"
+            raise ValueError(f"pgg task={self.task} needs data= {what}, or fast=true")
+        unknown = set(self.arms or []) - set(ARMS[self.task])
+        if unknown or (self.arms is not None and not self.arms):
+            raise ValueError(f"arms for task={self.task} must be among {list(ARMS[self.task])} (got {self.arms})")
+        from tokencredit.rewards.pgg import AGGREGATORS
+
+        bad = set(self.aggregators) - set(AGGREGATORS)
+        if bad or not self.aggregators:
+            raise ValueError(f"aggregators must be among {list(AGGREGATORS)} (got {self.aggregators})")
+        for name in ("num_steps", "batch_size", "candidates", "eval_documents", "ground_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1) (got {self.test_fraction})")
+
+
+FAST_OVERRIDES = dict(num_steps=3, batch_size=2, samples_per_prompt=2, ground_prompts=2, ground_every=2,
+                      rm_epochs=1, candidates=3, eval_documents=3, max_records=12, top_layers=None, lora_r=4,
+                      reward_backbone="policy", document_words=12)
+_FAST_WORDS = "good bad film plot it was N/A the a cat sat dog ran mat far summary short".split()
+
+
+def _fast_inputs(root: Path, task: str) -> tuple[str, str]:
+    """Toy data of the task and a tiny random model over its words."""
+    from tokencredit.testing import save_tiny_causal_lm
+
+    rng = random.Random(0)
+    if task == "fewshot":
+        folder = root / "toy" / "sst-2" / "16-0"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, n in (("train", 8), ("dev", 8), ("test", 12)):
+            rows = ["sentence\tlabel"]
+            for i in range(n):
+                label = i % 2
+                rows.append(f"the film was {'good' if label else 'bad'} {rng.choice(['plot', 'it'])}\t{label}")
+            (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+        data = str(folder)
+    else:
+        rows = [{"document": " ".join(rng.choice(_FAST_WORDS[9:15]) for _ in range(20)),
+                 "summary": " ".join(rng.choice(_FAST_WORDS[9:15]) for _ in range(4))} for _ in range(12)]
+        path = root / "toy_docs.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        data = str(path)
+    return data, str(save_tiny_causal_lm(root / "tiny-model", _FAST_WORDS))
+
+
+def run_pgg(cfg: PGGRecipeConfig) -> dict:
+    """Run every arm; returns the summary also written to summary.json."""
+    with quiet_saves():
+        if cfg.fast:
+            cfg = PGGRecipeConfig(**{**vars(cfg), **FAST_OVERRIDES})
+        cfg.validate()
+        root = Path(cfg.output)
+        root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, root / "config.yaml")
+        data, model_name = _fast_inputs(root, cfg.task) if cfg.fast else (cfg.data, cfg.model)
+        if cfg.task == "fewshot":
+            summary = _fewshot(cfg, root, data, model_name)
+        else:
+            summary = _summarize(cfg, root, data, model_name)
+        atomic_write_json(root / "summary.json", summary)
+        _report(root, summary)
+        return summary
+
+
+def _arm_names(cfg: PGGRecipeConfig) -> list[str]:
+    """Run-folder names: pgg-<aggregator> per aggregator, then the baseline."""
+    arms = cfg.arms if cfg.arms is not None else list(ARMS[cfg.task])
+    out = []
+    for arm in arms:
+        out += [f"pgg-{a}" for a in cfg.aggregators] if arm == "pgg" else [arm]
+    return out
+
+
+def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, prompts: list[str], score_fn: Any,
+               references: list[str] | None, folder: Path) -> None:
+    """One PGGTrainer run from the start model with the arm's guidance."""
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rl.pgg import PGGConfig, PGGTrainer
+
+    policy = load_policy(model_name, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0,
+                                                       top_layers=cfg.top_layers), seed=cfg.seed)
+    objective = "reinforce" if cfg.task == "fewshot" else "weighted_mle"
+    guidance = "token" if arm.startswith("pgg") else ("sequence" if arm == "sequence" else "none")
+    rm = None
+    if guidance == "token" and cfg.reward_backbone != "policy":
+        rm = TokenRewardModel.from_pretrained(cfg.reward_backbone, seed=cfg.seed)
+    config = PGGConfig(
+        output_dir=str(folder), seed=cfg.seed, num_steps=cfg.num_steps, resume=cfg.resume,
+        save_every=max(1, cfg.num_steps // 2), log_tensorboard=False, progress=not cfg.fast, objective=objective,
+        guidance=guidance, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        entropy_coef=cfg.entropy_coef, max_new_tokens=_max_new_tokens(cfg),
+        samples_per_prompt=cfg.samples_per_prompt, ground_prompts=cfg.ground_prompts, ground_every=cfg.ground_every,
+        ground_until=cfg.ground_until, aggregator=arm.split("-", 1)[1] if arm.startswith("pgg-") else "avg",
+        rm_epochs=cfg.rm_epochs, rm_learning_rate=cfg.rm_learning_rate)
+    PGGTrainer(config, policy, tokenizer, prompts, score_fn, references=references, reward_model=rm).train()
+    del policy, rm
+    release_free_memory()
+
+
+def _max_new_tokens(cfg: PGGRecipeConfig) -> int:
+    """The task's default response length unless set."""
+    if cfg.max_new_tokens is not None:
+        return cfg.max_new_tokens
+    return (4 if cfg.fast else 8) if cfg.task == "fewshot" else (6 if cfg.fast else 48)
+
+
+def _policy_with(model_name: str, adapter: Path | None) -> torch.nn.Module:
+    """The start model, with an arm's trained adapter merged in when given."""
+    from peft import PeftModel
+
+    base = load_policy(model_name)
+    return base if adapter is None else PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+
+# ---------------------------------------------------------------------- few-shot prompts
+def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> dict:
+    """Train each arm to write prompts; pick each arm's best prompt on dev; test accuracy of it."""
+    from tokencredit.generation import generate
+    from tokencredit.models import apply_chat
+    from tokencredit.tasks.fewshot import (
+        HAND_PROMPTS,
+        INSTRUCTIONS,
+        LABEL_WORDS,
+        PromptedClassifier,
+        clean_prompt,
+        load_fewshot_split,
+    )
+
+    dataset = cfg.dataset or Path(data).parent.name
+    if dataset not in LABEL_WORDS:
+        raise ValueError(f"dataset must be one of {sorted(LABEL_WORDS)} (got {dataset!r}); pass dataset=")
+    split = load_fewshot_split(data, dataset)
+    test = split.get("test") or split["dev"]
+    if cfg.max_records:
+        test = test[: cfg.max_records]
+    tokenizer = load_tokenizer(model_name)
+    words = ["bad", "good"] if cfg.fast else LABEL_WORDS[dataset]
+    classifier = PromptedClassifier(load_policy(model_name), tokenizer, words)
+    score_fn = classifier.score_fn(split["train"])
+    instruction = INSTRUCTIONS[dataset]
+    policy_prompt = apply_chat(tokenizer, [instruction])[0] if getattr(tokenizer, "chat_template", None) else (
+        instruction + "\nPhrase:")
+
+    def judge(prompt: str) -> dict:
+        return {"prompt": prompt, "train_margin": float(classifier.margins(split["train"], prompt).mean()),
+                "dev_accuracy": classifier.accuracy(split["dev"], prompt),
+                "test_accuracy": classifier.accuracy(test, prompt)}
+
+    hand = HAND_PROMPTS[dataset]
+    results: dict[str, dict] = {"hand-written": judge(hand), "no prompt": judge("")}
+    curves = {}
+    for arm in _arm_names(cfg):
+        stage = _Stage(root, arm, cfg.resume)
+        if not stage.done:
+            _train_arm(cfg, arm, model_name, tokenizer, [policy_prompt], score_fn, None, stage.dir)
+            policy = _policy_with(model_name, stage.dir / "policy")
+            generator = torch.Generator().manual_seed(cfg.seed)
+            texts = generate(policy, tokenizer, [policy_prompt], max_new_tokens=_max_new_tokens(cfg),
+                             greedy=True).texts
+            texts += generate(policy, tokenizer, [policy_prompt] * cfg.candidates, max_new_tokens=_max_new_tokens(cfg),
+                              generator=generator).texts
+            candidates = sorted({clean_prompt(t) for t in texts})
+            judged = sorted(({"prompt": c, "train_margin": float(classifier.margins(split["train"], c).mean()),
+                              "dev_accuracy": classifier.accuracy(split["dev"], c)} for c in candidates),
+                            key=lambda r: (r["dev_accuracy"], r["train_margin"]), reverse=True)
+            best = {**judged[0], "test_accuracy": classifier.accuracy(test, judged[0]["prompt"])}
+            stage.finish({"best": best, "candidates": judged})
+            del policy
+            release_free_memory()
+        info = stage.info()
+        results[arm] = {**info["best"], "candidates": info["candidates"][:8]}
+        curves[arm] = [m.get("score/mean") for m in read_metrics(stage.dir)]
+    return {"task": "fewshot", "dataset": dataset, "test_split": "test" if split.get("test") else "dev",
+            "test_examples": len(test), "label_words": words,
+            "results": results, "score_curves": curves, "chance": 1 / len(words)}
+
+
+# ---------------------------------------------------------------------- summarisation
+def _summarize(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> dict:
+    """Weighted MLE (PGG) vs plain MLE on the references; ROUGE of greedy summaries of held-out documents."""
+    from tokencredit.generation import generate
+    from tokencredit.tasks.summarize import load_documents, rouge_l_score_fn, summary_metrics, summary_prompt
+
+    docs = load_documents(data)[: cfg.max_records]
+    if cfg.test_data is not None:
+        train, test = docs, load_documents(cfg.test_data)
+    else:
+        order = list(range(len(docs)))
+        random.Random(cfg.seed).shuffle(order)
+        n_test = max(1, round(cfg.test_fraction * len(docs)))
+        train, test = [docs[i] for i in order[n_test:]], [docs[i] for i in order[:n_test]]
+    train = [d for d in train if d.references]
+    test = [d for d in test if d.references][: cfg.eval_documents]
+    tokenizer = load_tokenizer(model_name)
+    prompts = [summary_prompt(d, tokenizer, cfg.document_words) for d in train]
+    references = [" " + d.references[0] if not getattr(tokenizer, "chat_template", None) else d.references[0]
+                  for d in train]
+    score_fn = rouge_l_score_fn(train, prompts)
+    test_prompts = [summary_prompt(d, tokenizer, cfg.document_words) for d in test]
+
+    def evaluate(adapter: Path | None) -> dict:
+        policy = _policy_with(model_name, adapter)
+        texts: list[str] = []
+        for begin in range(0, len(test_prompts), 8):
+            texts += generate(policy, tokenizer, test_prompts[begin : begin + 8], max_new_tokens=_max_new_tokens(cfg),
+                              greedy=True).texts
+        del policy
+        release_free_memory()
+        return {**summary_metrics(texts, test), "examples": [{"reference": d.references[0], "summary": t}
+                                                            for d, t in list(zip(test, texts))[:3]]}
+
+    results = {"start": evaluate(None)}
+    curves = {}
+    for arm in _arm_names(cfg):
+        stage = _Stage(root, arm, cfg.resume)
+        if not stage.done:
+            _train_arm(cfg, arm, model_name, tokenizer, prompts, score_fn, references, stage.dir)
+            stage.finish({"metrics": evaluate(stage.dir / "policy")})
+        results[arm] = stage.info()["metrics"]
+        curves[arm] = [m.get("score/mean") for m in read_metrics(stage.dir)]
+    return {"task": "summarize", "train_documents": len(train), "test_documents": len(test), "results": results,
+            "score_curves": curves}
+
+
+def _report(root: Path, summary: dict) -> None:
+    """report.html: score curves, the results table, prompts or example summaries."""
+    from tokencredit.evaluate import html_table, svg_line_chart, write_html_report
+
+    curves = {k: [v for v in vals if v is not None] for k, vals in summary["score_curves"].items()}
+    metric = "mean classification margin" if summary["task"] == "fewshot" else "ROUGE-L"
+    sections = [("Score per step", svg_line_chart(curves, f"Metric of each step's samples ({metric})", xlabel="step",
+                                                   ylabel=metric))]
+    if summary["task"] == "fewshot":
+        rows = [{"arm": arm, **{k: r[k] for k in ("prompt", "dev_accuracy", "test_accuracy")}}
+                for arm, r in summary["results"].items()]
+        sections.append((f"Best prompt per arm ({summary['dataset']}, chance {summary['chance']:.2f})",
+                         html_table(rows)))
+        cands = [{"arm": arm, **c} for arm, r in summary["results"].items() for c in r.get("candidates", [])]
+        sections.append(("Candidates (best first)", html_table(cands)))
+    else:
+        rows = [{"arm": arm, **{k: round(r[k], 4) for k in ("rouge1", "rouge2", "rougeL", "mean_length")}}
+                for arm, r in summary["results"].items()]
+        sections.append(("Held-out ROUGE (greedy)", html_table(rows)))
+        examples = [{"arm": arm, **e} for arm, r in summary["results"].items() for e in r["examples"]]
+        sections.append(("Examples", html_table(examples)))
+    write_html_report(root / "report.html", f"tokencredit pgg: {summary['task']}", sections)
