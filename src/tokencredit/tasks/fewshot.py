@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tokencredit.generation import encode_prompts, position_ids_from_mask
+from tokencredit.precision import autocast, resolve_mixed_precision
 from tokencredit.records import RecordError
 
 # Label words per class (distinct first tokens under the built-in tokenizer); see the module docstring.
@@ -121,9 +122,11 @@ class PromptedClassifier:
     """A frozen causal LM that classifies a text with a prompt by its next-token log-probs of the label words."""
 
     def __init__(self, model: nn.Module, tokenizer: object, label_words: Sequence[str], template: str = TEMPLATE,
-                 batch_size: int = 32, max_text_tokens: int = 128, calibrate: bool = True) -> None:
+                 batch_size: int = 32, max_text_tokens: int = 128, calibrate: bool = True,
+                 mixed_precision: str = "auto") -> None:
         """``label_words`` in class order; each must start with a different token (with a leading space).
-        ``calibrate``: subtract each word's log-prob after a content-free text with the same prompt."""
+        ``calibrate``: subtract each word's log-prob after a content-free text with the same prompt;
+        ``mixed_precision``: "auto" runs the forward under bf16 autocast where bf16 matmuls are native."""
         if len(label_words) < 2:
             raise ValueError("a classifier needs at least two label words")
         if "{text}" not in template or "{prompt}" not in template:
@@ -143,6 +146,7 @@ class PromptedClassifier:
         self.batch_size = batch_size
         self.max_text_tokens = max_text_tokens
         self.calibrate = calibrate
+        self.amp_dtype = resolve_mixed_precision(mixed_precision, next(model.parameters()).device)
 
     def _inputs(self, texts: Sequence[str], prompt: str) -> list[str]:
         """The template filled in; long texts keep their first ``max_text_tokens`` tokens."""
@@ -169,8 +173,9 @@ class PromptedClassifier:
         inputs = self._inputs(texts, prompt)
         for begin in range(0, len(inputs), self.batch_size):
             ids, mask = encode_prompts(self.tokenizer, inputs[begin : begin + self.batch_size], None, device)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                use_cache=False).logits[:, -1].float()
+            with autocast(device, self.amp_dtype):
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                    use_cache=False, logits_to_keep=1).logits[:, -1].float()
             rows.append(torch.log_softmax(logits, -1)[:, self.label_ids.to(device)].cpu())
         return torch.cat(rows)
 

@@ -1,0 +1,138 @@
+"""PGG on real data: few-shot prompt generation (SST-2) and reward-weighted MLE summarisation (SciTLDR), 3 seeds.
+
+Few-shot (``--task fewshot``): each seed is one of RLPrompt's 16-shot SST-2 splits (16-13, 16-21, 16-42) and the
+RL seed. Arms from the same start and budget (``tokencredit pgg task=fewshot``, recipes/pgg.py): PGG with each
+aggregator (avg / sum / softmax / softmin: the paper's ablation) and sequence-level REINFORCE (the metric score,
+centred, on every token; no reward model). References: the hand-written prompt (the upper reference that shows
+the frozen classifier is above chance on this data) and no prompt. Number per arm: test accuracy (1,821
+examples) of the prompt chosen on the 32 dev examples.
+
+Summarisation (``--task summarize``): SciTLDR train (first ``--records`` documents) -> test (first
+``--eval-documents``); PGG's weighted MLE vs plain MLE from the same start with the same steps; ROUGE of greedy
+summaries. The ranking metric during training is ROUGE-L against the training references.
+
+    python benchmarks/pgg_benchmark.py --task fewshot --seeds 0 1 2
+    python benchmarks/pgg_benchmark.py --task summarize --seeds 0 1 2
+    python benchmarks/pgg_benchmark.py --task fewshot --report
+
+Data is read from ../shared/data (the run stops with "skipped" when it is absent). Results go to
+benchmarks/results/pgg_<task>.json after every seed; the chart to pgg_<task>.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+RESULTS = HERE / "results"
+SPLITS = ["16-13", "16-21", "16-42", "16-87", "16-100"]
+KEYS = {"fewshot": ["test_accuracy", "dev_accuracy"], "summarize": ["rougeL", "rouge1", "rouge2", "mean_length"]}
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every seed in turn; the results file is rewritten after each."""
+    from tokencredit.recipes.pgg import PGGRecipeConfig, run_pgg
+
+    out = RESULTS / f"pgg_{args.task}.json"
+    result = json.loads(out.read_text()) if args.resume and out.exists() else {"per_seed": {}}
+    result["args"] = {k: v for k, v in vars(args).items() if k not in ("report", "resume")}
+    for seed in args.seeds:
+        if str(seed) in result["per_seed"]:
+            continue
+        if args.task == "fewshot":
+            data = DATA / "fewshot" / args.dataset / SPLITS[seed % len(SPLITS)]
+            extra = dict(dataset=args.dataset, aggregators=args.aggregators)
+        else:
+            data = DATA / "summarization" / "scitldr_train.jsonl"
+            extra = dict(test_data=str(DATA / "summarization" / "scitldr_test.jsonl"),
+                         eval_documents=args.eval_documents, aggregators=["avg"])
+        if not data.exists():
+            print(f"skipped: {data} not found (../shared/data is not part of the product)")
+            return
+        cfg = PGGRecipeConfig(output=str(Path(args.workdir) / args.task / f"seed{seed}"), task=args.task,
+                              data=str(data), seed=seed, resume=True, num_steps=args.steps,
+                              batch_size=args.batch, max_records=args.records, **extra)
+        began = time.time()
+        summary = run_pgg(cfg)
+        summary["seconds"] = round(time.time() - began, 1)
+        result["per_seed"][str(seed)] = summary
+        aggregate(result, args.task)
+        RESULTS.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"seed {seed} done in {summary['seconds']:.0f} s -> {out}", flush=True)
+        report(result, args.task)
+
+
+def aggregate(result: dict, task: str) -> None:
+    """Mean and sd over seeds of each arm's numbers, and each arm's mean score curve."""
+    seeds = list(result["per_seed"].values())
+    agg = {}
+    for arm in seeds[0]["results"]:
+        row = {}
+        for key in KEYS[task]:
+            values = [s["results"][arm][key] for s in seeds if key in s["results"].get(arm, {})]
+            if values:
+                row[key] = {"mean": statistics.fmean(values),
+                            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+        curves = [s["score_curves"].get(arm) for s in seeds]
+        if all(curves):
+            width = min(len(c) for c in curves)
+            row["mean_curve"] = [statistics.fmean(c[i] for c in curves) for i in range(width)]
+        agg[arm] = row
+    result["aggregate"] = agg
+
+
+def report(result: dict, task: str) -> None:
+    """Print the side-by-side table and write the chart."""
+    from tokencredit.evaluate import svg_line_chart
+
+    agg = result["aggregate"]
+    print(f"\n{task}: mean (sd) over {len(result['per_seed'])} seed(s)")
+    print("arm".ljust(14) + "".join(k.rjust(20) for k in KEYS[task]))
+    for arm, row in agg.items():
+        print(arm.ljust(14) + "".join((f"{row[k]['mean']:.3f} ({row[k]['sd']:.3f})" if k in row else "-").rjust(20)
+                                      for k in KEYS[task]))
+    curves = {arm: row["mean_curve"] for arm, row in agg.items() if "mean_curve" in row}
+    if curves:
+        metric = "mean classification margin" if task == "fewshot" else "ROUGE-L"
+        chart = svg_line_chart(curves, f"PGG {task}: {metric} of each step's samples, mean over seeds",
+                               xlabel="step", ylabel=metric, width=640, height=300)
+        (RESULTS / f"pgg_{task}.svg").write_text(chart + "\n")
+
+
+def main() -> int:
+    """Parse arguments and run or report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=["fewshot", "summarize"], default="fewshot")
+    parser.add_argument("--dataset", default="sst-2")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--aggregators", nargs="+", default=["avg", "sum", "softmax", "softmin"])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--eval-documents", type=int, default=64)
+    parser.add_argument("--workdir", default="runs/bench-pgg")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        result = json.loads((RESULTS / f"pgg_{args.task}.json").read_text())
+        aggregate(result, args.task)
+        report(result, args.task)
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
