@@ -77,6 +77,25 @@ def test_margins_are_correct_minus_best_other_and_calibration_subtracts_the_cont
     assert values[0] == values[1] == pytest.approx(float(calibrated.margins(examples, "it was").mean()))
 
 
+def test_shared_text_cache_gives_the_same_logprobs_as_whole_sequences():
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_causal_lm(len(tok), seed=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    clf = PromptedClassifier(model, tok, ["bad", "good"], template="{text} {prompt}", mixed_precision="no",
+                             batch_size=2)
+    texts, prompts = ["film was good plot", "it", "bad bad film"], ["it was", "", "plot"]
+    many = clf.label_logprobs_many(texts, prompts)
+    words = [tok.convert_tokens_to_ids(w) for w in ("bad", "good")]
+    for j, prompt in enumerate(prompts):
+        for i, text in enumerate(texts):
+            ids = tok(text)["input_ids"] + (tok(" " + prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            expected = torch.log_softmax(logits, -1)[words]
+            assert torch.allclose(many[j, i], expected, atol=1e-5), (prompt, text)
+    assert clf.accuracy_many([LabelledText(t, 1) for t in texts], prompts) == [
+        clf.accuracy([LabelledText(t, 1) for t in texts], p) for p in prompts]
+
+
 def test_label_words_must_start_with_different_tokens():
     tok = tiny_word_tokenizer(WORDS)
     model = tiny_causal_lm(len(tok), seed=0)
@@ -84,6 +103,8 @@ def test_label_words_must_start_with_different_tokens():
         PromptedClassifier(model, tok, ["good", "good"])
     with pytest.raises(ValueError, match="template"):
         PromptedClassifier(model, tok, ["good", "bad"], template="{text}")
+    with pytest.raises(ValueError, match="then"):
+        PromptedClassifier(model, tok, ["good", "bad"], template="{prompt} {text}")
 
 
 @pytest.mark.skipif(not (SHARED / "fewshot" / "sst-2" / "16-42").exists(), reason="../shared/data absent")

@@ -228,13 +228,12 @@ def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> di
     policy_prompt = apply_chat(tokenizer, [instruction])[0] if getattr(tokenizer, "chat_template", None) else (
         instruction + "\nPhrase:")
 
-    def judge(prompt: str) -> dict:
-        return {"prompt": prompt, "train_margin": float(classifier.margins(split["train"], prompt).mean()),
-                "dev_accuracy": classifier.accuracy(split["dev"], prompt),
-                "test_accuracy": classifier.accuracy(test, prompt)}
+    def judge(prompts: list[str]) -> list[dict]:
+        margins = classifier.margins_many(split["train"], prompts).mean(-1).tolist()
+        dev = classifier.accuracy_many(split["dev"], prompts)
+        return [{"prompt": p, "train_margin": m, "dev_accuracy": d} for p, m, d in zip(prompts, margins, dev)]
 
-    hand = HAND_PROMPTS[dataset]
-    results: dict[str, dict] = {"hand-written": judge(hand), "no prompt": judge("")}
+    results: dict[str, dict] = dict(zip(("hand-written", "no prompt"), judge([HAND_PROMPTS[dataset], ""])))
     curves = {}
     for arm in _arm_names(cfg):
         stage = _Stage(root, arm, cfg.resume)
@@ -242,21 +241,22 @@ def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> di
             _train_arm(cfg, arm, model_name, tokenizer, [policy_prompt], score_fn, None, stage.dir)
             policy = _policy_with(model_name, stage.dir / "policy")
             generator = torch.Generator().manual_seed(cfg.seed)
-            texts = generate(policy, tokenizer, [policy_prompt], max_new_tokens=_max_new_tokens(cfg),
-                             greedy=True).texts
-            texts += generate(policy, tokenizer, [policy_prompt] * cfg.candidates, max_new_tokens=_max_new_tokens(cfg),
+            new_tokens = _max_new_tokens(cfg)
+            texts = generate(policy, tokenizer, [policy_prompt], max_new_tokens=new_tokens, greedy=True).texts
+            texts += generate(policy, tokenizer, [policy_prompt] * cfg.candidates, max_new_tokens=new_tokens,
                               generator=generator).texts
-            candidates = sorted({clean_prompt(t) for t in texts})
-            judged = sorted(({"prompt": c, "train_margin": float(classifier.margins(split["train"], c).mean()),
-                              "dev_accuracy": classifier.accuracy(split["dev"], c)} for c in candidates),
+            judged = sorted(judge(sorted({clean_prompt(t) for t in texts})),
                             key=lambda r: (r["dev_accuracy"], r["train_margin"]), reverse=True)
-            best = {**judged[0], "test_accuracy": classifier.accuracy(test, judged[0]["prompt"])}
-            stage.finish({"best": best, "candidates": judged})
+            stage.finish({"best": judged[0], "candidates": judged})
             del policy
             release_free_memory()
         info = stage.info()
         results[arm] = {**info["best"], "candidates": info["candidates"][:8]}
         curves[arm] = [m.get("score/mean") for m in read_metrics(stage.dir)]
+    # One pass over the test examples scores every kept prompt.
+    tested = classifier.accuracy_many(test, [r["prompt"] for r in results.values()])
+    for result, accuracy in zip(results.values(), tested):
+        result["test_accuracy"] = accuracy
     return {"task": "fewshot", "dataset": dataset, "test_split": "test" if split.get("test") else "dev",
             "test_examples": len(test), "label_words": words,
             "results": results, "score_curves": curves, "chance": 1 / len(words)}

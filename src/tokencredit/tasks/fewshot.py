@@ -129,8 +129,10 @@ class PromptedClassifier:
         ``mixed_precision``: "auto" runs the forward under bf16 autocast where bf16 matmuls are native."""
         if len(label_words) < 2:
             raise ValueError("a classifier needs at least two label words")
-        if "{text}" not in template or "{prompt}" not in template:
-            raise ValueError("template must contain {text} and {prompt}")
+        if "{text}" not in template or "{prompt}" not in template or template.index("{text}") > template.index(
+                "{prompt}"):
+            raise ValueError("template must contain {text} and then {prompt} (the text's KV cache is shared)")
+        self._before, self._after = template.split("{text}", 1)
         ids = [tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"] for w in label_words]
         if any(not i for i in ids):
             raise ValueError(f"a label word has no tokens: {label_words}")
@@ -148,50 +150,88 @@ class PromptedClassifier:
         self.calibrate = calibrate
         self.amp_dtype = resolve_mixed_precision(mixed_precision, next(model.parameters()).device)
 
-    def _inputs(self, texts: Sequence[str], prompt: str) -> list[str]:
-        """The template filled in; long texts keep their first ``max_text_tokens`` tokens."""
-        out = []
-        for text in texts:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.max_text_tokens:
-                text = self.tokenizer.decode(ids[: self.max_text_tokens])
-            out.append(self.template.format(text=text, prompt=prompt).rstrip())
-        return out
+    def _head(self, text: str) -> str:
+        """The template up to and including the text; long texts keep their first ``max_text_tokens`` tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_text_tokens:
+            text = self.tokenizer.decode(ids[: self.max_text_tokens])
+        return self._before + text
 
-    def label_scores(self, texts: Sequence[str], prompt: str) -> torch.Tensor:
-        """[N, C] the classifier's score per class: label-word log-probs, minus the content-free ones if calibrated."""
-        scores = self.label_logprobs(texts, prompt)
-        if self.calibrate:
-            scores = scores - self.label_logprobs([CONTENT_FREE], prompt)
-        return scores
+    def _tail_ids(self, prompt: str) -> list[int]:
+        """Tokens of the template after the text, with the prompt filled in (trailing spaces dropped)."""
+        tail = self._after.format(prompt=prompt).rstrip()
+        return list(self.tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
 
     @torch.no_grad()
+    def label_logprobs_many(self, texts: Sequence[str], prompts: Sequence[str]) -> torch.Tensor:
+        """[P, N, C] log-probability of each class's label word as the next token, for every prompt and text.
+
+        Each batch of texts is run once and its KV cache reused for every prompt (the text comes first in the
+        template), so scoring P prompts costs one pass over the texts plus P passes over the few prompt tokens.
+        """
+        device = next(self.model.parameters()).device
+        tails = [self._tail_ids(p) for p in prompts]
+        label_ids = self.label_ids.to(device)
+        out = torch.empty(len(prompts), len(texts), len(self.label_ids))
+        for begin in range(0, len(texts), self.batch_size):
+            heads = [self._head(t) for t in texts[begin : begin + self.batch_size]]
+            ids, mask = encode_prompts(self.tokenizer, heads, None, device)
+            rows = slice(begin, begin + len(heads))
+            with autocast(device, self.amp_dtype):
+                first = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                   use_cache=True, logits_to_keep=1)
+                cache, width = first.past_key_values, ids.size(1)
+                for j, tail in enumerate(tails):
+                    if not tail:
+                        logits = first.logits[:, -1]
+                    else:
+                        tail_ids = torch.tensor(tail, device=device).expand(len(heads), -1)
+                        full = torch.cat([mask, torch.ones_like(tail_ids)], 1)
+                        logits = self.model(input_ids=tail_ids, attention_mask=full,
+                                            position_ids=position_ids_from_mask(full)[:, width:],
+                                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                        # Back to the texts alone for the next prompt; a negative count works in old and new caches.
+                        cache.crop(-len(tail))
+                    out[j, rows] = torch.log_softmax(logits.float(), -1)[:, label_ids].cpu()
+        return out
+
     def label_logprobs(self, texts: Sequence[str], prompt: str) -> torch.Tensor:
         """[N, C] log-probability of each class's label word as the next token (normalised over the vocabulary)."""
-        device = next(self.model.parameters()).device
-        rows = []
-        inputs = self._inputs(texts, prompt)
-        for begin in range(0, len(inputs), self.batch_size):
-            ids, mask = encode_prompts(self.tokenizer, inputs[begin : begin + self.batch_size], None, device)
-            with autocast(device, self.amp_dtype):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                    use_cache=False, logits_to_keep=1).logits[:, -1].float()
-            rows.append(torch.log_softmax(logits, -1)[:, self.label_ids.to(device)].cpu())
-        return torch.cat(rows)
+        return self.label_logprobs_many(texts, [prompt])[0]
+
+    def label_scores_many(self, texts: Sequence[str], prompts: Sequence[str]) -> torch.Tensor:
+        """[P, N, C] score per class: label-word log-probs, minus the content-free text's when calibrated."""
+        scores = self.label_logprobs_many(list(texts) + ([CONTENT_FREE] if self.calibrate else []), prompts)
+        if self.calibrate:
+            scores = scores[:, :-1] - scores[:, -1:]
+        return scores
+
+    def label_scores(self, texts: Sequence[str], prompt: str) -> torch.Tensor:
+        """[N, C] :meth:`label_scores_many` for one prompt."""
+        return self.label_scores_many(texts, [prompt])[0]
+
+    def margins_many(self, examples: Sequence[LabelledText], prompts: Sequence[str]) -> torch.Tensor:
+        """[P, N] score of the correct class - the best other class's: > 0 exactly when an example is right."""
+        lp = self.label_scores_many([e.text for e in examples], prompts)
+        labels = torch.tensor([e.label for e in examples])
+        if int(labels.max()) >= lp.size(-1):
+            raise ValueError(f"label {int(labels.max())} but only {lp.size(-1)} label words")
+        index = labels[None, :, None].expand(lp.size(0), -1, 1)
+        correct = lp.gather(-1, index).squeeze(-1)
+        others = lp.scatter(-1, index, float("-inf")).max(-1).values
+        return correct - others
 
     def margins(self, examples: Sequence[LabelledText], prompt: str) -> torch.Tensor:
-        """[N] score of the correct class - the best other class's: > 0 exactly when the example is classified right."""
-        lp = self.label_scores([e.text for e in examples], prompt)
-        labels = torch.tensor([e.label for e in examples])
-        if int(labels.max()) >= lp.size(1):
-            raise ValueError(f"label {int(labels.max())} but only {lp.size(1)} label words")
-        correct = lp.gather(1, labels[:, None]).squeeze(1)
-        others = lp.scatter(1, labels[:, None], float("-inf")).max(1).values
-        return correct - others
+        """[N] :meth:`margins_many` for one prompt."""
+        return self.margins_many(examples, [prompt])[0]
 
     def accuracy(self, examples: Sequence[LabelledText], prompt: str) -> float:
         """Share of examples whose best-scoring class is the correct one."""
         return float((self.margins(examples, prompt) > 0).float().mean())
+
+    def accuracy_many(self, examples: Sequence[LabelledText], prompts: Sequence[str]) -> list[float]:
+        """:meth:`accuracy` of each prompt, sharing one pass over the examples."""
+        return (self.margins_many(examples, prompts) > 0).float().mean(-1).tolist()
 
     def score_fn(self, examples: Sequence[LabelledText], max_words: int = 12) -> object:
         """A PGG ``score_fn``: each response, used as the prompt, scores its mean margin on ``examples``."""
@@ -199,12 +239,10 @@ class PromptedClassifier:
 
         def score(prompts: list[str], responses: list[str]) -> list[float]:
             """Mean classification margin of each generated prompt (its first line)."""
-            out = []
-            for response in responses:
-                prompt = clean_prompt(response, max_words)
-                if prompt not in cache:
-                    cache[prompt] = float(self.margins(examples, prompt).mean())
-                out.append(cache[prompt])
-            return out
+            cleaned = [clean_prompt(r, max_words) for r in responses]
+            new = sorted(set(cleaned) - set(cache))
+            if new:
+                cache.update(zip(new, self.margins_many(examples, new).mean(-1).tolist()))
+            return [cache[p] for p in cleaned]
 
         return score
