@@ -1,4 +1,4 @@
-"""`tokencredit fg`: fine-grained RLHF from minimal edits (FG, METHODS.md §4), end to end.
+"""`tokencredit fg`: fine-grained RLHF from minimal edits (FG), end to end.
 
 Minimal edits {prompt, original, edited} -> (optional) SFT on the edited answers -> two reward models on the
 same pairs, same backbone, seed and epochs: a *token* RM trained with FG's hybrid loss (span Bradley-Terry on

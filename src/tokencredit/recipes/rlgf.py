@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 ALL_ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
 TASKS = ("imdb", "commongen")
-# The paper's per-task settings (METHODS.md §3): KL .001 and beta .6 on IMDB, no KL and beta .8 on CommonGen.
+# The paper's per-task settings (arXiv 2306.11816): KL .001 and beta .6 on IMDB, no KL and beta .8 on CommonGen.
 TASK_DEFAULTS = {"imdb": {"kl_coef": 0.001, "guide_beta": 0.6, "start": "sft"},
                  "commongen": {"kl_coef": 0.0, "guide_beta": 0.8, "start": "base"}}
 

@@ -62,7 +62,7 @@ class RewardRunConfig:
     eval_fraction: float = 0.1
     token_loss: str | None = None  # kind=token: a TOKEN_LOSSES name; None = hybrid on edits, bt otherwise
     balance_labels: bool = True  # token RM BCE: good and bad tokens weigh equally
-    aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled, METHODS §5)
+    aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled; see rewards/pgg.py)
     seed: int = 0
     progress: bool = True
     # show: texts to draw, each {"prompt": ..., "response": ...} (or a .jsonl file of them in `data`)

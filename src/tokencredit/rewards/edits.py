@@ -1,4 +1,4 @@
-"""FG: token labels from minimal edits (METHODS §4), and the span Bradley-Terry loss they feed.
+"""FG: token labels from minimal edits, and the span Bradley-Terry loss they feed.
 
 A minimal edit turns a worse response (``original``) into a better one (``edited``). The diff says which parts
 were wrong and which fix them:

@@ -1,4 +1,4 @@
-"""`tokencredit evolve`: SER self-evolved reward learning (METHODS.md §2) from a few labelled pairs.
+"""`tokencredit evolve`: SER self-evolved reward learning (arXiv 2411.00418) from a few labelled pairs.
 
 A seed sequence RM is trained on ``labelled_fraction`` of the training pairs; the rest form the unlabelled pool
 (their labels are hidden from training and used only to report how right the pseudo-labels were). Each loop:

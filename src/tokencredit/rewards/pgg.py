@@ -360,7 +360,7 @@ def evaluate_pgg_reward_model(
 
 
 def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Sequence[RankedList]) -> list[dict]:
-    """Train a bounded token RM on ranked lists with ListMLE (METHODS §5); one stats dict per step.
+    """Train a bounded token RM on ranked lists with ListMLE (PGG, arXiv 2306.00398); one stats dict per step.
 
     The model is marked bounded (its scores become sigmoid(head) in (0, 1)). The last entry is
     ``{"step": ..., "eval": {...}}`` on the held-out lists (also ``output_dir/eval.json``); the model is saved
