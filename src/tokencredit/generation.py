@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -148,6 +149,23 @@ class Decoder(Protocol):
         """Append one token [B] per row; return the logits [B, V] for the next one."""
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword for a KV cache: ``cache`` where transformers renamed ``past_key_values`` (5.2x, which
+    warns on the old name), else ``past_key_values``. A peft wrapper is looked through to its base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: object) -> object:
+    """The KV cache a forward pass returned, under its new or old name, without the deprecation warning."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    return out["cache"] if "cache" in keys else out["past_key_values"]
+
+
 class HFDecoder:
     """The plain path: any transformers causal LM with its own (dynamic) KV cache."""
 
@@ -158,6 +176,7 @@ class HFDecoder:
         self.model = model
         self.mask: torch.Tensor | None = None
         self.past: object = None
+        self.cache_keyword = cache_keyword(model)
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Run the prompts through the model, keeping its cache."""
@@ -165,7 +184,7 @@ class HFDecoder:
         # Only the last position's logits are needed: the LM head over every prompt position is wasted work.
         out = self.model(input_ids=prompt_ids, attention_mask=self.mask,
                          position_ids=position_ids_from_mask(self.mask), use_cache=True, logits_to_keep=1)
-        self.past = out.past_key_values
+        self.past = output_cache(out)
         return out.logits[:, -1, :]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -173,8 +192,8 @@ class HFDecoder:
         self.mask = torch.cat([self.mask, torch.ones_like(token[:, None])], 1)
         pos = (self.mask.sum(-1, keepdim=True) - 1).clamp(min=0)
         out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=pos,
-                         past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+                         use_cache=True, **{self.cache_keyword: self.past})
+        self.past = output_cache(out)
         return out.logits[:, -1, :]
 
 

@@ -29,7 +29,6 @@ import re
 import shutil
 import tempfile
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -493,14 +492,19 @@ def _repair_metrics(path: Path, resume_from_step: int | None) -> None:
         atomic_write_text(path, new_text)
 
 
+_TENSORBOARD_NOTED = False
+
+
 def _open_tensorboard(log_dir: Path, resume_from_step: int | None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        warnings.warn(
-            "tensorboard is not installed (pip install tensorboard); metrics go to metrics.jsonl only",
-            stacklevel=3,
-        )
+        # tensorboard is an optional extra: say so once per process, quietly, rather than warn on every run.
+        global _TENSORBOARD_NOTED
+        if not _TENSORBOARD_NOTED:
+            logging.getLogger("tokencredit").info(
+                "tensorboard is not installed (pip install 'tokencredit[tensorboard]'); metrics go to metrics.jsonl")
+            _TENSORBOARD_NOTED = True
         return None
     purge_step = None if resume_from_step is None else resume_from_step + 1
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

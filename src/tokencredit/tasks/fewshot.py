@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokencredit.generation import encode_prompts, position_ids_from_mask
+from tokencredit.generation import cache_keyword, encode_prompts, output_cache, position_ids_from_mask
 from tokencredit.precision import autocast, resolve_mixed_precision
 from tokencredit.records import RecordError
 
@@ -171,6 +171,7 @@ class PromptedClassifier:
         """
         device = next(self.model.parameters()).device
         tails = [self._tail_ids(p) for p in prompts]
+        keyword = cache_keyword(self.model)
         label_ids = self.label_ids.to(device)
         out = torch.empty(len(prompts), len(texts), len(self.label_ids))
         for begin in range(0, len(texts), self.batch_size):
@@ -180,7 +181,7 @@ class PromptedClassifier:
             with autocast(device, self.amp_dtype):
                 first = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                    use_cache=True, logits_to_keep=1)
-                cache, width = first.past_key_values, ids.size(1)
+                cache, width = output_cache(first), ids.size(1)
                 for j, tail in enumerate(tails):
                     if not tail:
                         logits = first.logits[:, -1]
@@ -189,7 +190,7 @@ class PromptedClassifier:
                         full = torch.cat([mask, torch.ones_like(tail_ids)], 1)
                         logits = self.model(input_ids=tail_ids, attention_mask=full,
                                             position_ids=position_ids_from_mask(full)[:, width:],
-                                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                                            use_cache=True, logits_to_keep=1, **{keyword: cache}).logits[:, -1]
                         # Back to the texts alone for the next prompt; a negative count works in old and new caches.
                         cache.crop(-len(tail))
                     out[j, rows] = torch.log_softmax(logits.float(), -1)[:, label_ids].cpu()
