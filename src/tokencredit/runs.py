@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -525,3 +526,85 @@ def _start_wandb(run_dir: Path, project: str | None, config: dict | None) -> Any
         run_id = uuid.uuid4().hex[:16]
         atomic_write_text(id_path, run_id + "\n")
     return wandb.init(project=project, config=config, dir=str(run_dir), resume="allow", id=run_id)
+
+
+# ---------------------------------------------------------------------- who owns a run folder
+class RunFolderError(ValueError):
+    """A run would mix with another run's files, or resume one with different settings."""
+
+
+# Settings a resumed run may change without being a different experiment: how long it goes on, how it is saved,
+# logged and shown, where it runs.
+RESUMABLE_CHANGES = frozenset({
+    "resume", "overwrite", "allow_changed_settings", "num_updates", "num_steps", "num_epochs", "max_steps",
+    "save_every", "keep_checkpoints", "progress", "log_tensorboard", "log_wandb", "wandb_project", "device",
+})
+_RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "policy", "summary.json")
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds (part of) a run: its settings, metrics, checkpoints or results."""
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in _RUN_MARKERS)
+
+
+def changed_settings(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs (nested sections as ``section.key``), except those
+    in :data:`RESUMABLE_CHANGES`."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        old, now = saved.get(key), new.get(key)
+        if isinstance(old, dict) and isinstance(now, dict):
+            out += changed_settings(old, now, prefix=f"{prefix}{key}.")
+        elif old != now:
+            out.append(f"{prefix}{key}: {old!r} -> {now!r}")
+    return out
+
+
+def claim_run_folder(run_dir: str | Path, settings: dict, resume: bool, overwrite: bool = False,
+                     allow_changed_settings: bool = False) -> Callable[[], None]:
+    """Make ``run_dir`` this run's alone, before anything is written; returns what to call after the new run's
+    first checkpoint (it deletes a replaced run).
+
+    - ``resume``: the folder's saved ``config.yaml`` must match ``settings`` except :data:`RESUMABLE_CHANGES`,
+      unless ``allow_changed_settings`` (a :class:`RunFolderError` names the fields otherwise).
+    - a fresh run into a folder that holds a run: refused unless ``overwrite``; then the old run is moved aside to
+      ``<name>.replaced-<time>`` and deleted only once the new run has a checkpoint, so a crash before that
+      loses nothing.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        saved_path = run_dir / "config.yaml"
+        if saved_path.exists() and not allow_changed_settings:
+            import yaml
+
+            try:
+                saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise RunFolderError(f"{saved_path} cannot be read ({exc}); resume needs the run's settings to "
+                                     "check them (allow_changed_settings=true skips the check)") from exc
+            changed = changed_settings(saved, settings)
+            if changed:
+                raise RunFolderError(
+                    f"resume=true, but these settings differ from the run in {run_dir}: {'; '.join(changed)}. "
+                    "Resume with the run's settings, choose another folder, or pass allow_changed_settings=true "
+                    "to continue with the new ones")
+        return lambda: None
+    if not holds_run(run_dir):
+        return lambda: None
+    if not overwrite:
+        raise RunFolderError(
+            f"{run_dir} already holds a run. Pass resume=true to continue it, overwrite=true to replace it (the "
+            "old run is kept aside until the new one writes its first checkpoint), or choose another folder")
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    os.rename(run_dir, aside)
+    run_dir.mkdir(parents=True)
+    logging.getLogger("tokencredit").warning("overwrite=true: the earlier run in %s is kept in %s until this run "
+                                             "writes its first checkpoint", run_dir, aside)
+
+    def drop_replaced() -> None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+    return drop_replaced

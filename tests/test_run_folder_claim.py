@@ -1,0 +1,54 @@
+"""A run folder belongs to one run: fresh runs refuse occupied folders unless told to overwrite, and resume
+refuses changed settings unless told otherwise."""
+
+import pytest
+import yaml
+
+from tokencredit.runs import RunFolderError, changed_settings, claim_run_folder, holds_run
+
+
+def occupied(tmp_path, settings=None):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(settings or {"learning_rate": 0.001, "batch_size": 8}))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    return run
+
+
+def test_fresh_run_into_an_empty_or_missing_folder_is_fine(tmp_path):
+    assert not holds_run(tmp_path / "nothing")
+    claim_run_folder(tmp_path / "nothing", {}, resume=False)()
+    (tmp_path / "empty").mkdir()
+    claim_run_folder(tmp_path / "empty", {}, resume=False)()
+
+
+def test_fresh_run_into_an_occupied_folder_is_refused_and_touches_nothing(tmp_path):
+    run = occupied(tmp_path)
+    with pytest.raises(RunFolderError, match="already holds a run.*resume=true.*overwrite=true"):
+        claim_run_folder(run, {}, resume=False)
+    assert (run / "metrics.jsonl").exists() and (run / "checkpoints").is_dir()
+
+
+def test_overwrite_keeps_the_old_run_aside_until_the_first_checkpoint(tmp_path):
+    run = occupied(tmp_path)
+    after_first_checkpoint = claim_run_folder(run, {}, resume=False, overwrite=True)
+    assert run.is_dir() and not holds_run(run)  # the new run starts in an empty folder
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").exists()  # a crash now loses nothing
+    after_first_checkpoint()
+    assert not aside[0].exists()
+
+
+def test_resume_refuses_changed_settings_naming_them(tmp_path):
+    run = occupied(tmp_path, {"learning_rate": 0.001, "batch_size": 8, "num_updates": 10, "lora": {"r": 8}})
+    claim_run_folder(run, {"learning_rate": 0.001, "batch_size": 8, "num_updates": 20, "lora": {"r": 8}}, resume=True)
+    with pytest.raises(RunFolderError, match=r"batch_size: 8 -> 16; learning_rate: 0.001 -> 0.01; lora.r: 8 -> 4"):
+        claim_run_folder(run, {"learning_rate": 0.01, "batch_size": 16, "num_updates": 10, "lora": {"r": 4}},
+                         resume=True)
+    claim_run_folder(run, {"learning_rate": 0.01}, resume=True, allow_changed_settings=True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["learning_rate"] == 0.001  # nothing rewritten
+
+
+def test_changed_settings_ignores_length_and_logging():
+    assert changed_settings({"num_updates": 5, "progress": True, "seed": 1}, {"num_updates": 9, "progress": False,
+                                                                               "seed": 1}) == []
