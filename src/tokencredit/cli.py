@@ -32,20 +32,22 @@ class PPORunConfig(PPOConfig):
     adapter: str | None = None  # saved LoRA adapter to continue training
     lora: LoraSettings | None = None  # train new LoRA adapters; the reference is the policy with them off
     critic_model: str | None = None  # value model backbone (e.g. a reward model folder); None = policy copy
-    dtype: str = "float32"
+    dtype: str = "float32"  # torch dtype the policy (and critic) weights are loaded in, e.g. bfloat16
     prompts: str | None = None  # .txt (one a line) or .jsonl; None = the built-in example prompts
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # .jsonl field holding each prompt
     reference_field: str | None = None  # .jsonl field with reference responses, for target_coef
-    max_prompts: int | None = None
+    max_prompts: int | None = None  # use only the first N prompts; None = all
     # "module:name", "file.py:name" (Python code: trusted), or "rm:PATH", a saved reward model folder (data)
     reward: str = "tokencredit.rewards.examples:PositiveWords"
     # rm:PATH only: auto (token RM: every token; sequence RM: its score), token, sum (token scores summed onto
-    # the last token) or last (the score at the last token); sigma(score) - baseline (SER); a scale
+    # the last token) or last (the score at the last token)
     reward_placement: Literal["auto", "token", "sum", "last"] = "auto"
+    # rm:PATH with one score per response (sum, last, or a sequence RM): reward sigma(score) - baseline, as SER
+    # does (0.5 centres it); None = the raw score
     reward_sigmoid_baseline: float | None = None
-    reward_scale: float = 1.0
+    reward_scale: float = 1.0  # rm:PATH only: multiplies every reward
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # system message before each prompt when chat_template applies; None = none
 
 
 # The embedded default: a short LoRA run of the built-in model on the example prompts and per-token reward.
@@ -124,11 +126,54 @@ def run_ppo(cfg: PPORunConfig) -> list[dict]:
     return history
 
 
+# Where each command's config class lives; imported only when its --help is asked for, so the CLI starts fast.
+CONFIG_CLASSES = {
+    "PPORunConfig": "tokencredit.cli:PPORunConfig",
+    "SFTRunConfig": "tokencredit.rl.sft:SFTRunConfig",
+    "DemoConfig": "tokencredit.recipes.tppo:DemoConfig",
+    "FGConfig": "tokencredit.recipes.fg:FGConfig",
+    "RewardRunConfig": "tokencredit.rewards.commands:RewardRunConfig",
+    "EvolveConfig": "tokencredit.rewards.evolve:EvolveConfig",
+    "RLGFConfig": "tokencredit.recipes.rlgf:RLGFConfig",
+    "PGGRecipeConfig": "tokencredit.recipes.pgg:PGGRecipeConfig",
+    "SERRecipeConfig": "tokencredit.recipes.ser:SERRecipeConfig",
+    "JudgeRunConfig": "tokencredit.judges.commands:JudgeRunConfig",
+    "EvaluateConfig": "tokencredit.judges.commands:EvaluateConfig",
+    "ServeConfig": "tokencredit.serve:ServeConfig",
+}
+
+
+class _HelpWithFields(argparse.Action):
+    """-h/--help that appends every field of the command's config class (type, default, description)."""
+
+    def __init__(self, option_strings: list[str], dest: str, config: str = "", **kwargs: object) -> None:
+        """Remember which config class to describe."""
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help, with every setting, and exit")
+        self.config = config
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: object, values: object,
+                 option_string: str | None = None) -> None:
+        """Print the usage, the options and the settings, then exit."""
+        from tokencredit.config import format_fields
+
+        module, _, name = CONFIG_CLASSES[self.config].partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        sys.stdout.write(parser.format_help() + "\n" + format_fields(cls) + "\n")
+        parser.exit()
+
+
+def _add_help(parser: argparse.ArgumentParser, config: str) -> None:
+    """Give ``parser`` the -h/--help that lists ``config``'s fields."""
+    parser.add_argument("-h", "--help", action=_HelpWithFields, config=config)
+
+
 def _config_command(
     sub: argparse._SubParsersAction, name: str, config: str, help_: str, description: str, example: str
 ) -> argparse.ArgumentParser:
     """A subcommand configured by a dataclass: --config FILE.yaml and key=value overrides."""
-    parser = sub.add_parser(name, help=help_, description=f"{description} ({config})")
+    parser = sub.add_parser(name, help=help_, description=f"{description} ({config})", add_help=False)
+    _add_help(parser, config)
     parser.add_argument("--config", help=f"YAML file with {config} fields")
     parser.add_argument("overrides", nargs="*", help=f"key=value settings that win over the file, e.g. {example}")
     return parser
@@ -163,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     reward = sub.add_parser("reward", help="train / evaluate reward models, or show per-token rewards as colour",
                             description="Reward models from preference pairs, minimal edits, ranked lists or span "
-                                        "labels (RewardRunConfig).")
+                                        "labels (RewardRunConfig).", add_help=False)
+    _add_help(reward, "RewardRunConfig")
     reward.add_argument("action", choices=["train", "eval", "show"])
     reward.add_argument("--config", help="YAML file with RewardRunConfig fields")
     reward.add_argument("overrides", nargs="*", help="key=value settings, e.g. kind=sequence data=pairs.jsonl")
@@ -183,11 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "judge", "JudgeRunConfig", "label a dataset with an LLM judge (pairs, rubric scores, spans, "
                     "edits)", "RLAIF labelling with a cached, resumable judge.", "task=pairwise data=pairs.jsonl")
     _config_command(sub, "evaluate", "EvaluateConfig", "judged win rate of one policy (or generations) against "
-                    "another", "Judged win rate with a 95%% bootstrap interval, plus BLEU/ROUGE-L against "
+                    "another", "Judged win rate with a 95% bootstrap interval, plus BLEU/ROUGE-L against "
                     "references.", "prompts=p.jsonl a=runs/x/policy")
     serve = sub.add_parser("serve", help="serve a local model over an OpenAI-compatible HTTP API",
                            description="OpenAI-compatible /v1/chat/completions and /v1/completions for a local "
-                                       "causal LM (ServeConfig).")
+                                       "causal LM (ServeConfig).", add_help=False)
+    _add_help(serve, "ServeConfig")
     serve.add_argument("model", help="built-in name, model folder (e.g. a trained policy) or cached hub id")
     serve.add_argument("--host", help="address to bind (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 = any free port, printed at start)")

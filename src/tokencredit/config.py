@@ -10,10 +10,16 @@ Dataclasses must be defined at module level: field types are resolved with ``typ
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib
 import importlib.util
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
@@ -319,3 +325,73 @@ def import_object(spec: str, what: str = "reward") -> object:
     if not hasattr(module, attr):
         raise ConfigError(f"{module_name} has no {attr!r} ({what} {spec!r})")
     return getattr(module, attr)
+
+
+# ---------------------------------------------------------------------- help text from the dataclasses
+_SECTION_RULE = re.compile(r"^-{2,}.*-{2,}$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description, read from the class source: its trailing ``# comment``, else the comment lines
+    right above it (section rules such as ``# --- run ---`` excluded). Inherited fields come from their class."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """field_docs of the fields declared in ``cls`` itself."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
+    body = ast.parse(source).body[0]
+    out: dict[str, str] = {}
+    for node in getattr(body, "body", []):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        text = comments.get(node.end_lineno, "") if node.end_lineno in code_lines else ""
+        if not text:
+            above, line = [], node.lineno - 1
+            while line in comments and line not in code_lines and not _SECTION_RULE.match(comments[line]):
+                above.insert(0, comments[line])
+                line -= 1
+            text = " ".join(above)
+        out[node.target.id] = text
+    return out
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every settable field, nested sections as ``section.field``."""
+    docs = field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = _field_types(cls)[f.name]
+        section = _section_class(tp)
+        default = _default(cls, f.name)
+        if section is not None and (default is None or dataclasses.is_dataclass(default)):
+            rows.append((prefix + f.name, _describe(tp), repr(_plain(default)), docs.get(f.name, "")))
+            rows += describe_fields(section, prefix=f"{prefix}{f.name}.")
+            continue
+        rows.append((prefix + f.name, _describe(tp), repr(_plain(default)), docs.get(f.name, "")))
+    return rows
+
+
+def format_fields(cls: type, width: int = 100) -> str:
+    """The settable fields of a config class as help text: ``key=VALUE  type, default D: description``."""
+    lines = [f"settings ({cls.__name__}; give them as key=value, or in a YAML file with --config):"]
+    for key, tp, default, doc in describe_fields(cls):
+        lines.append(f"  {key}  ({tp}; default {default})")
+        if doc:
+            lines += textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)

@@ -210,15 +210,15 @@ def _ready_for_generation(tokenizer: PreTrainedTokenizerBase, name: str | Path) 
 class LoraSettings:
     """LoRA hyper-parameters; ``target_modules=None`` uses peft's default for the architecture."""
 
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = 8  # rank of each low-rank update
+    alpha: int = 32  # scaling: the update is multiplied by alpha / r
+    dropout: float = 0.05  # dropout on the adapters' input
+    # Module names to adapt. None: peft's default for the architecture, or every Linear layer except
+    # the output head ("all-linear") when peft has no default for it.
     target_modules: list[str] | None = None
-    """Module names to adapt. None: peft's default for the architecture, or every Linear layer except
-    the output head ("all-linear") when peft has no default for it."""
+    # Adapt only the last N transformer blocks. Backpropagation then stops at the lowest adapted block, so a
+    # step costs much less on a CPU (the demo uses this); None adapts every block.
     top_layers: int | None = None
-    """Adapt only the last N transformer blocks. Backpropagation then stops at the lowest adapted block, so a
-    step costs much less on a CPU (the demo uses this); None adapts every block."""
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

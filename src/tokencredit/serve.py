@@ -95,12 +95,12 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing a model to a network is a choice to make explicitly
     port: int = 8000  # 0 = any free port (printed at start)
     served_name: str | None = None  # the `model` clients must send; None = the folder or built-in name
-    device: str = "auto"
+    device: str = "auto"  # where the model runs; "auto" = cuda when available, else cpu
     max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
     default_max_tokens: int = 256  # when a request does not say (lowered to what the context has left)
     max_context: int | None = None  # prompt + max_tokens cap below the model's own positions; None = the model's
     max_rows: int = 64  # prompts x n in one request
-    max_body_bytes: int = MAX_BODY_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES  # largest request body (Content-Length) accepted; larger gets a 413
     read_timeout_s: float = 30.0  # for a whole request to arrive, and for each write to a client
     max_connections: int = 32  # open connections; more get an immediate 503
     request_timeout_s: float | None = 300.0  # from body read to answer; None = no limit

@@ -37,7 +37,7 @@ from tokencredit.runs import atomic_write_json, atomic_write_text
 class JudgeSettings:
     """Which judge to ask and how."""
 
-    backend: Literal["openai", "hf"] = "openai"
+    backend: Literal["openai", "hf"] = "openai"  # openai: an OpenAI-compatible HTTP server; hf: a local model
     base_url: str = "http://127.0.0.1:8000/v1"  # openai: the endpoint, up to /v1
     model: str = "smollm2-135m-instruct"  # openai: the served model name; hf: built-in name or folder
     api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key ("" = no key)
@@ -45,7 +45,7 @@ class JudgeSettings:
     timeout: float = 60.0  # openai: wall-clock seconds for one attempt: connect, send, read the whole answer
     max_retries: int = 5  # openai: retries of 408/429/5xx/network failures/timeouts, with exponential backoff
     batch_size: int = 8  # hf: prompts per forward batch
-    device: str = "auto"  # hf
+    device: str = "auto"  # hf: where the judge model runs; "auto" = cuda when available, else cpu
     use_logprobs: bool = True  # pairwise: read the preference from the answer letters' log-probabilities
     template: str | None = None  # a file replacing the task's built-in prompt (see judges/templates.py)
     reask_unreadable: bool = False  # ask again for cached answers that could not be read (once per run)
@@ -67,11 +67,13 @@ def make_backend(settings: JudgeSettings, cache: str | Path | None) -> JudgeBack
 class JudgeRunConfig(JudgeSettings):
     """Settings of `tokencredit judge`."""
 
+    # what to label: pairwise (preference pairs), rubric (1-5 scores), spans (token labels) or edits (minimal
+    # edits, FG); docs/judge.md gives each one's input and output records
     task: Literal["pairwise", "rubric", "spans", "edits"] = "pairwise"
     data: str | None = None  # .jsonl input (fields below)
-    output: str = "runs/judge/labels.jsonl"
+    output: str = "runs/judge/labels.jsonl"  # labelled .jsonl, written whole at the end; tallies: <output>.summary.json
     cache: str | None = None  # default: <output>.cache.sqlite
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # input field holding the prompt
     response_field: str = "response"  # rubric / spans / edits
     a_field: str = "a"  # pairwise
     b_field: str = "b"  # pairwise
@@ -161,15 +163,15 @@ class EvaluateConfig(JudgeSettings):
     prompts: str | None = None  # .jsonl of {prompt, reference?} (e.g. instructions with reference outputs)
     a: str | None = None  # a policy (built-in name or folder) or a .jsonl of {prompt, response} generations
     b: str = "reference"  # the same, or "reference" for the prompts' reference field
-    output_dir: str = "runs/evaluate"
+    output_dir: str = "runs/evaluate"  # evaluate.json, verdicts.jsonl and a policy side's generations_<side>.jsonl
     cache: str | None = None  # default: output_dir/judge_cache.sqlite
-    prompt_field: str = "prompt"
-    reference_field: str = "reference"
-    max_prompts: int | None = None
-    max_new_tokens: int = 256
+    prompt_field: str = "prompt"  # prompts field holding the prompt
+    reference_field: str = "reference"  # prompts field holding the reference response (b=reference, metrics)
+    max_prompts: int | None = None  # use only the first N prompts; None = all
+    max_new_tokens: int = 256  # policies: longest greedy answer, in tokens
     chat: bool = True  # policies: render prompts with the chat template
-    gen_batch_size: int = 8
-    seed: int = 0
+    gen_batch_size: int = 8  # policies: prompts per generation batch
+    seed: int = 0  # seeds the bootstrap of the win rate's 95% interval
 
 
 def _side(cfg: EvaluateConfig, spec: str, prompts: list[str], refs: list[str | None], name: str) -> list[str]:

@@ -75,37 +75,37 @@ class FGConfig:
     # always ("bf16") or never ("no"). See tokencredit.precision.
     mixed_precision: str = "auto"
 
-    # SFT on (prompt, edited): the start of both PPO arms
+    # --- sft on (prompt, edited): the start of both PPO arms ---
     sft_epochs: int = 1  # 0 = no SFT: both arms start from `model`
-    sft_batch_size: int = 8
-    sft_learning_rate: float = 5e-4
+    sft_batch_size: int = 8  # (prompt, edited) pairs per SFT optimiser step
+    sft_learning_rate: float = 5e-4  # peak SFT learning rate (AdamW, on the LoRA adapters)
     lora_r: int = 16  # LoRA rank of SFT and of both PPO policies
     # Blocks trained after SFT (RM LoRA, PPO LoRA, critic): backpropagating through the top blocks only makes
     # each step much cheaper on a CPU. None = every block.
     top_layers: int | None = 10
 
-    # Reward models: the token RM and the sequence RM share all of these
-    rm_epochs: int = 2
-    rm_batch_size: int = 8
-    rm_learning_rate: float = 3e-4
+    # --- reward models: the token RM and the sequence RM share all of these ---
+    rm_epochs: int = 2  # passes over the training edits
+    rm_batch_size: int = 8  # examples (and pairs) per RM optimiser step; also the held-out scoring batch
+    rm_learning_rate: float = 3e-4  # reward-model learning rate (AdamW)
     rm_lora_r: int | None = 8  # None = full fine-tuning of the RM backbone
     token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.rewards.commands.TOKEN_LOSSES name
 
-    # PPO: both arms use exactly these
-    ppo_updates: int = 8
+    # --- ppo: both arms use exactly these ---
+    ppo_updates: int = 8  # PPO updates per arm (each = one rollout batch + ppo_epochs of optimisation)
     ppo_batch_size: int = 16  # prompts (= sampled responses) per update
-    ppo_mini_batch_size: int = 8
-    ppo_epochs: int = 1
-    ppo_learning_rate: float = 5e-4
-    critic_learning_rate: float = 5e-5
-    kl_coef: float = 0.05
+    ppo_mini_batch_size: int = 8  # rows per optimiser step
+    ppo_epochs: int = 1  # passes over each rollout batch
+    ppo_learning_rate: float = 5e-4  # policy (LoRA) learning rate
+    critic_learning_rate: float = 5e-5  # value model learning rate
+    kl_coef: float = 0.05  # beta: weight of the per-token KL to the start policy, subtracted from the reward
     max_new_tokens: int = 24  # response length of PPO samples and of the evaluation
     temperature: float = 1.0  # PPO sampling temperature
     # Value head on the policy's own trunk (one backbone, cheaper on a CPU); False = a separate critic started
     # from the PPO start model, the same for both arms.
     shared_critic: bool = False
 
-    # Evaluation on held-out prompts
+    # --- evaluation on held-out prompts ---
     eval_temperature: float = 0.0  # 0 = greedy; > 0 samples (eval_samples per prompt, from a fixed generator)
     eval_samples: int = 1  # answers per held-out prompt when sampling
     # "module:name" or "file.py:name": fn(prompts, responses) -> list[float], a scorer neither policy was trained

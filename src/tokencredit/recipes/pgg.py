@@ -45,38 +45,38 @@ ARMS = {"fewshot": ("pgg", "sequence"), "summarize": ("pgg", "mle")}
 class PGGRecipeConfig:
     """Every knob of the PGG recipe; the defaults are sized for the built-in model on a CPU."""
 
-    output: str = "runs/pgg"
+    output: str = "runs/pgg"  # folder for every arm, summary.json and report.html
     task: str = "fewshot"  # fewshot | summarize
     data: str | None = None  # fewshot: a split folder with train/dev[/test].tsv; summarize: documents .jsonl
     test_data: str | None = None  # summarize: held-out documents .jsonl (None = test_fraction of data)
     dataset: str | None = None  # fewshot: sst-2 | yelp-2 | agnews (None = the data folder's parent name)
-    test_fraction: float = 0.2
-    max_records: int | None = 1000
-    fast: bool = False
-    seed: int = 0
-    resume: bool = False
-    model: str = "smollm2-135m-instruct"
+    test_fraction: float = 0.2  # summarize: held-out share of data (seeded) when test_data is None
+    max_records: int | None = 1000  # summarize: first N documents of data; fewshot: first N test examples
+    fast: bool = False  # toy data + tiny random model, few steps: for tests, not for results
+    seed: int = 0  # one seed for the split, every arm's run and the sampled candidates
+    resume: bool = False  # skip finished arms; continue interrupted ones
+    model: str = "smollm2-135m-instruct"  # the policy's start (fewshot: also the frozen classifier)
     reward_backbone: str = "all-minilm-l6-v2"  # the token reward's backbone; "policy" = a copy of the policy's
     arms: list[str] | None = None  # None = every arm of the task
     aggregators: list[str] = field(default_factory=lambda: ["avg"])  # one pgg arm per aggregator
 
-    num_steps: int = 40
-    batch_size: int = 8
-    learning_rate: float = 5e-4
-    lora_r: int = 8
-    top_layers: int | None = 10
+    num_steps: int = 40  # LM optimiser steps per arm
+    batch_size: int = 8  # prompts per LM step
+    learning_rate: float = 5e-4  # policy (LoRA) learning rate
+    lora_r: int = 8  # LoRA rank of the policy adapters (alpha = 2 * lora_r)
+    top_layers: int | None = 10  # blocks with adapters (None = all): cheaper backward passes on a CPU
     max_new_tokens: int | None = None  # None = 8 for prompts, 48 for summaries
-    samples_per_prompt: int = 4
-    ground_prompts: int = 8
-    ground_every: int = 10
-    ground_until: int | None = None
-    rm_epochs: int = 2
-    rm_learning_rate: float = 1e-4
-    entropy_coef: float = 0.125
+    samples_per_prompt: int = 4  # K responses sampled and ranked per prompt (at least 2)
+    ground_prompts: int = 8  # prompts sampled per grounding of the token reward
+    ground_every: int = 10  # LM steps between groundings
+    ground_until: int | None = None  # no grounding at or after this LM step; None = half of num_steps
+    rm_epochs: int = 2  # reward-model passes over each grounding's ranked lists
+    rm_learning_rate: float = 1e-4  # reward-model learning rate
+    entropy_coef: float = 0.125  # fewshot (REINFORCE): weight of the entropy bonus (the paper's value)
 
     candidates: int = 16  # fewshot: prompts sampled from each trained policy to pick from on dev
     document_words: int = 200  # summarize: words of each document in the prompt
-    eval_documents: int = 64
+    eval_documents: int = 64  # summarize: held-out documents summarised in the evaluation (the first N)
 
     def validate(self) -> None:
         """Check what would fail late."""

@@ -50,37 +50,38 @@ TASK_DEFAULTS = {"imdb": {"kl_coef": 0.001, "guide_beta": 0.6, "start": "sft"},
 class RLGFConfig:
     """Every knob of the RLGF recipe; the defaults are sized for the built-in model on a CPU."""
 
-    output: str = "runs/rlgf"
+    output: str = "runs/rlgf"  # folder for every stage, summary.json and report.html
     task: str = "imdb"  # imdb | commongen
     data: str | None = None  # .jsonl: imdb {text, label}, commongen {concepts, references}; required unless fast
     test_data: str | None = None  # held-out records; None = test_fraction of data
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # held-out share of data (seeded) when test_data is None
     max_records: int | None = 2000  # first N records of data
-    fast: bool = False
-    seed: int = 0
-    resume: bool = False
-    model: str = "smollm2-135m-instruct"
+    fast: bool = False  # toy data + tiny random model, few steps: for tests, not for results
+    seed: int = 0  # one seed for the split, SFT, every algorithm's run and the sampled evaluation
+    resume: bool = False  # skip finished stages; continue interrupted ones
+    model: str = "smollm2-135m-instruct"  # base of the start and the guide (built-in name, folder or hub id)
     start: str | None = None  # "sft" | "base" | a model folder to reuse; None = the task's default
     guide: str | None = None  # a model folder to reuse as the guide; None = fine-tune one here
     prompt_words: int = 12  # imdb: words of the review shown
     target_words: int = 24  # imdb: words of the SFT target
-    max_new_tokens: int = 24
+    max_new_tokens: int = 24  # longest response, in tokens, in RL and in the evaluation
+    # algorithms to run, each from the same start: ppo, ppo_pp, aggrevated, lols, d2lols (see rl.guided)
     algorithms: list[str] = field(default_factory=lambda: list(ALL_ALGORITHMS))
 
     sft_examples: int = 512  # examples per SFT (the IMDB guide takes that many positive reviews)
-    sft_epochs: int = 1
-    sft_learning_rate: float = 5e-4
-    lora_r: int = 16
+    sft_epochs: int = 1  # passes over the SFT examples (start and guide alike)
+    sft_learning_rate: float = 5e-4  # peak SFT learning rate (AdamW, on the LoRA adapters)
+    lora_r: int = 16  # LoRA rank in SFT and RL (alpha = 2 * lora_r)
     top_layers: int | None = 10  # blocks with adapters in RL (None = all): cheaper backward passes on a CPU
 
-    ppo_updates: int = 10
-    ppo_batch_size: int = 16
-    ppo_learning_rate: float = 1e-3
+    ppo_updates: int = 10  # PPO updates per algorithm (each = one rollout batch + 2 epochs of optimisation)
+    ppo_batch_size: int = 16  # prompts (= sampled responses) per update, one optimiser step per epoch
+    ppo_learning_rate: float = 1e-3  # policy (LoRA) learning rate
     kl_coef: float | None = None  # None = the task's default
     guide_beta: float | None = None  # None = the task's default
-    lols_tau: float = 0.8
+    lols_tau: float = 0.8  # LOLS: probability that an update is PPO++ (else AggreVaTeD)
     d2lols_switch_update: int | None = None  # None = half of ppo_updates
-    eval_prompts: int = 64
+    eval_prompts: int = 64  # held-out prompts every policy answers in the evaluation (the first N)
 
     def validate(self) -> None:
         """Check what would fail late."""

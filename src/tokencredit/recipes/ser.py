@@ -39,34 +39,34 @@ log = logging.getLogger(__name__)
 class SERRecipeConfig:
     """Every knob of the SER recipe; the defaults are sized for the built-in models on a CPU."""
 
-    output: str = "runs/ser"
+    output: str = "runs/ser"  # folder for every stage, summary.json and report.html
     data: str | None = None  # .jsonl of {prompt, chosen, rejected}; the prompts are also the RL prompts
     fast: bool = False  # tiny random models and toy pairs, few steps: for tests, not for results
-    seed: int = 0
-    resume: bool = False
+    seed: int = 0  # one seed for the evolve loops and both PPO arms
+    resume: bool = False  # skip finished stages; continue interrupted ones
 
-    # 1. evolve (see tokencredit.rewards.evolve.EvolveConfig)
+    # --- 1. evolve (see tokencredit.rewards.evolve.EvolveConfig) ---
     rm_model: str = "all-minilm-l6-v2"  # backbone of the sequence RMs
-    max_pairs: int | None = 600
-    labelled_fraction: float = 0.15
-    max_loops: int = 3
-    rm_epochs: int = 3
-    rm_learning_rate: float = 2e-4
-    rm_max_length: int = 256
+    max_pairs: int | None = 600  # use only the first N pairs of data; None = all
+    labelled_fraction: float = 0.15  # share of the training pairs whose labels the seed RM may use
+    max_loops: int = 3  # SER loops after the seed loop
+    rm_epochs: int = 3  # passes over each loop's training pairs
+    rm_learning_rate: float = 2e-4  # RM learning rate (AdamW)
+    rm_max_length: int = 256  # prompt + response tokens the RMs read
     calibrate: bool = True  # standardise the pool's scores before the confidence thresholds
 
-    # 2. PPO (both arms)
-    policy_model: str = "smollm2-135m-instruct"
+    # --- 2. ppo: both arms (the evolved RM and the seed RM) use these ---
+    policy_model: str = "smollm2-135m-instruct"  # start policy of both arms (built-in name, folder or hub id)
     chat_template: bool = True  # the policy sees prompts in its chat template; the RMs see them raw
     test_prompts: int = 32  # held-out prompts (the last ones of the data) for the evaluation
-    ppo_updates: int = 5
-    ppo_batch_size: int = 16
-    ppo_learning_rate: float = 5e-4
-    max_new_tokens: int = 32
+    ppo_updates: int = 5  # PPO updates per arm (each = one rollout batch + one epoch of optimisation)
+    ppo_batch_size: int = 16  # prompts (= sampled responses) per update; mini-batches are half of it
+    ppo_learning_rate: float = 5e-4  # policy (LoRA) learning rate
+    max_new_tokens: int = 32  # longest response, in tokens, in PPO and in the evaluation
     sigmoid_baseline: float = 0.5  # reward = sigma(r) - baseline
     kl_coef: float = 0.05  # initial coefficient of the adaptive controller
     kl_target: float = 2.0  # KL per sequence the controller steers towards
-    lora_r: int = 8
+    lora_r: int = 8  # LoRA rank of the policy adapters (alpha = 2 * lora_r)
     top_layers: int | None = 10  # blocks with adapters (None = all): cheaper backward passes on a CPU
 
     def validate(self) -> None:

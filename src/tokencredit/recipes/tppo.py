@@ -46,46 +46,48 @@ class DemoConfig:
     model: str = "smollm2-135m-instruct"  # policy (and reward-model backbone)
     data: str | None = None  # sessions .jsonl; None = the built-in dataset (train/test split shipped)
     test_fraction: float = 0.2  # held-out share when `data` is given
-    seed: int = 0
+    seed: int = 0  # seeds the data split, sampling, and every stage's data order and initialisation
     resume: bool = False  # skip finished stages; continue interrupted ones
     fast: bool = False  # tiny random model + word tokenizer, few steps: for tests, not for results
-    max_train_sessions: int | None = None
-    max_test_sessions: int | None = 60
+    max_train_sessions: int | None = None  # use only the first N train sessions; None = all
+    max_test_sessions: int | None = 60  # evaluate on the first N held-out sessions; None = all
     history_entries: int = 3  # history entries shown in the prompt
-    max_new_tokens: int = 12
+    max_new_tokens: int = 12  # longest generated query, in tokens (labelled samples, PPO and evaluation)
     # AI feedback: an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1) or "hf:MODEL" for a local judge
     # that marks good and bad words of each sample; None = the reference-based labeler (no judge).
     judge: str | None = None
     judge_model: str = "smollm2-135m-instruct"  # the model name the endpoint serves (URL judges)
-    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_api_key_env: str = "OPENAI_API_KEY"  # URL judges: environment variable holding the API key
     # Every training stage (SFT, reward model, PPO) in bf16 autocast with fp32 trainable weights where bf16 matmuls
     # are native ("auto"), always ("bf16") or never ("no"). See tokencredit.precision.
     mixed_precision: str = "auto"
 
-    # SFT
-    sft_epochs: int = 1
-    sft_batch_size: int = 8
-    sft_learning_rate: float = 5e-4
-    lora_r: int = 16
+    # --- sft ---
+    sft_epochs: int = 1  # passes over the train sessions
+    sft_batch_size: int = 8  # examples per SFT optimiser step
+    sft_learning_rate: float = 5e-4  # peak SFT learning rate (AdamW, on the LoRA adapters)
+    lora_r: int = 16  # LoRA rank of the policy adapters in SFT and PPO (alpha = 2 * lora_r)
     # Blocks trained after SFT (policy LoRA, reward-model LoRA, critic): backpropagating through the top
     # blocks only makes the reward model and PPO steps about 2x cheaper on a CPU. None = every block.
     top_layers: int | None = 10
 
-    # feedback + token reward model
+    # --- feedback + token reward model ---
     label_prompts: int = 64  # train prompts whose samples get labelled
-    samples_per_prompt: int = 2
-    rm_epochs: int = 1
-    rm_learning_rate: float = 3e-4
-    rm_batch_size: int = 8
+    samples_per_prompt: int = 2  # samples labelled per prompt; those of one prompt also form preference pairs
+    rm_epochs: int = 1  # reward-model passes over the labelled samples
+    rm_learning_rate: float = 3e-4  # reward-model learning rate (AdamW)
+    rm_batch_size: int = 8  # reward-model examples (and pairs) per optimiser step
 
-    # PPO (both TPPO and the sequence-level baseline use these)
-    ppo_updates: int = 5
-    ppo_batch_size: int = 16
-    ppo_mini_batch_size: int = 8
-    ppo_epochs: int = 1
-    ppo_learning_rate: float = 1e-3
-    critic_learning_rate: float = 5e-5
-    kl_coef: float = 0.05
+    # --- ppo: both TPPO and the sequence-level baseline use these ---
+    ppo_updates: int = 5  # PPO updates per policy (each = one rollout batch + ppo_epochs of optimisation)
+    ppo_batch_size: int = 16  # prompts (= sampled queries) per update
+    ppo_mini_batch_size: int = 8  # rows per optimiser step
+    ppo_epochs: int = 1  # passes over each rollout batch
+    ppo_learning_rate: float = 1e-3  # policy (LoRA) learning rate
+    critic_learning_rate: float = 5e-5  # value model learning rate (it starts from the reward model)
+    kl_coef: float = 0.05  # beta: weight of the per-token KL to the SFT reference, subtracted from the reward
+    # policies to train and compare: "sft" (always) plus any of "tppo" (per-token RM rewards) and "ppo_sequence"
+    # (the RM's summed reward on the last token)
     policies: list[str] = field(default_factory=lambda: ["sft", "tppo", "ppo_sequence"])
 
     def validate(self) -> None:

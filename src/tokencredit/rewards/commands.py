@@ -44,27 +44,30 @@ TOKEN_LOSSES: dict[str, dict[str, float]] = {
 class RewardRunConfig:
     """Settings of `tokencredit reward train|eval|show`."""
 
+    # token: a reward per token; sequence: one score per response; pgg: a bounded token RM fitted to rankings
     kind: Literal["token", "sequence", "pgg"] = "token"
     model: str = "smollm2-135m-instruct"  # train: backbone to start from; eval/show: a trained RM folder
     data: str | None = None  # train/eval: a .jsonl of pairs, edits or ranked lists
+    # record layout of `data`: pairs {prompt, chosen, rejected}, edits {prompt, original, edited, chosen?}, ranked
+    # {prompt, responses, scores | ranking} or spans {prompt, response, spans: [{start, end, label}]}
     data_format: Literal["pairs", "edits", "ranked", "spans"] = "pairs"
     prompt_field: str | None = "prompt"  # None: records have no prompt (the responses hold everything)
     max_examples: int | None = None  # use only the first N records
     output_dir: str = "runs/reward"  # train: run folder (model/ inside); eval: eval.json; show: show.html
     lora: LoraSettings | None = None  # train LoRA adapters (merged when saved) instead of every weight
-    num_epochs: int = 1
-    batch_size: int = 8
-    learning_rate: float = 1e-4
+    num_epochs: int = 1  # train: passes over the data
+    batch_size: int = 8  # train: pairs, token examples or ranked lists per step; eval/show: scoring batch
+    learning_rate: float = 1e-4  # train: AdamW learning rate
     max_length: int = 512  # prompt + response tokens seen in training (prompts lose their start first)
     # a response longer than max_length - 1 tokens (EOS included): "error" names its file and line; "truncate"
     # cuts it to fit (its end is then never seen, which can turn a preference into a tie) and warns
     long_records: Literal["error", "truncate"] = "error"
-    eval_fraction: float = 0.1
-    token_loss: str | None = None  # kind=token: a TOKEN_LOSSES name; None = hybrid on edits, bt otherwise
+    eval_fraction: float = 0.1  # train: share of the data held out for the final eval; 0 = none
+    token_loss: str | None = None  # kind=token: a TOKEN_LOSSES name; None = hybrid on edits, bce on spans, else bt
     balance_labels: bool = True  # token RM BCE: good and bad tokens weigh equally
     aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled; see rewards/pgg.py)
-    seed: int = 0
-    progress: bool = True
+    seed: int = 0  # train: seeds the new weights (head, LoRA), the eval split, data order and dropout
+    progress: bool = True  # train: progress bar
     # show: texts to draw, each {"prompt": ..., "response": ...} (or a .jsonl file of them in `data`)
     texts: list[dict] = field(default_factory=list)
 

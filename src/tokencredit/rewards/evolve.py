@@ -34,33 +34,34 @@ log = logging.getLogger(__name__)
 class EvolveConfig:
     """Settings of `tokencredit evolve`."""
 
-    output_dir: str = "runs/evolve"
+    output_dir: str = "runs/evolve"  # run folder: ser_state.json, loops.jsonl, loop-K/, summary.json, report.html
     model: str = "all-minilm-l6-v2"  # backbone of the sequence RM (retrained from it in every loop)
     data: str | None = None  # .jsonl of {prompt, chosen, rejected}: the seed share and the pool
     eval_data: str | None = None  # held-out pairs; None = eval_fraction of data
     prompt_field: str | None = "prompt"  # None: records have no prompt
     max_pairs: int | None = None  # use only the first N pairs of data
-    eval_fraction: float = 0.2
+    eval_fraction: float = 0.2  # share of data held out when eval_data is None
     labelled_fraction: float = 0.15  # share of training pairs whose labels the seed RM may use
     max_loops: int = 5  # loops after the seed loop
     patience: int = 1  # stop after this many loops without held-out improvement
-    min_delta: float = 0.0
+    min_delta: float = 0.0  # held-out accuracy gain that counts as an improvement (patience)
+    # pseudo-label rule: 1 = one side's p above high, the other's below low; 2 = |p_a - p_b| > min_gap; "both" = either
     status: Literal[1, 2, "both"] = "both"
-    high: float = 0.55
-    low: float = 0.45
-    min_gap: float = 0.3
+    high: float = 0.55  # status 1: the chosen response's p = sigma(r) must exceed this
+    low: float = 0.45  # status 1: the rejected response's p must be below this
+    min_gap: float = 0.3  # status 2: |p_a - p_b| must exceed this
     # Standardise the pool's scores before sigma: p = sigma((r - mean) / std). A small RM's raw scores can sit
     # so close to 0 that sigma(r) never leaves the 0.45-0.55 band and the fixed thresholds select nothing.
     calibrate: bool = False
-    lora: LoraSettings | None = None
-    num_epochs: int = 1
-    batch_size: int = 8
-    learning_rate: float = 1e-4
-    max_length: int = 256
-    seed: int = 0
+    lora: LoraSettings | None = None  # train LoRA adapters of the RM instead of every weight; None = full fine-tuning
+    num_epochs: int = 1  # passes over the seed + pseudo-labelled pairs in each loop
+    batch_size: int = 8  # pairs per step; also the pool scoring batch
+    learning_rate: float = 1e-4  # RM learning rate (AdamW)
+    max_length: int = 256  # prompt + response tokens; responses keep their start, prompts their end
+    seed: int = 0  # seeds the held-out split, the seed/pool draw, pair order shown to the RM and RM training
     full_baseline: bool = False  # also train one RM on 100% of the training labels, for comparison
-    resume: bool = False
-    progress: bool = True
+    resume: bool = False  # continue after the last finished loop recorded in output_dir/ser_state.json
+    progress: bool = True  # progress bar while training each loop's RM
 
     def validate(self) -> None:
         """Check what would fail late."""

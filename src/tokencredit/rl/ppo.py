@@ -75,13 +75,13 @@ class PPOConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     log_tensorboard: bool = True  # scalars to output_dir/tensorboard when tensorboard is installed
     log_wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str | None = None
+    wandb_project: str | None = None  # Weights & Biases project for log_wandb; None = wandb's default
     progress: bool = True  # progress bar with reward and KL
 
     # --- rollout ---
     batch_size: int = 16  # prompts (= sampled responses) per update
     max_prompt_length: int | None = 512  # longer prompts keep their last tokens
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # longest sampled response, in tokens
     temperature: float = 1.0  # also divides the logits when log-probs are recomputed, as PPO needs
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
@@ -107,8 +107,8 @@ class PPOConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     learning_rate: float = 1e-5  # policy
     critic_learning_rate: float | None = None  # None = learning_rate
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW weight decay (policy and critic)
+    adam_eps: float = 1e-8  # AdamW epsilon
     ppo_epochs: int = 4  # passes over each rollout batch
     mini_batch_size: int | None = None  # rows per optimiser step; None = batch_size
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step (bounds memory)
@@ -136,7 +136,7 @@ class PPOConfig:
     cliprange_value: float | None = 0.2  # value clip around rollout values; None = unclipped
     vf_coef: float = 0.1  # weight of the value loss
     entropy_coef: float = 0.0  # entropy bonus
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # normalise advantages to mean 0, variance 1 over the batch's trained tokens
     whiten_rewards: bool = False  # scale token rewards to unit variance (mean kept) before GAE
     target_kl: float | None = None  # stop this update's epochs once the approximate KL exceeds it
     target_coef: float = 0.0  # weight of NLL on reference responses (TRIL's "target" term); needs them
@@ -163,7 +163,7 @@ class PPOConfig:
     lols_tau: float = 0.8  # LOLS: probability of a PPO++ update
     d2lols_switch_update: int | None = None  # D2LOLS: first update (0-based) that is PPO++
     guide_temperature: float = 1.0  # the guide's sampling (token-level guides)
-    guide_top_p: float = 1.0
+    guide_top_p: float = 1.0  # nucleus sampling for the guide (token-level guides); 1.0 = off
     guide_kl: bool = False  # also count guide-written tokens in the KL penalty (TRIL: off, they are not the policy's)
 
     def validate(self) -> None:

@@ -63,7 +63,7 @@ class SFTConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     log_tensorboard: bool = True  # scalars to output_dir/tensorboard when tensorboard is installed
     log_wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str | None = None
+    wandb_project: str | None = None  # Weights & Biases project for log_wandb; None = wandb's default
     progress: bool = True  # progress bar with the loss
 
     # --- data ---
@@ -77,7 +77,7 @@ class SFTConfig:
     fused_optimizer: bool = True  # AdamW's fused kernel where torch has it
     tune_allocator: bool = False  # CPU + glibc: keep freed buffers in the process (see PPOConfig)
     learning_rate: float = 2e-4  # peak learning rate (AdamW)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # the LR rises linearly over these first steps: step k uses lr * k / warmup_steps
     lr_schedule: Literal["constant", "linear"] = "linear"  # after warmup: keep the LR, or decay it linearly
     max_grad_norm: float | None = 1.0  # None = no clipping
@@ -451,15 +451,15 @@ class SFTRunConfig(SFTConfig):
     model: str = "smollm2-135m-instruct"  # built-in name, local folder or (cached) hub id
     adapter: str | None = None  # saved LoRA adapter to continue training
     lora: LoraSettings | None = None  # train new LoRA adapters instead of every weight
-    dtype: str = "float32"
+    dtype: str = "float32"  # torch dtype the model weights are loaded in, e.g. bfloat16
     data: str | None = None  # .jsonl with one {prompt_field: ..., response_field: ...} object a line
     task: str | None = None  # "querygen": data holds search sessions (None = the built-in train split)
     history_entries: int = 4  # querygen: most recent searches shown in the prompt
-    prompt_field: str = "prompt"
-    response_field: str = "response"
+    prompt_field: str = "prompt"  # .jsonl field holding each prompt (not used by task=querygen)
+    response_field: str = "response"  # .jsonl field holding the target response (not used by task=querygen)
     max_examples: int | None = None  # use only the first N pairs
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # system message before each prompt when chat_template applies; None = none
 
     def validate(self) -> None:
         """SFTConfig's checks plus the data options."""
