@@ -29,7 +29,8 @@ def test_fast_recipe_runs_each_algorithm_from_the_same_start_and_resumes(tmp_pat
 
     monkeypatch.setattr(rlgf, "_rl", refuse)
     monkeypatch.setattr(rlgf, "_sft", lambda cfg, model, tok, pairs, folder: str(folder / "merged"))
-    again = run_rlgf(RLGFConfig(output=str(root), fast=True, algorithms=["ppo", "ppo_pp", "d2lols"], resume=True))
+    again = run_rlgf(RLGFConfig(output=str(root), fast=True, algorithms=["ppo", "ppo_pp", "d2lols"], guide_beta=1.0,
+                                resume=True))
     assert again["reward_curves"] == summary["reward_curves"]
 
 

@@ -305,10 +305,15 @@ def test_tensorboard_event_files_appear(tmp_path):
     assert events and events[0].stat().st_size > 0
 
 
-def test_missing_tensorboard_warns_and_continues(tmp_path, monkeypatch):
+def test_missing_tensorboard_says_so_once_and_continues(tmp_path, monkeypatch, caplog):
+    import tokencredit.runs as runs_module
+
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
-    with pytest.warns(UserWarning, match="pip install tensorboard"):
+    monkeypatch.setattr(runs_module, "_TENSORBOARD_NOTED", False)
+    with caplog.at_level("INFO", logger="tokencredit"):
         logger = MetricsLogger(tmp_path)
+        MetricsLogger(tmp_path / "second").close()
+    assert [r.levelname for r in caplog.records if "tokencredit[tensorboard]" in r.getMessage()] == ["INFO"]
     with logger:
         logger.log(1, {"loss": 0.5})
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]

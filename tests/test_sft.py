@@ -23,7 +23,7 @@ from tokencredit.rl.sft import (
     response_nll,
     tokenize_examples,
 )
-from tokencredit.runs import read_metrics
+from tokencredit.runs import RunFolderError, read_metrics
 from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
 
 WORDS = "a b c d e f g h i j k l".split()
@@ -171,14 +171,27 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         cfg(tmp_path, batch_size=8, gradient_accumulation_steps=3).validate()
 
 
-def test_starting_without_resume_replaces_an_earlier_run(tmp_path):
+def test_a_second_run_into_the_folder_is_refused_unless_told_to_overwrite(tmp_path):
     model, tok = make()
     SFTTrainer(cfg(tmp_path, max_steps=3, save_every=1), model, tok, PROMPTS, RESPONSES).train()
     model, tok = make()
-    SFTTrainer(cfg(tmp_path, max_steps=2, save_every=1), model, tok, PROMPTS, RESPONSES).train()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        SFTTrainer(cfg(tmp_path, max_steps=2, save_every=1), model, tok, PROMPTS, RESPONSES).train()
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]  # untouched
+    SFTTrainer(cfg(tmp_path, max_steps=2, save_every=1, overwrite=True), model, tok, PROMPTS, RESPONSES).train()
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000001",
                                                                                           "step-00000002"]
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]  # dropped after the first checkpoint
+
+
+def test_resume_with_changed_settings_is_refused_naming_them(tmp_path):
+    model, tok = make()
+    SFTTrainer(cfg(tmp_path, max_steps=2, save_every=1), model, tok, PROMPTS, RESPONSES).train()
+    with pytest.raises(RunFolderError, match=r"learning_rate: .* -> 0\.5"):
+        SFTTrainer(cfg(tmp_path, max_steps=3, resume=True, learning_rate=0.5), model, tok, PROMPTS, RESPONSES).train()
+    SFTTrainer(cfg(tmp_path, max_steps=3, resume=True), model, tok, PROMPTS, RESPONSES).train()  # longer is fine
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -273,7 +286,10 @@ def test_cli_sft_runs_from_yaml_with_overrides(cli_setup, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3
     assert main(["sft", "--config", str(cli_setup / "run.yaml"), "max_steps=4", "max_examples=8",
-                 "lr_schedule=constant", "resume=true"]) == 0
+                 "lr_schedule=constant", "resume=true"]) == 2  # other data: not the same run
+    assert "max_examples: None -> 8" in capsys.readouterr().err
+    assert main(["sft", "--config", str(cli_setup / "run.yaml"), "max_steps=4", "lr_schedule=constant",
+                 "resume=true"]) == 0
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
 
 

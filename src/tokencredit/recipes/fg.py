@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokencredit.config import ConfigError, import_object, save_config
+from tokencredit.config import ConfigError, import_object
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
 from tokencredit.judges.commands import JudgeSettings
 from tokencredit.models import LoraSettings, apply_chat, load_critic, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.recipes.tppo import _clamp_layers, _Stage
+from tokencredit.recipes.tppo import _clamp_layers, _Stage, claim_recipe_folder
 from tokencredit.rewards.commands import TOKEN_LOSSES
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
 from tokencredit.runs import atomic_write_json, read_metrics
@@ -70,6 +70,8 @@ class FGConfig:
     system_prompt: str | None = None  # system turn of the chat template; None = the template's default
     seed: int = 0  # one seed for the split, SFT, both RMs and both PPO arms
     resume: bool = False  # skip finished stages; continue interrupted ones
+    overwrite: bool = False  # replace a run already in the output folder (kept aside until this one finishes)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     fast: bool = False  # tiny random model + word tokenizer, few steps: for tests, not for results
     # Every training stage in bf16 autocast with fp32 trainable weights where bf16 matmuls are native ("auto"),
     # always ("bf16") or never ("no"). See tokencredit.precision.
@@ -176,8 +178,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     if gold_fn is None and cfg.gold_scorer is not None:
         gold_fn = load_gold_scorer(cfg.gold_scorer)
     root = Path(cfg.output)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "config.yaml")
+    drop_replaced = claim_recipe_folder(root, cfg)
     timings: dict[str, float] = {}
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -305,6 +306,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     atomic_write_json(root / "summary.json", summary)
     _write_report(cfg, root, summary, generations, tokenizer)
+    drop_replaced()  # a replaced run goes only once this one has finished
     return summary
 
 

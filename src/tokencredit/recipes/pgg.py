@@ -23,16 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokencredit.config import save_config
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _Stage
+from tokencredit.recipes.tppo import _Stage, claim_recipe_folder
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class PGGRecipeConfig:
     fast: bool = False  # toy data + tiny random model, few steps: for tests, not for results
     seed: int = 0  # one seed for the split, every arm's run and the sampled candidates
     resume: bool = False  # skip finished arms; continue interrupted ones
+    overwrite: bool = False  # replace a run already in the output folder (kept aside until this one finishes)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     model: str = "smollm2-135m-instruct"  # the policy's start (fewshot: also the frozen classifier)
     reward_backbone: str = "all-minilm-l6-v2"  # the token reward's backbone; "policy" = a copy of the policy's
     arms: list[str] | None = None  # None = every arm of the task
@@ -137,8 +139,7 @@ def run_pgg(cfg: PGGRecipeConfig) -> dict:
             cfg = PGGRecipeConfig(**{**vars(cfg), **FAST_OVERRIDES})
         cfg.validate()
         root = Path(cfg.output)
-        root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, root / "config.yaml")
+        drop_replaced = claim_recipe_folder(root, cfg)
         data, model_name = _fast_inputs(root, cfg.task) if cfg.fast else (cfg.data, cfg.model)
         if cfg.task == "fewshot":
             summary = _fewshot(cfg, root, data, model_name)
@@ -146,6 +147,7 @@ def run_pgg(cfg: PGGRecipeConfig) -> dict:
             summary = _summarize(cfg, root, data, model_name)
         atomic_write_json(root / "summary.json", summary)
         _report(root, summary)
+        drop_replaced()  # a replaced run goes only once this one has finished
         return summary
 
 
@@ -180,6 +182,8 @@ def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, 
         ground_until=cfg.ground_until, aggregator=arm.split("-", 1)[1] if arm.startswith("pgg-") else "avg",
         rm_epochs=cfg.rm_epochs, rm_learning_rate=cfg.rm_learning_rate)
     PGGTrainer(config, policy, tokenizer, prompts, score_fn, references=references, reward_model=rm).train()
+    # A finished arm is never resumed; its checkpoints (reward model weights included) only take disk.
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     del policy, rm
     release_free_memory()
 

@@ -25,16 +25,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokencredit.config import save_config
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _Stage
+from tokencredit.recipes.tppo import _Stage, claim_recipe_folder
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ class RLGFConfig:
     fast: bool = False  # toy data + tiny random model, few steps: for tests, not for results
     seed: int = 0  # one seed for the split, SFT, every algorithm's run and the sampled evaluation
     resume: bool = False  # skip finished stages; continue interrupted ones
+    overwrite: bool = False  # replace a run already in the output folder (kept aside until this one finishes)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     model: str = "smollm2-135m-instruct"  # base of the start and the guide (built-in name, folder or hub id)
     start: str | None = None  # "sft" | "base" | a model folder to reuse; None = the task's default
     guide: str | None = None  # a model folder to reuse as the guide; None = fine-tune one here
@@ -282,8 +284,7 @@ def _run_rlgf(cfg: RLGFConfig) -> dict:
     cfg.validate()
     cfg = cfg.resolved()
     root = Path(cfg.output)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "config.yaml")
+    drop_replaced = claim_recipe_folder(root, cfg)
     data, model_name = _fast_inputs(root, cfg.task) if cfg.fast else (cfg.data, cfg.model)
 
     # 1. Records, prompts, reward and held-out scorers.
@@ -317,6 +318,7 @@ def _run_rlgf(cfg: RLGFConfig) -> dict:
                "policies": results, "reward_curves": curves}
     atomic_write_json(root / "summary.json", summary)
     _report(root, summary)
+    drop_replaced()  # a replaced run goes only once this one has finished
     return summary
 
 
@@ -362,6 +364,9 @@ def _rl(cfg: RLGFConfig, algorithm: str, start: str, guide_model: str, tokenizer
                        progress=not cfg.fast)
     PPOTrainer(config, policy=policy, tokenizer=tokenizer, prompts=task.train_prompts, reward_fn=task.reward_fn,
                guide=guide).train()
+    # A finished stage is never resumed, and a checkpoint holds the critic and its optimiser state (~1.6 GB for
+    # the built-in model): five algorithms x seeds filled a disk. The final policy/ stays.
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     del policy, guide
     release_free_memory()
 

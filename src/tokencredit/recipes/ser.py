@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from tokencredit.config import save_config
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
-from tokencredit.recipes.tppo import _Stage
+from tokencredit.recipes.tppo import _Stage, claim_recipe_folder
 from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -44,6 +43,8 @@ class SERRecipeConfig:
     fast: bool = False  # tiny random models and toy pairs, few steps: for tests, not for results
     seed: int = 0  # one seed for the evolve loops and both PPO arms
     resume: bool = False  # skip finished stages; continue interrupted ones
+    overwrite: bool = False  # replace a run already in the output folder (kept aside until this one finishes)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
 
     # --- 1. evolve (see tokencredit.rewards.evolve.EvolveConfig) ---
     rm_model: str = "all-minilm-l6-v2"  # backbone of the sequence RMs
@@ -107,8 +108,7 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
         cfg = SERRecipeConfig(**{**vars(cfg), **FAST_OVERRIDES})
     cfg.validate()
     root = Path(cfg.output)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "config.yaml")
+    drop_replaced = claim_recipe_folder(root, cfg)
     data, policy_model, rm_model = (_fast_inputs(root) if cfg.fast else (cfg.data, cfg.policy_model, cfg.rm_model))
 
     # 1. Evolve from the labelled share; the 100%-label RM is trained beside it as the evaluation scorer.
@@ -147,6 +147,7 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
                "scorer": scorer}
     atomic_write_json(root / "summary.json", summary)
     _report(root, summary, evolve)
+    drop_replaced()  # a replaced run goes only once this one has finished
     return summary
 
 

@@ -16,12 +16,13 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tokencredit.config import save_config
+from tokencredit.config import config_to_dict, save_config
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
 from tokencredit.models import (
@@ -33,7 +34,7 @@ from tokencredit.models import (
     train_top_layers,
 )
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.runs import atomic_write_json, read_metrics
+from tokencredit.runs import atomic_write_json, claim_run_folder, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class DemoConfig:
     test_fraction: float = 0.2  # held-out share when `data` is given
     seed: int = 0  # seeds the data split, sampling, and every stage's data order and initialisation
     resume: bool = False  # skip finished stages; continue interrupted ones
+    overwrite: bool = False  # replace a run already in the output folder (kept aside until this one finishes)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     fast: bool = False  # tiny random model + word tokenizer, few steps: for tests, not for results
     max_train_sessions: int | None = None  # use only the first N train sessions; None = all
     max_test_sessions: int | None = 60  # evaluate on the first N held-out sessions; None = all
@@ -107,6 +110,15 @@ FAST_OVERRIDES = dict(
     label_prompts=16, samples_per_prompt=2, rm_epochs=1, ppo_updates=2, ppo_batch_size=8, ppo_mini_batch_size=4,
     ppo_epochs=1, top_layers=1,
 )
+
+
+def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
+    """Claim a recipe's output folder (see runs.claim_run_folder), create it and save the settings; returns
+    the call that drops a replaced run once this one has finished."""
+    drop = claim_run_folder(root, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "config.yaml")
+    return drop
 
 
 class _Stage:
@@ -192,8 +204,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     cfg.validate()
     root = Path(cfg.output)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "config.yaml")
+    drop_replaced = claim_recipe_folder(root, cfg)
     timings: dict[str, float] = {}
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -329,6 +340,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     summary["reward_model_eval"] = rm_stage.info().get("eval", {})
     atomic_write_json(root / "summary.json", summary)
     _write_report(cfg, root, summary, generations, test, tokenizer)
+    drop_replaced()  # a replaced run goes only once this one has finished
     return summary
 
 

@@ -53,6 +53,7 @@ from tokencredit.runs import (
     CheckpointManager,
     MetricsLogger,
     capture_rng_state,
+    claim_run_folder,
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
@@ -169,6 +170,8 @@ class PGGConfig:
     seed: int = 0  # seeds data order, sampling, tie-breaking and the reward model's fits
     num_steps: int = 100  # LM optimizer steps
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first checkpoint)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     save_every: int = 20  # LM steps between checkpoints; the last step is always saved
     keep_checkpoints: int = 2
     device: str = "auto"
@@ -331,6 +334,9 @@ class PGGTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) ``num_steps`` LM steps with groundings on schedule; one metrics dict per step."""
         cfg = self.config
+        # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
+        self._drop_replaced_run = claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
+                                                   cfg.allow_changed_settings)
         resumed = self._maybe_resume()
         if not resumed:
             self._start_fresh()
@@ -358,6 +364,7 @@ class PGGTrainer:
                         bar.set_postfix(score=f"{stats['score/mean']:.3f}", loss=f"{stats['loss/total']:.3f}")
                     if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.num_steps:
                         self.save_checkpoint()
+                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
         finally:
             if bar is not None:
                 bar.close()
@@ -473,7 +480,7 @@ class PGGTrainer:
     def _start_fresh(self) -> None:
         """Clear an earlier run's checkpoints, metrics and groundings so the new run's files are its own."""
         if self.checkpoints.latest() is not None or (self.run_dir / "metrics.jsonl").exists():
-            log.warning("%s holds an earlier run; starting over (pass resume=true to continue it)", self.run_dir)
+            log.warning("%s: no checkpoint to resume from; starting this run over", self.run_dir)
             for name in ("checkpoints", "grounding"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)

@@ -50,6 +50,7 @@ from tokencredit.runs import (
     CheckpointManager,
     MetricsLogger,
     capture_rng_state,
+    claim_run_folder,
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
@@ -70,6 +71,8 @@ class PPOConfig:
     seed: int = 0  # seeds sampling, data order, critic head and dropout
     num_updates: int = 100  # PPO updates (each = one rollout batch + ppo_epochs of optimisation)
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first checkpoint)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     save_every: int = 10  # updates between checkpoints; the last update is always saved
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -486,6 +489,9 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update."""
         cfg = self.config
+        # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
+        self._drop_replaced_run = claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
+                                                   cfg.allow_changed_settings)
         resumed = self._maybe_resume()
         if not resumed:
             self._start_fresh()
@@ -509,6 +515,7 @@ class PPOTrainer:
                         bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/mean']:.3f}")
                     if self.update_idx % cfg.save_every == 0 or self.update_idx == cfg.num_updates:
                         self.save_checkpoint()
+                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
         finally:
             if bar is not None:
                 bar.close()
@@ -902,7 +909,7 @@ class PPOTrainer:
         """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
         old = self.checkpoints.latest()
         if old is not None or (self.run_dir / "metrics.jsonl").exists():
-            log.warning("%s holds an earlier run; starting over (pass resume=true to continue it)", self.run_dir)
+            log.warning("%s: no checkpoint to resume from; starting this run over", self.run_dir)
             shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from tokencredit.runs import (
     CheckpointManager,
     MetricsLogger,
     capture_rng_state,
+    claim_run_folder,
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
@@ -58,6 +59,8 @@ class SFTConfig:
     num_epochs: int = 1  # passes over the data
     max_steps: int | None = None  # optimizer steps; overrides num_epochs (passes go on past the last epoch)
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first checkpoint)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     save_every: int = 50  # optimizer steps between checkpoints; the last step is always saved
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -301,6 +304,9 @@ class SFTTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) SFT to total_steps; returns one metrics dict per optimizer step."""
         cfg = self.config
+        # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
+        self._drop_replaced_run = claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
+                                                   cfg.allow_changed_settings)
         resumed = self._maybe_resume()
         if not resumed:
             self._start_fresh()
@@ -324,6 +330,7 @@ class SFTTrainer:
                         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
                     if self.step_idx % cfg.save_every == 0 or self.step_idx == self.total_steps:
                         self.save_checkpoint()
+                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
         finally:
             if bar is not None:
                 bar.close()
@@ -374,7 +381,7 @@ class SFTTrainer:
     def _start_fresh(self) -> None:
         """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
         if self.checkpoints.latest() is not None or (self.run_dir / "metrics.jsonl").exists():
-            log.warning("%s holds an earlier run; starting over (pass resume=true to continue it)", self.run_dir)
+            log.warning("%s: no checkpoint to resume from; starting this run over", self.run_dir)
             shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
