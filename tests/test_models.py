@@ -235,7 +235,7 @@ def test_missing_local_path_raises(tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         resolve_model(str(missing))
     message = str(err.value)
-    assert str(missing) in message and "cache" in message.lower()
+    assert str(missing) in message and "does not exist" in message and "download" not in message  # no hub advice
     assert isinstance(err.value, FileNotFoundError)
 
 

@@ -9,8 +9,10 @@ import importlib.resources
 import importlib.util
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from tokencredit import __version__
@@ -31,6 +33,7 @@ class PPORunConfig(PPOConfig):
     model: str = "smollm2-135m-instruct"  # built-in name, local folder or (cached) hub id
     adapter: str | None = None  # saved LoRA adapter to continue training
     lora: LoraSettings | None = None  # train new LoRA adapters; the reference is the policy with them off
+    save_merged: bool = False  # LoRA: also write policy-merged/, the adapters merged into a plain model folder
     critic_model: str | None = None  # value model backbone (e.g. a reward model folder); None = policy copy
     dtype: str = "float32"  # torch dtype the policy (and critic) weights are loaded in, e.g. bfloat16
     prompts: str | None = None  # .txt (one a line) or .jsonl; None = the built-in example prompts
@@ -118,6 +121,10 @@ def run_ppo(cfg: PPORunConfig) -> list[dict]:
     trainer = PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, reward_fn=reward_fn,
                          critic=critic, reference_responses=refs)
     history = trainer.train()
+    if cfg.save_merged:
+        from tokencredit.models import save_merged
+
+        save_merged(trainer.policy, tokenizer, Path(cfg.output_dir) / "policy-merged")
     if history:
         first, last = history[0], history[-1]
         print(json.dumps({"updates": len(history), "first_reward": first.get("reward/mean"),
@@ -183,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the `tokencredit` command."""
     parser = argparse.ArgumentParser(prog="tokencredit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tokencredit {__version__}")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let a hub id that is not in the local cache download (same as "
+                             "TOKENCREDIT_ALLOW_DOWNLOAD=1); off by default, so runs stay offline")
     sub = parser.add_subparsers(dest="command", required=True)
     _config_command(sub, "ppo", "PPORunConfig", "token-level PPO on prompts with a reward function",
                     "Token-level PPO. With no config, a short example run of the built-in model.", "resume=true")
@@ -278,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # rouge-score logs through absl at INFO on every scorer it builds ("Using default tokenizer.").
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if getattr(args, "allow_download", False):
+        from tokencredit.models import ALLOW_DOWNLOAD_ENV
+
+        os.environ[ALLOW_DOWNLOAD_ENV] = "1"
     try:
         if args.command == "ppo":
             cfg = load_config(PPORunConfig, args.config, args.overrides, base=PPO_DEFAULTS)

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -69,8 +70,40 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tokencredit" / "models"
 
 
-def resolve_model(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Return a local folder loadable with ``from_pretrained`` for a path, built-in name or cached hub id."""
+# The hub id each built-in model comes from: saved adapters name it as their base, so they load anywhere.
+BUILTIN_HUB_IDS: dict[str, str] = {
+    SMOLLM2_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    MINILM_NAME: "sentence-transformers/all-MiniLM-L6-v2",
+}
+ALLOW_DOWNLOAD_ENV = "TOKENCREDIT_ALLOW_DOWNLOAD"
+
+
+def downloads_allowed(allow_download: bool | None = None) -> bool:
+    """Whether a hub id that is not cached may be downloaded: ``allow_download``, else the environment
+    variable TOKENCREDIT_ALLOW_DOWNLOAD (1 / true / yes). Off by default: runs stay offline and reproducible."""
+    if allow_download is not None:
+        return allow_download
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def hub_id_of(name_or_path: str | Path) -> str | None:
+    """The hub id a model name stands for (a built-in name's source, or the id itself); None for a local path."""
+    name = str(name_or_path)
+    if name in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[name]
+    return None if _looks_like_path(name) or Path(name).expanduser().exists() else name
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name meant as a folder rather than a hub id ("org/model"): absolute, relative, home or nested."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or os.sep != "/" and os.sep in name
+
+
+def resolve_model(name_or_path: str | Path, cache_dir: str | Path | None = None,
+                  allow_download: bool | None = None) -> Path:
+    """Return a local folder loadable with ``from_pretrained`` for a path, built-in name or hub id.
+
+    A hub id is read from the Hugging Face cache; it is downloaded only when :func:`downloads_allowed`."""
     name = str(name_or_path)
     local = Path(name).expanduser()
     if local.is_dir():
@@ -84,11 +117,15 @@ def resolve_model(name_or_path: str | Path, cache_dir: str | Path | None = None)
         return _minilm_folder()
     if name in BUILTIN_MODELS:
         return _convert_smollm2(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
-    return _from_hf_cache(name, local)
+    if _looks_like_path(name):
+        raise ModelNotFoundError(
+            f"Model folder {local.resolve()} does not exist. Pass a folder written by save_pretrained, a built-in "
+            f"name ({', '.join(BUILTIN_MODELS)}) or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
+    return _from_hf_cache(name, local, downloads_allowed(allow_download))
 
 
-def _from_hf_cache(repo_id: str, local: Path) -> Path:
-    """Find a hub id in the Hugging Face cache without touching the network."""
+def _from_hf_cache(repo_id: str, local: Path, download: bool = False) -> Path:
+    """Find a hub id in the Hugging Face cache; download it only when allowed."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
 
@@ -97,9 +134,20 @@ def _from_hf_cache(repo_id: str, local: Path) -> Path:
         f"  local path checked: {local.resolve()} (no such directory)\n"
         f"  Hugging Face cache checked: {constants.HF_HUB_CACHE}\n"
         f"  built-in names: {', '.join(BUILTIN_MODELS)}\n"
-        "To fix: pass a local folder written by save_pretrained, or download the model on a machine with "
-        f"network (`huggingface-cli download {repo_id}`) into that cache (or copy the cache over)."
+        f"To fix: allow the download ({ALLOW_DOWNLOAD_ENV}=1, `tokencredit --allow-download ...`, or "
+        f"allow_download=True from Python), or fetch it yourself with `hf download {repo_id}` (into that cache), "
+        "or pass a local folder written by save_pretrained."
     )
+    if download:
+        try:
+            folder = Path(snapshot_download(repo_id))
+        except HFValidationError as err:
+            raise ModelNotFoundError(hint) from err
+        except Exception as err:  # network, auth, missing repo: huggingface_hub raises many types
+            raise ModelNotFoundError(f"Downloading {repo_id!r} from the Hugging Face hub failed: {err}") from err
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"The downloaded snapshot {folder} of {repo_id!r} has no config.json.")
+        return folder
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
     # HFValidationError: not a valid repo id (e.g. a mistyped local path); FileNotFoundError: not cached.
@@ -320,16 +368,19 @@ def load_policy(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    allow_download: bool | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM (eval mode), optionally with fresh LoRA adapters (drawn from ``seed``) or saved ones."""
+    """Load a causal LM (eval mode), optionally with fresh LoRA adapters (drawn from ``seed``) or saved ones;
+    ``allow_download`` (default: the TOKENCREDIT_ALLOW_DOWNLOAD variable) lets a hub id that is not cached
+    download."""
     if lora is not None and adapter is not None:
         raise ValueError("Pass either lora (new adapters) or adapter (saved adapters), not both.")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=_as_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path, allow_download=allow_download),
+                                                 dtype=_as_dtype(dtype))
     if lora is not None:
-        from peft import get_peft_model
-
         with seeded_init(seed):
-            model = get_peft_model(model, lora_config(model, lora))
+            model = wrap_with_lora(model, lora_config(model, lora))
+        record_base_model(model, name_or_path)
     elif adapter is not None:
         from peft import PeftModel
 
@@ -365,6 +416,33 @@ def load_trained_policy(
     if not (folder / "tokenizer_config.json").is_file():
         return model, load_tokenizer(base)
     return model, _ready_for_generation(AutoTokenizer.from_pretrained(folder), folder)
+
+
+def wrap_with_lora(model: nn.Module, config: object) -> nn.Module:
+    """peft's get_peft_model, without the deprecation warning peft's own call into transformers prints."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def record_base_model(model: nn.Module, name_or_path: str | Path) -> None:
+    """Make saved adapters name the base model's hub id (not a local cache folder) when it has one."""
+    hub_id = hub_id_of(name_or_path)
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if hub_id is not None:
+            config.base_model_name_or_path = hub_id
+
+
+def save_merged(policy: nn.Module, tokenizer: object, path: str | Path) -> Path:
+    """Save a LoRA policy with its adapters merged into the weights (a plain model folder any tool loads);
+    the live policy keeps its adapters. A plain policy is saved as it is."""
+    path = Path(path)
+    merged = copy.deepcopy(policy).merge_and_unload() if is_peft(policy) else policy
+    merged.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def is_peft(model: nn.Module) -> bool:

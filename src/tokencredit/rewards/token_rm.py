@@ -42,6 +42,7 @@ from tokencredit.models import (
     resolve_device,
     resolve_model,
     seeded_init,
+    wrap_with_lora,
 )
 from tokencredit.rewards.edits import edit_token_labels, span_bt_loss
 from tokencredit.rewards.fit import fit, validate_fit_config
@@ -67,15 +68,13 @@ def same_tokenizer(a: object, b: object) -> bool:
 
 def _add_lora(model: ScalarHeadModel, lora: LoraSettings, seed: int = 0) -> None:
     """Give the backbone fresh LoRA adapters (drawn from ``seed``) in place; then only adapters and head train."""
-    from peft import get_peft_model
-
     config = lora_config(model.backbone, lora)
     # The backbone is a bare transformer (no LM head), so peft must not treat it as a causal LM.
     config.task_type = "FEATURE_EXTRACTION"
     # Wrapping after ScalarHeadModel.__init__ keeps its position_ids check, made on the bare backbone's
     # signature; peft's wrapper forwards position_ids through **kwargs.
     with seeded_init(seed):
-        model.backbone = get_peft_model(model.backbone, config)
+        model.backbone = wrap_with_lora(model.backbone, config)
     model.head.requires_grad_(True)
 
 

@@ -272,6 +272,10 @@ class PGGTrainer:
         """Set up; ``score_fn(prompts, responses) -> list[float]`` (higher better) ranks samples; ``references``
         (one per prompt) are the weighted-MLE targets; ``reward_model`` defaults to a copy of the policy's backbone."""
         config.validate()
+        if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
+            # A datasets column, a numpy array, a pandas Series: any iterable of strings (whose truth value
+            # may be ambiguous or raise) becomes a plain list first.
+            prompts = list(prompts)
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
         if not callable(score_fn):

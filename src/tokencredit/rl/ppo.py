@@ -349,6 +349,10 @@ class PPOTrainer:
         ``complete(texts, max_new_tokens) -> list[str]`` (a black-box guide; its text is re-tokenised).
         """
         config.validate()
+        if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
+            # A datasets column, a numpy array, a pandas Series: any iterable of strings (whose truth value
+            # may be ambiguous or raise) becomes a plain list first.
+            prompts = list(prompts)
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
         if not callable(reward_fn):

@@ -458,6 +458,7 @@ class SFTRunConfig(SFTConfig):
     model: str = "smollm2-135m-instruct"  # built-in name, local folder or (cached) hub id
     adapter: str | None = None  # saved LoRA adapter to continue training
     lora: LoraSettings | None = None  # train new LoRA adapters instead of every weight
+    save_merged: bool = False  # LoRA: also write policy-merged/, the adapters merged into a plain model folder
     dtype: str = "float32"  # torch dtype the model weights are loaded in, e.g. bfloat16
     data: str | None = None  # .jsonl with one {prompt_field: ..., response_field: ...} object a line
     task: str | None = None  # "querygen": data holds search sessions (None = the built-in train split)
@@ -525,6 +526,10 @@ def run_sft(cfg: SFTRunConfig) -> list[dict]:
     policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype, seed=cfg.seed)
     history = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses,
                          record_names=names).train()
+    if cfg.save_merged:
+        from tokencredit.models import save_merged
+
+        save_merged(policy, tokenizer, Path(cfg.output_dir) / "policy-merged")
     if history:
         print(json.dumps({"steps": len(history), "first_loss": history[0].get("loss"),
                           "last_loss": history[-1].get("loss"), "run": str(cfg.output_dir)}))
