@@ -137,3 +137,30 @@ def test_the_cli_keeps_absl_quiet_and_the_download_flag_sets_the_variable(monkey
     assert os.environ.get("TOKENCREDIT_ALLOW_DOWNLOAD") == "1"
     assert logging.getLogger("absl").level == logging.WARNING
     monkeypatch.delenv("TOKENCREDIT_ALLOW_DOWNLOAD", raising=False)
+
+
+@pytest.mark.parametrize("module,cls,field", [("tppo", "DemoConfig", "model"), ("rlgf", "RLGFConfig", "model"),
+                                              ("pgg", "PGGRecipeConfig", "model"), ("fg", "FGConfig", "model"),
+                                              ("ser", "SERRecipeConfig", "policy_model")])
+def test_fast_with_a_model_contradicts_itself_and_is_refused(module, cls, field):
+    import importlib
+
+    config_class = getattr(importlib.import_module(f"tokencredit.recipes.{module}"), cls)
+    with pytest.raises(ValueError, match=f"would ignore {field}='gpt2'"):
+        config_class(fast=True, **{field: "gpt2"}).validate()
+
+
+def test_demo_flags_fast_and_model_are_refused_together(capsys):
+    from tokencredit.cli import main
+
+    assert main(["demo", "--fast", "--model", "gpt2"]) == 2
+    assert "would ignore model='gpt2'" in capsys.readouterr().err
+
+
+def test_progress_bars_carry_the_stage_name(tmp_path, capsys):
+    model, tok = tiny()
+    policy = wrap_with_lora(model, models.lora_config(model, LoraSettings(r=2)))
+    config = PPOConfig(output_dir=str(tmp_path / "tppo"), batch_size=2, num_updates=1, max_new_tokens=2,
+                       progress=True, log_tensorboard=False, mixed_precision="no")
+    PPOTrainer(config, policy, tok, ["a b", "c d"], lambda p, r, ids: [1.0] * len(p)).train()
+    assert "ppo tppo" in capsys.readouterr().err

@@ -118,6 +118,9 @@ class FGConfig:
 
     def validate(self) -> None:
         """Check the values that would fail late; raise ConfigError naming the field."""
+        if self.fast and self.model != "smollm2-135m-instruct":
+            raise ValueError(f"fast=true trains a tiny random model and would ignore model={self.model!r}; "
+                             "drop one of the two")
         if not self.edits:
             raise ConfigError("fg needs edits=FILE.jsonl: minimal edits {prompt, original, edited, chosen?}")
         if not Path(self.edits).is_file():

@@ -87,6 +87,9 @@ class RLGFConfig:
 
     def validate(self) -> None:
         """Check what would fail late."""
+        if self.fast and self.model != "smollm2-135m-instruct":
+            raise ValueError(f"fast=true trains a tiny random model and would ignore model={self.model!r}; "
+                             "drop one of the two")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)} (got {self.task!r})")
         if self.data is None and not self.fast:

@@ -72,6 +72,9 @@ class SERRecipeConfig:
 
     def validate(self) -> None:
         """Check what would fail late."""
+        if self.fast and self.policy_model != "smollm2-135m-instruct":
+            raise ValueError("fast=true trains a tiny random model and would ignore "
+                             f"policy_model={self.policy_model!r}; drop one of the two")
         if self.data is None and not self.fast:
             raise ValueError("ser needs data=PAIRS.jsonl ({prompt, chosen, rejected} records), or fast=true")
         if self.test_prompts < 1 or self.ppo_updates < 1:

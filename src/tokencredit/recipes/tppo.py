@@ -95,6 +95,9 @@ class DemoConfig:
 
     def validate(self) -> None:
         """Check the values that would fail late."""
+        if self.fast and self.model != "smollm2-135m-instruct":
+            raise ValueError(f"fast=true trains a tiny random model and would ignore model={self.model!r}; "
+                             "drop one of the two")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1) (got {self.test_fraction})")
         unknown = set(self.policies) - {"sft", "tppo", "ppo_sequence"}
@@ -110,6 +113,13 @@ FAST_OVERRIDES = dict(
     label_prompts=16, samples_per_prompt=2, rm_epochs=1, ppo_updates=2, ppo_batch_size=8, ppo_mini_batch_size=4,
     ppo_epochs=1, top_layers=1,
 )
+
+
+def _bar(items: object, desc: str, unit: str) -> object:
+    """A named progress bar over a long stage's loop."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
@@ -254,7 +264,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         labeler = _labeler(cfg, labels_stage.dir)
         gen_rng = torch.Generator().manual_seed(cfg.seed)
         records = []
-        for start in range(0, len(chosen), 16):
+        for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
             idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
             prompts = [train_prompts[i] for i in idx]
             out = generate(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
@@ -419,7 +429,7 @@ def _evaluate_policies(cfg: DemoConfig, root: Path, sft_model: Path, test: list,
     summary: dict = {}
     generations: dict = {}
     references = [s.target_query for s in test]
-    for name in cfg.policies:
+    for name in _bar(cfg.policies, "evaluate", "policy"):
         folder = _policy_folder(root, name, sft_model)
         policy = load_policy(sft_model)
         if name != "sft":

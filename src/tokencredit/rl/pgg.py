@@ -350,7 +350,8 @@ class PGGTrainer:
         if cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.num_steps, initial=self.step_idx, desc="pgg", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=cfg.num_steps, initial=self.step_idx, desc=f"pgg {self.run_dir.name}", unit="step",
+                       dynamic_ncols=True)
         try:
             with MetricsLogger(self.run_dir, tensorboard=cfg.log_tensorboard, config=config_to_dict(cfg),
                                resume_from_step=self.step_idx) as logger:

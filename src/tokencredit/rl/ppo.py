@@ -505,7 +505,7 @@ class PPOTrainer:
             config=config_to_dict(cfg), resume_from_step=self.update_idx,
         )
         self.history = read_metrics(self.run_dir) if resumed else []
-        bar = _progress(cfg.num_updates, self.update_idx, cfg.progress)
+        bar = _progress(cfg.num_updates, self.update_idx, cfg.progress, f"ppo {self.run_dir.name}")
         try:
             with logger:
                 while self.update_idx < cfg.num_updates:
@@ -1023,10 +1023,10 @@ class _PhaseClock:
         self._last = now
 
 
-def _progress(total: int, initial: int, enabled: bool) -> object | None:
-    """A tqdm bar, or None when disabled."""
+def _progress(total: int, initial: int, enabled: bool, desc: str = "ppo") -> object | None:
+    """A tqdm bar named ``desc`` (the run folder's name tells a recipe's stages apart), or None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="ppo", unit="update", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="update", dynamic_ncols=True)

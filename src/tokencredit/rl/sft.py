@@ -316,7 +316,7 @@ class SFTTrainer:
             config=config_to_dict(cfg), resume_from_step=self.step_idx,
         )
         self.history = read_metrics(self.run_dir) if resumed else []
-        bar = _progress(self.total_steps, self.step_idx, cfg.progress)
+        bar = _progress(self.total_steps, self.step_idx, cfg.progress, f"sft {self.run_dir.name}")
         try:
             with logger:
                 while self.step_idx < self.total_steps:
@@ -441,13 +441,13 @@ class SFTTrainer:
             self.step_idx = int(state["step"])
 
 
-def _progress(total: int, initial: int, enabled: bool) -> object | None:
-    """A tqdm bar, or None when disabled."""
+def _progress(total: int, initial: int, enabled: bool, desc: str = "sft") -> object | None:
+    """A tqdm bar named ``desc`` (the run folder's name tells a recipe's stages apart), or None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="sft", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------- `tokencredit sft`
