@@ -164,3 +164,7 @@ def test_progress_bars_carry_the_stage_name(tmp_path, capsys):
                        progress=True, log_tensorboard=False, mixed_precision="no")
     PPOTrainer(config, policy, tok, ["a b", "c d"], lambda p, r, ids: [1.0] * len(p)).train()
     assert "ppo tppo" in capsys.readouterr().err
+
+
+def test_a_built_in_models_hub_id_resolves_to_the_built_in_copy():
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == resolve_model("all-minilm-l6-v2")

@@ -77,6 +77,10 @@ BUILTIN_HUB_IDS: dict[str, str] = {
 }
 ALLOW_DOWNLOAD_ENV = "TOKENCREDIT_ALLOW_DOWNLOAD"
 
+# peft asks transformers for `is_gradient_checkpointing` whenever it wraps or loads adapters, and transformers
+# 5.2x answers with a FutureWarning on every run; the call is peft's, not ours, so we hide exactly that one.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
 
 def downloads_allowed(allow_download: bool | None = None) -> bool:
     """Whether a hub id that is not cached may be downloaded: ``allow_download``, else the environment
@@ -113,6 +117,9 @@ def resolve_model(name_or_path: str | Path, cache_dir: str | Path | None = None,
                 "folder written by save_pretrained (it holds config.json and the weights)."
             )
         return local
+    # A built-in model's hub id (what saved adapters name as their base) means the built-in copy: the adapter
+    # was trained on exactly those weights (SmolLM2's are dequantized from Q4_1, close to but not the hub's).
+    name = {hub: builtin for builtin, hub in BUILTIN_HUB_IDS.items()}.get(name, name)
     if name == MINILM_NAME:
         return _minilm_folder()
     if name in BUILTIN_MODELS:

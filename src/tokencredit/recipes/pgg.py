@@ -32,7 +32,7 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _Stage, claim_recipe_folder
+from tokencredit.recipes.tppo import _clamp_layers, _Stage, claim_recipe_folder
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, 
     from tokencredit.rewards.token_rm import TokenRewardModel
     from tokencredit.rl.pgg import PGGConfig, PGGTrainer
 
+    top = _clamp_layers(model_name, cfg.top_layers)  # a smaller model than the default has fewer blocks
     policy = load_policy(model_name, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0,
-                                                       top_layers=cfg.top_layers), seed=cfg.seed)
+                                                       top_layers=top), seed=cfg.seed)
     objective = "reinforce" if cfg.task == "fewshot" else "weighted_mle"
     guidance = "token" if arm.startswith("pgg") else ("sequence" if arm == "sequence" else "none")
     rm = None

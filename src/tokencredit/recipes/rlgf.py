@@ -34,7 +34,7 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _Stage, claim_recipe_folder
+from tokencredit.recipes.tppo import _clamp_layers, _Stage, claim_recipe_folder
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def _rl(cfg: RLGFConfig, algorithm: str, start: str, guide_model: str, tokenizer
     """One algorithm's run: LoRA on the start model, the task's reward, the guide model when the algorithm uses one."""
     from tokencredit.rl.ppo import PPOConfig, PPOTrainer
 
-    top = cfg.top_layers
+    top = _clamp_layers(start, cfg.top_layers)  # a smaller model than the default has fewer blocks
     policy = load_policy(start, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, top_layers=top),
                          seed=cfg.seed)
     guide = None if algorithm == "ppo" else load_policy(guide_model)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
-from tokencredit.recipes.tppo import _Stage, claim_recipe_folder
+from tokencredit.recipes.tppo import _clamp_layers, _Stage, claim_recipe_folder
 from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,9 @@ def _ppo(cfg: SERRecipeConfig, arm: str, root: Path, policy_model: str, rm_folde
     raw_of = dict(zip(rendered, prompts))
     reward = reward_from_saved_rm(rm_folder, tokenizer, SavedRewardSettings(sigmoid_baseline=cfg.sigmoid_baseline),
                                   raw_prompt=lambda p: raw_of.get(p, p))
-    lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, top_layers=cfg.top_layers)
+    # A smaller model than the default has fewer blocks than top_layers: then every block gets adapters.
+    lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0,
+                        top_layers=_clamp_layers(policy_model, cfg.top_layers))
     policy = load_policy(policy_model, lora=lora, seed=cfg.seed)
     config = PPOConfig(output_dir=str(root / arm), seed=cfg.seed, num_updates=cfg.ppo_updates,
                        batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_batch_size // 2 or 1, ppo_epochs=1,
