@@ -120,16 +120,16 @@ def report(result: dict, task: str) -> None:
     keys = ["reward_per_sample", *METRICS[task]]
     ppo = agg.get("ppo", {})
     print(f"\n{task}: mean (sd) over {len(result['per_seed'])} seed(s); x PPO = ratio to plain PPO")
-    print("policy".ljust(12) + "".join(k[:16].rjust(18) for k in keys))
+    print("policy".ljust(12) + "".join(k[:22].rjust(24) for k in keys))
     for name, row in agg.items():
         cells = []
         for k in keys:
             if k not in row:
-                cells.append("-".rjust(18))
+                cells.append("-".rjust(24))
                 continue
             m, sd = row[k]["mean"], row[k]["sd"]
             ratio = f" x{m / ppo[k]['mean']:.2f}" if k in ppo and ppo[k]["mean"] and name != "ppo" else ""
-            cells.append(f"{m:.3f}({sd:.3f}){ratio}".rjust(18))
+            cells.append(f"{m:.3f} ({sd:.3f}){ratio}".rjust(24))
         print(name.ljust(12) + "".join(cells))
     curves = {name: row["mean_curve"] for name, row in agg.items() if "mean_curve" in row}
     if curves:
@@ -138,6 +138,17 @@ def report(result: dict, task: str) -> None:
                                        f"{len(result['per_seed'])} seeds", xlabel="update", ylabel="reward",
                                width=640, height=300)
         (RESULTS / f"rlgf_{task}.svg").write_text(chart + "\n")
+
+
+def markdown(result: dict, task: str) -> str:
+    """The aggregate as a markdown table (mean ± sd over seeds), for the docs."""
+    agg = result["aggregate"]
+    keys = ["reward_per_sample", *METRICS[task]]
+    lines = ["| policy | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in agg.items():
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['sd']:.3f}" if k in row else "—" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -155,11 +166,14 @@ def main() -> int:
     parser.add_argument("--workdir", default="runs/bench-rlgf")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the results file")
     parser.add_argument("--report", action="store_true", help="only redo the table and chart from the results")
+    parser.add_argument("--markdown", action="store_true", help="with --report: also print a markdown table")
     args = parser.parse_args()
     if args.report:
         result = json.loads((RESULTS / f"rlgf_{args.task}.json").read_text())
         aggregate(result, args.task)
         report(result, args.task)
+        if args.markdown:
+            print(markdown(result, args.task))
         return 0
     run(args)
     return 0
