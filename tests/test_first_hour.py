@@ -130,13 +130,13 @@ def test_prompts_may_come_from_a_dataset_column(tmp_path):
 def test_the_cli_keeps_absl_quiet_and_the_download_flag_sets_the_variable(monkeypatch, capsys):
     from tokencredit.cli import main
 
-    monkeypatch.delenv("TOKENCREDIT_ALLOW_DOWNLOAD", raising=False)
+    # setenv first, so that teardown restores the variable's absence after main() sets it.
+    monkeypatch.setenv("TOKENCREDIT_ALLOW_DOWNLOAD", "0")
     main(["--allow-download", "rlgf", "task=nothing"])  # a config error, after the global settings applied
     import os
 
     assert os.environ.get("TOKENCREDIT_ALLOW_DOWNLOAD") == "1"
     assert logging.getLogger("absl").level == logging.WARNING
-    monkeypatch.delenv("TOKENCREDIT_ALLOW_DOWNLOAD", raising=False)
 
 
 @pytest.mark.parametrize("module,cls,field", [("tppo", "DemoConfig", "model"), ("rlgf", "RLGFConfig", "model"),
