@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> None:
         summary = run_pgg(cfg)
         summary["seconds"] = round(time.time() - began, 1)
         result["per_seed"][str(seed)] = summary
+        if out.exists():
+            # Another process may run other seeds into the same file (two cores, one seed each): keep theirs.
+            for key, value in json.loads(out.read_text())["per_seed"].items():
+                result["per_seed"].setdefault(key, value)
         aggregate(result, args.task)
         RESULTS.mkdir(exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")

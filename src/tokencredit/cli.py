@@ -121,6 +121,8 @@ def run_ppo(cfg: PPORunConfig) -> list[dict]:
     trainer = PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, reward_fn=reward_fn,
                          critic=critic, reference_responses=refs)
     history = trainer.train()
+    if not trainer.group.is_main:
+        return history  # rank 0 writes the merged policy and reports
     if cfg.save_merged:
         from tokencredit.models import save_merged
 
@@ -287,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tokencredit.distributed import is_main_process
+
+    # Under `accelerate launch` every rank runs this; only rank 0 reports progress (the others warn only).
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     # rouge-score logs through absl at INFO on every scorer it builds ("Using default tokenizer.").
     logging.getLogger("absl").setLevel(logging.WARNING)
     if getattr(args, "allow_download", False):

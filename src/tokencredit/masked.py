@@ -5,6 +5,8 @@ Here rather than in ``rl/`` so that reward sources (``rewards/``) never import t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -30,9 +32,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise x to unit variance (and zero mean if shift_mean) over masked entries; 0 on padding."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Normalise x to unit variance (and zero mean if shift_mean) over masked entries; 0 on padding.
+
+    ``reduce`` sums a tensor over the processes of a data-parallel run (tokencredit.distributed): the mean and
+    variance are then those of every process's entries together, as one process holding them all would compute.
+    """
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        total, n = reduce(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+        mean = total / n.clamp(min=1)
+        var = reduce(masked_sum((x - mean) ** 2, mask).reshape(1))[0] / n.clamp(min=1)
+        if n > 1:
+            var = var * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -41,7 +41,10 @@ def value_loss(
         clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
         err_clipped = (clipped_values - returns) ** 2
         loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
-        clipfrac = masked_mean((err_clipped > err).float(), mask).detach()
+        # Only where clipping moved the value: inside the range old + (values - old) can differ from values by
+        # rounding, and that noise would count as clipping.
+        moved = (values - old_values).abs() > cliprange_value
+        clipfrac = masked_mean(((err_clipped > err) & moved).float(), mask).detach()
     return loss, {"clipfrac": clipfrac}
 
 

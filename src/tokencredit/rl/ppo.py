@@ -23,6 +23,14 @@ import torch
 from torch import nn
 
 from tokencredit.config import config_to_dict, save_config
+from tokencredit.distributed import (
+    check_world_size,
+    process_group,
+    rank_seed,
+    rank_state_of,
+    resume_on_ranks,
+    save_checkpoint_on_ranks,
+)
 from tokencredit.fastdecode import StaticKVDecoder
 from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts, eos_ids, generate
 from tokencredit.models import (
@@ -42,7 +50,7 @@ from tokencredit.precision import (
     validate_mixed_precision,
 )
 from tokencredit.rewards.tokens import RewardFn, all_finite, rewards_to_tensor
-from tokencredit.rl.advantages import compute_gae, masked_mean, masked_whiten
+from tokencredit.rl.advantages import compute_gae, masked_mean, masked_sum, masked_whiten
 from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_loss
 from tokencredit.rl.losses import entropy_from_logits, policy_loss, value_loss
 from tokencredit.rl.rollout import RolloutBatch, response_logits, response_values, token_logprobs
@@ -55,7 +63,6 @@ from tokencredit.runs import (
     read_metrics,
     reading_checkpoint,
     restore_rng_state,
-    resume_newest_loadable,
     save_trainer_state,
 )
 
@@ -364,7 +371,14 @@ class PPOTrainer:
         if config.target_coef > 0 and reference_responses is None:
             raise ValueError("target_coef > 0 needs reference_responses (the NLL target)")
         self.config = config
-        self.device = resolve_device(config.device)
+        # One process, or the rank Accelerate launched: each rank samples its share of every batch.
+        self.group = process_group(config.device)
+        mb = config.mini_batch_size or config.batch_size
+        self.group.check_divides(batch_size=config.batch_size, mini_batch_size=mb)
+        if (mb // self.group.world_size) % config.gradient_accumulation_steps:
+            raise ValueError(f"mini_batch_size / processes = {mb // self.group.world_size} must be a multiple of "
+                             f"gradient_accumulation_steps {config.gradient_accumulation_steps}")
+        self.device = self.group.device or resolve_device(config.device)
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -380,6 +394,9 @@ class PPOTrainer:
 
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device)
+        # Randomly initialised trainable weights (LoRA) may differ between ranks: rank 0's win, as with DDP, before
+        # anything (reference, critic) is copied from the policy, so every rank starts from the same point.
+        self.group.broadcast_parameters([p for p in self.policy.parameters() if p.requires_grad])
         self.reference = (make_reference(policy) if reference is None else reference)
         if self.reference is not None:
             self.reference = self.reference.to(self.device).eval().requires_grad_(False)
@@ -403,6 +420,7 @@ class PPOTrainer:
             self.critic_params += [p for p in self.guide_critic.parameters() if p.requires_grad]
         if not self.policy_params:
             raise ValueError("the policy has no trainable parameters")
+        self.group.broadcast_parameters(self.critic_params)  # a critic passed in may differ between ranks too
         self.amp_dtype = resolve_mixed_precision(config.mixed_precision, self.device)
         freeze_to([self.policy, self.critic, self.reference, self.guide_critic,
                    getattr(self.guide_writer, "model", None)], self.amp_dtype)
@@ -421,11 +439,14 @@ class PPOTrainer:
             )
         else:
             self.kl_ctl = FixedKLController(config.kl_coef)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
+        # Per-rank streams (rank 0 keeps the single-process seeds): ranks sample different responses.
+        self.generator = torch.Generator(device=self.device).manual_seed(rank_seed(config.seed, self.group.rank))
+        self.shuffle_generator = torch.Generator().manual_seed(rank_seed(config.seed + 1, self.group.rank))
         if hasattr(self.guide_writer, "generator"):
             self.guide_writer.generator = self.generator
-        # Switch points and LOLS draws: their own stream, so beta = 0 leaves the policy's sampling untouched.
+        # Switch points and LOLS draws: their own stream, so beta = 0 leaves the policy's sampling untouched. The
+        # same on every rank: the roll-in is one decision per update and switch points are drawn for the global
+        # batch, each rank taking its rows' (so they match a single-process run's).
         self.guide_rng = random.Random(config.seed + 2)
         self._guided: tuple[str | None, torch.Tensor] | None = None  # (roll-in, learner mask) of the last rollout
         self.update_idx = 0
@@ -493,43 +514,55 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update."""
         cfg = self.config
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
-        self._drop_replaced_run = claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
-                                                   cfg.allow_changed_settings)
+        group = self.group
+        # Before anything is written: the folder must be this run's (see runs.claim_run_folder). Rank 0 decides
+        # and writes; a refusal there is raised on every rank.
+        self._drop_replaced_run = group.on_main(
+            lambda: claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
+                                     cfg.allow_changed_settings), default=lambda: None)
         resumed = self._maybe_resume()
         if not resumed:
-            self._start_fresh()
-        save_config(cfg, self.run_dir / "config.yaml")
-        logger = MetricsLogger(
-            self.run_dir, tensorboard=cfg.log_tensorboard, wandb=cfg.log_wandb, wandb_project=cfg.wandb_project,
-            config=config_to_dict(cfg), resume_from_step=self.update_idx,
-        )
+            group.on_main(self._start_fresh)
+        if group.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            logger: MetricsLogger | nullcontext = MetricsLogger(
+                self.run_dir, tensorboard=cfg.log_tensorboard, wandb=cfg.log_wandb,
+                wandb_project=cfg.wandb_project, config=config_to_dict(cfg), resume_from_step=self.update_idx,
+            )
+        else:
+            logger = nullcontext()
+        group.barrier()  # no rank reads the folder before rank 0 has set it up
         self.history = read_metrics(self.run_dir) if resumed else []
-        bar = _progress(cfg.num_updates, self.update_idx, cfg.progress, f"ppo {self.run_dir.name}")
+        bar = _progress(cfg.num_updates, self.update_idx, cfg.progress and group.is_main,
+                        f"ppo {self.run_dir.name}")
         try:
             with logger:
                 while self.update_idx < cfg.num_updates:
                     stats = self.step(self.batch_indices(self.update_idx))
                     self.update_idx += 1
                     stats = {"update": self.update_idx, **stats}
-                    logger.log(self.update_idx, stats)
+                    if group.is_main:
+                        logger.log(self.update_idx, stats)
                     self.history.append(stats)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/mean']:.3f}")
                     if self.update_idx % cfg.save_every == 0 or self.update_idx == cfg.num_updates:
                         self.save_checkpoint()
-                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
+                        group.on_main(self._drop_replaced_run)  # a replaced run goes once this one has a checkpoint
         finally:
             if bar is not None:
                 bar.close()
-        with quiet_saves():
-            self.save_policy(self.run_dir / "policy")
+        if group.is_main:
+            with quiet_saves():
+                self.save_policy(self.run_dir / "policy")
+        group.barrier()  # the run is over for every rank once its policy is on disk
         return self.history
 
     def step(self, indices: Sequence[int]) -> dict:
-        """One PPO update on the prompts at `indices`: rollout, score, advantages, optimise."""
+        """One PPO update on the prompts at `indices` (the global batch; each rank takes its share)."""
         t0 = time.perf_counter()
+        indices = self.group.share(indices)
         prompts = [self.prompts[i] for i in indices]
         gen = self.rollout(prompts)
         t1 = time.perf_counter()
@@ -571,8 +604,10 @@ class PPOTrainer:
 
         cfg = self.config
         rollin = rollin_of(cfg.algorithm, self.update_idx, cfg.lols_tau, cfg.d2lols_switch_update, self.guide_rng)
-        switches = draw_switches(len(prompts), cfg.guide_beta, cfg.guide_rollin_length or cfg.max_new_tokens,
-                                 self.guide_rng)
+        # Drawn for the global batch on every rank (same stream), each rank keeping its rows' switch points.
+        switches = self.group.share(draw_switches(
+            len(prompts) * self.group.world_size, cfg.guide_beta, cfg.guide_rollin_length or cfg.max_new_tokens,
+            self.guide_rng))
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
         learner = ModelWriter(self.policy, self.tokenizer, temperature=cfg.temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, generator=self.generator)
@@ -594,7 +629,9 @@ class PPOTrainer:
         if self._vllm is None:
             # vLLM loads a model from a folder; the policy as it is now (LoRA merged) is written once, and
             # later updates reach the engine through sync_weights.
-            folder = save_policy_folder(self.policy, self.tokenizer, self.run_dir / "vllm_model")
+            # One engine per rank, each on its own GPU, loaded from its own folder.
+            name = f"vllm_model_rank{self.group.rank}" if self.group.distributed else "vllm_model"
+            folder = save_policy_folder(self.policy, self.tokenizer, self.run_dir / name)
             self._vllm = VLLMRollout(str(folder), self.tokenizer, seed=cfg.seed,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
         else:
@@ -626,17 +663,29 @@ class PPOTrainer:
             rows = torch.nonzero(~gen.finished).squeeze(-1)
             scores[rows, last[rows]] -= cfg.missing_eos_penalty
         seq_scores = (scores * mask).sum(-1)
+        group = self.group
+        n_rows = len(prompts) * group.world_size  # the global batch
+        finite = all_finite(scores)
+        # Batch statistics are over the global batch: sums from every rank (identity in a single process).
+        total, total_sq, tokens, finished, nonfinite = group.sum(torch.stack([
+            torch.where(torch.isfinite(seq_scores), seq_scores, 0.0).sum(), seq_scores.pow(2).nan_to_num().sum(),
+            mask.sum(), gen.finished.float().sum(), torch.tensor(float(not finite), device=mask.device),
+        ]).double()).tolist()
+        reward_mean = total / n_rows
         stats: dict = {
-            "reward/mean": float(seq_scores.mean()),
-            "reward/std": float(seq_scores.std()) if len(prompts) > 1 else 0.0,
-            "response_length/mean": float(mask.sum(-1).mean()),
-            "response/finished_frac": float(gen.finished.float().mean()),
+            "reward/mean": reward_mean,
+            "reward/std": math.sqrt(max(total_sq - n_rows * reward_mean**2, 0.0) / (n_rows - 1)) if n_rows > 1 else 0.0,
+            "response_length/mean": tokens / n_rows,
+            "response/finished_frac": finished / n_rows,
             "kl/coef": self.kl_ctl.value,
         }
         clock.lap("time/reward")
-        if not all_finite(scores):
+        if nonfinite:
+            # Every rank skips together (one rank stepping alone would leave the others waiting for it).
             bad = torch.nonzero(~torch.isfinite(scores).all(-1)).squeeze(-1).tolist()
-            stats.update({"skipped": f"non-finite reward in rows {bad}", "kl/mean": float("nan")})
+            where = f"rows {bad}" if bad else "another process's rows"
+            stats.update({"skipped": f"non-finite reward in {where}", "kl/mean": float("nan"),
+                          "reward/mean": float("nan")})
             return None, stats
 
         ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
@@ -690,25 +739,30 @@ class PPOTrainer:
                                               for rows in self._row_chunks(len(prompts))]) * mask
                 values_t = torch.where(train_mask.bool(), values_t, guide_values)
                 guide_value_mask = (mask - train_mask).long()
+            learner_tokens_all = float(group.sum(train_mask.sum().double().reshape(1))[0])
             stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
-                          "guide/learner_token_frac": float(train_mask.sum() / mask.sum().clamp(min=1))})
+                          "guide/learner_token_frac": learner_tokens_all / max(tokens, 1.0)})
         kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator or "k1") * kl_mask
         rewards = scores - self.kl_ctl.value * kl_tokens if cfg.kl_in_reward else scores.clone()
+        reduce = group.sum if group.distributed else None
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
         advantages, returns = compute_gae(rewards, values_t, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, train_mask)
+            advantages = masked_whiten(advantages, train_mask, reduce=reduce)
         kl_seq = ((logprobs_t - ref_t) * kl_mask).sum(-1)  # k1 summed per sequence, the number people compare
+        kl_sum, penalty_sum, reward_sum, value_sum, return_sum = group.sum(torch.stack([
+            kl_seq.sum(), (self.kl_ctl.value * kl_tokens).sum(), (rewards * mask).sum(), masked_sum(values_t, mask),
+            masked_sum(returns, mask)]).double()).tolist()
         stats.update({
-            "kl/mean": float(kl_seq.mean()),
-            "kl/penalty_mean": float((self.kl_ctl.value * kl_tokens).sum(-1).mean()),
-            "rewards/total_mean": float((rewards * mask).sum(-1).mean()),
-            "values/mean": masked_mean(values_t, mask).item(),
-            "returns/mean": masked_mean(returns, mask).item(),
+            "kl/mean": kl_sum / n_rows,
+            "kl/penalty_mean": penalty_sum / n_rows,
+            "rewards/total_mean": reward_sum / n_rows,
+            "values/mean": value_sum / max(tokens, 1.0),
+            "returns/mean": return_sum / max(tokens, 1.0),
             **clock.laps,
         })
-        self.kl_ctl.update(float(kl_seq.mean()), len(prompts))
+        self.kl_ctl.update(kl_sum / n_rows, n_rows)
         batch = RolloutBatch(
             prompt_ids=gen.prompt_ids, prompt_mask=gen.prompt_mask, response_ids=gen.response_ids,
             response_mask=gen.response_mask, train_mask=train_mask.long(), logprobs=logprobs_t,
@@ -724,8 +778,9 @@ class PPOTrainer:
         return torch.arange(n, device=self.device).split(self._micro_batch_size())
 
     def _micro_batch_size(self) -> int:
-        """Rows per forward pass."""
-        return (self.config.mini_batch_size or self.config.batch_size) // self.config.gradient_accumulation_steps
+        """Rows per forward pass (of this rank's share)."""
+        mb = (self.config.mini_batch_size or self.config.batch_size) // self.group.world_size
+        return mb // self.config.gradient_accumulation_steps
 
     def _reference(self) -> tuple[nn.Module, object]:
         """The module that gives reference log-probs and the context to call it in (adapters off for LoRA)."""
@@ -742,7 +797,8 @@ class PPOTrainer:
     def optimize(self, batch: RolloutBatch) -> dict:
         """ppo_epochs passes of clipped PPO over mini-batches of `batch`; non-finite steps are skipped."""
         cfg = self.config
-        mb_size = cfg.mini_batch_size or cfg.batch_size
+        group = self.group
+        mb_size = (cfg.mini_batch_size or cfg.batch_size) // group.world_size  # this rank's share
         micro = self._micro_batch_size()
         params = self.policy_params + self.critic_params
         sums: dict[str, torch.Tensor] = {}  # statistics summed on the device, read back once at the end
@@ -775,11 +831,16 @@ class PPOTrainer:
                     finite = finite & torch.isfinite(loss)
                     (loss / cfg.gradient_accumulation_steps).backward()
                     mb_stats.append(s)
+                # The mean gradient over the ranks (each loss carries its token weight): every rank now holds the
+                # gradient one process would have on the whole mini-batch, so all take the same step.
+                group.average_gradients(params)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                summary = torch.stack([finite.float(), grad_norm.float()] + [
-                    torch.stack([s["policy/approx_kl"] for s in mb_stats]).mean()]).tolist()
-                ok = summary[0] == 1.0 and math.isfinite(summary[1])
+                nonfinite, approx_kl = group.sum(torch.stack([
+                    1.0 - finite.float(), torch.stack([s["policy/approx_kl"] for s in mb_stats]).mean()]).double()
+                ).tolist()
+                summary = [nonfinite == 0.0, float(grad_norm), approx_kl / group.world_size]
+                ok = summary[0] and math.isfinite(summary[1])
                 if ok:
                     self.optimizer.step()
                     optimizer_steps += 1
@@ -797,7 +858,8 @@ class PPOTrainer:
                     break
             if early_stopped:
                 break
-        totals = torch.stack(list(sums.values())).tolist() if sums else []
+        # Each rank's statistics carry its token weight; their sum over ranks / N is the global token mean.
+        totals = (group.sum(torch.stack(list(sums.values())).double()) / group.world_size).tolist() if sums else []
         stats = {k: v / max(count, 1) for k, v in zip(sums, totals)}
         stats["grad_norm"] = grad_norm_sum / max(optimizer_steps, 1)
         stats["optim/steps"] = optimizer_steps
@@ -829,13 +891,16 @@ class PPOTrainer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """PPO loss of one micro-batch and its statistics (0-d tensors, read back once per update).
 
-        `forward` is the (logits, log-probs, values) of `mb` when they were already computed with gradients.
+        `forward` is the (logits, log-probs, values) of `mb` when they were already computed with gradients. In a
+        multi-process run every term is a token mean weighted by this rank's share of the global tokens
+        (ProcessGroup.token_weight), and so are the statistics; a single process has weight 1.
         """
         cfg = self.config
         if forward is None:
             forward = self._forward((mb.input_ids(), mb.attention_mask(), mb.response_ids))
         logits, logprobs, values = forward
         train_mask = mb.train_mask.float()
+        weight = self.group.token_weight(train_mask.sum())
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, train_mask, cfg.cliprange)
         # The learner's critic learns the value of the learner's own tokens (all of them in plain PPO).
         vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, train_mask, cfg.cliprange_value)
@@ -848,7 +913,9 @@ class PPOTrainer:
                                                mb.response_ids.size(1))
             guide_vf, _ = value_loss(guide_values, mb.values, mb.returns, mb.guide_value_mask.float(),
                                      cfg.cliprange_value)
-            vf_loss = vf_loss + guide_vf
+            # Over the guide's tokens: their own share of the global count, relative to the learner tokens'.
+            guide_weight = self.group.token_weight(mb.guide_value_mask.sum())
+            vf_loss = vf_loss + guide_vf * (guide_weight / weight if weight else 0.0)
         if cfg.entropy_coef > 0:
             entropy = masked_mean(entropy_from_logits(logits), train_mask)
         else:
@@ -868,11 +935,16 @@ class PPOTrainer:
             loss = loss + self.kl_ctl.value * kl_term
             stats["loss/kl"] = kl_term.detach()
         if cfg.target_coef > 0:
-            nll = self._target_nll(mb.row_index)
+            nll, nll_tokens = self._target_nll(mb.row_index)
+            # Reference tokens have their own global count; rows without a reference add none.
+            nll_weight = self.group.token_weight(nll_tokens)
             if nll is not None:
-                loss = loss + cfg.target_coef * nll
+                loss = loss + cfg.target_coef * nll * (nll_weight / weight if weight else 0.0)
                 stats["loss/target_nll"] = nll.detach()
         stats["loss/total"] = loss.detach()
+        if weight != 1.0:
+            loss = loss * weight
+            stats = {k: v * weight for k, v in stats.items()}
         return loss, stats
 
     def _tokenize_references(self) -> list[list[int] | None]:
@@ -886,11 +958,11 @@ class PPOTrainer:
             out.append(list(ids) + [self.tokenizer.eos_token_id])
         return out
 
-    def _target_nll(self, row_index: torch.Tensor) -> torch.Tensor | None:
-        """Mean NLL of the reference responses of these rows (rows without one are left out)."""
+    def _target_nll(self, row_index: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """Mean NLL of the reference responses of these rows (rows without one are left out), and their tokens."""
         rows = [int(i) for i in row_index.tolist() if self._target_ids[int(i)] is not None]
         if not rows:
-            return None
+            return None, 0
         prompt_ids, prompt_mask = encode_prompts(
             self.tokenizer, [self.prompts[i] for i in rows], self.config.max_prompt_length, self.device
         )
@@ -906,7 +978,7 @@ class PPOTrainer:
             logits = response_logits(
                 self.policy, torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), width
             )
-        return -masked_mean(token_logprobs(logits, resp), resp_mask.float())
+        return -masked_mean(token_logprobs(logits, resp), resp_mask.float()), int(resp_mask.sum())
 
     # ------------------------------------------------------------------ checkpoints
     def _start_fresh(self) -> None:
@@ -925,8 +997,26 @@ class PPOTrainer:
         self.tokenizer.save_pretrained(path)
 
     def save_checkpoint(self) -> Path:
-        """Write policy, critic, optimiser, KL controller, RNG and data position, atomically."""
-        tmp = self.checkpoints.begin(self.update_idx)
+        """Write policy, critic, optimiser, KL controller, RNG and data position, atomically.
+
+        In a multi-process run rank 0 writes the checkpoint (weights and optimiser are the same on every rank)
+        and every other rank adds its own random streams as ``rank<R>_state.pt`` before rank 0 commits.
+        """
+        return save_checkpoint_on_ranks(self.group, self.checkpoints, self.update_idx, self._write_checkpoint,
+                                        self._rank_state)
+
+    def _rank_state(self) -> dict:
+        """This process's random streams: sampling, mini-batch order, guide draws and the global RNGs."""
+        return {
+            "rank": self.group.rank,
+            "rng": capture_rng_state(),
+            "generator": self.generator.get_state(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "guide_rng": self.guide_rng.getstate(),
+        }
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """Rank 0's part of save_checkpoint: everything but the other ranks' streams."""
         with quiet_saves():
             self.save_policy(tmp / "policy")
             self.critic.save_pretrained(tmp / "critic")
@@ -945,13 +1035,16 @@ class PPOTrainer:
                 "shuffle_generator": self.shuffle_generator.get_state(),
                 "guide_rng": self.guide_rng.getstate(),  # switch points and the LOLS schedule
                 "data_position": {"epoch": epoch, "offset": offset, "num_prompts": n},
+                "world_size": self.group.world_size,
             },
         )
-        return self.checkpoints.commit(self.update_idx)
 
     def _maybe_resume(self) -> bool:
-        """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged)."""
-        ckpt = resume_newest_loadable(self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
+        """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged).
+
+        Rank 0 picks the checkpoint (setting damaged ones aside); the other ranks load the one it picked.
+        """
+        ckpt = resume_on_ranks(self.group, self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
         if ckpt is None:
             return False
         log.info("resumed from %s (update %d)", ckpt, self.update_idx)
@@ -963,11 +1056,15 @@ class PPOTrainer:
         state = load_trainer_state(path / "trainer_state.pt")
         with reading_checkpoint(path, "trainer_state.pt"):
             num_prompts = state["data_position"]["num_prompts"]
+            saved_world = int(state.get("world_size", 1))
         if num_prompts != len(self.prompts):
             raise ValueError(
                 f"checkpoint {path} was made with {num_prompts} prompts, "
                 f"this run has {len(self.prompts)}; resume with the same prompts"
             )
+        check_world_size(self.group, path, saved_world)
+        with reading_checkpoint(path, f"rank{self.group.rank}_state.pt"):
+            rank_state = rank_state_of(self.group, path, state)
         with reading_checkpoint(path, "policy weights"):
             load_policy_weights(self.policy, path / "policy")
         with reading_checkpoint(path, "critic weights"):
@@ -983,11 +1080,11 @@ class PPOTrainer:
         with reading_checkpoint(path, "trainer state"):
             self.optimizer.load_state_dict(state["optimizer"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
-            restore_rng_state(state["rng"])
-            self.generator.set_state(state["generator"])
-            self.shuffle_generator.set_state(state["shuffle_generator"])
-            if "guide_rng" in state:
-                self.guide_rng.setstate(state["guide_rng"])
+            restore_rng_state(rank_state["rng"])
+            self.generator.set_state(rank_state["generator"])
+            self.shuffle_generator.set_state(rank_state["shuffle_generator"])
+            if "guide_rng" in rank_state:
+                self.guide_rng.setstate(rank_state["guide_rng"])
             self.update_idx = int(state["update_idx"])
 
 

@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -23,6 +24,13 @@ import torch
 from torch import nn
 
 from tokencredit.config import ConfigError, config_to_dict, save_config
+from tokencredit.distributed import (
+    check_world_size,
+    process_group,
+    rank_state_of,
+    resume_on_ranks,
+    save_checkpoint_on_ranks,
+)
 from tokencredit.models import LoraSettings, apply_chat, load_policy_weights, quiet_saves, resolve_device
 from tokencredit.precision import (
     autocast,
@@ -42,7 +50,6 @@ from tokencredit.runs import (
     read_metrics,
     reading_checkpoint,
     restore_rng_state,
-    resume_newest_loadable,
     save_trainer_state,
 )
 
@@ -262,13 +269,16 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         self.examples = tokenize_examples(tokenizer, prompts, responses, config.max_length, record_names)
         self.pad_id = _pad_id(tokenizer)
-        self.device = resolve_device(config.device)
+        # One process, or a rank Accelerate launched: each rank trains on every N-th example of each step.
+        self.group = process_group(config.device)
+        self.device = self.group.device or resolve_device(config.device)
 
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
+        self.group.broadcast_parameters(self.params)  # rank 0's initial weights (e.g. LoRA) on every rank
         self.amp_dtype = resolve_mixed_precision(config.mixed_precision, self.device)
         if config.tune_allocator and self.device.type == "cpu":
             tune_cpu_allocator()
@@ -304,59 +314,78 @@ class SFTTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) SFT to total_steps; returns one metrics dict per optimizer step."""
         cfg = self.config
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
-        self._drop_replaced_run = claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
-                                                   cfg.allow_changed_settings)
+        group = self.group
+        # Before anything is written: the folder must be this run's (see runs.claim_run_folder). Rank 0 decides
+        # and writes; a refusal there is raised on every rank.
+        self._drop_replaced_run = group.on_main(
+            lambda: claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
+                                     cfg.allow_changed_settings), default=lambda: None)
         resumed = self._maybe_resume()
         if not resumed:
-            self._start_fresh()
-        save_config(cfg, self.run_dir / "config.yaml")
-        logger = MetricsLogger(
-            self.run_dir, tensorboard=cfg.log_tensorboard, wandb=cfg.log_wandb, wandb_project=cfg.wandb_project,
-            config=config_to_dict(cfg), resume_from_step=self.step_idx,
-        )
+            group.on_main(self._start_fresh)
+        if group.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            logger: MetricsLogger | nullcontext = MetricsLogger(
+                self.run_dir, tensorboard=cfg.log_tensorboard, wandb=cfg.log_wandb,
+                wandb_project=cfg.wandb_project, config=config_to_dict(cfg), resume_from_step=self.step_idx,
+            )
+        else:
+            logger = nullcontext()
+        group.barrier()  # no rank reads the folder before rank 0 has set it up
         self.history = read_metrics(self.run_dir) if resumed else []
-        bar = _progress(self.total_steps, self.step_idx, cfg.progress, f"sft {self.run_dir.name}")
+        bar = _progress(self.total_steps, self.step_idx, cfg.progress and group.is_main, f"sft {self.run_dir.name}")
         try:
             with logger:
                 while self.step_idx < self.total_steps:
                     stats = self.step(self.batch_indices(self.step_idx))
                     self.step_idx += 1
                     stats["epoch"] = self.step_idx / self.steps_per_epoch
-                    logger.log(self.step_idx, stats)
+                    if group.is_main:
+                        logger.log(self.step_idx, stats)
                     self.history.append({"step": self.step_idx, **stats})  # the same record read_metrics gives
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
                     if self.step_idx % cfg.save_every == 0 or self.step_idx == self.total_steps:
                         self.save_checkpoint()
-                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
+                        group.on_main(self._drop_replaced_run)  # a replaced run goes once this one has a checkpoint
         finally:
             if bar is not None:
                 bar.close()
         self.policy.eval()
-        with quiet_saves():
-            self.save_policy(self.run_dir / "policy")
+        if group.is_main:
+            with quiet_saves():
+                self.save_policy(self.run_dir / "policy")
+        group.barrier()
         return self.history
 
     def step(self, indices: Sequence[int]) -> dict:
-        """One optimizer step on the examples at `indices`; a non-finite gradient skips the update."""
+        """One optimizer step on the examples at `indices` (the global batch; each rank takes every N-th).
+
+        A non-finite gradient skips the update.
+        """
         t0 = time.perf_counter()
         cfg = self.config
-        examples = [self.examples[i] for i in indices]
-        n_tokens = sum(len(e.response_ids) for e in examples)
-        micro = math.ceil(len(examples) / cfg.gradient_accumulation_steps)
+        group = self.group
+        all_examples = [self.examples[i] for i in indices]
+        # Strided, not contiguous: the last batch of an epoch may not divide evenly, and a rank may get none.
+        examples = all_examples[group.rank::group.world_size]
+        n_tokens = sum(len(e.response_ids) for e in all_examples)
+        micro = max(1, math.ceil(len(examples) / cfg.gradient_accumulation_steps))
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64)
         for start in range(0, len(examples), micro):
             batch = collate_examples(examples[start : start + micro], self.pad_id, self.device)
             # Divide by the tokens of the whole step, so every response token weighs the same however the step
-            # is split into micro-batches (a per-micro-batch mean would favour short responses).
+            # is split into micro-batches (a per-micro-batch mean would favour short responses) or processes.
             with autocast(self.device, self.amp_dtype):
                 loss = response_nll(self.policy, batch).sum() / n_tokens
-            loss.backward()
-            loss_sum += loss.item()
+            # x N: the gradient average over N ranks divides by N, and the sum over ranks is the step's loss.
+            (loss * group.world_size).backward()
+            loss_sum += loss.detach().double().cpu()
+        group.average_gradients(self.params)
+        loss_sum = float(group.sum(loss_sum.reshape(1))[0])
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         finite = math.isfinite(grad_norm)
@@ -371,7 +400,7 @@ class SFTTrainer:
             "loss": loss_sum,
             "lr": lr,
             "tokens": n_tokens,
-            "examples": len(examples),
+            "examples": len(all_examples),
             "grad_norm": grad_norm,
             "skipped_nonfinite": not finite,
             "time/step": time.perf_counter() - t0,
@@ -393,8 +422,13 @@ class SFTTrainer:
         self.tokenizer.save_pretrained(path)
 
     def save_checkpoint(self) -> Path:
-        """Write policy, tokenizer, optimizer, LR schedule, RNG and data position, atomically."""
-        tmp = self.checkpoints.begin(self.step_idx)
+        """Write policy, tokenizer, optimizer, LR schedule, RNG and data position, atomically (rank 0 writes;
+        every other rank adds its random state)."""
+        return save_checkpoint_on_ranks(self.group, self.checkpoints, self.step_idx, self._write_checkpoint,
+                                        lambda: {"rank": self.group.rank, "rng": capture_rng_state()})
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """Rank 0's part of save_checkpoint."""
         with quiet_saves():
             self.save_policy(tmp / "policy")
         epoch, batch_in_epoch = divmod(self.step_idx, self.steps_per_epoch)
@@ -407,13 +441,13 @@ class SFTTrainer:
                 "rng": capture_rng_state(),
                 "data_position": {"epoch": epoch, "batch": batch_in_epoch, "num_examples": len(self.examples),
                                   "batch_size": self.config.batch_size},
+                "world_size": self.group.world_size,
             },
         )
-        return self.checkpoints.commit(self.step_idx)
 
     def _maybe_resume(self) -> bool:
         """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged)."""
-        ckpt = resume_newest_loadable(self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
+        ckpt = resume_on_ranks(self.group, self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
         if ckpt is None:
             return False
         log.info("resumed from %s (step %d)", ckpt, self.step_idx)
@@ -426,18 +460,22 @@ class SFTTrainer:
         with reading_checkpoint(path, "trainer_state.pt"):
             saved = state["data_position"]
             saved_shape = (saved["num_examples"], saved["batch_size"])
+            saved_world = int(state.get("world_size", 1))
         if saved_shape != (len(self.examples), self.config.batch_size):
             raise ValueError(
                 f"checkpoint {path} was made with {saved_shape[0]} examples and batch_size "
                 f"{saved_shape[1]}, this run has {len(self.examples)} and {self.config.batch_size}; "
                 "resume with the same data and batch_size"
             )
+        check_world_size(self.group, path, saved_world)
+        with reading_checkpoint(path, f"rank{self.group.rank}_state.pt"):
+            rank_state = rank_state_of(self.group, path, state)
         with reading_checkpoint(path, "policy weights"):
             load_policy_weights(self.policy, path / "policy")
         with reading_checkpoint(path, "trainer state"):
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            restore_rng_state(state["rng"])
+            restore_rng_state(rank_state["rng"])
             self.step_idx = int(state["step"])
 
 
@@ -524,8 +562,11 @@ def run_sft(cfg: SFTRunConfig) -> list[dict]:
     tokenizer = load_tokenizer(cfg.model)
     prompts, responses, names = load_sft_data(cfg, tokenizer)
     policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype, seed=cfg.seed)
-    history = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses,
-                         record_names=names).train()
+    trainer = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses,
+                         record_names=names)
+    history = trainer.train()
+    if not trainer.group.is_main:
+        return history  # rank 0 writes the merged policy and reports
     if cfg.save_merged:
         from tokencredit.models import save_merged
 

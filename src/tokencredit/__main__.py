@@ -1,0 +1,7 @@
+"""``python -m tokencredit`` runs the command line, so ``accelerate launch -m tokencredit ...`` works."""
+
+import sys
+
+from tokencredit.cli import main
+
+sys.exit(main())
