@@ -3,7 +3,8 @@
     python tests/distributed_worker.py MODE OUT [key=value ...]
 
 MODE: ``ppo-scripted`` (responses fixed per prompt, so one and two processes see the same samples), ``ppo``
-(sampled), ``sft``. Each rank writes OUT/rank<R>.json: world size, rank, the run's metrics, a hash of its
+(sampled), ``sft``, ``seq-rm`` (Bradley-Terry reward model: the loop every `reward train` kind shares).
+Each rank writes OUT/rank<R>.json: world size, rank, the run's metrics, a hash of its
 trainable weights after every update, and OUT/rank<R>.safetensors with the final trainable weights.
 ``kill_after=K`` ends every rank with exit code 17 right after the checkpoint of update K (a crash).
 """
@@ -111,9 +112,40 @@ class WorkerSFT(SFTTrainer, Recording):
         return path
 
 
+def train_seq_rm(out: Path) -> None:
+    """Bradley-Terry on 11 fixed pairs (batch 4: the last batch of each epoch does not split evenly)."""
+    from tokencredit.distributed import process_group
+    from tokencredit.rewards.records import PreferencePair
+    from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
+    from tokencredit.testing import tiny_scalar_model
+
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_scalar_model(len(tok), seed=0)
+    if os.environ.get("RANK", "0") != "0":
+        with torch.no_grad():
+            model.head.weight.add_(0.5)  # must be replaced by rank 0's
+    rm = SequenceRewardModel.from_model(model, tok)
+    pairs = [PreferencePair(prompt=WORDS[i % 4], chosen=" ".join(["b"] * (1 + i % 3) + ["a"]),
+                            rejected=" ".join(["c"] * (2 + i % 2))) for i in range(11)]
+    cfg = SeqRMConfig(output_dir=str(out / "run"), num_epochs=2, batch_size=4, learning_rate=1e-2, progress=False,
+                      log_tensorboard=False, eval_fraction=0.0, seed=1, mixed_precision="no")
+    history = train_sequence_reward_model(rm, cfg, pairs, eval_pairs=pairs[:3])
+    group = process_group()
+    params = [p for p in rm.model.parameters() if p.requires_grad]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{group.rank}.json").write_text(json.dumps({
+        "world_size": group.world_size, "rank": group.rank, "history": history[:-1], "hashes": [],
+        "final_hash": weights_hash(params), "eval": history[-1]["eval"]}))
+    save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)},
+              str(out / f"rank{group.rank}.safetensors"))
+
+
 def main() -> None:
     """Run MODE into OUT with the key=value settings."""
     mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "seq-rm":
+        train_seq_rm(out)
+        return
     settings = dict(arg.split("=", 1) for arg in sys.argv[3:])
     kill_after = int(settings.pop("kill_after")) if "kill_after" in settings else None
     torch.manual_seed(0)

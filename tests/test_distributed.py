@@ -99,6 +99,20 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, mode):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == len(one["history"])
 
 
+def test_reward_model_training_on_two_processes_matches_one(tmp_path):
+    launch("seq-rm", tmp_path / "one", processes=1)
+    launch("seq-rm", tmp_path / "two")
+    one, one_w = result(tmp_path / "one")
+    two0, two0_w = result(tmp_path / "two", 0)
+    two1, _ = result(tmp_path / "two", 1)
+    assert two0["world_size"] == 2 and two0["final_hash"] == two1["final_hash"]
+    assert_same_history(one["history"], two0["history"])
+    assert_same_weights(one_w, two0_w)
+    assert one["eval"] == pytest.approx(two0["eval"], rel=1e-4)
+    run = tmp_path / "two" / "run"
+    assert (run / "model").is_dir() and len((run / "metrics.jsonl").read_text().splitlines()) == len(one["history"])
+
+
 def test_two_process_sampled_run_is_reproducible_and_resumes_after_a_kill(tmp_path):
     settings = ("updates=4", "save_every=1")
     launch("ppo", tmp_path / "a", *settings)
@@ -194,6 +208,14 @@ def test_sharding_engines_are_refused_with_a_message(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP, which shards parameters"):
         process_group("cpu")
+
+
+def test_commands_that_run_in_one_process_refuse_a_launch(monkeypatch, capsys):
+    from tokencredit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--fast"]) != 0
+    assert "runs in one process" in capsys.readouterr().err
 
 
 def test_trainer_refuses_a_batch_the_ranks_cannot_share(monkeypatch, tmp_path):

@@ -279,6 +279,16 @@ def demo_config(args: argparse.Namespace) -> object:
     return cfg
 
 
+def _check_multi_process(args: argparse.Namespace) -> None:
+    """Under `accelerate launch`, refuse the commands that run in one process (they would write N times)."""
+    from tokencredit.distributed import launched_world_size
+
+    command = args.command + (f" {args.action}" if args.command == "reward" else "")
+    if launched_world_size() > 1 and command not in ("ppo", "sft", "reward train"):
+        raise ConfigError(f"`tokencredit {command}` runs in one process; under accelerate launch only ppo, sft "
+                          "and reward train spread over processes (see docs/distributed.md)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tokencredit` command."""
     parser = build_parser()
@@ -301,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[ALLOW_DOWNLOAD_ENV] = "1"
     try:
+        _check_multi_process(args)
         if args.command == "ppo":
             cfg = load_config(PPORunConfig, args.config, args.overrides, base=PPO_DEFAULTS)
             run_ppo(cfg)

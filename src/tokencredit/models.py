@@ -680,9 +680,15 @@ def quiet_saves() -> Iterator[None]:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else the named device."""
+    """'auto' -> cuda when available, else the named device; under a multi-process launch, this rank's GPU."""
+    if str(name) in ("auto", "cuda") and torch.cuda.is_available():
+        local_rank = os.environ.get("LOCAL_RANK")
+        # One GPU per process under `accelerate launch`: "cuda" would put every rank on GPU 0.
+        if local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return torch.device(f"cuda:{int(local_rank)}")
+        return torch.device("cuda")
     if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     return torch.device(name)
 
 

@@ -125,6 +125,12 @@ def _bar(items: object, desc: str, unit: str) -> object:
 def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
     """Claim a recipe's output folder (see runs.claim_run_folder), create it and save the settings; returns
     the call that drops a replaced run once this one has finished."""
+    from tokencredit.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        # A recipe writes reports, summaries and stage folders of its own; every rank would write them.
+        raise ValueError("recipes run in one process; under accelerate launch use the ppo, sft and reward train "
+                         "commands (or PPOTrainer / SFTTrainer), see docs/distributed.md")
     drop = claim_run_folder(root, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")

@@ -272,7 +272,11 @@ def reward_show(cfg: RewardRunConfig) -> Path:
 def run_reward(action: str, cfg: RewardRunConfig) -> None:
     """Dispatch `tokencredit reward ACTION` and print its result as JSON."""
     if action == "train":
-        print(json.dumps(reward_train(cfg), indent=1))
+        from tokencredit.distributed import is_main_process
+
+        metrics = reward_train(cfg)
+        if is_main_process():  # every rank trained; one reports
+            print(json.dumps(metrics, indent=1))
     elif action == "eval":
         print(json.dumps(reward_eval(cfg), indent=1))
     elif action == "show":

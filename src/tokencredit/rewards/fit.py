@@ -2,18 +2,25 @@
 
 Each reward-model kind supplies only its batches and its loss; logging, clipping, skipping non-finite steps,
 the progress bar and the run folder's metrics.jsonl/config.yaml are the same for all of them.
+
+Under ``accelerate launch`` every rank takes every N-th item of each batch (a batch is a list, or a tuple of
+lists for the token RM's kinds), its loss weighted by its share of the batch's items, and the gradients are
+averaged: for losses that are means over items (Bradley-Terry pairs, ListMLE lists, edits) that is the step one
+process takes; token-level BCE is weighted by items, not tokens. Rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tokencredit.config import save_config
+from tokencredit.distributed import ProcessGroup, process_group
 from tokencredit.precision import (
     autocast,
     make_adamw,
@@ -58,32 +65,42 @@ def fit(
     if not params:
         raise ValueError("the reward model has no trainable parameters")
     device = params[0].device
+    group = process_group(getattr(config, "device", "auto"))
+    group.broadcast_parameters(params)  # a freshly initialised head (or LoRA) starts equal on every rank
     # Reward-model configs carry mixed_precision like the trainers; an older or custom config means full precision.
     amp_dtype = resolve_mixed_precision(getattr(config, "mixed_precision", "no"), device)
     optimizer = make_adamw([{"params": params}], lr=config.learning_rate, weight_decay=config.weight_decay,
                            fused=True)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun in the same folder starts a fresh log
-    save_config(config, out / "config.yaml")
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun in the same folder starts a fresh log
+        save_config(config, out / "config.yaml")
     bar = None
-    if config.progress:
+    if config.progress and group.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.num_epochs * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True)
     history: list[dict] = []
     step = 0
     try:
-        with MetricsLogger(out, tensorboard=config.log_tensorboard) as logger:
+        with MetricsLogger(out, tensorboard=config.log_tensorboard) if group.is_main else nullcontext() as logger:
             for epoch in range(config.num_epochs):
                 for batch in epochs(epoch):
                     model.train()
                     optimizer.zero_grad(set_to_none=True)
-                    with autocast(device, amp_dtype):
-                        loss, stats = loss_fn(batch)
+                    local, weight = _share(batch, group)
+                    loss, stats = None, {}
+                    if weight > 0:
+                        with autocast(device, amp_dtype):
+                            loss, stats = loss_fn(local)
+                    stats = _mean_over_ranks(group, stats, weight)
                     stats["optim/skipped_nonfinite"] = 0
-                    if torch.isfinite(loss):
-                        loss.backward()
+                    finite = loss is None or bool(torch.isfinite(loss))
+                    if group.sum(torch.tensor([float(not finite)]))[0] == 0:
+                        if loss is not None:
+                            (loss * weight).backward()
+                        group.average_gradients(params)
                         max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                         stats["grad_norm"] = float(grad_norm)
@@ -92,11 +109,12 @@ def fit(
                         else:
                             stats["optim/skipped_nonfinite"] = 1
                     else:
-                        # Never step on a non-finite loss: the weights and Adam state stay as they were.
+                        # Never step on a non-finite loss (on any rank): the weights and Adam state stay as they were.
                         stats["optim/skipped_nonfinite"] = 1
                     step += 1
                     stats = {"epoch": epoch + 1, **stats}
-                    logger.log(step, stats)
+                    if group.is_main:
+                        logger.log(step, stats)
                     history.append({"step": step, **stats})
                     if bar is not None:
                         bar.update(1)
@@ -106,3 +124,30 @@ def fit(
             bar.close()
         model.eval()
     return history
+
+
+def _share(batch: object, group: ProcessGroup) -> tuple[object, float]:
+    """This rank's every-N-th items of a batch (a list, or a tuple of lists) and its weight, local * N / global."""
+    if not group.distributed:
+        return batch, 1.0
+    parts = list(batch) if isinstance(batch, tuple) else [batch]
+    local = [list(part)[group.rank::group.world_size] for part in parts]
+    total = sum(len(part) for part in parts)
+    weight = sum(len(part) for part in local) * group.world_size / total if total else 0.0
+    return (tuple(local) if isinstance(batch, tuple) else local[0]), weight
+
+
+def _mean_over_ranks(group: ProcessGroup, stats: dict[str, float], weight: float) -> dict[str, float]:
+    """Each statistic's item-weighted mean over the ranks that computed it (a rank may lack a kind)."""
+    if not group.distributed:
+        return stats
+    import torch.distributed as dist
+
+    seen: list = [None] * group.world_size
+    dist.all_gather_object(seen, (stats, weight))
+    out: dict[str, float] = {}
+    for key in sorted({k for s, _ in seen for k in s}):
+        pairs = [(s[key], w) for s, w in seen if key in s and w > 0]
+        total = sum(w for _, w in pairs)
+        out[key] = sum(v * w for v, w in pairs) / total if total else float("nan")
+    return out

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numpy as np
 import torch
 
+from tokencredit.distributed import is_main_process
 from tokencredit.models import resolve_device
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.runs import atomic_write_json
@@ -390,7 +391,8 @@ def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Seq
     metrics = evaluate_pgg_reward_model(rm, eval_lists, config.aggregator, config.beta, config.batch_size,
                                         config.max_length)
     out = Path(config.output_dir)
-    atomic_write_json(out / "eval.json", metrics)
     history.append({"step": history[-1]["step"] if history else 0, "eval": metrics})
-    rm.save_pretrained(out / "model")
+    if is_main_process():  # rank 0 alone writes under accelerate launch
+        atomic_write_json(out / "eval.json", metrics)
+        rm.save_pretrained(out / "model")
     return history

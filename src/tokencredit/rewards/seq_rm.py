@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokencredit.distributed import is_main_process
 from tokencredit.models import resolve_device
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.records import PreferencePair, random_split
@@ -187,7 +188,8 @@ def train_sequence_reward_model(
     history = fit(rm.model, config, epoch_batches, loss_fn, steps_per_epoch, "sequence rm")
     metrics = evaluate_sequence_reward_model(rm, eval_pairs, batch_size=bs)
     out = config.output_dir
-    atomic_write_json(f"{out}/eval.json", metrics)
     history.append({"step": history[-1]["step"] if history else 0, "eval": metrics})
-    rm.save_pretrained(f"{out}/model")
+    if is_main_process():  # rank 0 alone writes under accelerate launch
+        atomic_write_json(f"{out}/eval.json", metrics)
+        rm.save_pretrained(f"{out}/model")
     return history

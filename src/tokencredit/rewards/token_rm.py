@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokencredit.distributed import is_main_process
 from tokencredit.generation import encode_prompts, position_ids_from_mask
 from tokencredit.masked import masked_mean, masked_sum
 from tokencredit.models import (
@@ -646,7 +647,8 @@ def train_token_reward_model(
     step = history[-1]["step"] if history else 0
     out = Path(config.output_dir)
     metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs, edits=edit_eval)
-    atomic_write_json(out / "eval.json", metrics)
     history.append({"step": step, "eval": metrics})
-    rm.save_pretrained(out / "model")
+    if is_main_process():  # rank 0 alone writes under accelerate launch
+        atomic_write_json(out / "eval.json", metrics)
+        rm.save_pretrained(out / "model")
     return history

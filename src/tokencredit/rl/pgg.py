@@ -272,6 +272,11 @@ class PGGTrainer:
         """Set up; ``score_fn(prompts, responses) -> list[float]`` (higher better) ranks samples; ``references``
         (one per prompt) are the weighted-MLE targets; ``reward_model`` defaults to a copy of the policy's backbone."""
         config.validate()
+        from tokencredit.distributed import launched_world_size
+
+        if launched_world_size() > 1:
+            raise ValueError("PGGTrainer runs in one process for now: its grounding step ranks every prompt's "
+                             "samples together; PPOTrainer and SFTTrainer spread over processes")
         if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
             # A datasets column, a numpy array, a pandas Series: any iterable of strings (whose truth value
             # may be ambiguous or raise) becomes a plain list first.
