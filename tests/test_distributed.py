@@ -228,3 +228,35 @@ def test_trainer_refuses_a_batch_the_ranks_cannot_share(monkeypatch, tmp_path):
     cfg = PPOConfig(output_dir=str(tmp_path / "run"), batch_size=6, mixed_precision="no")
     with pytest.raises(ValueError, match="batch_size=6 must be a multiple of the number of processes"):
         PPOTrainer(cfg, policy=model, tokenizer=tok, prompts=["a b"], reward_fn=lambda p, r, i: [0.0] * len(p))
+
+
+def _average_in_buckets(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: gradients differ per rank, one is missing on rank 1, one on both."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (2, 5, 1, 4)]
+        for i, p in enumerate(params):
+            if (i == 2 and rank == 1) or i == 3:
+                continue
+            p.grad = torch.arange(p.numel(), dtype=torch.float32) + 10.0 * i + 100.0 * rank
+        ProcessGroup(world_size=2, rank=rank).average_gradients(params, bucket_elements=3)
+        torch.save([None if p.grad is None else p.grad for p in params], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_average_in_small_buckets_on_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_in_buckets, args=(port, str(tmp_path)), nprocs=2)
+    grads = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for g in grads:
+        torch.testing.assert_close(g[0], torch.arange(2.0) + 50.0)  # mean of +0 and +100
+        torch.testing.assert_close(g[1], torch.arange(5.0) + 60.0)
+        torch.testing.assert_close(g[2], torch.tensor([20.0 / 2]))  # rank 1 had none: counts as zero
+        assert g[3] is None  # no rank had one: the optimiser skips it, as one process would

@@ -94,11 +94,13 @@ class ProcessGroup:
         total = float(self.sum(local)[0])
         return float(local[0]) * self.world_size / total if total > 0 else 0.0
 
-    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Mean of every parameter's gradient over the ranks, in one flat all-reduce.
+    def average_gradients(self, params: Sequence[torch.nn.Parameter], bucket_elements: int = 1 << 24) -> None:
+        """Mean of every parameter's gradient over the ranks, in flat all-reduces of at most ``bucket_elements``.
 
         A parameter without a gradient on every rank keeps none (the optimiser then skips it, as a single
         process would); one with a gradient somewhere gets the mean with zeros for the ranks that had none.
+        Buckets (64 MB of float32 by default) bound the extra memory: one flat copy of a full critic's
+        gradients would add as much again as the gradients themselves.
         """
         if not self.distributed:
             return
@@ -106,23 +108,33 @@ class ProcessGroup:
 
         params = list(params)
         device = self._comm_device()
-        flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-        grads = [p.grad.detach().reshape(-1).to(device, torch.float32) if p.grad is not None
-                 else torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in params]
-        flat = torch.cat(grads + [flags])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        seen = flat[-len(params):] if params else flat[:0]
-        for i, p in enumerate(params):
-            n = p.numel()
-            if float(seen[i]) > 0:
-                mean = flat[offset:offset + n].view_as(p).to(p.device, p.dtype)
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        dist.all_reduce(has_grad)
+        buckets: list[list[torch.nn.Parameter]] = [[]]
+        size = 0
+        for p, seen in zip(params, has_grad.tolist()):
+            if seen == 0:
+                continue  # no rank has a gradient for it
+            if buckets[-1] and size + p.numel() > bucket_elements:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(p)
+            size += p.numel()
+        for bucket in buckets:
+            if not bucket:
+                continue
+            flat = torch.cat([p.grad.detach().reshape(-1).to(device, torch.float32) if p.grad is not None
+                              else torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in bucket])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            offset = 0
+            for p in bucket:
+                mean = flat[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype)
                 if p.grad is None:
                     p.grad = mean.clone()
                 else:
                     p.grad.copy_(mean)
-            offset += n
+                offset += p.numel()
 
     def broadcast_parameters(self, params: Sequence[torch.Tensor]) -> None:
         """Copy rank 0's values into every rank's tensors, so all ranks start from the same weights."""
