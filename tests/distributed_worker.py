@@ -3,7 +3,8 @@
     python tests/distributed_worker.py MODE OUT [key=value ...]
 
 MODE: ``ppo-scripted`` (responses fixed per prompt, so one and two processes see the same samples), ``ppo``
-(sampled), ``sft``, ``seq-rm`` (Bradley-Terry reward model: the loop every `reward train` kind shares).
+(sampled), ``ppo-guided`` (LOLS with a black-box guide and greedy learner tokens: the same samples again),
+``sft``, ``seq-rm`` (Bradley-Terry reward model: the loop every `reward train` kind shares).
 Each rank writes OUT/rank<R>.json: world size, rank, the run's metrics, a hash of its
 trainable weights after every update, and OUT/rank<R>.safetensors with the final trainable weights.
 ``kill_after=K`` ends every rank with exit code 17 right after the checkpoint of update K (a crash).
@@ -96,6 +97,14 @@ class WorkerPPO(PPOTrainer, Recording):
         return path
 
 
+class WordGuide:
+    """A black-box guide that always continues with the same words."""
+
+    def complete(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        """The same continuation for every text."""
+        return ["a c a c a c"] * len(texts)
+
+
 class WorkerSFT(SFTTrainer, Recording):
     """SFT that records its weights after every step."""
 
@@ -169,7 +178,15 @@ def main() -> None:
         def reward(prompts, responses, ids):  # noqa: ANN001, ANN202
             return [[1.0 if t == a else -0.1 for t in row] for row in ids]
 
-        trainer: Recording = WorkerPPO(cfg, policy=model, tokenizer=tok, prompts=PROMPTS[:8] * 2, reward_fn=reward)
+        guided = {}
+        if mode == "ppo-guided":
+            # top_k=1: the learner's tokens are its argmax, so one and two processes write the same rows, and
+            # the switch points drawn for the global batch must land on the same rows too.
+            cfg.algorithm, cfg.guide_beta, cfg.lols_tau, cfg.top_k = "lols", 0.5, 0.5, 1
+            cfg.validate()
+            guided = {"guide": WordGuide()}
+        trainer: Recording = WorkerPPO(cfg, policy=model, tokenizer=tok, prompts=PROMPTS[:8] * 2, reward_fn=reward,
+                                       **guided)
         trainer.scripted = mode == "ppo-scripted"
         params = trainer.policy_params + trainer.critic_params
     else:

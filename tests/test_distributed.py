@@ -74,11 +74,12 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[k], b[k], **TOL)
 
 
-@pytest.mark.parametrize("mode", ["ppo-scripted", "sft"])
+@pytest.mark.parametrize("mode", ["ppo-scripted", "ppo-guided", "sft"])
 def test_two_processes_take_the_step_one_process_takes(tmp_path, mode):
     # ppo-scripted: the same responses per prompt whichever rank samples them, so both runs see the same samples;
     # reward whitening, the adaptive KL controller and early stopping on KL all read global batch statistics.
-    settings = ("target_kl=0.004",) if mode == "ppo-scripted" else ()
+    # ppo-guided: LOLS (both roll-ins, the guide critic) with greedy learner tokens and a fixed guide.
+    settings = {"ppo-scripted": ("target_kl=0.004",), "ppo-guided": ("updates=4",)}.get(mode, ())
     launch(mode, tmp_path / "one", *settings, processes=1)
     launch(mode, tmp_path / "two", *settings)
     one, one_w = result(tmp_path / "one")
@@ -93,6 +94,9 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, mode):
     if mode == "ppo-scripted":
         assert any(h["optim/early_stopped"] for h in one["history"])  # the early stop was exercised
         assert one["history"][-1]["kl/coef"] != 0.05  # and the adaptive controller moved
+    if mode == "ppo-guided":  # both roll-ins happened, and guide tokens were in the batch
+        assert {h["guide/rollin_is_guide"] for h in one["history"]} == {0.0, 1.0}
+        assert all(h["guide/learner_token_frac"] < 1 for h in one["history"])
     # Only rank 0 wrote the run folder; no rank files outside checkpoints.
     run = tmp_path / "two" / "run"
     assert (run / "metrics.jsonl").exists() and (run / "policy").is_dir()
