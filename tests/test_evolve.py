@@ -60,6 +60,18 @@ def test_resume_continues_the_loop_numbering(setup):
     assert [json.loads(x)["loop"] for x in lines] == [0, 1]
 
 
+def test_a_run_folder_belongs_to_one_run(setup, capsys):
+    assert main(args(setup, "max_loops=0")) == 0
+    capsys.readouterr()
+    assert main(args(setup, "max_loops=0")) == 2  # a second fresh run would mix its loops with the first's
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(args(setup, "max_loops=0", "resume=true", "high=0.6")) == 2  # changed what a loop learns
+    assert "high: 0.55 -> 0.6" in capsys.readouterr().err
+    assert main(args(setup, "max_loops=0", "overwrite=true")) == 0
+    assert [json.loads(x)["loop"] for x in (setup / "run" / "loops.jsonl").read_text().splitlines()] == [0]
+    assert not list(setup.glob("run.replaced-*"))  # the replaced run went once the new one finished a loop
+
+
 def test_errors_are_clear(setup, capsys):
     assert main(["evolve", f"output_dir={setup / 'e'}"]) == 2
     assert "needs data" in capsys.readouterr().err

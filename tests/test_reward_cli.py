@@ -157,3 +157,16 @@ def test_over_long_responses_are_named_by_line_or_cut_with_a_warning(setup, caps
     # More positions than the backbone has is refused up front, not an index error deep in a forward pass.
     assert main([*args, "max_length=100000"]) == 2
     assert "positions" in capsys.readouterr().err
+
+
+def test_training_into_a_folder_that_holds_a_run_is_refused_unless_overwrite(setup, capsys):
+    args = ["reward", "train", "kind=sequence", f"model={setup / 'backbone'}", f"data={setup / 'pairs.jsonl'}",
+            *common(setup, "again"), "num_epochs=1"]
+    assert main(args) == 0
+    first = (setup / "again" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (setup / "again" / "metrics.jsonl").read_text() == first  # the first run is untouched
+    assert main([*args, "overwrite=true"]) == 0
+    assert (setup / "again" / "model").is_dir() and not list(setup.glob("again.replaced-*"))

@@ -538,6 +538,7 @@ class RunFolderError(ValueError):
 RESUMABLE_CHANGES = frozenset({
     "resume", "overwrite", "allow_changed_settings", "num_updates", "num_steps", "num_epochs", "max_steps",
     "save_every", "keep_checkpoints", "progress", "log_tensorboard", "log_wandb", "wandb_project", "device",
+    "max_loops", "patience", "min_delta",  # SER's stop rule: when the loops end, not what each loop learns
 })
 _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "policy", "summary.json")
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tokencredit.config import ConfigError
+from tokencredit.config import ConfigError, config_to_dict
+from tokencredit.distributed import process_group
 from tokencredit.models import LoraSettings
-from tokencredit.runs import atomic_write_json
+from tokencredit.runs import atomic_write_json, claim_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class RewardRunConfig:
     aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled; see rewards/pgg.py)
     seed: int = 0  # train: seeds the new weights (head, LoRA), the eval split, data order and dropout
     progress: bool = True  # train: progress bar
+    overwrite: bool = False  # train: replace a run already in output_dir (kept aside until the new model is saved)
     # show: texts to draw, each {"prompt": ..., "response": ...} (or a .jsonl file of them in `data`)
     texts: list[dict] = field(default_factory=list)
 
@@ -188,6 +190,10 @@ def reward_train(cfg: RewardRunConfig) -> dict:
     else:
         rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
     check_lengths(cfg, rm.tokenizer, getattr(rm.model.backbone.config, "max_position_embeddings", None))
+    # Checked input first, then before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 decides.
+    group = process_group()
+    drop_replaced = group.on_main(lambda: claim_run_folder(cfg.output_dir, config_to_dict(cfg), resume=False,
+                                                           overwrite=cfg.overwrite), default=lambda: None)
     if cfg.kind == "sequence":
         history = train_sequence_reward_model(rm, SeqRMConfig(**common), data.pairs)
     elif cfg.kind == "pgg":
@@ -199,6 +205,7 @@ def reward_train(cfg: RewardRunConfig) -> dict:
                                            token_examples=data.token_examples if weights["bce_weight"] else (),
                                            pairs=data.pairs if weights["bt_weight"] else (),
                                            edits=data.edits if uses_edits else ())
+    group.on_main(drop_replaced)  # the new model is saved: a replaced run can go
     return history[-1]["eval"]
 
 

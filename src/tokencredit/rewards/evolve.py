@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tokencredit.config import ConfigError, save_config
+from tokencredit.config import ConfigError, config_to_dict, save_config
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.records import PreferencePair
 from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
-from tokencredit.runs import atomic_write_json
+from tokencredit.runs import atomic_write_json, claim_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class EvolveConfig:
     seed: int = 0  # seeds the held-out split, the seed/pool draw, pair order shown to the RM and RM training
     full_baseline: bool = False  # also train one RM on 100% of the training labels, for comparison
     resume: bool = False  # continue after the last finished loop recorded in output_dir/ser_state.json
+    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first loop ends)
+    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     progress: bool = True  # progress bar while training each loop's RM
 
     def validate(self) -> None:
@@ -105,6 +107,8 @@ def run_evolve(cfg: EvolveConfig) -> dict:
     rule = SelectionRule(cfg.status, cfg.high, cfg.low, cfg.min_gap)
     train, held = _load(cfg)
     out = Path(cfg.output_dir)
+    # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
+    drop_replaced = claim_run_folder(out, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     order = list(range(len(train)))
@@ -138,6 +142,7 @@ def run_evolve(cfg: EvolveConfig) -> dict:
                 "train_pairs": len(seed_pairs) + len(pseudo)}
         with (out / "loops.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
+        drop_replaced()  # a replaced run goes once this one has finished a loop
         log.info("SER loop %d: held-out accuracy %.3f, selected %d (%d right), pool %d", loop, accuracy,
                  record.selected, right, record.pool_left)
         reason = state.stop_reason(cfg.patience, cfg.min_delta)
