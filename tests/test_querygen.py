@@ -222,20 +222,26 @@ def test_normalize_query_and_tokens():
 
 
 def test_per_example_metrics_hand_computed():
-    assert per_example_metrics('"Cheap Flights Paris."', "cheap flights paris") == {"em": 1.0, "f1": 1.0,
-                                                                                     "rouge_l": 1.0}
+    assert per_example_metrics('"Cheap Flights Paris."', "cheap flights paris") == {
+        "em": 1.0, "f1": 1.0, "p": 1.0, "r": 1.0, "rouge_l": 1.0, "words": 3.0, "ref_words": 3.0}
     # 3 shared words; precision 3/3, recall 3/5 -> F1 = 2 * 1 * 0.6 / 1.6 = 0.75.
     partial = per_example_metrics("cheap flights paris", "cheap flights to paris june")
     assert partial["em"] == 0.0 and partial["f1"] == pytest.approx(0.75)
+    assert (partial["p"], partial["r"], partial["words"], partial["ref_words"]) == (1.0, 0.6, 3.0, 5.0)
+    # A longer query with one extra wrong word: recall kept, precision down.
+    longer = per_example_metrics("cheap flights to paris june hotel", "cheap flights to paris june")
+    assert (longer["p"], longer["r"]) == (pytest.approx(5 / 6), 1.0)
     # LCS("cheap flights to paris", "cheap paris flights") = 2 -> P 2/4, R 2/3, F = 4/7.
     assert per_example_metrics("cheap flights to paris", "cheap paris flights")["rouge_l"] == pytest.approx(4 / 7)
-    assert per_example_metrics("", "cheap flights") == {"em": 0.0, "f1": 0.0, "rouge_l": 0.0}
+    assert per_example_metrics("", "cheap flights") == {"em": 0.0, "f1": 0.0, "p": 0.0, "r": 0.0, "rouge_l": 0.0,
+                                                        "words": 0.0, "ref_words": 2.0}
     assert per_example_metrics("hotels rome", "cheap flights")["f1"] == 0.0
 
 
 def test_query_metrics_means_and_bleu():
     perfect = query_metrics(["python sort list of dicts by key", "a"], ["Python sort list of dicts by key", "A"])
-    assert perfect == {"exact_match": 1.0, "token_f1": 1.0, "bleu": 1.0, "rouge_l": 1.0}
+    assert perfect == {"exact_match": 1.0, "token_f1": 1.0, "token_precision": 1.0, "token_recall": 1.0, "bleu": 1.0,
+                       "rouge_l": 1.0, "mean_words": 4.0}
 
     scores = query_metrics(["cheap flights paris", "hotels rome"], ["cheap flights to paris june", "hotels rome"])
     assert scores["exact_match"] == 0.5
@@ -244,7 +250,9 @@ def test_query_metrics_means_and_bleu():
     assert 0.0 < scores["bleu"] < 1.0
     # All n-grams of "a b c" match and it has no 4-grams (effective order), so BLEU = brevity penalty e^(1-4/3).
     assert query_metrics(["a b c"], ["a b c d"])["bleu"] == pytest.approx(math.exp(1 - 4 / 3))
-    assert query_metrics(["x y"], ["a b"]) == {"exact_match": 0.0, "token_f1": 0.0, "bleu": 0.0, "rouge_l": 0.0}
+    assert query_metrics(["x y"], ["a b"]) == {"exact_match": 0.0, "token_f1": 0.0, "token_precision": 0.0,
+                                               "token_recall": 0.0, "bleu": 0.0, "rouge_l": 0.0, "mean_words": 2.0}
+    assert scores["token_precision"] == 1.0 and scores["token_recall"] == pytest.approx((0.6 + 1.0) / 2)
 
 
 def test_query_metrics_rejects_bad_input():

@@ -15,10 +15,12 @@ import html
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -93,6 +95,18 @@ class DemoConfig:
     # (the RM's summed reward on the last token)
     policies: list[str] = field(default_factory=lambda: ["sft", "tppo", "ppo_sequence"])
 
+    # --- length control (docs/tppo.md), learning curves, ablations ---
+    # Subtracted from every token reward of both PPO policies: "none" = nothing; "mean" = the reward model's mean
+    # token reward on the labelled SFT samples, so that a query earns or loses nothing merely by its length
+    reward_center: Literal["none", "mean"] = "none"
+    # "zero": the end-of-query token's reward is 0 for both PPO policies (word labels never reach it, and
+    # Bradley-Terry on summed rewards makes it carry the length preference); "keep": as the reward model gives it
+    reward_eos: Literal["keep", "zero"] = "keep"
+    curve_every: int | None = None  # also evaluate both PPO policies on the test sessions every N updates
+    # An earlier demo run folder (same data, seed, model and stage settings) whose finished sft, labels and
+    # reward_model stages this run uses instead of training its own: for ablations of the PPO stages
+    reuse_stages: str | None = None
+
     def validate(self) -> None:
         """Check the values that would fail late."""
         if self.fast and self.model != "smollm2-135m-instruct":
@@ -104,6 +118,13 @@ class DemoConfig:
         if unknown or "sft" not in self.policies:
             raise ValueError(f"policies must include 'sft' and be among sft, tppo, ppo_sequence (got {self.policies})")
         validate_mixed_precision(self.mixed_precision)
+        if self.reward_center not in ("none", "mean") or self.reward_eos not in ("keep", "zero"):
+            raise ValueError(f"reward_center must be none or mean and reward_eos keep or zero (got "
+                             f"{self.reward_center!r}, {self.reward_eos!r})")
+        if self.curve_every is not None and not 1 <= self.curve_every <= self.ppo_updates:
+            raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
+        if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():
+            raise ValueError("reuse_stages names this run's own folder; use resume=true to continue a run")
         if self.judge is not None and not (self.judge.startswith(("http://", "https://", "hf:"))):
             raise ValueError(f"judge must be an http(s) base URL or 'hf:MODEL' (got {self.judge!r})")
 
@@ -144,6 +165,17 @@ class _Stage:
         """Stage `name` under root."""
         self.dir = root / name
         self.resume = resume
+
+    @classmethod
+    def reused(cls, root: Path, name: str, resume: bool, reuse_from: str | None) -> _Stage:
+        """Stage `name` of this run, or the finished one of the run folder `reuse_from` (an error if unfinished)."""
+        if reuse_from is None:
+            return cls(root, name, resume)
+        stage = cls(Path(reuse_from), name, resume=True)
+        if not stage.done:
+            raise ValueError(f"reuse_stages={reuse_from}: its {name} stage is not finished ({stage.dir / 'done.json'} "
+                             "is missing); run that demo to the end first")
+        return stage
 
     @property
     def done(self) -> bool:
@@ -208,10 +240,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _run_demo(cfg: DemoConfig) -> dict:
     """run_demo without the progress-bar settings."""
     from tokencredit.feedback.labelers import ReferenceLabeler, label_stats
+    from tokencredit.rewards.credit import credit_profile
     from tokencredit.rewards.token_rm import (
         TokenExample,
         TokenRewardModel,
         TokenRMConfig,
+        mean_token_reward,
         train_token_reward_model,
     )
     from tokencredit.rl.ppo import PPOConfig, PPOTrainer
@@ -240,7 +274,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # 1. SFT on (history -> next query). LoRA is merged afterwards so the SFT model is a plain model: PPO's
     #    fresh adapters then sit on top of it and "adapters off" is exactly the SFT reference.
     t0 = time.perf_counter()
-    sft = _Stage(root, "sft", cfg.resume)
+    sft = _Stage.reused(root, "sft", cfg.resume, cfg.reuse_stages)
     sft_model = sft.dir / "merged"
     if not sft.done:
         policy = load_policy(model_name, lora=lora, seed=cfg.seed)
@@ -260,7 +294,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     # 2. Sample queries from the SFT policy and label their words (reference-based labeler by default).
     t0 = time.perf_counter()
-    labels_stage = _Stage(root, "labels", cfg.resume)
+    labels_stage = _Stage.reused(root, "labels", cfg.resume, cfg.reuse_stages)
     labels_path = labels_stage.dir / "token_labels.jsonl"
     if not labels_stage.done:
         labels_stage.dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +330,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # 3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
     #    summed token rewards of pairs of samples of one prompt ranked by their share of good words.
     t0 = time.perf_counter()
-    rm_stage = _Stage(root, "reward_model", cfg.resume)
+    rm_stage = _Stage.reused(root, "reward_model", cfg.resume, cfg.reuse_stages)
     rm_dir = rm_stage.dir / "model"
     if not rm_stage.done:
         examples = [TokenExample(r["prompt"], r["response"], [_span(s) for s in r["spans"]])
@@ -315,6 +349,13 @@ def _run_demo(cfg: DemoConfig) -> dict:
         release_free_memory()
     rm = TokenRewardModel.from_pretrained(rm_dir)
     timings["reward_model"] = time.perf_counter() - t0
+    # Where the reward model puts its credit on the SFT samples it was trained on (EOS, stopwords, position, and
+    # how the summed reward moves with length), and the length control both PPO policies get.
+    label_ids = [rm.encode_response(r["response"]) for r in records]
+    label_prompts = [r["prompt"] for r in records]
+    credit = credit_profile(rm, label_prompts, label_ids) if records else {}
+    center = (mean_token_reward(rm, label_prompts, label_ids, exclude_eos=cfg.reward_eos == "zero")
+              if cfg.reward_center == "mean" else 0.0)
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
     ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
@@ -325,6 +366,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         stage = _Stage(root, name, cfg.resume)
         if not stage.done:
             policy = load_policy(sft_model, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
+            curve = cfg.curve_every is not None
             # The value model starts from the reward model's weights.
             critic = train_top_layers(load_critic(rm_dir), top_layers)
             PPOTrainer(
@@ -332,15 +374,21 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
                           ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
                           critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
-                          max_new_tokens=cfg.max_new_tokens, save_every=2, resume=cfg.resume,
+                          max_new_tokens=cfg.max_new_tokens, save_every=cfg.curve_every if curve else 2,
+                          # every checkpoint is a point of the learning curve; they go once it is measured
+                          keep_checkpoints=cfg.ppo_updates if curve else 2, resume=cfg.resume,
                           log_tensorboard=False, reuse_sampling_logprobs=True,
                           mixed_precision=cfg.mixed_precision),
-                policy=policy, tokenizer=tokenizer, prompts=train_prompts, reward_fn=rm.as_reward_fn(kind),
-                critic=critic,
+                policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
+                reward_fn=rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos),
             ).train()
-            stage.finish({"policy": str(stage.dir / "policy")})
             del policy, critic
             release_free_memory()
+            info: dict = {"policy": str(stage.dir / "policy")}
+            if curve:
+                info["curve"] = _learning_curve(cfg, stage.dir, sft_model, test, test_prompts, tokenizer, rm)
+                shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+            stage.finish(info)
         timings[name] = time.perf_counter() - t0
 
     # 5. Evaluate every policy on held-out sessions: greedy queries vs the true next query, and RM reward.
@@ -354,6 +402,14 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           else "reference-based (words supported by the true next query or clicked titles)")
     summary["labels"] = labels_stage.info()
     summary["reward_model_eval"] = rm_stage.info().get("eval", {})
+    summary["reward_credit"] = {"labelled_samples": credit, **{
+        name: generations[name]["credit"] for name in cfg.policies if "credit" in generations.get(name, {})}}
+    summary["length_control"] = {"reward_center": cfg.reward_center, "center": center, "reward_eos": cfg.reward_eos}
+    curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
+              if name in cfg.policies}
+    if any(curves.values()):
+        summary["learning_curves"] = {"sft": {k: summary["sft"][k] for k in CURVE_METRICS},
+                                      **{k: v for k, v in curves.items() if v}}
     atomic_write_json(root / "summary.json", summary)
     _write_report(cfg, root, summary, generations, test, tokenizer)
     drop_replaced()  # a replaced run goes only once this one has finished
@@ -428,36 +484,60 @@ def _policy_folder(root: Path, name: str, sft_model: Path) -> Path:
 def _evaluate_policies(cfg: DemoConfig, root: Path, sft_model: Path, test: list, prompts: list[str],
                        tokenizer: object, rm: object) -> tuple[dict, dict]:
     """Greedy queries of each policy on the test prompts, their metrics and mean RM reward."""
-    from peft import PeftModel
-
-    from tokencredit.tasks.querygen import query_metrics
-
     summary: dict = {}
     generations: dict = {}
     references = [s.target_query for s in test]
     for name in _bar(cfg.policies, "evaluate", "policy"):
-        folder = _policy_folder(root, name, sft_model)
-        policy = load_policy(sft_model)
-        if name != "sft":
-            policy = PeftModel.from_pretrained(policy, folder).merge_and_unload()
-        texts, ids = [], []
-        for start in range(0, len(prompts), 32):
-            out = generate(policy, tokenizer, prompts[start : start + 32], max_new_tokens=cfg.max_new_tokens,
-                           greedy=True)
-            texts.extend(t.strip() for t in out.texts)
-            ids.extend(out.token_ids())
-        token_rewards = rm.score_token_ids(prompts, ids)
-        metrics = query_metrics(texts, references)
-        metrics["rm_reward"] = sum(sum(r) for r in token_rewards) / len(token_rewards)
-        metrics["mean_length_tokens"] = sum(len(i) for i in ids) / len(ids)
+        adapter = None if name == "sft" else _policy_folder(root, name, sft_model)
+        metrics, generations[name] = _greedy_eval(cfg, sft_model, adapter, prompts, references, tokenizer, rm)
         summary[name] = metrics
-        generations[name] = {"texts": texts, "ids": ids, "token_rewards": token_rewards}
         atomic_write_json(root / f"generations_{name}.json",
                           [{"prompt": p, "prediction": t, "target": r}
-                           for p, t, r in zip(prompts, texts, references)])
-        del policy
-        release_free_memory()
+                           for p, t, r in zip(prompts, generations[name]["texts"], references)])
     return summary, generations
+
+
+CURVE_METRICS = ("token_f1", "bleu", "rouge_l", "token_precision", "token_recall", "mean_length_tokens", "rm_reward")
+
+
+def _greedy_eval(cfg: DemoConfig, sft_model: Path, adapter: Path | None, prompts: list[str], references: list[str],
+                 tokenizer: object, rm: object) -> tuple[dict, dict]:
+    """Greedy queries of the SFT model (with a LoRA adapter on top, if given): metrics and what was generated."""
+    from peft import PeftModel
+
+    from tokencredit.rewards.credit import credit_profile
+    from tokencredit.tasks.querygen import query_metrics
+
+    policy = load_policy(sft_model)
+    if adapter is not None:
+        policy = PeftModel.from_pretrained(policy, adapter).merge_and_unload()
+    texts, ids = [], []
+    for start in range(0, len(prompts), 32):
+        out = generate(policy, tokenizer, prompts[start : start + 32], max_new_tokens=cfg.max_new_tokens,
+                       greedy=True)
+        texts.extend(t.strip() for t in out.texts)
+        ids.extend(out.token_ids())
+    del policy
+    release_free_memory()
+    token_rewards = rm.score_token_ids(prompts, ids)
+    metrics = query_metrics(texts, references)
+    metrics["rm_reward"] = sum(sum(r) for r in token_rewards) / len(token_rewards)
+    metrics["mean_length_tokens"] = sum(len(i) for i in ids) / len(ids)
+    credit = credit_profile(rm, prompts, ids) if any(ids) else {}
+    return metrics, {"texts": texts, "ids": ids, "token_rewards": token_rewards, "credit": credit}
+
+
+def _learning_curve(cfg: DemoConfig, stage_dir: Path, sft_model: Path, test: list, prompts: list[str],
+                    tokenizer: object, rm: object) -> list[dict]:
+    """The test metrics of every checkpoint a PPO stage kept (one per curve_every updates)."""
+    from tokencredit.runs import CheckpointManager
+
+    references = [s.target_query for s in test]
+    points = []
+    for ckpt in _bar(CheckpointManager(stage_dir).candidates()[::-1], f"curve {stage_dir.name}", "checkpoint"):
+        metrics, _ = _greedy_eval(cfg, sft_model, ckpt / "policy", prompts, references, tokenizer, rm)
+        points.append({"update": CheckpointManager.step_of(ckpt), **{k: metrics[k] for k in CURVE_METRICS}})
+    return sorted(points, key=lambda p: p["update"])
 
 
 def _write_report(cfg: DemoConfig, root: Path, summary: dict, generations: dict, test: list,

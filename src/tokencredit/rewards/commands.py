@@ -190,7 +190,8 @@ def reward_train(cfg: RewardRunConfig) -> dict:
     else:
         rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
     check_lengths(cfg, rm.tokenizer, getattr(rm.model.backbone.config, "max_position_embeddings", None))
-    # Checked input first, then before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 decides.
+    # Input checked first; then, before anything is written, the folder must be this run's (see
+    # runs.claim_run_folder); rank 0 decides.
     group = process_group()
     drop_replaced = group.on_main(lambda: claim_run_folder(cfg.output_dir, config_to_dict(cfg), resume=False,
                                                            overwrite=cfg.overwrite), default=lambda: None)

@@ -302,11 +302,23 @@ class TokenRewardModel:
         scale: float = 1.0,
         policy_tokenizer: object | None = None,
         batch_size: int = 16,
+        center: float = 0.0,
+        eos: Literal["keep", "zero"] = "keep",
     ) -> RewardFn:
-        """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence")."""
+        """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence").
+
+        Length control (docs/tppo.md): ``center`` is subtracted from every token's reward, so that a response
+        earns or loses nothing merely by having more tokens (pass the mean token reward of samples from the
+        starting policy, :func:`mean_token_reward`); ``eos="zero"`` gives the end-of-sequence token reward 0,
+        because word labels never reach it and Bradley-Terry on summed rewards makes it carry the length
+        preference. A zeroed EOS is not centred.
+        """
         if kind not in ("token", "sequence"):
             raise ValueError(f"kind must be 'token' or 'sequence' (got {kind!r})")
+        if eos not in ("keep", "zero"):
+            raise ValueError(f"eos must be 'keep' or 'zero' (got {eos!r})")
         cross = policy_tokenizer is not None and not same_tokenizer(self.tokenizer, policy_tokenizer)
+        ends = end_ids(policy_tokenizer if policy_tokenizer is not None else self.tokenizer)
 
         def reward_fn(prompts: list[str], responses: list[str], response_token_ids: list[list[int]]) -> list:
             """Score the sampled token ids with the token reward model."""
@@ -314,11 +326,44 @@ class TokenRewardModel:
                 rows = self.score_for_policy(prompts, response_token_ids, policy_tokenizer, batch_size)
             else:
                 rows = self.score_token_ids(prompts, response_token_ids, batch_size)
+            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends)
+                    for row, ids in zip(rows, response_token_ids)]
             if kind == "sequence":
                 return [scale * sum(row) for row in rows]
             return [[scale * r for r in row] for row in rows]
 
         return reward_fn
+
+
+def end_ids(tokenizer: object) -> frozenset[int]:
+    """Token ids that end a response for this tokenizer (EOS, or SEP for encoders)."""
+    ids = {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "sep_token_id", None)}
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float = 0.0, zero_eos: bool = False,
+                         ends: frozenset[int] = frozenset()) -> list[float]:
+    """One response's token rewards after length control: ``center`` subtracted from each, a final end token's
+    reward set to 0 when ``zero_eos``."""
+    out = [r - center for r in row]
+    if zero_eos and out and ids and int(ids[len(out) - 1]) in ends:
+        out[-1] = 0.0
+    return out
+
+
+def mean_token_reward(rm: TokenRewardModel, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
+                      exclude_eos: bool = False, batch_size: int = 16) -> float:
+    """The mean reward per token the model gives these responses (e.g. the starting policy's samples): the
+    ``center`` that makes length reward-neutral on them."""
+    ends = end_ids(rm.tokenizer)
+    total, count = 0.0, 0
+    for row, ids in zip(rm.score_token_ids(prompts, response_token_ids, batch_size), response_token_ids):
+        keep = len(row) - 1 if exclude_eos and row and int(ids[len(row) - 1]) in ends else len(row)
+        total += sum(row[:keep])
+        count += keep
+    if count == 0:
+        raise ValueError("no tokens to average: pass at least one non-empty response")
+    return total / count
 
 
 # ---------------------------------------------------------------------- losses

@@ -296,16 +296,27 @@ def query_tokens(q: str) -> list[str]:
 
 
 def per_example_metrics(pred: str, ref: str) -> dict[str, float]:
-    """Exact match (``em``), token F1 (``f1``) and ROUGE-L F (``rouge_l``) of one prediction, each in [0, 1]."""
+    """Exact match (``em``), token F1 (``f1``), its precision (``p``) and recall (``r``), and ROUGE-L F
+    (``rouge_l``) of one prediction, each in [0, 1]; ``words`` and ``ref_words`` count the normalized words.
+
+    Precision and recall tell a shorter query's gain from a better one's: dropping words raises precision and
+    lowers recall.
+    """
+    precision, recall = _token_precision_recall(pred, ref)
     return {
         "em": float(normalize_query(pred) == normalize_query(ref)),
         "f1": _token_f1(pred, ref),
+        "p": precision,
+        "r": recall,
         "rouge_l": _rouge_scorer().score(normalize_query(ref), normalize_query(pred))["rougeL"].fmeasure,
+        "words": float(len(query_tokens(pred))),
+        "ref_words": float(len(query_tokens(ref))),
     }
 
 
 def query_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ``exact_match``, ``token_f1``, ``rouge_l`` over examples, and corpus ``bleu``; all in [0, 1].
+    """Mean ``exact_match``, ``token_f1`` (with ``token_precision`` and ``token_recall``), ``rouge_l`` and
+    ``mean_words`` over examples, and corpus ``bleu``; all but mean_words in [0, 1].
 
     BLEU is sacrebleu's corpus BLEU on normalized queries with ``effective_order=True`` (n-gram orders that no
     query is long enough for are left out instead of zeroing the score; queries are short), divided by 100.
@@ -321,9 +332,22 @@ def query_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict
     return {
         "exact_match": sum(row["em"] for row in rows) / n,
         "token_f1": sum(row["f1"] for row in rows) / n,
+        "token_precision": sum(row["p"] for row in rows) / n,
+        "token_recall": sum(row["r"] for row in rows) / n,
         "bleu": _corpus_bleu(predictions, references),
         "rouge_l": sum(row["rouge_l"] for row in rows) / n,
+        "mean_words": sum(row["words"] for row in rows) / n,
     }
+
+
+def _token_precision_recall(pred: str, ref: str) -> tuple[float, float]:
+    """Shared normalized words over the prediction's and over the reference's words; empty queries as in F1."""
+    pred_tokens, ref_tokens = query_tokens(pred), query_tokens(ref)
+    if not pred_tokens or not ref_tokens:
+        same = float(pred_tokens == ref_tokens)
+        return same, same
+    common = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
+    return common / len(pred_tokens), common / len(ref_tokens)
 
 
 def _token_f1(pred: str, ref: str) -> float:

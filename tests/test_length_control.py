@@ -1,0 +1,109 @@
+"""Length control of token rewards (centring, EOS), where a token RM puts its credit, and the demo's options."""
+
+import json
+
+import pytest
+import torch
+
+from tokencredit.cli import main
+from tokencredit.rewards.credit import credit_profile, token_kinds
+from tokencredit.rewards.token_rm import TokenRewardModel, adjust_token_rewards, end_ids, mean_token_reward
+from tokencredit.testing import tiny_scalar_model, tiny_word_tokenizer
+
+WORDS = "a b the of x y".split()
+
+
+def make_rm():
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_scalar_model(len(tok), seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.head.weight)
+    return TokenRewardModel.from_model(model, tok)
+
+
+def test_adjusting_rewards_centres_every_token_and_zeroes_a_final_eos():
+    eos = 9
+    assert adjust_token_rewards([1.0, 2.0, -3.0], [4, 5, eos], center=0.5) == [0.5, 1.5, -3.5]
+    assert adjust_token_rewards([1.0, 2.0, -3.0], [4, 5, eos], center=0.5, zero_eos=True,
+                                ends=frozenset({eos})) == [0.5, 1.5, 0.0]
+    # A response cut by length has no EOS: nothing is zeroed.
+    assert adjust_token_rewards([1.0, -3.0], [4, 5], zero_eos=True, ends=frozenset({eos})) == [1.0, -3.0]
+
+
+def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
+    rm = make_rm()
+    tok = rm.tokenizer
+    ids = [rm.encode_response("a the x"), rm.encode_response("b")]
+    prompts = ["y", "y"]
+    raw = rm.score_token_ids(prompts, ids)
+    centred = rm.as_reward_fn("token", center=0.25, eos="zero")(prompts, ["", ""], ids)
+    for raw_row, row in zip(raw, centred):
+        assert row[:-1] == pytest.approx([r - 0.25 for r in raw_row[:-1]]) and row[-1] == 0.0
+    sums = rm.as_reward_fn("sequence", center=0.25, eos="zero")(prompts, ["", ""], ids)
+    assert sums == pytest.approx([sum(r) for r in centred])
+    assert tok.eos_token_id in end_ids(tok)
+    with pytest.raises(ValueError, match="eos must be"):
+        rm.as_reward_fn("token", eos="drop")
+
+
+def test_mean_token_reward_is_the_centre_that_makes_length_neutral_on_those_samples():
+    rm = make_rm()
+    ids = [rm.encode_response(t) for t in ("a b x", "the of", "y y y y")]
+    prompts = ["a"] * 3
+    c = mean_token_reward(rm, prompts, ids)
+    fn = rm.as_reward_fn("token", center=c)
+    rows = fn(prompts, [""] * 3, ids)
+    assert sum(sum(r) for r in rows) == pytest.approx(0.0, abs=1e-5)  # zero mean token reward after centring
+    c_no_eos = mean_token_reward(rm, prompts, ids, exclude_eos=True)
+    raw = rm.score_token_ids(prompts, ids)
+    assert c_no_eos == pytest.approx(sum(sum(r[:-1]) for r in raw) / sum(len(r) - 1 for r in raw))
+
+
+def test_credit_profile_splits_reward_by_kind_position_and_length():
+    rm = make_rm()
+    tok = rm.tokenizer
+    ids = [rm.encode_response(t) for t in ("b the x", "of", "b y the x x")]
+    kinds = token_kinds(ids[0], tok, end_ids(tok))
+    assert kinds == ["content", "stopword", "content", "eos"]
+    raw = rm.score_token_ids(["a"] * 3, ids)
+    profile = credit_profile(rm, ["a"] * 3, ids, max_positions=4)
+    assert profile["responses"] == 3 and profile["tokens"] == {"eos": 3, "stopword": 3, "content": 6, "first": 3}
+    assert profile["mean_reward"]["eos"] == pytest.approx(sum(r[-1] for r in raw) / 3)
+    assert profile["mean_reward"]["first"] == pytest.approx(sum(r[0] for r in raw) / 3)
+    assert profile["mean_reward_by_position"][1] == pytest.approx((raw[0][1] + raw[1][1] + raw[2][1]) / 3)
+    assert profile["mean_length"] == pytest.approx((4 + 2 + 6) / 3)
+    # The slope of summed reward on length, by hand.
+    xs, ys = [4, 2, 6], [sum(r) for r in raw]
+    mx, my = sum(xs) / 3, sum(ys) / 3
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    assert profile["sum_vs_length_slope"] == pytest.approx(slope)
+
+
+def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
+    base = tmp_path / "base"
+    assert main(["demo", "--fast", "--output", str(base)]) == 0
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["length_control"] == {"reward_center": "none", "center": 0.0, "reward_eos": "keep"}
+    credit = summary["reward_credit"]["labelled_samples"]
+    assert credit["responses"] == 32 and set(credit["mean_reward"]) == {"eos", "stopword", "content", "first"}
+    assert {"sft", "tppo", "ppo_sequence"} <= set(summary["reward_credit"])
+    assert "token_precision" in summary["tppo"] and "token_recall" in summary["tppo"]
+    # An ablation of the PPO stages on the same SFT model, labels and reward model.
+    variant = tmp_path / "variant"
+    assert main(["demo", "--fast", "--output", str(variant), f"reuse_stages={base}", "reward_center=mean",
+                 "reward_eos=zero", "curve_every=1"]) == 0
+    assert not (variant / "sft").exists() and not (variant / "reward_model").exists()
+    out = json.loads((variant / "summary.json").read_text())
+    control = out["length_control"]
+    assert control["reward_center"] == "mean" and control["reward_eos"] == "zero" and control["center"] != 0.0
+    same = out["reward_credit"]["labelled_samples"]  # the same reward model and samples
+    assert same["mean_reward"] == pytest.approx(credit["mean_reward"]) and same["tokens"] == credit["tokens"]
+    assert out["sft"] == pytest.approx(summary["sft"])  # the same SFT model
+    curves = out["learning_curves"]
+    assert [p["update"] for p in curves["tppo"]] == [1, 2] and [p["update"] for p in curves["ppo_sequence"]] == [1, 2]
+    assert curves["sft"]["token_f1"] == out["sft"]["token_f1"]
+    assert curves["tppo"][-1]["token_f1"] == pytest.approx(out["tppo"]["token_f1"])  # the last point = the final policy
+    assert not (variant / "tppo" / "checkpoints").exists()  # measured, then dropped
+    # Reusing an unfinished run is refused, naming the stage.
+    assert main(["demo", "--fast", "--output", str(tmp_path / "v2"), f"reuse_stages={tmp_path / 'nothing'}"]) == 2
