@@ -65,13 +65,21 @@ def tiny():
     return tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), tok
 
 
-def test_adapters_name_the_base_models_hub_id_and_merge_into_a_plain_folder(tmp_path):
+def test_adapters_name_the_base_models_hub_id_and_merge_into_a_plain_folder(tmp_path, monkeypatch):
     assert hub_id_of("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub_id_of("org/model") == "org/model" and hub_id_of("./local/folder") is None
     model, tok = tiny()
     policy = wrap_with_lora(model, models.lora_config(model, LoraSettings(r=2)))
     record_base_model(policy, "smollm2-135m-instruct")
-    policy.save_pretrained(tmp_path / "adapter")
+    # Saving never asks the Hub about that id (peft's default would, to see whether the vocabulary changed).
+    import peft.utils.save_and_load as peft_save
+
+    asked = []
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda *a, **k: asked.append(a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Could not find a config file in ..." would fail here
+        models.save_hf_policy(policy, tok, tmp_path / "adapter")
+    assert asked == []
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 

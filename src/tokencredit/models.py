@@ -452,6 +452,19 @@ def save_merged(policy: nn.Module, tokenizer: object, path: str | Path) -> Path:
     return path
 
 
+def save_hf_policy(policy: nn.Module, tokenizer: object, path: str | Path) -> None:
+    """Save a policy (only its LoRA adapter when it is a peft model) and its tokenizer as an HF folder."""
+    path = Path(path)
+    if is_peft(policy):
+        # save_embedding_layers="auto" (peft's default) asks the Hub whether the base model's vocabulary changed
+        # whenever the adapter names a hub id as its base: a request the user never asked for (and a warning
+        # offline). tokencredit never resizes embeddings, so the base embeddings never need saving.
+        policy.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
+    else:
+        policy.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
 def is_peft(model: nn.Module) -> bool:
     """True for a peft-wrapped model."""
     # Importing peft costs seconds; a model can only be a PeftModel if peft is already loaded.

@@ -40,7 +40,14 @@ from torch import nn
 from tokencredit.config import config_to_dict, save_config
 from tokencredit.generation import generate
 from tokencredit.masked import masked_mean
-from tokencredit.models import ScalarHeadModel, is_peft, load_policy_weights, quiet_saves, resolve_device
+from tokencredit.models import (
+    ScalarHeadModel,
+    is_peft,
+    load_policy_weights,
+    quiet_saves,
+    resolve_device,
+    save_hf_policy,
+)
 from tokencredit.precision import autocast, freeze_to, make_adamw, resolve_mixed_precision, validate_mixed_precision
 from tokencredit.rewards.pgg import AGGREGATORS, PGGRMConfig, ranking_order, train_pgg_reward_model
 from tokencredit.rewards.records import RankedList
@@ -498,9 +505,7 @@ class PGGTrainer:
 
     def save_policy(self, path: str | Path) -> None:
         """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
-        path = Path(path)
-        self.policy.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        save_hf_policy(self.policy, self.tokenizer, path)
 
     def save_checkpoint(self) -> Path:
         """Write policy, reward model, optimiser, RNGs and schedule position, atomically."""

@@ -40,6 +40,7 @@ from tokencredit.models import (
     make_reference,
     quiet_saves,
     resolve_device,
+    save_hf_policy,
 )
 from tokencredit.precision import (
     autocast,
@@ -992,9 +993,7 @@ class PPOTrainer:
 
     def save_policy(self, path: str | Path) -> None:
         """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
-        path = Path(path)
-        self.policy.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        save_hf_policy(self.policy, self.tokenizer, path)
 
     def save_checkpoint(self) -> Path:
         """Write policy, critic, optimiser, KL controller, RNG and data position, atomically.

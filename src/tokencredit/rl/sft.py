@@ -31,7 +31,14 @@ from tokencredit.distributed import (
     resume_on_ranks,
     save_checkpoint_on_ranks,
 )
-from tokencredit.models import LoraSettings, apply_chat, load_policy_weights, quiet_saves, resolve_device
+from tokencredit.models import (
+    LoraSettings,
+    apply_chat,
+    load_policy_weights,
+    quiet_saves,
+    resolve_device,
+    save_hf_policy,
+)
 from tokencredit.precision import (
     autocast,
     make_adamw,
@@ -417,9 +424,7 @@ class SFTTrainer:
 
     def save_policy(self, path: str | Path) -> None:
         """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
-        path = Path(path)
-        self.policy.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        save_hf_policy(self.policy, self.tokenizer, path)
 
     def save_checkpoint(self) -> Path:
         """Write policy, tokenizer, optimizer, LR schedule, RNG and data position, atomically (rank 0 writes;
