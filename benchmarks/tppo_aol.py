@@ -1,0 +1,236 @@
+"""TPPO at scale: AOL sessions (and TREC 2013), TPPO vs sequence PPO vs SFT, length control, bootstrap CIs.
+
+Per seed, one demo pipeline (recipes/tppo.py) with its own split by user: SFT on thousands of sessions, sampled
+and labelled queries, the token reward model, then both PPO policies with learning curves (``curve_every``).
+Then the length-control arms reuse that run's SFT model, labels and reward model (``reuse_stages``) and train
+only the two PPO policies again, one option at a time:
+
+    base     reward as the reward model gives it
+    center   every token's reward minus the RM's mean token reward on the labelled SFT samples
+    eos0     the end-of-query token's reward set to 0
+    both     center and eos0 together
+
+Everything is evaluated on the seed's held-out users with greedy decoding. Per arm and seed: token F1 with
+precision and recall, BLEU, ROUGE-L, length (words), and for TPPO - SFT and TPPO - sequence PPO a paired
+bootstrap 95% interval over test sessions (2,000 resamples). Also: where the reward model puts its credit
+(EOS, stopwords, first token, slope of summed reward on length), the length distribution of each policy, and
+the learning curve (test token F1 vs PPO updates) of TPPO and sequence PPO on one chart.
+
+    python benchmarks/tppo_aol.py --data aol --seeds 0 1 2     # a few hours on 2 cores, in the background
+    python benchmarks/tppo_aol.py --data trec --seeds 0 1 2
+    python benchmarks/tppo_aol.py --data aol --fast --seeds 0  # tiny model: checks the script only
+    python benchmarks/tppo_aol.py --data aol --report           # tables and charts from the results file
+
+Reads ../shared/data/querygen (not part of the product; "skipped" when absent). Results are rewritten after
+every arm of every seed: benchmarks/results/tppo_<data>.json, with charts tppo_<data>_curves.svg and
+tppo_<data>_lengths.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "querygen"
+RESULTS = HERE / "results"
+FILES = {"aol": "aol_sessions.jsonl", "trec": "trec2013_sessions.jsonl"}
+POLICIES = ("sft", "tppo", "ppo_sequence")
+ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"],
+        "both": ["reward_center=mean", "reward_eos=zero"]}
+METRICS = ("token_f1", "token_precision", "token_recall", "bleu", "rouge_l", "mean_words", "mean_length_tokens",
+           "rm_reward")
+# Sized for a few hours on 2 CPU cores (AOL); TREC has 251 sessions, so it uses all of them.
+SCALE = {
+    "aol": ["max_train_sessions=3000", "max_test_sessions=400", "test_fraction=0.1", "label_prompts=256",
+            "rm_epochs=2", "ppo_updates=30", "curve_every=5"],
+    "trec": ["max_test_sessions=null", "test_fraction=0.25", "label_prompts=128", "rm_epochs=2",
+             "ppo_updates=30", "curve_every=5"],
+}
+
+
+def per_example(folder: Path, policy: str) -> list[dict]:
+    """Per test session metrics of one policy's greedy queries (generations_<policy>.json)."""
+    from tokencredit.tasks.querygen import per_example_metrics
+
+    rows = json.loads((folder / f"generations_{policy}.json").read_text())
+    return [per_example_metrics(r["prediction"], r["target"]) for r in rows]
+
+
+def paired_bootstrap(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of a - b over paired examples and its percentile 95% interval from resampling the examples."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_bootstrap needs two equally long, non-empty lists")
+    diffs = [x - y for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return {"mean": sum(diffs) / n, "low": means[int(0.025 * resamples)], "high": means[int(0.975 * resamples) - 1],
+            "n": n}
+
+
+def arm_result(folder: Path) -> dict:
+    """What one arm's run folder says: metrics, paired CIs, lengths, credit, curves."""
+    summary = json.loads((folder / "summary.json").read_text())
+    examples = {p: per_example(folder, p) for p in POLICIES}
+    paired = {}
+    for a, b in (("tppo", "sft"), ("tppo", "ppo_sequence"), ("ppo_sequence", "sft")):
+        paired[f"{a} - {b}"] = {m: paired_bootstrap([r[k] for r in examples[a]], [r[k] for r in examples[b]])
+                                for m, k in (("token_f1", "f1"), ("token_precision", "p"), ("token_recall", "r"),
+                                             ("rouge_l", "rouge_l"), ("words", "words"))}
+    lengths = {p: [int(r["words"]) for r in examples[p]] for p in POLICIES}
+    lengths["reference"] = [int(r["ref_words"]) for r in examples["sft"]]
+    return {
+        "metrics": {p: {m: summary[p].get(m) for m in METRICS} for p in POLICIES},
+        "paired": paired,
+        "length_histogram": {k: _histogram(v) for k, v in lengths.items()},
+        "reward_credit": summary.get("reward_credit", {}),
+        "length_control": summary.get("length_control", {}),
+        "learning_curves": summary.get("learning_curves", {}),
+        "data": summary.get("data", {}),
+        "timings_s": summary.get("timings_s", {}),
+    }
+
+
+def _histogram(values: list[int], top: int = 12) -> list[int]:
+    """Counts of 0, 1, ..., top-1 and >= top."""
+    out = [0] * (top + 1)
+    for v in values:
+        out[min(v, top)] += 1
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every seed, every arm; the results file is rewritten after each arm."""
+    from tokencredit.config import load_config
+    from tokencredit.recipes.tppo import FAST_OVERRIDES, DemoConfig, run_demo
+
+    data = DATA / FILES[args.data]
+    if not data.exists():
+        print(f"skipped: {data} not found (../shared/data is not part of the product)")
+        return
+    out = RESULTS / f"tppo_{args.data}{'_fast' if args.fast else ''}.json"
+    result = json.loads(out.read_text()) if out.exists() else {"per_seed": {}}
+    result.update(what=__doc__.split("\n")[0], data=str(data), arms=args.arms, scale=SCALE[args.data],
+                  fast=args.fast)
+    scale = ["max_train_sessions=48", "max_test_sessions=12", "curve_every=1"] if args.fast else SCALE[args.data]
+    for seed in args.seeds:
+        seed_result = result["per_seed"].setdefault(str(seed), {})
+        base_dir = Path(args.workdir) / args.data / f"seed{seed}" / "base"
+        for arm in args.arms:
+            if arm in seed_result:
+                continue
+            folder = Path(args.workdir) / args.data / f"seed{seed}" / arm
+            overrides = [*scale, *ARMS[arm], f"output={folder}", f"data={data}", f"seed={seed}", "resume=true",
+                         f"fast={str(args.fast).lower()}"]
+            if arm != "base":
+                overrides.append(f"reuse_stages={base_dir}")
+            began = time.time()
+            cfg = load_config(DemoConfig, None, overrides, base=FAST_OVERRIDES if args.fast else None)
+            run_demo(cfg)
+            seed_result[arm] = {**arm_result(folder), "seconds": round(time.time() - began, 1)}
+            aggregate(result)
+            RESULTS.mkdir(exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"seed {seed} arm {arm} done in {seed_result[arm]['seconds']:.0f} s -> {out}", flush=True)
+    report(result, out)
+
+
+def aggregate(result: dict) -> None:
+    """Mean and sd over seeds of every arm's metrics and paired differences."""
+    agg: dict = {}
+    arms = {arm for seed in result["per_seed"].values() for arm in seed}
+    for arm in sorted(arms):
+        runs = [seed[arm] for seed in result["per_seed"].values() if arm in seed]
+        row: dict = {"seeds": len(runs), "metrics": {}, "paired": {}}
+        for p in POLICIES:
+            row["metrics"][p] = {m: _mean_sd([r["metrics"][p][m] for r in runs if r["metrics"][p][m] is not None])
+                                 for m in METRICS}
+        for pair in runs[0]["paired"]:
+            row["paired"][pair] = {m: {**_mean_sd([r["paired"][pair][m]["mean"] for r in runs]),
+                                       "seeds_ci_above_0": sum(r["paired"][pair][m]["low"] > 0 for r in runs),
+                                       "seeds_ci_below_0": sum(r["paired"][pair][m]["high"] < 0 for r in runs)}
+                                   for m in runs[0]["paired"][pair]}
+        agg[arm] = row
+    result["aggregate"] = agg
+
+
+def _mean_sd(values: list[float]) -> dict:
+    """Mean and sample sd (0 for one value)."""
+    if not values:
+        return {"mean": None, "sd": None}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def report(result: dict, out: Path) -> None:
+    """Print the side-by-side tables and write the two charts."""
+    from tokencredit.evaluate import svg_line_chart
+
+    agg = result.get("aggregate", {})
+    print(f"\n{Path(result['data']).name}: mean (sd) over seeds")
+    for arm, row in agg.items():
+        print(f"\narm {arm} ({row['seeds']} seed(s))")
+        print("policy".ljust(14) + "".join(m.rjust(19) for m in ("token_f1", "precision", "recall", "words")))
+        for p in POLICIES:
+            m = row["metrics"][p]
+            cells = [m["token_f1"], m["token_precision"], m["token_recall"], m["mean_words"]]
+            print(p.ljust(14) + "".join(f"{c['mean']:.3f} ({c['sd']:.3f})".rjust(19) for c in cells))
+        for pair, values in row["paired"].items():
+            f1 = values["token_f1"]
+            print(f"  {pair}: F1 {f1['mean']:+.3f}; 95% CI above 0 in {f1['seeds_ci_above_0']}/{row['seeds']} "
+                  f"seed(s), below 0 in {f1['seeds_ci_below_0']}")
+    series = {}
+    for arm in agg:
+        curves = [seed[arm]["learning_curves"] for seed in result["per_seed"].values()
+                  if arm in seed and seed[arm]["learning_curves"]]
+        for policy in ("tppo", "ppo_sequence"):
+            points = [[c["sft"]["token_f1"]] + [p["token_f1"] for p in c.get(policy, [])] for c in curves]
+            if points and all(len(p) == len(points[0]) for p in points) and len(points[0]) > 1:
+                series[f"{arm}: {policy}"] = [statistics.fmean(col) for col in zip(*points)]
+    stem = out.with_suffix("").name
+    if series:
+        chart = svg_line_chart(series, "test token F1 vs PPO checkpoints (x = 1: SFT; then every curve_every updates)",
+                               xlabel="checkpoint", ylabel="token F1", width=720, height=320)
+        (RESULTS / f"{stem}_curves.svg").write_text(chart + "\n")
+    hist = {}
+    for seed in result["per_seed"].values():
+        if "base" in seed:
+            for name, counts in seed["base"]["length_histogram"].items():
+                hist[name] = [a + b for a, b in zip(hist.get(name, [0] * len(counts)), counts)]
+    if hist:
+        chart = svg_line_chart({k: v for k, v in hist.items()}, "length of greedy queries (words; x = words + 1)",
+                               xlabel="words + 1", ylabel="test sessions", width=720, height=320)
+        (RESULTS / f"{stem}_lengths.svg").write_text(chart + "\n")
+
+
+def main() -> int:
+    """Parse arguments and run or report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=sorted(FILES), default="aol")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--workdir", default="runs/bench-tppo")
+    parser.add_argument("--fast", action="store_true", help="tiny model, for checking the script only")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        out = RESULTS / f"tppo_{args.data}{'_fast' if args.fast else ''}.json"
+        result = json.loads(out.read_text())
+        aggregate(result)
+        report(result, out)
+        return 0
+    if args.arms[0] != "base" and "base" not in args.arms:
+        print("note: the length-control arms reuse the base arm's stages; it runs first when missing")
+    if "base" not in args.arms:
+        args.arms = ["base", *args.arms]
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
