@@ -314,3 +314,34 @@ def check_world_size(group: ProcessGroup, path: Path, saved: int) -> None:
     if saved != group.world_size:
         raise ValueError(f"checkpoint {path} was written by {saved} process(es), this run has {group.world_size}; "
                          "resume with the same number (each rank has its own sampling stream)")
+
+
+def open_run(group: ProcessGroup, run_dir: Path, config: Any, resume: Callable[[], bool],
+             start_fresh: Callable[[], None], step: Callable[[], int]) -> tuple[Callable[[], None], bool, Any]:
+    """Claim the run folder, resume or start over, save config.yaml and open the metrics log, on rank 0.
+
+    ``config`` has the run fields every trainer shares (resume, overwrite, allow_changed_settings,
+    log_tensorboard, log_wandb, wandb_project); ``resume()`` loads the newest checkpoint on every rank and says
+    whether there was one; ``step()`` is the step reached. Returns (what to call once this run has a checkpoint
+    — it drops a replaced run —, whether the run resumed, the metrics logger: a no-op context on other ranks).
+    A refusal on rank 0 (an occupied folder, changed settings) is raised on every rank.
+    """
+    from contextlib import nullcontext
+
+    from tokencredit.config import config_to_dict, save_config
+    from tokencredit.runs import MetricsLogger, claim_run_folder
+
+    settings = config_to_dict(config)
+    drop = group.on_main(lambda: claim_run_folder(run_dir, settings, config.resume, config.overwrite,
+                                                  config.allow_changed_settings), default=lambda: None)
+    resumed = resume()
+    if not resumed:
+        group.on_main(start_fresh)
+    logger: Any = nullcontext()
+    if group.is_main:
+        save_config(config, run_dir / "config.yaml")
+        logger = MetricsLogger(run_dir, tensorboard=config.log_tensorboard, wandb=getattr(config, "log_wandb", False),
+                               wandb_project=getattr(config, "wandb_project", None), config=settings,
+                               resume_from_step=step())
+    group.barrier()  # no rank reads the folder before rank 0 has set it up
+    return (lambda: group.on_main(drop)), resumed, logger

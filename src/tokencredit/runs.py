@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -609,3 +609,15 @@ def claim_run_folder(run_dir: str | Path, settings: dict, resume: bool, overwrit
         shutil.rmtree(aside, ignore_errors=True)
 
     return drop_replaced
+
+
+def start_fresh(run_dir: str | Path, checkpoints: CheckpointManager, extra: Sequence[str] = ()) -> None:
+    """Clear an earlier run's checkpoints and metrics (and the folders named in ``extra``) so that a run that
+    found nothing to resume writes only files of its own."""
+    run_dir = Path(run_dir)
+    if checkpoints.latest() is not None or (run_dir / "metrics.jsonl").exists():
+        logging.getLogger("tokencredit").warning("%s: no checkpoint to resume from; starting this run over", run_dir)
+        for name in ("checkpoints", *extra):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from tokencredit.config import config_to_dict, save_config
+from tokencredit.distributed import ProcessGroup, open_run
 from tokencredit.generation import generate
 from tokencredit.masked import masked_mean
 from tokencredit.models import (
@@ -58,15 +58,14 @@ from tokencredit.rl.sft import collate_examples, tokenize_examples
 from tokencredit.runs import (
     CheckpointError,
     CheckpointManager,
-    MetricsLogger,
     capture_rng_state,
-    claim_run_folder,
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
     restore_rng_state,
     resume_newest_loadable,
     save_trainer_state,
+    start_fresh,
 )
 
 log = logging.getLogger(__name__)
@@ -351,12 +350,8 @@ class PGGTrainer:
         """Run (or resume) ``num_steps`` LM steps with groundings on schedule; one metrics dict per step."""
         cfg = self.config
         # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
-        self._drop_replaced_run = claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
-                                                   cfg.allow_changed_settings)
-        resumed = self._maybe_resume()
-        if not resumed:
-            self._start_fresh()
-        save_config(cfg, self.run_dir / "config.yaml")
+        self._drop_replaced_run, resumed, logger = open_run(ProcessGroup(), self.run_dir, cfg, self._maybe_resume,
+                                                            self._start_fresh, lambda: self.step_idx)
         self.history = read_metrics(self.run_dir) if resumed else []
         bar = None
         if cfg.progress:
@@ -365,8 +360,7 @@ class PGGTrainer:
             bar = tqdm(total=cfg.num_steps, initial=self.step_idx, desc=f"pgg {self.run_dir.name}", unit="step",
                        dynamic_ncols=True)
         try:
-            with MetricsLogger(self.run_dir, tensorboard=cfg.log_tensorboard, config=config_to_dict(cfg),
-                               resume_from_step=self.step_idx) as logger:
+            with logger:
                 while self.step_idx < cfg.num_steps:
                     stats: dict = {}
                     if cfg.grounds_at(self.step_idx):
@@ -496,12 +490,7 @@ class PGGTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _start_fresh(self) -> None:
         """Clear an earlier run's checkpoints, metrics and groundings so the new run's files are its own."""
-        if self.checkpoints.latest() is not None or (self.run_dir / "metrics.jsonl").exists():
-            log.warning("%s: no checkpoint to resume from; starting this run over", self.run_dir)
-            for name in ("checkpoints", "grounding"):
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_fresh(self.run_dir, self.checkpoints, extra=("grounding",))
 
     def save_policy(self, path: str | Path) -> None:
         """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -23,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokencredit.config import ConfigError, config_to_dict, save_config
+from tokencredit.config import ConfigError
 from tokencredit.distributed import (
     check_world_size,
+    open_run,
     process_group,
     rank_state_of,
     resume_on_ranks,
@@ -50,14 +49,13 @@ from tokencredit.records import RecordError, read_jsonl
 from tokencredit.rl.rollout import response_logits, token_logprobs
 from tokencredit.runs import (
     CheckpointManager,
-    MetricsLogger,
     capture_rng_state,
-    claim_run_folder,
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
     restore_rng_state,
     save_trainer_state,
+    start_fresh,
 )
 
 log = logging.getLogger(__name__)
@@ -322,23 +320,9 @@ class SFTTrainer:
         """Run (or resume) SFT to total_steps; returns one metrics dict per optimizer step."""
         cfg = self.config
         group = self.group
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder). Rank 0 decides
-        # and writes; a refusal there is raised on every rank.
-        self._drop_replaced_run = group.on_main(
-            lambda: claim_run_folder(self.run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite,
-                                     cfg.allow_changed_settings), default=lambda: None)
-        resumed = self._maybe_resume()
-        if not resumed:
-            group.on_main(self._start_fresh)
-        if group.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-            logger: MetricsLogger | nullcontext = MetricsLogger(
-                self.run_dir, tensorboard=cfg.log_tensorboard, wandb=cfg.log_wandb,
-                wandb_project=cfg.wandb_project, config=config_to_dict(cfg), resume_from_step=self.step_idx,
-            )
-        else:
-            logger = nullcontext()
-        group.barrier()  # no rank reads the folder before rank 0 has set it up
+        # Before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 writes.
+        self._drop_replaced_run, resumed, logger = open_run(group, self.run_dir, cfg, self._maybe_resume,
+                                                            self._start_fresh, lambda: self.step_idx)
         self.history = read_metrics(self.run_dir) if resumed else []
         bar = _progress(self.total_steps, self.step_idx, cfg.progress and group.is_main, f"sft {self.run_dir.name}")
         try:
@@ -355,7 +339,7 @@ class SFTTrainer:
                         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
                     if self.step_idx % cfg.save_every == 0 or self.step_idx == self.total_steps:
                         self.save_checkpoint()
-                        group.on_main(self._drop_replaced_run)  # a replaced run goes once this one has a checkpoint
+                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
         finally:
             if bar is not None:
                 bar.close()
@@ -416,11 +400,7 @@ class SFTTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _start_fresh(self) -> None:
         """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
-        if self.checkpoints.latest() is not None or (self.run_dir / "metrics.jsonl").exists():
-            log.warning("%s: no checkpoint to resume from; starting this run over", self.run_dir)
-            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_fresh(self.run_dir, self.checkpoints)
 
     def save_policy(self, path: str | Path) -> None:
         """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
