@@ -35,7 +35,7 @@ from tokencredit.generation import generate
 from tokencredit.judges.commands import JudgeSettings
 from tokencredit.models import LoraSettings, apply_chat, load_critic, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, claim_recipe_folder
+from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
 from tokencredit.rewards.commands import TOKEN_LOSSES
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
 from tokencredit.runs import atomic_write_json, read_metrics
@@ -118,9 +118,7 @@ class FGConfig:
 
     def validate(self) -> None:
         """Check the values that would fail late; raise ConfigError naming the field."""
-        if self.fast and self.model != "smollm2-135m-instruct":
-            raise ValueError(f"fast=true trains a tiny random model and would ignore model={self.model!r}; "
-                             "drop one of the two")
+        check_fast_model(self.fast, self.model)
         if not self.edits:
             raise ConfigError("fg needs edits=FILE.jsonl: minimal edits {prompt, original, edited, chosen?}")
         if not Path(self.edits).is_file():

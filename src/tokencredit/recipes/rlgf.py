@@ -34,7 +34,7 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, claim_recipe_folder
+from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
 from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ class RLGFConfig:
 
     def validate(self) -> None:
         """Check what would fail late."""
-        if self.fast and self.model != "smollm2-135m-instruct":
-            raise ValueError(f"fast=true trains a tiny random model and would ignore model={self.model!r}; "
-                             "drop one of the two")
+        check_fast_model(self.fast, self.model)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)} (got {self.task!r})")
         if self.data is None and not self.fast:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, claim_recipe_folder
+from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
 from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,7 @@ class SERRecipeConfig:
 
     def validate(self) -> None:
         """Check what would fail late."""
-        if self.fast and self.policy_model != "smollm2-135m-instruct":
-            raise ValueError("fast=true trains a tiny random model and would ignore "
-                             f"policy_model={self.policy_model!r}; drop one of the two")
+        check_fast_model(self.fast, self.policy_model, "policy_model")
         if self.data is None and not self.fast:
             raise ValueError("ser needs data=PAIRS.jsonl ({prompt, chosen, rejected} records), or fast=true")
         if self.test_prompts < 1 or self.ppo_updates < 1:

@@ -109,9 +109,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         """Check the values that would fail late."""
-        if self.fast and self.model != "smollm2-135m-instruct":
-            raise ValueError(f"fast=true trains a tiny random model and would ignore model={self.model!r}; "
-                             "drop one of the two")
+        check_fast_model(self.fast, self.model)
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1) (got {self.test_fraction})")
         unknown = set(self.policies) - {"sft", "tppo", "ppo_sequence"}
@@ -134,6 +132,13 @@ FAST_OVERRIDES = dict(
     label_prompts=16, samples_per_prompt=2, rm_epochs=1, ppo_updates=2, ppo_batch_size=8, ppo_mini_batch_size=4,
     ppo_epochs=1, top_layers=1,
 )
+
+
+def check_fast_model(fast: bool, model: str, field_name: str = "model") -> None:
+    """Refuse fast=true with a model other than the built-in one: fast mode trains a tiny random model instead."""
+    if fast and model != "smollm2-135m-instruct":
+        raise ValueError(f"fast=true trains a tiny random model and would ignore {field_name}={model!r}; "
+                         "drop one of the two")
 
 
 def _bar(items: object, desc: str, unit: str) -> object:
