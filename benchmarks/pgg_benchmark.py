@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from seedstats import mean_curve, mean_sd  # noqa: E402 - a sibling module of this script
+
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
 SPLITS = ["16-13", "16-21", "16-42", "16-87", "16-100"]
@@ -86,12 +88,10 @@ def aggregate(result: dict, task: str) -> None:
         for key in KEYS[task]:
             values = [s["results"][arm][key] for s in seeds if key in s["results"].get(arm, {})]
             if values:
-                row[key] = {"mean": statistics.fmean(values),
-                            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-        curves = [s["score_curves"].get(arm) for s in seeds]
-        if all(curves):
-            width = min(len(c) for c in curves)
-            row["mean_curve"] = [statistics.fmean(c[i] for c in curves) for i in range(width)]
+                row[key] = mean_sd(values)
+        curve = mean_curve([s["score_curves"].get(arm) for s in seeds])
+        if curve:
+            row["mean_curve"] = curve
         agg[arm] = row
     result["aggregate"] = agg
 

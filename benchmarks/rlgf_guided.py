@@ -38,6 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from seedstats import mean_curve, mean_sd  # noqa: E402 - a sibling module of this script
+
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
 ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
@@ -88,26 +91,19 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _mean_sd(values: list[float]) -> dict:
-    """Mean and sample standard deviation (0 for one value)."""
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def aggregate(result: dict, task: str) -> None:
     """Per policy: mean and sd over seeds of every held-out metric and of the reward per sample."""
     seeds = list(result["per_seed"].values())
     names = list(seeds[0]["policies"])
     agg: dict[str, dict] = {}
     for name in names:
-        row = {k: _mean_sd([s["policies"][name][k] for s in seeds if k in s["policies"][name]])
+        row = {k: mean_sd([s["policies"][name][k] for s in seeds if k in s["policies"][name]])
                for k in METRICS[task] if all(k in s["policies"][name] for s in seeds)}
         curves = [s["reward_curves"].get(name) for s in seeds]
         if all(curves):
-            row["reward_per_sample"] = _mean_sd([statistics.fmean(c) for c in curves])
-            row["last_update_reward"] = _mean_sd([c[-1] for c in curves])
-            width = min(len(c) for c in curves)
-            row["mean_curve"] = [statistics.fmean(c[i] for c in curves) for i in range(width)]
+            row["reward_per_sample"] = mean_sd([statistics.fmean(c) for c in curves])
+            row["last_update_reward"] = mean_sd([c[-1] for c in curves])
+            row["mean_curve"] = mean_curve(curves)
         agg[name] = row
     result["aggregate"] = agg
 

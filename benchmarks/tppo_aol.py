@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from seedstats import mean_sd  # noqa: E402 - a sibling module of this script
+
 DATA = HERE.parent.parent / "shared" / "data" / "querygen"
 RESULTS = HERE / "results"
 FILES = {"aol": "aol_sessions.jsonl", "trec": "trec2013_sessions.jsonl"}
@@ -149,22 +152,15 @@ def aggregate(result: dict) -> None:
         runs = [seed[arm] for seed in result["per_seed"].values() if arm in seed]
         row: dict = {"seeds": len(runs), "metrics": {}, "paired": {}}
         for p in POLICIES:
-            row["metrics"][p] = {m: _mean_sd([r["metrics"][p][m] for r in runs if r["metrics"][p][m] is not None])
+            row["metrics"][p] = {m: mean_sd([r["metrics"][p][m] for r in runs if r["metrics"][p][m] is not None])
                                  for m in METRICS}
         for pair in runs[0]["paired"]:
-            row["paired"][pair] = {m: {**_mean_sd([r["paired"][pair][m]["mean"] for r in runs]),
+            row["paired"][pair] = {m: {**mean_sd([r["paired"][pair][m]["mean"] for r in runs]),
                                        "seeds_ci_above_0": sum(r["paired"][pair][m]["low"] > 0 for r in runs),
                                        "seeds_ci_below_0": sum(r["paired"][pair][m]["high"] < 0 for r in runs)}
                                    for m in runs[0]["paired"][pair]}
         agg[arm] = row
     result["aggregate"] = agg
-
-
-def _mean_sd(values: list[float]) -> dict:
-    """Mean and sample sd (0 for one value)."""
-    if not values:
-        return {"mean": None, "sd": None}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def report(result: dict, out: Path) -> None:
