@@ -10,12 +10,14 @@ PY=${PYTHON:-python3}
 TORCH_REQ=${TOKENCREDIT_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+# Asked through the package metadata, not `import torch`: torch warns on import while numpy is not installed yet.
+if ! .venv/bin/python -c "import importlib.metadata as m; m.version('torch')" 2>/dev/null; then
     "${PIP[@]}" install "$TORCH_REQ"
 fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-.venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+.venv/bin/python -c "import importlib.metadata as m; print('torch==' + m.version('torch').split('+')[0])" \
+    > "$constraints"
 extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev]"
 "${PIP[@]}" install -c "$constraints" -e ".${extra}"
