@@ -38,7 +38,8 @@ from seedstats import mean_curve, mean_sd  # noqa: E402 - a sibling module of th
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
 SPLITS = ["16-13", "16-21", "16-42", "16-87", "16-100"]
-KEYS = {"fewshot": ["test_accuracy", "dev_accuracy"], "summarize": ["rougeL", "rouge1", "rouge2", "mean_length"]}
+KEYS = {"fewshot": ["test_accuracy", "dev_accuracy", "candidates_dev_mean", "candidates_margin_mean"],
+        "summarize": ["rougeL", "rouge1", "rouge2", "mean_length"]}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
                               batch_size=args.batch, max_records=args.records, **extra)
         began = time.time()
         summary = run_pgg(cfg)
+        add_candidate_means(summary, Path(cfg.output))
         summary["seconds"] = round(time.time() - began, 1)
         result["per_seed"][str(seed)] = summary
         if out.exists():
@@ -77,6 +79,19 @@ def run(args: argparse.Namespace) -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"seed {seed} done in {summary['seconds']:.0f} s -> {out}", flush=True)
         report(result, args.task)
+
+
+def add_candidate_means(summary: dict, folder: Path) -> None:
+    """Mean dev accuracy and train margin over every candidate of each arm (read from the arm's done.json when
+    the summary predates them): the policy itself, not the best-of-N pick on a few dev examples."""
+    for arm, row in summary["results"].items():
+        done = folder / arm / "done.json"
+        if "candidates_dev_mean" in row or not done.exists():
+            continue
+        every = json.loads(done.read_text())["candidates"]
+        row["candidates_seen"] = len(every)
+        row["candidates_dev_mean"] = sum(c["dev_accuracy"] for c in every) / len(every)
+        row["candidates_margin_mean"] = sum(c["train_margin"] for c in every) / len(every)
 
 
 def aggregate(result: dict, task: str) -> None:
@@ -131,7 +146,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.report:
         result = json.loads((RESULTS / f"pgg_{args.task}.json").read_text())
+        for seed, summary in result["per_seed"].items():
+            add_candidate_means(summary, Path(args.workdir) / args.task / f"seed{seed}")
         aggregate(result, args.task)
+        (RESULTS / f"pgg_{args.task}.json").write_text(json.dumps(result, indent=1) + "\n")
         report(result, args.task)
         return 0
     run(args)

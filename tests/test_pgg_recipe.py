@@ -1,5 +1,7 @@
 """The PGG recipe end to end in fast mode: few-shot prompts and summarisation, arms, resume, bad settings."""
 
+import json
+
 import pytest
 
 import tokencredit.recipes.pgg as pgg
@@ -18,6 +20,11 @@ def test_fast_fewshot_trains_each_arm_and_picks_prompts_on_dev(tmp_path, monkeyp
         assert 0 <= result["test_accuracy"] <= 1 and result["candidates"]
         # The kept prompt is the best candidate on dev.
         assert result["dev_accuracy"] == max(c["dev_accuracy"] for c in result["candidates"])
+        # The policy's mean over every distinct candidate, which the best-on-dev pick can only beat or equal.
+        every = json.loads((root / arm / "done.json").read_text())["candidates"]
+        assert result["candidates_seen"] == len(every) >= len(result["candidates"])
+        assert result["candidates_dev_mean"] == pytest.approx(sum(c["dev_accuracy"] for c in every) / len(every))
+        assert result["candidates_dev_mean"] <= result["dev_accuracy"]
         assert len(summary["score_curves"][arm]) == 3
     assert "ground/index" in read_metrics(root / "pgg-avg")[0]
     assert "ground/index" not in read_metrics(root / "sequence")[0]  # the baseline has no reward model

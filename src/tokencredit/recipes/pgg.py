@@ -257,7 +257,12 @@ def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> di
             del policy
             release_free_memory()
         info = stage.info()
-        results[arm] = {**info["best"], "candidates": info["candidates"][:8]}
+        every = info["candidates"]
+        # The mean over every distinct candidate describes the policy; the best-on-dev one also reflects the luck
+        # of picking among them on a few dev examples.
+        results[arm] = {**info["best"], "candidates": every[:8], "candidates_seen": len(every),
+                        "candidates_dev_mean": sum(c["dev_accuracy"] for c in every) / len(every),
+                        "candidates_margin_mean": sum(c["train_margin"] for c in every) / len(every)}
         curves[arm] = [m.get("score/mean") for m in read_metrics(stage.dir)]
     # One pass over the test examples scores every kept prompt.
     tested = classifier.accuracy_many(test, [r["prompt"] for r in results.values()])
