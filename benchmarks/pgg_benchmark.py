@@ -88,7 +88,9 @@ def add_candidate_means(summary: dict, folder: Path) -> None:
         done = folder / arm / "done.json"
         if "candidates_dev_mean" in row or not done.exists():
             continue
-        every = json.loads(done.read_text())["candidates"]
+        every = json.loads(done.read_text()).get("candidates")
+        if not every:
+            continue  # summarisation arms have no candidates
         row["candidates_seen"] = len(every)
         row["candidates_dev_mean"] = sum(c["dev_accuracy"] for c in every) / len(every)
         row["candidates_margin_mean"] = sum(c["train_margin"] for c in every) / len(every)
