@@ -78,6 +78,13 @@ def test_credit_profile_splits_reward_by_kind_position_and_length():
     mx, my = sum(xs) / 3, sum(ys) / 3
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     assert profile["sum_vs_length_slope"] == pytest.approx(slope)
+    # Rewards the caller already has are used as they are, not scored again.
+    assert credit_profile(rm, ["a"] * 3, ids, max_positions=4, rewards=raw) == profile
+    shifted = [[r + 1.0 for r in row] for row in raw]
+    assert credit_profile(rm, ["a"] * 3, ids, max_positions=4, rewards=shifted)["mean_sum"] == pytest.approx(
+        profile["mean_sum"] + profile["mean_length"])
+    assert mean_token_reward(rm, ["a"] * 3, ids, rewards=shifted) == pytest.approx(
+        mean_token_reward(rm, ["a"] * 3, ids) + 1.0)
 
 
 def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):

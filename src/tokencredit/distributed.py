@@ -7,7 +7,7 @@ trainers use for the few things data parallelism needs:
 
 - each rank works on its contiguous share of every global batch (:meth:`ProcessGroup.share`);
 - every loss term is weighted by ``local tokens * N / global tokens`` (:meth:`ProcessGroup.token_weight`) and
-  gradients are averaged in one flat all-reduce per optimiser step (:meth:`ProcessGroup.average_gradients`),
+  gradients are averaged in flat, bucketed all-reduces once per optimiser step (:meth:`ProcessGroup.average_gradients`),
   so N processes take the step one process takes on the same samples;
 - batch statistics (whitening moments, the KL the controller reads, logged means, early stopping) are sums
   over all ranks (:meth:`ProcessGroup.sum`);
@@ -157,16 +157,6 @@ class ProcessGroup:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def all_equal(self, value: Any) -> bool:
-        """Whether every rank holds the same (picklable) value."""
-        if not self.distributed:
-            return True
-        import torch.distributed as dist
-
-        seen: list[Any] = [None] * self.world_size
-        dist.all_gather_object(seen, value)
-        return all(v == seen[0] for v in seen)
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""

@@ -358,9 +358,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # how the summed reward moves with length), and the length control both PPO policies get.
     label_ids = [rm.encode_response(r["response"]) for r in records]
     label_prompts = [r["prompt"] for r in records]
-    credit = credit_profile(rm, label_prompts, label_ids) if records else {}
-    center = (mean_token_reward(rm, label_prompts, label_ids, exclude_eos=cfg.reward_eos == "zero")
-              if cfg.reward_center == "mean" else 0.0)
+    label_rewards = rm.score_token_ids(label_prompts, label_ids) if records else []
+    credit = credit_profile(rm, label_prompts, label_ids, rewards=label_rewards) if records else {}
+    center = (mean_token_reward(rm, label_prompts, label_ids, exclude_eos=cfg.reward_eos == "zero",
+                                rewards=label_rewards) if cfg.reward_center == "mean" else 0.0)
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
     ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
@@ -528,7 +529,7 @@ def _greedy_eval(cfg: DemoConfig, sft_model: Path, adapter: Path | None, prompts
     metrics = query_metrics(texts, references)
     metrics["rm_reward"] = sum(sum(r) for r in token_rewards) / len(token_rewards)
     metrics["mean_length_tokens"] = sum(len(i) for i in ids) / len(ids)
-    credit = credit_profile(rm, prompts, ids) if any(ids) else {}
+    credit = credit_profile(rm, prompts, ids, rewards=token_rewards) if any(ids) else {}
     return metrics, {"texts": texts, "ids": ids, "token_rewards": token_rewards, "credit": credit}
 
 

@@ -47,15 +47,17 @@ def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 
 def credit_profile(rm: TokenRewardModel, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
-                   max_positions: int = 12, batch_size: int = 16) -> dict:
+                   max_positions: int = 12, batch_size: int = 16,
+                   rewards: Sequence[Sequence[float]] | None = None) -> dict:
     """The RM's rewards on these responses, summarised: mean reward per token kind (and of the first token),
     mean reward at each position, mean sum and length, and the slope and correlation of summed reward on length.
 
-    The response ids are the RM's own tokens (as PPO passes them with a shared tokenizer).
+    The response ids are the RM's own tokens (as PPO passes them with a shared tokenizer); ``rewards``, when the
+    caller already scored them with ``rm.score_token_ids``, saves scoring them again.
     """
     if not response_token_ids:
         raise ValueError("credit_profile needs at least one response")
-    rows = rm.score_token_ids(prompts, response_token_ids, batch_size)
+    rows = rewards if rewards is not None else rm.score_token_ids(prompts, response_token_ids, batch_size)
     ends = end_ids(rm.tokenizer)
     sums: dict[str, float] = {k: 0.0 for k in (*KINDS, "first")}
     counts: dict[str, int] = {k: 0 for k in (*KINDS, "first")}

@@ -352,12 +352,15 @@ def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float
 
 
 def mean_token_reward(rm: TokenRewardModel, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
-                      exclude_eos: bool = False, batch_size: int = 16) -> float:
+                      exclude_eos: bool = False, batch_size: int = 16,
+                      rewards: Sequence[Sequence[float]] | None = None) -> float:
     """The mean reward per token the model gives these responses (e.g. the starting policy's samples): the
-    ``center`` that makes length reward-neutral on them."""
+    ``center`` that makes length reward-neutral on them. ``rewards``: their scores, if already computed."""
     ends = end_ids(rm.tokenizer)
     total, count = 0.0, 0
-    for row, ids in zip(rm.score_token_ids(prompts, response_token_ids, batch_size), response_token_ids):
+    if rewards is None:
+        rewards = rm.score_token_ids(prompts, response_token_ids, batch_size)
+    for row, ids in zip(rewards, response_token_ids):
         keep = len(row) - 1 if exclude_eos and row and int(ids[len(row) - 1]) in ends else len(row)
         total += sum(row[:keep])
         count += keep
