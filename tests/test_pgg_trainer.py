@@ -159,14 +159,19 @@ def test_baselines_share_the_loop_without_a_reward_model(tmp_path):
     assert trainer.train()[0]["loss/total"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_sequence_weights_are_the_centred_scores(tmp_path):
+def test_sequence_weights_are_the_standardised_scores(tmp_path):
     tok = tiny_word_tokenizer(WORDS)
     policy = tiny_causal_lm(len(tok), seed=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = PGGConfig(output_dir=str(tmp_path / "s"), num_steps=1, batch_size=4, max_new_tokens=5,
                        guidance="sequence", entropy_coef=0.0, progress=False, log_tensorboard=False,
                        mixed_precision="no")
-    trainer = PGGTrainer(config, policy, tok, PROMPTS, share_of_y)
     seen = {}
+
+    def scored(prompts, responses):
+        seen["scores"] = share_of_y(prompts, responses)
+        return seen["scores"]
+
+    trainer = PGGTrainer(config, policy, tok, PROMPTS, scored)
     real = pgg_reinforce_loss
 
     def spy(logprobs, rewards, mask, *args):
@@ -181,9 +186,13 @@ def test_sequence_weights_are_the_centred_scores(tmp_path):
     finally:
         pgg_module.pgg_reinforce_loss = saved
     per_row = seen["rewards"][:, 0]
-    assert per_row.sum().item() == pytest.approx(0.0, abs=1e-6)  # centred on the batch mean
+    assert per_row.sum().item() == pytest.approx(0.0, abs=1e-5)  # centred on the batch mean
     assert torch.allclose(seen["rewards"], per_row[:, None].expand_as(seen["rewards"]))  # one weight per sample
-    assert stats["score/std"] == pytest.approx(per_row.std(unbiased=False).item(), abs=1e-6)
+    scores = torch.tensor(seen["scores"])
+    assert scores.std() > 0  # the tiny policy's samples differ in their share of "y"
+    expected = (scores - scores.mean()) / scores.std(unbiased=False)  # RLPrompt-style z-score: unit scale
+    assert torch.allclose(per_row, expected, atol=1e-5)
+    assert stats["score/std"] == pytest.approx(scores.std(unbiased=False).item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -77,12 +77,16 @@ def test_margins_are_correct_minus_best_other_and_calibration_subtracts_the_cont
     assert values[0] == values[1] == pytest.approx(float(calibrated.margins(examples, "it was").mean()))
 
 
-def test_shared_text_cache_gives_the_same_logprobs_as_whole_sequences():
+@pytest.mark.parametrize("max_rows", [1, 3, 512])
+def test_shared_text_cache_gives_the_same_logprobs_as_whole_sequences(max_rows):
+    # max_rows 1: one prompt per pass; 3: groups that split the prompts; 512: every prompt of a text batch at once
+    # (tails of different lengths padded in the middle of the sequence).
     tok = tiny_word_tokenizer(WORDS)
     model = tiny_causal_lm(len(tok), seed=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     clf = PromptedClassifier(model, tok, ["bad", "good"], template="{text} {prompt}", mixed_precision="no",
-                             batch_size=2)
-    texts, prompts = ["film was good plot", "it", "bad bad film"], ["it was", "", "plot"]
+                             batch_size=2, max_rows=max_rows)
+    texts = ["film was good plot", "it", "bad bad film"]
+    prompts = ["it was", "", "plot", "good film was it plot", "was"]
     many = clf.label_logprobs_many(texts, prompts)
     words = [tok.convert_tokens_to_ids(w) for w in ("bad", "good")]
     for j, prompt in enumerate(prompts):
@@ -94,6 +98,25 @@ def test_shared_text_cache_gives_the_same_logprobs_as_whole_sequences():
             assert torch.allclose(many[j, i], expected, atol=1e-5), (prompt, text)
     assert clf.accuracy_many([LabelledText(t, 1) for t in texts], prompts) == [
         clf.accuracy([LabelledText(t, 1) for t in texts], p) for p in prompts]
+
+
+def test_texts_are_run_once_across_calls_and_large_calls_are_not_kept():
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_causal_lm(len(tok), seed=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    clf = PromptedClassifier(model, tok, ["bad", "good"], mixed_precision="no", batch_size=8, keep_texts=3)
+    widths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].size(1)),
+                                    with_kwargs=True)
+    texts = ["film was good plot", "it", "bad bad film"]
+    first = clf.label_logprobs_many(texts, ["it was", "plot"])
+    text_passes = len(widths) - 1  # one text pass, one batched pass over both prompts
+    assert text_passes == 1
+    again = clf.label_logprobs_many(texts, ["plot", "it was"])
+    assert len(widths) == 3  # only the prompts' pass: the texts' cache was kept and is not altered by use
+    assert torch.equal(again, first.flip(0))
+    clf.label_logprobs_many(texts + ["it"], ["plot"])  # more texts than keep_texts: run, not kept
+    clf.label_logprobs_many(texts + ["it"], ["plot"])
+    assert len(widths) == 7
 
 
 def test_label_words_must_start_with_different_tokens():
