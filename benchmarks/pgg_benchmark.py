@@ -38,7 +38,7 @@ from seedstats import mean_curve, mean_sd  # noqa: E402 - a sibling module of th
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
 SPLITS = ["16-13", "16-21", "16-42", "16-87", "16-100"]
-KEYS = {"fewshot": ["test_accuracy", "dev_accuracy", "candidates_dev_mean", "candidates_margin_mean"],
+KEYS = {"fewshot": ["test_accuracy", "candidates_dev_mean", "candidates_margin_mean", "score_auc"],
         "summarize": ["rougeL", "rouge1", "rouge2", "mean_length"]}
 
 
@@ -50,11 +50,17 @@ def run(args: argparse.Namespace) -> None:
     result = json.loads(out.read_text()) if args.resume and out.exists() else {"per_seed": {}}
     result["args"] = {k: v for k, v in vars(args).items() if k not in ("report", "resume")}
     for seed in args.seeds:
-        if str(seed) in result["per_seed"]:
+        done = result["per_seed"].get(str(seed), {}).get("results", {})
+        if wanted_arms(args) <= set(done):
             continue
         if args.task == "fewshot":
             data = DATA / "fewshot" / args.dataset / SPLITS[seed % len(SPLITS)]
-            extra = dict(dataset=args.dataset, aggregators=args.aggregators)
+            # Measured to learn in tens of steps (docs/pgg.md): 4-token prompts, a 3e-3 LoRA learning rate,
+            # 16 samples per step; groundings of 16 x K=4 samples every 5 steps during the first half.
+            extra = dict(dataset=args.dataset, aggregators=args.aggregators, max_new_tokens=args.max_new_tokens,
+                         learning_rate=args.lr, ground_prompts=args.ground_prompts, rm_epochs=args.rm_epochs,
+                         ground_every=args.ground_every, ground_until=args.ground_until,
+                         rm_learning_rate=args.rm_lr, entropy_coef=args.entropy_coef, arms=args.arms)
         else:
             data = DATA / "summarization" / "scitldr_train.jsonl"
             extra = dict(test_data=str(DATA / "summarization" / "scitldr_test.jsonl"),
@@ -64,21 +70,42 @@ def run(args: argparse.Namespace) -> None:
             return
         cfg = PGGRecipeConfig(output=str(Path(args.workdir) / args.task / f"seed{seed}"), task=args.task,
                               data=str(data), seed=seed, resume=True, num_steps=args.steps,
-                              batch_size=args.batch, max_records=args.records, **extra)
+                              batch_size=args.batch or (16 if args.task == "fewshot" else 8),
+                              max_records=args.records, **extra)
         began = time.time()
         summary = run_pgg(cfg)
         add_candidate_means(summary, Path(cfg.output))
+        add_score_auc(summary)
         summary["seconds"] = round(time.time() - began, 1)
         result["per_seed"][str(seed)] = summary
         if out.exists():
-            # Another process may run other seeds into the same file (two cores, one seed each): keep theirs.
-            for key, value in json.loads(out.read_text())["per_seed"].items():
-                result["per_seed"].setdefault(key, value)
+            merge_others(result, json.loads(out.read_text()))
         aggregate(result, args.task)
         RESULTS.mkdir(exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"seed {seed} done in {summary['seconds']:.0f} s -> {out}", flush=True)
         report(result, args.task)
+
+
+def wanted_arms(args: argparse.Namespace) -> set[str]:
+    """The run-folder names of the arms this invocation trains (as recipes/pgg.py names them)."""
+    base = {"fewshot": ["pgg", "sequence"], "summarize": ["pgg", "mle"]}[args.task]
+    aggregators = args.aggregators if args.task == "fewshot" else ["avg"]
+    names = set()
+    for arm in args.arms or base:
+        names |= {f"pgg-{a}" for a in aggregators} if arm == "pgg" else {arm}
+    return names
+
+
+def merge_others(result: dict, written: dict) -> None:
+    """Keep what another process wrote to the same results file: its seeds, and its arms of our seeds (two cores
+    run different seeds or different arms, each in its own --workdir)."""
+    for key, theirs in written.get("per_seed", {}).items():
+        ours = result["per_seed"].setdefault(key, theirs)
+        if ours is not theirs:
+            for part in ("results", "score_curves"):
+                for arm, value in theirs.get(part, {}).items():
+                    ours[part].setdefault(arm, value)
 
 
 def add_candidate_means(summary: dict, folder: Path) -> None:
@@ -94,6 +121,14 @@ def add_candidate_means(summary: dict, folder: Path) -> None:
         row["candidates_seen"] = len(every)
         row["candidates_dev_mean"] = sum(c["dev_accuracy"] for c in every) / len(every)
         row["candidates_margin_mean"] = sum(c["train_margin"] for c in every) / len(every)
+
+
+def add_score_auc(summary: dict) -> None:
+    """Each arm's mean over steps of its samples' metric: how soon and how far it rose (sample efficiency)."""
+    for arm, curve in summary["score_curves"].items():
+        values = [v for v in curve if v is not None]
+        if values and arm in summary["results"]:
+            summary["results"][arm]["score_auc"] = sum(values) / len(values)
 
 
 def aggregate(result: dict, task: str) -> None:
@@ -138,8 +173,18 @@ def main() -> int:
     parser.add_argument("--dataset", default="sst-2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--aggregators", nargs="+", default=["avg", "sum", "softmax", "softmin"])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=None, help="samples (fewshot) or documents per LM step; "
+                        "default 16 for fewshot, 8 for summarize")
+    parser.add_argument("--max-new-tokens", type=int, default=4, help="fewshot: prompt length in tokens")
+    parser.add_argument("--lr", type=float, default=3e-3, help="fewshot: policy (LoRA) learning rate")
+    parser.add_argument("--ground-prompts", type=int, default=64)
+    parser.add_argument("--rm-epochs", type=int, default=8)
+    parser.add_argument("--rm-lr", type=float, default=3e-4)
+    parser.add_argument("--entropy-coef", type=float, default=0.0)
+    parser.add_argument("--arms", nargs="+", default=None, help="pgg and/or sequence (fewshot); default both")
+    parser.add_argument("--ground-every", type=int, default=10)
+    parser.add_argument("--ground-until", type=int, default=20)
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--eval-documents", type=int, default=64)
     parser.add_argument("--workdir", default="runs/bench-pgg")
@@ -150,6 +195,7 @@ def main() -> int:
         result = json.loads((RESULTS / f"pgg_{args.task}.json").read_text())
         for seed, summary in result["per_seed"].items():
             add_candidate_means(summary, Path(args.workdir) / args.task / f"seed{seed}")
+            add_score_auc(summary)
         aggregate(result, args.task)
         (RESULTS / f"pgg_{args.task}.json").write_text(json.dumps(result, indent=1) + "\n")
         report(result, args.task)
