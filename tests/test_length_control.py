@@ -31,6 +31,20 @@ def test_adjusting_rewards_centres_every_token_and_zeroes_a_final_eos():
     assert adjust_token_rewards([1.0, -3.0], [4, 5], zero_eos=True, ends=frozenset({eos})) == [1.0, -3.0]
 
 
+def test_length_norm_makes_the_total_the_mean_token_reward_at_a_fixed_scale():
+    eos = 9
+    # (1 + 2 - 3) / 3 = 0 mean; times L = 6: total 0, each token times 6 / 3.
+    assert adjust_token_rewards([1.0, 2.0, -3.0], [4, 5, eos], length_norm=6.0) == pytest.approx([2.0, 4.0, -6.0])
+    # Centre and EOS first, then the scaling: [0.5, 1.5, 0.0] * 2 / 3.
+    assert adjust_token_rewards([1.0, 2.0, -3.0], [4, 5, eos], center=0.5, zero_eos=True, ends=frozenset({eos}),
+                                length_norm=2.0) == pytest.approx([1 / 3, 1.0, 0.0])
+    # Repeating a response's tokens (same mean reward, twice the length) leaves its total unchanged.
+    short = sum(adjust_token_rewards([0.4, 0.2], [4, 5], length_norm=5.0))
+    long = sum(adjust_token_rewards([0.4, 0.2, 0.4, 0.2], [4, 5, 4, 5], length_norm=5.0))
+    assert short == pytest.approx(long) == pytest.approx(1.5)
+    assert adjust_token_rewards([], [], length_norm=3.0) == []
+
+
 def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     rm = make_rm()
     tok = rm.tokenizer
@@ -45,6 +59,10 @@ def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     assert tok.eos_token_id in end_ids(tok)
     with pytest.raises(ValueError, match="eos must be"):
         rm.as_reward_fn("token", eos="drop")
+    means = rm.as_reward_fn("sequence", length_norm=1.0)(prompts, ["", ""], ids)
+    assert means == pytest.approx([sum(r) / len(r) for r in raw])  # L = 1: the mean token reward
+    with pytest.raises(ValueError, match="length_norm"):
+        rm.as_reward_fn("token", length_norm=0.0)
 
 
 def test_mean_token_reward_is_the_centre_that_makes_length_neutral_on_those_samples():
@@ -91,7 +109,8 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     base = tmp_path / "base"
     assert main(["demo", "--fast", "--output", str(base)]) == 0
     summary = json.loads((base / "summary.json").read_text())
-    assert summary["length_control"] == {"reward_center": "none", "center": 0.0, "reward_eos": "keep"}
+    assert summary["length_control"] == {"reward_center": "none", "center": 0.0, "reward_eos": "keep",
+                                         "reward_length": "sum", "length_norm": None}
     credit = summary["reward_credit"]["labelled_samples"]
     assert credit["responses"] == 32 and set(credit["mean_reward"]) == {"eos", "stopword", "content", "first"}
     assert {"sft", "tppo", "ppo_sequence"} <= set(summary["reward_credit"])
@@ -99,11 +118,13 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     # An ablation of the PPO stages on the same SFT model, labels and reward model.
     variant = tmp_path / "variant"
     assert main(["demo", "--fast", "--output", str(variant), f"reuse_stages={base}", "reward_center=mean",
-                 "reward_eos=zero", "curve_every=1"]) == 0
+                 "reward_eos=zero", "reward_length=mean", "curve_every=1"]) == 0
     assert not (variant / "sft").exists() and not (variant / "reward_model").exists()
     out = json.loads((variant / "summary.json").read_text())
     control = out["length_control"]
     assert control["reward_center"] == "mean" and control["reward_eos"] == "zero" and control["center"] != 0.0
+    # The scale is the labelled samples' mean length in reward-model tokens.
+    assert control["reward_length"] == "mean" and control["length_norm"] == pytest.approx(credit["mean_length"])
     same = out["reward_credit"]["labelled_samples"]  # the same reward model and samples
     assert same["mean_reward"] == pytest.approx(credit["mean_reward"]) and same["tokens"] == credit["tokens"]
     assert out["sft"] == pytest.approx(summary["sft"])  # the same SFT model

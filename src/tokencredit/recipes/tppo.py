@@ -102,6 +102,10 @@ class DemoConfig:
     # "zero": the end-of-query token's reward is 0 for both PPO policies (word labels never reach it, and
     # Bradley-Terry on summed rewards makes it carry the length preference); "keep": as the reward model gives it
     reward_eos: Literal["keep", "zero"] = "keep"
+    # "sum": a query's reward is its summed token rewards (as the reward model was trained); "mean": each token's
+    # reward times (mean labelled-sample length / the query's length), so a query's total is its mean token
+    # reward at a typical query's scale, and adding tokens earns nothing by itself
+    reward_length: Literal["sum", "mean"] = "sum"
     curve_every: int | None = None  # also evaluate both PPO policies on the test sessions every N updates
     # An earlier demo run folder (same data, seed, model and stage settings) whose finished sft, labels and
     # reward_model stages this run uses instead of training its own: for ablations of the PPO stages
@@ -119,6 +123,8 @@ class DemoConfig:
         if self.reward_center not in ("none", "mean") or self.reward_eos not in ("keep", "zero"):
             raise ValueError(f"reward_center must be none or mean and reward_eos keep or zero (got "
                              f"{self.reward_center!r}, {self.reward_eos!r})")
+        if self.reward_length not in ("sum", "mean"):
+            raise ValueError(f"reward_length must be sum or mean (got {self.reward_length!r})")
         if self.curve_every is not None and not 1 <= self.curve_every <= self.ppo_updates:
             raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
         if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():
@@ -362,6 +368,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
     credit = credit_profile(rm, label_prompts, label_ids, rewards=label_rewards) if records else {}
     center = (mean_token_reward(rm, label_prompts, label_ids, exclude_eos=cfg.reward_eos == "zero",
                                 rewards=label_rewards) if cfg.reward_center == "mean" else 0.0)
+    length_norm = (sum(len(row) for row in label_rewards) / max(1, len(label_rewards))
+                   if cfg.reward_length == "mean" and records else None)
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
     ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
@@ -386,7 +394,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           log_tensorboard=False, reuse_sampling_logprobs=True,
                           mixed_precision=cfg.mixed_precision),
                 policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
-                reward_fn=rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos),
+                reward_fn=rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos, length_norm=length_norm),
             ).train()
             del policy, critic
             release_free_memory()
@@ -410,7 +418,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
     summary["reward_model_eval"] = rm_stage.info().get("eval", {})
     summary["reward_credit"] = {"labelled_samples": credit, **{
         name: generations[name]["credit"] for name in cfg.policies if "credit" in generations.get(name, {})}}
-    summary["length_control"] = {"reward_center": cfg.reward_center, "center": center, "reward_eos": cfg.reward_eos}
+    summary["length_control"] = {"reward_center": cfg.reward_center, "center": center, "reward_eos": cfg.reward_eos,
+                                 "reward_length": cfg.reward_length, "length_norm": length_norm}
     curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
     if any(curves.values()):

@@ -304,6 +304,7 @@ class TokenRewardModel:
         batch_size: int = 16,
         center: float = 0.0,
         eos: Literal["keep", "zero"] = "keep",
+        length_norm: float | None = None,
     ) -> RewardFn:
         """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence").
 
@@ -311,8 +312,13 @@ class TokenRewardModel:
         earns or loses nothing merely by having more tokens (pass the mean token reward of samples from the
         starting policy, :func:`mean_token_reward`); ``eos="zero"`` gives the end-of-sequence token reward 0,
         because word labels never reach it and Bradley-Terry on summed rewards makes it carry the length
-        preference. A zeroed EOS is not centred.
+        preference. A zeroed EOS is not centred. ``length_norm=L`` multiplies a response's token rewards by
+        L / its length, so its total is L times its mean token reward: a token above the response's mean raises
+        it, one below lowers it, and length itself earns nothing (pass the labelled samples' mean length to keep
+        the reward scale of a typical response).
         """
+        if length_norm is not None and not length_norm > 0:
+            raise ValueError(f"length_norm must be > 0 or None (got {length_norm})")
         if kind not in ("token", "sequence"):
             raise ValueError(f"kind must be 'token' or 'sequence' (got {kind!r})")
         if eos not in ("keep", "zero"):
@@ -326,7 +332,7 @@ class TokenRewardModel:
                 rows = self.score_for_policy(prompts, response_token_ids, policy_tokenizer, batch_size)
             else:
                 rows = self.score_token_ids(prompts, response_token_ids, batch_size)
-            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends)
+            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, length_norm)
                     for row, ids in zip(rows, response_token_ids)]
             if kind == "sequence":
                 return [scale * sum(row) for row in rows]
@@ -342,12 +348,14 @@ def end_ids(tokenizer: object) -> frozenset[int]:
 
 
 def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float = 0.0, zero_eos: bool = False,
-                         ends: frozenset[int] = frozenset()) -> list[float]:
+                         ends: frozenset[int] = frozenset(), length_norm: float | None = None) -> list[float]:
     """One response's token rewards after length control: ``center`` subtracted from each, a final end token's
-    reward set to 0 when ``zero_eos``."""
+    reward set to 0 when ``zero_eos``, then each multiplied by ``length_norm / len(row)`` when given."""
     out = [r - center for r in row]
     if zero_eos and out and ids and int(ids[len(out) - 1]) in ends:
         out[-1] = 0.0
+    if length_norm is not None and out:
+        out = [r * length_norm / len(out) for r in out]
     return out
 
 
