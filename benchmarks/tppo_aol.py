@@ -142,6 +142,11 @@ def run(args: argparse.Namespace) -> None:
             cfg = load_config(DemoConfig, None, overrides, base=FAST_OVERRIDES if args.fast else None)
             run_demo(cfg)
             seed_result[arm] = {**arm_result(folder), "seconds": round(time.time() - began, 1)}
+            if out.exists():
+                # Another process may run other seeds or arms into the same file (two cores): keep theirs.
+                for key, arms in json.loads(out.read_text())["per_seed"].items():
+                    for name, value in arms.items():
+                        result["per_seed"].setdefault(key, {}).setdefault(name, value)
             aggregate(result)
             RESULTS.mkdir(exist_ok=True)
             out.write_text(json.dumps(result, indent=1) + "\n")
