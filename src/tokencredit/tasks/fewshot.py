@@ -124,11 +124,12 @@ class PromptedClassifier:
 
     def __init__(self, model: nn.Module, tokenizer: object, label_words: Sequence[str], template: str = TEMPLATE,
                  batch_size: int = 32, max_text_tokens: int = 128, calibrate: bool = True,
-                 mixed_precision: str = "auto", max_rows: int = 512, keep_texts: int = 128) -> None:
+                 mixed_precision: str = "auto", max_rows: int = 128, keep_texts: int = 128) -> None:
         """``label_words`` in class order; each must start with a different token (with a leading space).
         ``calibrate``: subtract each word's log-prob after a content-free text with the same prompt;
         ``mixed_precision``: "auto" runs the forward under bf16 autocast where bf16 matmuls are native;
-        ``max_rows``: (text, prompt) pairs per batched pass over the prompt tokens (bounds the repeated KV cache);
+        ``max_rows``: (text, prompt) pairs per batched pass over the prompt tokens (bounds the repeated KV cache:
+        at 512, scoring 256 SmolLM2 prompts grew a process to 14 GB; 128 peaked at 1.5 GB at the same speed);
         ``keep_texts``: a call on at most this many texts keeps their KV cache for later calls on the same texts."""
         if len(label_words) < 2:
             raise ValueError("a classifier needs at least two label words")
