@@ -20,6 +20,26 @@ def test_freeze_to_converts_only_frozen_floating_parameters():
     assert precision.freeze_to([model], None) == 0
 
 
+def test_frozen_output_head_gets_contiguous_input_and_the_same_logits():
+    from tokencredit.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(40, seed=0).requires_grad_(False).eval()
+    ids = torch.randint(0, 40, (3, 7))
+    with torch.no_grad(), precision.autocast("cpu", torch.bfloat16):
+        before = model(input_ids=ids, logits_to_keep=1).logits
+    seen = []
+    precision.freeze_to([model], torch.bfloat16)
+    precision.freeze_to([model], torch.bfloat16)  # again: one hook, not two
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad(), precision.autocast("cpu", torch.bfloat16):
+        after = model(input_ids=ids, logits_to_keep=1).logits
+    # The prefill's last-position slice is strided; with a bf16 weight that made the CPU matmul copy the whole
+    # weight per row (seconds and GBs on a real vocabulary).
+    assert seen == [True] and len(head._forward_pre_hooks) == 2
+    assert torch.allclose(after.float(), before.float(), atol=0.05)
+
+
 def test_autocast_runs_matmuls_in_bf16_and_is_a_no_op_without_a_dtype():
     x, w = torch.randn(3, 4), torch.randn(4, 5)
     with precision.autocast("cpu", torch.bfloat16):

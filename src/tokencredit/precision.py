@@ -93,7 +93,30 @@ def freeze_to(models: Iterable[nn.Module | None], dtype: torch.dtype | None) -> 
             seen.add(id(p))
             p.data = p.data.to(dtype)
             n += 1
+        _contiguous_head_input(model)
     return n
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: the first positional input made contiguous."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def _contiguous_head_input(model: nn.Module) -> None:
+    """Give the output head contiguous input once its weight is stored in a low precision.
+
+    A prefill with ``logits_to_keep=1`` hands the head a strided slice of the hidden states; with a bf16 weight on
+    a CPU the matmul then broadcast the whole [vocab, hidden] weight per row (a bmm): measured on SmolLM2, 64
+    prompts took 5.9 s and 3.2 GB more instead of 1.6 s, and a PGG grounding of 256 prompts reached 16 GB. A
+    copy of the slice is a few KB.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, nn.Module) and not getattr(head, "_tokencredit_contiguous", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._tokencredit_contiguous = True
 
 
 _ALLOCATOR_TUNED = False
