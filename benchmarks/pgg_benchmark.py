@@ -3,9 +3,16 @@
 Few-shot (``--task fewshot``): each seed is one of RLPrompt's 16-shot SST-2 splits (16-13, 16-21, 16-42) and the
 RL seed. Arms from the same start and budget (``tokencredit pgg task=fewshot``, recipes/pgg.py): PGG with each
 aggregator (avg / sum / softmax / softmin: the paper's ablation) and sequence-level REINFORCE (the metric score,
-centred, on every token; no reward model). References: the hand-written prompt (the upper reference that shows
-the frozen classifier is above chance on this data) and no prompt. Number per arm: test accuracy (1,821
-examples) of the prompt chosen on the 32 dev examples.
+standardised over the batch, on every token; no reward model). Sized so the margin rises at all on a CPU (the
+first design, 8-token prompts at 5e-4 with the entropy bonus, learned nothing in 40 steps: results
+pgg_fewshot_design1.json): 30 LM steps of 16 sampled 4-token prompts, LoRA rank 16 on every block at 3e-3, no
+entropy bonus; PGG grounds on 64 x K=4 samples at steps 0 and 10. References: the hand-written prompt (the upper
+reference that shows the frozen classifier is above chance on this data) and no prompt. Numbers per arm: test
+accuracy (first 1,000 test reviews) of the prompt chosen on the 32 dev examples, the mean dev accuracy and train
+margin over every candidate the trained policy proposes, the mean step score (how soon and how far the margin
+rose), and for PGG the token reward's held-out pair accuracy at each grounding. Two processes can split the arms
+(``--aggregators avg sum`` and ``--aggregators softmax softmin --arms pgg``, each with its own ``--workdir``);
+they merge into one results file.
 
 Summarisation (``--task summarize``): SciTLDR train (first ``--records`` documents) -> test (first
 ``--eval-documents``); PGG's weighted MLE vs plain MLE from the same start with the same steps; ROUGE of greedy
@@ -13,7 +20,7 @@ summaries. The ranking metric during training is ROUGE-L against the training re
 
     python benchmarks/pgg_benchmark.py --task fewshot --seeds 0 1 2
     python benchmarks/pgg_benchmark.py --task summarize --seeds 0 1 2
-    python benchmarks/pgg_benchmark.py --task fewshot --report
+    python benchmarks/pgg_benchmark.py --task fewshot --report --workdir runs/bench-pgg/a runs/bench-pgg/b
 
 Data is read from ../shared/data (the run stops with "skipped" when it is absent). Results go to
 benchmarks/results/pgg_<task>.json after every seed; the chart to pgg_<task>.svg.
@@ -38,7 +45,7 @@ from seedstats import mean_curve, mean_sd  # noqa: E402 - a sibling module of th
 DATA = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results"
 SPLITS = ["16-13", "16-21", "16-42", "16-87", "16-100"]
-KEYS = {"fewshot": ["test_accuracy", "candidates_dev_mean", "candidates_margin_mean", "score_auc"],
+KEYS = {"fewshot": ["test_accuracy", "candidates_dev_mean", "candidates_margin_mean", "score_auc", "rm_rank_accuracy"],
         "summarize": ["rougeL", "rouge1", "rouge2", "mean_length"]}
 
 
@@ -68,13 +75,14 @@ def run(args: argparse.Namespace) -> None:
         if not data.exists():
             print(f"skipped: {data} not found (../shared/data is not part of the product)")
             return
-        cfg = PGGRecipeConfig(output=str(Path(args.workdir) / args.task / f"seed{seed}"), task=args.task,
+        cfg = PGGRecipeConfig(output=str(Path(args.workdir[0]) / args.task / f"seed{seed}"), task=args.task,
                               data=str(data), seed=seed, resume=True, num_steps=args.steps,
                               batch_size=args.batch or (16 if args.task == "fewshot" else 8),
                               max_records=args.records, **extra)
         began = time.time()
         summary = run_pgg(cfg)
         add_candidate_means(summary, Path(cfg.output))
+        add_grounding_accuracy(summary, Path(cfg.output))
         add_score_auc(summary)
         summary["seconds"] = round(time.time() - began, 1)
         result["per_seed"][str(seed)] = summary
@@ -121,6 +129,19 @@ def add_candidate_means(summary: dict, folder: Path) -> None:
         row["candidates_seen"] = len(every)
         row["candidates_dev_mean"] = sum(c["dev_accuracy"] for c in every) / len(every)
         row["candidates_margin_mean"] = sum(c["train_margin"] for c in every) / len(every)
+
+
+def add_grounding_accuracy(summary: dict, folder: Path) -> None:
+    """Each PGG arm's mean held-out pair accuracy of its token reward over the groundings (read from the arm's
+    metrics.jsonl): how well the guidance ranks samples it was not fitted on (0.5 = chance)."""
+    for arm, row in summary["results"].items():
+        metrics = folder / arm / "metrics.jsonl"
+        if not arm.startswith("pgg") or not metrics.exists():
+            continue
+        values = [m["ground/rm_rank_accuracy"] for m in map(json.loads, metrics.read_text().splitlines())
+                  if m.get("ground/rm_rank_accuracy") is not None]
+        if values:
+            row["rm_rank_accuracy"] = sum(values) / len(values)
 
 
 def add_score_auc(summary: dict) -> None:
@@ -187,14 +208,17 @@ def main() -> int:
     parser.add_argument("--ground-until", type=int, default=20)
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--eval-documents", type=int, default=64)
-    parser.add_argument("--workdir", default="runs/bench-pgg")
+    parser.add_argument("--workdir", nargs="+", default=["runs/bench-pgg"],
+                        help="run folders' root (with --report: every root the arms ran in)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
         result = json.loads((RESULTS / f"pgg_{args.task}.json").read_text())
         for seed, summary in result["per_seed"].items():
-            add_candidate_means(summary, Path(args.workdir) / args.task / f"seed{seed}")
+            for workdir in args.workdir:  # processes that ran different arms each had their own
+                add_candidate_means(summary, Path(workdir) / args.task / f"seed{seed}")
+                add_grounding_accuracy(summary, Path(workdir) / args.task / f"seed{seed}")
             add_score_auc(summary)
         aggregate(result, args.task)
         (RESULTS / f"pgg_{args.task}.json").write_text(json.dumps(result, indent=1) + "\n")
