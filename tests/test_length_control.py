@@ -45,6 +45,18 @@ def test_length_norm_makes_the_total_the_mean_token_reward_at_a_fixed_scale():
     assert adjust_token_rewards([], [], length_norm=3.0) == []
 
 
+def test_an_unfinished_response_is_charged_at_its_last_token_and_a_finished_one_is_not():
+    eos = 9
+    # Cut at the limit (no end token): the charge lands on the last token, before any length scaling.
+    assert adjust_token_rewards([0.5, 0.5], [4, 5], ends=frozenset({eos}), unfinished=-0.5) == [0.5, 0.0]
+    assert adjust_token_rewards([0.5, 0.5], [4, 5], ends=frozenset({eos}), unfinished=-0.5,
+                                length_norm=4.0) == pytest.approx([1.0, 0.0])
+    # Ended with the end token: nothing added, with or without zeroing that token.
+    assert adjust_token_rewards([0.5, -0.5], [4, eos], ends=frozenset({eos}), unfinished=-0.5) == [0.5, -0.5]
+    assert adjust_token_rewards([0.5, -0.5], [4, eos], zero_eos=True, ends=frozenset({eos}),
+                                unfinished=-0.5) == [0.5, 0.0]
+
+
 def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     rm = make_rm()
     tok = rm.tokenizer
@@ -59,6 +71,10 @@ def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     assert tok.eos_token_id in end_ids(tok)
     with pytest.raises(ValueError, match="eos must be"):
         rm.as_reward_fn("token", eos="drop")
+    cut = [ids[0][:-1], ids[1]]  # the first response without its end token, as if cut at the limit
+    charged = rm.as_reward_fn("token", unfinished=-2.0)(prompts, ["", ""], cut)
+    plain = rm.score_token_ids(prompts, cut)
+    assert charged[0] == pytest.approx([*plain[0][:-1], plain[0][-1] - 2.0]) and charged[1] == pytest.approx(plain[1])
     means = rm.as_reward_fn("sequence", length_norm=1.0)(prompts, ["", ""], ids)
     assert means == pytest.approx([sum(r) / len(r) for r in raw])  # L = 1: the mean token reward
     with pytest.raises(ValueError, match="length_norm"):
@@ -110,7 +126,8 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     assert main(["demo", "--fast", "--output", str(base)]) == 0
     summary = json.loads((base / "summary.json").read_text())
     assert summary["length_control"] == {"reward_center": "none", "center": 0.0, "reward_eos": "keep",
-                                         "reward_length": "sum", "length_norm": None}
+                                         "reward_length": "sum", "length_norm": None, "reward_unfinished": "none",
+                                         "unfinished": 0.0}
     credit = summary["reward_credit"]["labelled_samples"]
     assert credit["responses"] == 32 and set(credit["mean_reward"]) == {"eos", "stopword", "content", "first"}
     assert {"sft", "tppo", "ppo_sequence"} <= set(summary["reward_credit"])
@@ -118,13 +135,15 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     # An ablation of the PPO stages on the same SFT model, labels and reward model.
     variant = tmp_path / "variant"
     assert main(["demo", "--fast", "--output", str(variant), f"reuse_stages={base}", "reward_center=mean",
-                 "reward_eos=zero", "reward_length=mean", "curve_every=1"]) == 0
+                 "reward_eos=zero", "reward_length=mean", "reward_unfinished=eos", "curve_every=1"]) == 0
     assert not (variant / "sft").exists() and not (variant / "reward_model").exists()
     out = json.loads((variant / "summary.json").read_text())
     control = out["length_control"]
     assert control["reward_center"] == "mean" and control["reward_eos"] == "zero" and control["center"] != 0.0
     # The scale is the labelled samples' mean length in reward-model tokens.
     assert control["reward_length"] == "mean" and control["length_norm"] == pytest.approx(credit["mean_length"])
+    # The charge for an unfinished query is the mean end-token reward on the labelled samples.
+    assert control["unfinished"] == pytest.approx(credit["mean_reward"]["eos"])
     same = out["reward_credit"]["labelled_samples"]  # the same reward model and samples
     assert same["mean_reward"] == pytest.approx(credit["mean_reward"]) and same["tokens"] == credit["tokens"]
     assert out["sft"] == pytest.approx(summary["sft"])  # the same SFT model

@@ -106,6 +106,10 @@ class DemoConfig:
     # reward times (mean labelled-sample length / the query's length), so a query's total is its mean token
     # reward at a typical query's scale, and adding tokens earns nothing by itself
     reward_length: Literal["sum", "mean"] = "sum"
+    # "eos": a query cut at max_new_tokens without an end token gets the reward model's mean end-token reward on
+    # the labelled samples added at its last token, so running to the limit no longer escapes the cost of ending
+    # (TREC: end tokens averaged -0.51 and PPO queries grew to the limit); "none": nothing added
+    reward_unfinished: Literal["none", "eos"] = "none"
     curve_every: int | None = None  # also evaluate both PPO policies on the test sessions every N updates
     # An earlier demo run folder (same data, seed, model and stage settings) whose finished sft, labels and
     # reward_model stages this run uses instead of training its own: for ablations of the PPO stages
@@ -125,6 +129,8 @@ class DemoConfig:
                              f"{self.reward_center!r}, {self.reward_eos!r})")
         if self.reward_length not in ("sum", "mean"):
             raise ValueError(f"reward_length must be sum or mean (got {self.reward_length!r})")
+        if self.reward_unfinished not in ("none", "eos"):
+            raise ValueError(f"reward_unfinished must be none or eos (got {self.reward_unfinished!r})")
         if self.curve_every is not None and not 1 <= self.curve_every <= self.ppo_updates:
             raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
         if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():
@@ -370,6 +376,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
                                 rewards=label_rewards) if cfg.reward_center == "mean" else 0.0)
     length_norm = (sum(len(row) for row in label_rewards) / max(1, len(label_rewards))
                    if cfg.reward_length == "mean" and records else None)
+    eos_mean = credit.get("mean_reward", {}).get("eos") if credit else None
+    unfinished = float(eos_mean) if cfg.reward_unfinished == "eos" and eos_mean is not None else 0.0
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
     ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
@@ -394,7 +402,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           log_tensorboard=False, reuse_sampling_logprobs=True,
                           mixed_precision=cfg.mixed_precision),
                 policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
-                reward_fn=rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos, length_norm=length_norm),
+                reward_fn=rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos, length_norm=length_norm,
+                                          unfinished=unfinished),
             ).train()
             del policy, critic
             release_free_memory()
@@ -419,7 +428,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
     summary["reward_credit"] = {"labelled_samples": credit, **{
         name: generations[name]["credit"] for name in cfg.policies if "credit" in generations.get(name, {})}}
     summary["length_control"] = {"reward_center": cfg.reward_center, "center": center, "reward_eos": cfg.reward_eos,
-                                 "reward_length": cfg.reward_length, "length_norm": length_norm}
+                                 "reward_length": cfg.reward_length, "length_norm": length_norm,
+                                 "reward_unfinished": cfg.reward_unfinished, "unfinished": unfinished}
     curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
     if any(curves.values()):

@@ -305,6 +305,7 @@ class TokenRewardModel:
         center: float = 0.0,
         eos: Literal["keep", "zero"] = "keep",
         length_norm: float | None = None,
+        unfinished: float = 0.0,
     ) -> RewardFn:
         """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence").
 
@@ -315,7 +316,9 @@ class TokenRewardModel:
         preference. A zeroed EOS is not centred. ``length_norm=L`` multiplies a response's token rewards by
         L / its length, so its total is L times its mean token reward: a token above the response's mean raises
         it, one below lowers it, and length itself earns nothing (pass the labelled samples' mean length to keep
-        the reward scale of a typical response).
+        the reward scale of a typical response). ``unfinished`` is added to the last token of a response cut at
+        the length limit without an end token: with a negative end-token reward, running to the limit otherwise
+        escapes the cost of ending (pass the mean end-token reward of the samples, e.g. from ``credit_profile``).
         """
         if length_norm is not None and not length_norm > 0:
             raise ValueError(f"length_norm must be > 0 or None (got {length_norm})")
@@ -332,7 +335,7 @@ class TokenRewardModel:
                 rows = self.score_for_policy(prompts, response_token_ids, policy_tokenizer, batch_size)
             else:
                 rows = self.score_token_ids(prompts, response_token_ids, batch_size)
-            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, length_norm)
+            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, length_norm, unfinished)
                     for row, ids in zip(rows, response_token_ids)]
             if kind == "sequence":
                 return [scale * sum(row) for row in rows]
@@ -348,12 +351,17 @@ def end_ids(tokenizer: object) -> frozenset[int]:
 
 
 def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float = 0.0, zero_eos: bool = False,
-                         ends: frozenset[int] = frozenset(), length_norm: float | None = None) -> list[float]:
+                         ends: frozenset[int] = frozenset(), length_norm: float | None = None,
+                         unfinished: float = 0.0) -> list[float]:
     """One response's token rewards after length control: ``center`` subtracted from each, a final end token's
-    reward set to 0 when ``zero_eos``, then each multiplied by ``length_norm / len(row)`` when given."""
+    reward set to 0 when ``zero_eos``, ``unfinished`` added to the last token of a response without a final end
+    token (cut at the length limit), then each multiplied by ``length_norm / len(row)`` when given."""
     out = [r - center for r in row]
-    if zero_eos and out and ids and int(ids[len(out) - 1]) in ends:
+    finished = bool(out) and bool(ids) and int(ids[len(out) - 1]) in ends
+    if zero_eos and finished:
         out[-1] = 0.0
+    if unfinished and out and not finished:
+        out[-1] += unfinished
     if length_norm is not None and out:
         out = [r * length_norm / len(out) for r in out]
     return out
