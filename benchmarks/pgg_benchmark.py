@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         if args.task == "fewshot":
             data = DATA / "fewshot" / args.dataset / SPLITS[seed % len(SPLITS)]
             # Measured to learn in tens of steps (docs/pgg.md): 4-token prompts, a 3e-3 LoRA learning rate,
-            # 16 samples per step; groundings of 16 x K=4 samples every 5 steps during the first half.
+            # 16 samples per step; groundings of 64 x K=4 samples (16 lists ranked at chance) at steps 0 and 10.
             extra = dict(dataset=args.dataset, aggregators=args.aggregators, max_new_tokens=args.max_new_tokens,
                          learning_rate=args.lr, ground_prompts=args.ground_prompts, rm_epochs=args.rm_epochs,
                          ground_every=args.ground_every, ground_until=args.ground_until,
@@ -96,13 +96,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def wanted_arms(args: argparse.Namespace) -> set[str]:
-    """The run-folder names of the arms this invocation trains (as recipes/pgg.py names them)."""
-    base = {"fewshot": ["pgg", "sequence"], "summarize": ["pgg", "mle"]}[args.task]
+    """The run-folder names of the arms this invocation trains, named by the recipe itself."""
+    from tokencredit.recipes.pgg import PGGRecipeConfig, arm_names
+
     aggregators = args.aggregators if args.task == "fewshot" else ["avg"]
-    names = set()
-    for arm in args.arms or base:
-        names |= {f"pgg-{a}" for a in aggregators} if arm == "pgg" else {arm}
-    return names
+    return set(arm_names(PGGRecipeConfig(task=args.task, arms=args.arms, aggregators=aggregators)))
 
 
 def merge_others(result: dict, written: dict) -> None:

@@ -76,7 +76,7 @@ class PGGRecipeConfig:
     rm_epochs: int = 2  # reward-model passes over each grounding's ranked lists
     rm_learning_rate: float = 1e-4  # reward-model learning rate
     # fewshot (REINFORCE): weight of the entropy bonus. The paper's 0.125 pushed SmolLM2's per-token entropy from
-    # 4 to 7 nats within 30 steps and no arm learned (docs/pgg.md); without it the margin rose within 10 steps.
+    # 4 to 6-7 nats within 30 steps and margins barely moved (docs/pgg.md); without it they rose within 10 steps.
     entropy_coef: float = 0.0
 
     candidates: int = 16  # fewshot: prompts sampled from each trained policy to pick from on dev
@@ -172,7 +172,7 @@ def run_pgg(cfg: PGGRecipeConfig) -> dict:
         return summary
 
 
-def _arm_names(cfg: PGGRecipeConfig) -> list[str]:
+def arm_names(cfg: PGGRecipeConfig) -> list[str]:
     """Run-folder names: pgg-<aggregator> per aggregator, then the baseline."""
     arms = cfg.arms if cfg.arms is not None else list(ARMS[cfg.task])
     out = []
@@ -262,7 +262,7 @@ def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> di
 
     results: dict[str, dict] = dict(zip(("hand-written", "no prompt"), judge([HAND_PROMPTS[dataset], ""])))
     curves = {}
-    for arm in _arm_names(cfg):
+    for arm in arm_names(cfg):
         stage = _Stage(root, arm, cfg.resume)
         if not stage.done:
             _train_arm(cfg, arm, model_name, tokenizer, [policy_prompt], score_fn, None, stage.dir)
@@ -330,7 +330,7 @@ def _summarize(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> 
 
     results = {"start": evaluate(None)}
     curves = {}
-    for arm in _arm_names(cfg):
+    for arm in arm_names(cfg):
         stage = _Stage(root, arm, cfg.resume)
         if not stage.done:
             _train_arm(cfg, arm, model_name, tokenizer, prompts, score_fn, references, stage.dir)

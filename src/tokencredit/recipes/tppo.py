@@ -374,8 +374,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     credit = credit_profile(rm, label_prompts, label_ids, rewards=label_rewards) if records else {}
     center = (mean_token_reward(rm, label_prompts, label_ids, exclude_eos=cfg.reward_eos == "zero",
                                 rewards=label_rewards) if cfg.reward_center == "mean" else 0.0)
-    length_norm = (sum(len(row) for row in label_rewards) / max(1, len(label_rewards))
-                   if cfg.reward_length == "mean" and records else None)
+    length_norm = credit["mean_length"] if cfg.reward_length == "mean" and credit else None
     eos_mean = credit.get("mean_reward", {}).get("eos") if credit else None
     unfinished = float(eos_mean) if cfg.reward_unfinished == "eos" and eos_mean is not None else 0.0
 

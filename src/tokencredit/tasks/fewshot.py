@@ -128,8 +128,8 @@ class PromptedClassifier:
         """``label_words`` in class order; each must start with a different token (with a leading space).
         ``calibrate``: subtract each word's log-prob after a content-free text with the same prompt;
         ``mixed_precision``: "auto" runs the forward under bf16 autocast where bf16 matmuls are native;
-        ``max_rows``: (text, prompt) pairs per batched pass over the prompt tokens (bounds the repeated KV cache:
-        at 512, scoring 256 SmolLM2 prompts grew a process to 14 GB; 128 peaked at 1.5 GB at the same speed);
+        ``max_rows``: (text, prompt) pairs per batched pass over the prompt tokens (bounds the repeated KV cache;
+        at 128, 96 SmolLM2 prompts on 33 SST-2 texts took 30 s on one core with a 1.5 GB peak);
         ``keep_texts``: a call on at most this many texts keeps their KV cache for later calls on the same texts."""
         if len(label_words) < 2:
             raise ValueError("a classifier needs at least two label words")
@@ -173,7 +173,7 @@ class PromptedClassifier:
 
     def _text_pass(self, heads: tuple[str, ...], keep: bool) -> tuple:
         """Token ids, mask, KV cache and no-prompt label log-probs of a batch of texts; kept when ``keep``, since
-        a PGG run scores every sampled prompt on the same few training texts (the pass was most of a step)."""
+        a PGG run scores every sampled prompt on the same few training texts."""
         if heads in self._kept:
             return self._kept[heads]
         device = next(self.model.parameters()).device
@@ -192,7 +192,8 @@ class PromptedClassifier:
 
         Each batch of texts is run once; its KV cache is then repeated for a group of prompts and every
         (text, prompt) pair's tail runs in one forward pass, so scoring P prompts costs one pass over the texts plus
-        a few batched passes over the short prompt tokens (one small pass per prompt was ~4x slower on a CPU).
+        a few batched passes over the short prompt tokens (8 prompts on 33 SST-2 texts: 3.1 s against 4.5 s with
+        one small pass per prompt, 2 CPU cores).
         """
         device = next(self.model.parameters()).device
         tails = [self._tail_ids(p) for p in prompts]
