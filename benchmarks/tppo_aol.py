@@ -20,7 +20,7 @@ bootstrap 95% interval over test sessions (2,000 resamples). Also: where the rew
 (EOS, stopwords, first token, slope of summed reward on length), the length distribution of each policy, and
 the learning curve (test token F1 vs PPO updates) of TPPO and sequence PPO on one chart.
 
-    python benchmarks/tppo_aol.py --data aol --seeds 0 1 2     # a few hours on 2 cores, in the background
+    python benchmarks/tppo_aol.py --data aol --seeds 0 1 2     # ~50 min per seed on one core, in the background
     python benchmarks/tppo_aol.py --data trec --seeds 0 1 2
     python benchmarks/tppo_aol.py --data aol --fast --seeds 0  # tiny model: checks the script only
     python benchmarks/tppo_aol.py --data aol --report           # tables and charts from the results file
@@ -57,10 +57,12 @@ ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"
 DEFAULT_ARMS = ["base", "unfinished", "mean_unf", "mean", "eos0", "kl02"]
 METRICS = ("token_f1", "token_precision", "token_recall", "bleu", "rouge_l", "mean_words", "mean_length_tokens",
            "rm_reward")
-# Sized for a few hours on 2 CPU cores (AOL); TREC has 251 sessions, so it uses all of them.
+# AOL sized for about 50 minutes per seed on one CPU core (SFT ~10 min on 2,000 sessions; each greedy pass over
+# 200 test sessions ~2 min, so its learning curve has a point every 10 updates); TREC has 251 sessions, so it uses
+# all of them, with a point every 5 updates.
 SCALE = {
-    "aol": ["max_train_sessions=3000", "max_test_sessions=400", "test_fraction=0.1", "label_prompts=256",
-            "rm_epochs=2", "ppo_updates=30", "curve_every=5"],
+    "aol": ["max_train_sessions=2000", "max_test_sessions=200", "test_fraction=0.1", "label_prompts=256",
+            "rm_epochs=2", "ppo_updates=30", "curve_every=10"],
     "trec": ["max_test_sessions=null", "test_fraction=0.25", "label_prompts=128", "rm_epochs=2",
              "ppo_updates=30", "curve_every=5"],
 }

@@ -52,3 +52,29 @@ def test_resume_refuses_changed_settings_naming_them(tmp_path):
 def test_changed_settings_ignores_length_and_logging():
     assert changed_settings({"num_updates": 5, "progress": True, "seed": 1}, {"num_updates": 9, "progress": False,
                                                                                "seed": 1}) == []
+
+
+def test_a_setting_added_later_resumes_at_its_default_but_not_changed():
+    # A run saved before reward_unfinished existed must resume when the new setting is left at its default.
+    saved = {"learning_rate": 0.001, "lora": {"r": 8}}
+    defaults = {"learning_rate": 0.01, "reward_unfinished": "none", "lora": {"r": 8, "alpha": 16}}
+    assert changed_settings(saved, {"learning_rate": 0.001, "reward_unfinished": "none",
+                                    "lora": {"r": 8, "alpha": 16}}, defaults=defaults) == []
+    assert changed_settings(saved, {"learning_rate": 0.001, "reward_unfinished": "eos", "lora": {"r": 8, "alpha": 32}},
+                            defaults=defaults) == ["lora.alpha: None -> 32", "reward_unfinished: None -> 'eos'"]
+    # without defaults every new key is a change, as before
+    assert changed_settings(saved, {"learning_rate": 0.001, "reward_unfinished": "none", "lora": {"r": 8}}) == [
+        "reward_unfinished: None -> 'none'"]
+
+
+def test_demo_config_defaults_let_an_older_run_folder_resume(tmp_path):
+    from tokencredit.config import config_defaults, config_to_dict
+    from tokencredit.recipes.tppo import DemoConfig
+
+    settings = config_to_dict(DemoConfig())
+    older = {k: v for k, v in settings.items() if k != "reward_unfinished"}
+    run = occupied(tmp_path, older)
+    claim_run_folder(run, settings, resume=True, defaults=config_defaults(DemoConfig))
+    with pytest.raises(RunFolderError, match="reward_unfinished"):
+        claim_run_folder(run, {**settings, "reward_unfinished": "eos"}, resume=True,
+                         defaults=config_defaults(DemoConfig))

@@ -74,6 +74,22 @@ def config_to_dict(cfg: Any) -> dict:
     return _plain(cfg)
 
 
+def config_defaults(cfg: Any) -> dict:
+    """The declared default of every init field of ``cfg``'s dataclass that has one, as plain values (nested
+    dataclass sections as dicts); fields without a default are left out."""
+    if not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"config_defaults needs a dataclass, got {cfg!r}")
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default_factory())
+    return out
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as readable YAML (fields in declaration order), atomically."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=False)

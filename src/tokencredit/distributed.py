@@ -318,12 +318,13 @@ def open_run(group: ProcessGroup, run_dir: Path, config: Any, resume: Callable[[
     """
     from contextlib import nullcontext
 
-    from tokencredit.config import config_to_dict, save_config
+    from tokencredit.config import config_defaults, config_to_dict, save_config
     from tokencredit.runs import MetricsLogger, claim_run_folder
 
     settings = config_to_dict(config)
     drop = group.on_main(lambda: claim_run_folder(run_dir, settings, config.resume, config.overwrite,
-                                                  config.allow_changed_settings), default=lambda: None)
+                                                  config.allow_changed_settings,
+                                                  defaults=config_defaults(type(config))), default=lambda: None)
     resumed = resume()
     if not resumed:
         group.on_main(start_fresh)

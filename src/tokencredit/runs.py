@@ -549,28 +549,34 @@ def holds_run(run_dir: str | Path) -> bool:
     return any((run_dir / name).exists() for name in _RUN_MARKERS)
 
 
-def changed_settings(saved: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_settings(saved: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """``key: old -> new`` for every setting that differs (nested sections as ``section.key``), except those
-    in :data:`RESUMABLE_CHANGES`."""
+    in :data:`RESUMABLE_CHANGES` and, given ``defaults``, a key the saved run lacks whose new value is its default
+    (a setting added by a later version of tokencredit, left as it was)."""
     out = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(new)):
         if key in RESUMABLE_CHANGES:
             continue
         old, now = saved.get(key), new.get(key)
+        if key not in saved and key in defaults and now == defaults[key]:
+            continue
         if isinstance(old, dict) and isinstance(now, dict):
-            out += changed_settings(old, now, prefix=f"{prefix}{key}.")
+            sub = defaults.get(key)
+            out += changed_settings(old, now, prefix=f"{prefix}{key}.", defaults=sub if isinstance(sub, dict) else None)
         elif old != now:
             out.append(f"{prefix}{key}: {old!r} -> {now!r}")
     return out
 
 
 def claim_run_folder(run_dir: str | Path, settings: dict, resume: bool, overwrite: bool = False,
-                     allow_changed_settings: bool = False) -> Callable[[], None]:
+                     allow_changed_settings: bool = False, defaults: dict | None = None) -> Callable[[], None]:
     """Make ``run_dir`` this run's alone, before anything is written; returns what to call after the new run's
     first checkpoint (it deletes a replaced run).
 
     - ``resume``: the folder's saved ``config.yaml`` must match ``settings`` except :data:`RESUMABLE_CHANGES`,
-      unless ``allow_changed_settings`` (a :class:`RunFolderError` names the fields otherwise).
+      unless ``allow_changed_settings`` (a :class:`RunFolderError` names the fields otherwise); a setting the
+      saved run does not have at all passes when its new value is its entry in ``defaults``.
     - a fresh run into a folder that holds a run: refused unless ``overwrite``; then the old run is moved aside to
       ``<name>.replaced-<time>`` and deleted only once the new run has a checkpoint, so a crash before that
       loses nothing.
@@ -586,7 +592,7 @@ def claim_run_folder(run_dir: str | Path, settings: dict, resume: bool, overwrit
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
                 raise RunFolderError(f"{saved_path} cannot be read ({exc}); resume needs the run's settings to "
                                      "check them (allow_changed_settings=true skips the check)") from exc
-            changed = changed_settings(saved, settings)
+            changed = changed_settings(saved, settings, defaults=defaults)
             if changed:
                 raise RunFolderError(
                     f"resume=true, but these settings differ from the run in {run_dir}: {'; '.join(changed)}. "

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from tokencredit.config import config_to_dict, save_config
+from tokencredit.config import config_defaults, config_to_dict, save_config
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
 from tokencredit.models import (
@@ -169,7 +169,8 @@ def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
         # A recipe writes reports, summaries and stage folders of its own; every rank would write them.
         raise ValueError("recipes run in one process; under accelerate launch use the ppo, sft and reward train "
                          "commands (or PPOTrainer / SFTTrainer), see docs/distributed.md")
-    drop = claim_run_folder(root, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings)
+    drop = claim_run_folder(root, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings,
+                            defaults=config_defaults(type(cfg)))
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
     return drop

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tokencredit.config import ConfigError, config_to_dict, save_config
+from tokencredit.config import ConfigError, config_defaults, config_to_dict, save_config
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.records import PreferencePair
 from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
@@ -108,7 +108,8 @@ def run_evolve(cfg: EvolveConfig) -> dict:
     train, held = _load(cfg)
     out = Path(cfg.output_dir)
     # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
-    drop_replaced = claim_run_folder(out, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings)
+    drop_replaced = claim_run_folder(out, config_to_dict(cfg), cfg.resume, cfg.overwrite,
+                                     cfg.allow_changed_settings, defaults=config_defaults(type(cfg)))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     order = list(range(len(train)))
