@@ -16,7 +16,8 @@ only the two PPO policies again, one option at a time:
 
 Everything is evaluated on the seed's held-out users with greedy decoding. Per arm and seed: token F1 with
 precision and recall, BLEU, ROUGE-L, length (words), and for TPPO - SFT and TPPO - sequence PPO a paired
-bootstrap 95% interval over test sessions (2,000 resamples). Also: where the reward model puts its credit
+bootstrap 95% interval over test sessions (2,000 resamples), also on the length-matched sessions alone (both
+queries within one word of each other). Also: where the reward model puts its credit
 (EOS, stopwords, first token, slope of summed reward on length), the length distribution of each policy, and
 the learning curve (test token F1 vs PPO updates) of TPPO and sequence PPO on one chart.
 
@@ -55,6 +56,7 @@ ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"
 # an end token (finished share 0.9 -> 0.1), escaping its negative reward; the default set measures the options
 # aimed at that. center (which adds reward per token there) stays available.
 DEFAULT_ARMS = ["base", "unfinished", "mean_unf", "mean", "eos0", "kl02"]
+MIN_MATCHED = 10  # fewer length-matched test sessions than this give no interval
 METRICS = ("token_f1", "token_precision", "token_recall", "bleu", "rouge_l", "mean_words", "mean_length_tokens",
            "rm_reward")
 # AOL sized for about 50 minutes per seed on one CPU core (SFT ~10 min on 2,000 sessions; each greedy pass over
@@ -97,11 +99,20 @@ def arm_result(folder: Path) -> dict:
         paired[f"{a} - {b}"] = {m: paired_bootstrap([r[k] for r in examples[a]], [r[k] for r in examples[b]])
                                 for m, k in (("token_f1", "f1"), ("token_precision", "p"), ("token_recall", "r"),
                                              ("rouge_l", "rouge_l"), ("words", "words"))}
+    # Length-matched: only the test sessions where both policies' queries have the same number of words (within
+    # one), so that neither side's F1 moves merely because its queries are shorter or longer.
+    matched = {}
+    for a, b in (("tppo", "sft"), ("tppo", "ppo_sequence"), ("ppo_sequence", "sft")):
+        keep = [i for i, (x, y) in enumerate(zip(examples[a], examples[b])) if abs(x["words"] - y["words"]) <= 1]
+        matched[f"{a} - {b}"] = (paired_bootstrap([examples[a][i]["f1"] for i in keep],
+                                                  [examples[b][i]["f1"] for i in keep])
+                                 if len(keep) >= MIN_MATCHED else {"n": len(keep)})
     lengths = {p: [int(r["words"]) for r in examples[p]] for p in POLICIES}
     lengths["reference"] = [int(r["ref_words"]) for r in examples["sft"]]
     return {
         "metrics": {p: {m: summary[p].get(m) for m in METRICS} for p in POLICIES},
         "paired": paired,
+        "length_matched_f1": matched,
         "length_histogram": {k: _histogram(v) for k, v in lengths.items()},
         "reward_credit": summary.get("reward_credit", {}),
         "length_control": summary.get("length_control", {}),
@@ -133,6 +144,7 @@ def run(args: argparse.Namespace) -> None:
     result.update(what=__doc__.split("\n")[0], data=str(data), arms=args.arms, scale=SCALE[args.data],
                   fast=args.fast)
     scale = ["max_train_sessions=48", "max_test_sessions=12", "curve_every=1"] if args.fast else SCALE[args.data]
+    ran: set[tuple[str, str]] = set()
     for seed in args.seeds:
         seed_result = result["per_seed"].setdefault(str(seed), {})
         base_dir = Path(args.workdir) / args.data / f"seed{seed}" / "base"
@@ -148,11 +160,14 @@ def run(args: argparse.Namespace) -> None:
             cfg = load_config(DemoConfig, None, overrides, base=FAST_OVERRIDES if args.fast else None)
             run_demo(cfg)
             seed_result[arm] = {**arm_result(folder), "seconds": round(time.time() - began, 1)}
+            ran.add((str(seed), arm))
             if out.exists():
-                # Another process may run other seeds or arms into the same file (two cores): keep theirs.
+                # Another process may run other seeds or arms into the same file (two cores), or --report may have
+                # refreshed them: the file's entry wins for every arm this process did not run itself.
                 for key, arms in json.loads(out.read_text())["per_seed"].items():
                     for name, value in arms.items():
-                        result["per_seed"].setdefault(key, {}).setdefault(name, value)
+                        if (key, name) not in ran:
+                            result["per_seed"].setdefault(key, {})[name] = value
             aggregate(result)
             RESULTS.mkdir(exist_ok=True)
             out.write_text(json.dumps(result, indent=1) + "\n")
@@ -175,8 +190,26 @@ def aggregate(result: dict) -> None:
                                        "seeds_ci_above_0": sum(r["paired"][pair][m]["low"] > 0 for r in runs),
                                        "seeds_ci_below_0": sum(r["paired"][pair][m]["high"] < 0 for r in runs)}
                                    for m in runs[0]["paired"][pair]}
+        with_matched = [r for r in runs if "length_matched_f1" in r]
+        row["length_matched_f1"] = {
+            pair: {**mean_sd([r["length_matched_f1"][pair]["mean"] for r in with_matched
+                              if "mean" in r["length_matched_f1"][pair]]),
+                   "sessions": [r["length_matched_f1"][pair]["n"] for r in with_matched],
+                   "seeds_ci_above_0": sum(r["length_matched_f1"][pair].get("low", 0) > 0 for r in with_matched),
+                   "seeds_ci_below_0": sum(r["length_matched_f1"][pair].get("high", 0) < 0 for r in with_matched)}
+            for pair in (with_matched[0]["length_matched_f1"] if with_matched else {})}
         agg[arm] = row
     result["aggregate"] = agg
+
+
+def refresh(result: dict, root: Path) -> None:
+    """Recompute every finished arm from its run folder, where it still exists (an analysis added later reaches
+    earlier runs without training again)."""
+    for seed, arms in result["per_seed"].items():
+        for arm, value in arms.items():
+            folder = root / f"seed{seed}" / arm
+            if (folder / "summary.json").exists():
+                arms[arm] = {**arm_result(folder), "seconds": value.get("seconds")}
 
 
 def report(result: dict, out: Path) -> None:
@@ -196,6 +229,10 @@ def report(result: dict, out: Path) -> None:
             f1 = values["token_f1"]
             print(f"  {pair}: F1 {f1['mean']:+.3f}; 95% CI above 0 in {f1['seeds_ci_above_0']}/{row['seeds']} "
                   f"seed(s), below 0 in {f1['seeds_ci_below_0']}")
+            m = row.get("length_matched_f1", {}).get(pair)
+            if m and m["mean"] is not None:
+                print(f"    length-matched ({'/'.join(map(str, m['sessions']))} sessions): F1 {m['mean']:+.3f}; CI "
+                      f"above 0 in {m['seeds_ci_above_0']}, below 0 in {m['seeds_ci_below_0']}")
     series = {}
     for arm in agg:
         curves = [seed[arm]["learning_curves"] for seed in result["per_seed"].values()
@@ -233,6 +270,8 @@ def main() -> int:
     if args.report:
         out = RESULTS / f"tppo_{args.data}{'_fast' if args.fast else ''}.json"
         result = json.loads(out.read_text())
+        refresh(result, Path(args.workdir) / args.data)
+        out.write_text(json.dumps(result, indent=1) + "\n")
         aggregate(result)
         report(result, out)
         return 0

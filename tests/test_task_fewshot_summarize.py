@@ -119,6 +119,21 @@ def test_texts_are_run_once_across_calls_and_large_calls_are_not_kept():
     assert len(widths) == 7
 
 
+def test_kept_text_caches_are_bounded_least_recently_used_first():
+    tok = tiny_word_tokenizer(WORDS)
+    model = tiny_causal_lm(len(tok), seed=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    clf = PromptedClassifier(model, tok, ["bad", "good"], mixed_precision="no", batch_size=8, keep_texts=3)
+    clf.KEEP_BATCHES = 2
+    sets = [["it"], ["bad film"], ["good plot"]]
+    clf.label_logprobs_many(sets[0], ["plot"])
+    clf.label_logprobs_many(sets[1], ["plot"])
+    clf.label_logprobs_many(sets[0], ["plot"])  # used again: now the most recent
+    clf.label_logprobs_many(sets[2], ["plot"])  # a third set: the least recently used (sets[1]) goes
+    assert len(clf._kept) == 2
+    kept_texts = {heads[0][len(clf._before):] for heads in clf._kept}
+    assert kept_texts == {"it", "good plot"}
+
+
 def test_label_words_must_start_with_different_tokens():
     tok = tiny_word_tokenizer(WORDS)
     model = tiny_causal_lm(len(tok), seed=0)

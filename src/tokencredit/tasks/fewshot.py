@@ -122,6 +122,8 @@ def clean_prompt(text: str, max_words: int = 12) -> str:
 class PromptedClassifier:
     """A frozen causal LM that classifies a text with a prompt by its next-token log-probs of the label words."""
 
+    KEEP_BATCHES = 16  # text batches whose KV caches stay kept (PGG's train and dev sets need one or two)
+
     def __init__(self, model: nn.Module, tokenizer: object, label_words: Sequence[str], template: str = TEMPLATE,
                  batch_size: int = 32, max_text_tokens: int = 128, calibrate: bool = True,
                  mixed_precision: str = "auto", max_rows: int = 128, keep_texts: int = 128) -> None:
@@ -156,6 +158,7 @@ class PromptedClassifier:
             raise ValueError(f"max_rows must be at least 1 (got {max_rows})")
         self.max_rows = max_rows
         self.keep_texts = keep_texts
+        # insertion-ordered: the least recently used batch goes first once more than KEEP_BATCHES are kept
         self._kept: dict[tuple[str, ...], tuple] = {}
         self.amp_dtype = resolve_mixed_precision(mixed_precision, next(model.parameters()).device)
 
@@ -175,6 +178,7 @@ class PromptedClassifier:
         """Token ids, mask, KV cache and no-prompt label log-probs of a batch of texts; kept when ``keep``, since
         a PGG run scores every sampled prompt on the same few training texts."""
         if heads in self._kept:
+            self._kept[heads] = self._kept.pop(heads)  # most recently used last
             return self._kept[heads]
         device = next(self.model.parameters()).device
         ids, mask = encode_prompts(self.tokenizer, list(heads), None, device)
@@ -184,6 +188,8 @@ class PromptedClassifier:
         result = (ids, mask, output_cache(first), alone)
         if keep:
             self._kept[heads] = result
+            while len(self._kept) > self.KEEP_BATCHES:  # a caller scoring many different text sets stays bounded
+                self._kept.pop(next(iter(self._kept)))
         return result
 
     @torch.no_grad()
