@@ -57,6 +57,19 @@ def test_an_unfinished_response_is_charged_at_its_last_token_and_a_finished_one_
                                 unfinished=-0.5) == [0.5, 0.0]
 
 
+def test_repeated_tokens_earn_no_positive_reward_when_clipped():
+    eos = 9
+    # "hospital hospital hospital": only the first occurrence keeps its positive reward; a repeat's negative
+    # reward stays; the end token is never a repeat.
+    row, ids = [0.6, 0.5, 0.7, -0.2, 0.1, -0.4], [4, 5, 4, 5, 4, eos]
+    assert adjust_token_rewards(row, ids, clip_repeats=True, ends=frozenset({eos})) == [0.6, 0.5, 0.0, -0.2, 0.0, -0.4]
+    assert adjust_token_rewards(row, ids) == row  # off by default
+    # centred first, then clipped, then scaled by length
+    assert adjust_token_rewards([0.2, 0.3, 0.3], [7, 7, eos], clip_repeats=True, ends=frozenset({eos}),
+                                center=0.1, length_norm=6.0) == pytest.approx([0.2, 0.0, 0.4])
+    assert adjust_token_rewards([0.2, 0.3], [eos, eos], clip_repeats=True, ends=frozenset({eos})) == [0.2, 0.3]
+
+
 def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     rm = make_rm()
     tok = rm.tokenizer
@@ -71,6 +84,15 @@ def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     assert tok.eos_token_id in end_ids(tok)
     with pytest.raises(ValueError, match="eos must be"):
         rm.as_reward_fn("token", eos="drop")
+    with pytest.raises(ValueError, match="repeats must be"):
+        rm.as_reward_fn("token", repeats="drop")
+    twice = [ids[0][:-1] * 2 + ids[0][-1:]]  # "a the x a the x <eos>"
+    plain_twice = rm.score_token_ids(["y"], twice)[0]
+    clipped = rm.as_reward_fn("token", repeats="clip")(["y"], [""], twice)[0]
+    half = len(ids[0]) - 1
+    assert clipped[:half] == pytest.approx(plain_twice[:half]) and clipped[-1] == pytest.approx(plain_twice[-1])
+    assert clipped[half:-1] == pytest.approx([min(r, 0.0) for r in plain_twice[half:-1]])
+    assert rm.as_reward_fn("sequence", repeats="clip")(["y"], [""], twice) == pytest.approx([sum(clipped)])
     cut = [ids[0][:-1], ids[1]]  # the first response without its end token, as if cut at the limit
     charged = rm.as_reward_fn("token", unfinished=-2.0)(prompts, ["", ""], cut)
     plain = rm.score_token_ids(prompts, cut)
@@ -127,7 +149,7 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     summary = json.loads((base / "summary.json").read_text())
     assert summary["length_control"] == {"reward_center": "none", "center": 0.0, "reward_eos": "keep",
                                          "reward_length": "sum", "length_norm": None, "reward_unfinished": "none",
-                                         "unfinished": 0.0}
+                                         "unfinished": 0.0, "reward_repeat": "keep"}
     credit = summary["reward_credit"]["labelled_samples"]
     assert credit["responses"] == 32 and set(credit["mean_reward"]) == {"eos", "stopword", "content", "first"}
     assert {"sft", "tppo", "ppo_sequence"} <= set(summary["reward_credit"])
@@ -135,7 +157,8 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     # An ablation of the PPO stages on the same SFT model, labels and reward model.
     variant = tmp_path / "variant"
     assert main(["demo", "--fast", "--output", str(variant), f"reuse_stages={base}", "reward_center=mean",
-                 "reward_eos=zero", "reward_length=mean", "reward_unfinished=eos", "curve_every=1"]) == 0
+                 "reward_eos=zero", "reward_length=mean", "reward_unfinished=eos", "reward_repeat=clip",
+                 "curve_every=1"]) == 0
     assert not (variant / "sft").exists() and not (variant / "reward_model").exists()
     out = json.loads((variant / "summary.json").read_text())
     control = out["length_control"]
@@ -144,6 +167,7 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     assert control["reward_length"] == "mean" and control["length_norm"] == pytest.approx(credit["mean_length"])
     # The charge for an unfinished query is the mean end-token reward on the labelled samples.
     assert control["unfinished"] == pytest.approx(credit["mean_reward"]["eos"])
+    assert control["reward_repeat"] == "clip"
     same = out["reward_credit"]["labelled_samples"]  # the same reward model and samples
     assert same["mean_reward"] == pytest.approx(credit["mean_reward"]) and same["tokens"] == credit["tokens"]
     assert out["sft"] == pytest.approx(summary["sft"])  # the same SFT model

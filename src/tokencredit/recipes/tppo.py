@@ -110,6 +110,10 @@ class DemoConfig:
     # the labelled samples added at its last token, so running to the limit no longer escapes the cost of ending
     # (TREC: end tokens averaged -0.51 and PPO queries grew to the limit); "none": nothing added
     reward_unfinished: Literal["none", "eos"] = "none"
+    # "clip": a token repeating an earlier token of the same query gets at most 0 reward (token rewards add up, so
+    # otherwise a liked word pays again each time it is repeated: TREC and AOL PPO queries turned into repeats of
+    # one word at 30 updates); "keep": as the reward model gives it
+    reward_repeat: Literal["keep", "clip"] = "keep"
     curve_every: int | None = None  # also evaluate both PPO policies on the test sessions every N updates
     # An earlier demo run folder (same data, seed, model and stage settings) whose finished sft, labels and
     # reward_model stages this run uses instead of training its own: for ablations of the PPO stages
@@ -131,6 +135,8 @@ class DemoConfig:
             raise ValueError(f"reward_length must be sum or mean (got {self.reward_length!r})")
         if self.reward_unfinished not in ("none", "eos"):
             raise ValueError(f"reward_unfinished must be none or eos (got {self.reward_unfinished!r})")
+        if self.reward_repeat not in ("keep", "clip"):
+            raise ValueError(f"reward_repeat must be keep or clip (got {self.reward_repeat!r})")
         if self.curve_every is not None and not 1 <= self.curve_every <= self.ppo_updates:
             raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
         if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():
@@ -403,7 +409,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           mixed_precision=cfg.mixed_precision),
                 policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
                 reward_fn=rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos, length_norm=length_norm,
-                                          unfinished=unfinished),
+                                          unfinished=unfinished, repeats=cfg.reward_repeat),
             ).train()
             del policy, critic
             release_free_memory()
@@ -429,7 +435,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
         name: generations[name]["credit"] for name in cfg.policies if "credit" in generations.get(name, {})}}
     summary["length_control"] = {"reward_center": cfg.reward_center, "center": center, "reward_eos": cfg.reward_eos,
                                  "reward_length": cfg.reward_length, "length_norm": length_norm,
-                                 "reward_unfinished": cfg.reward_unfinished, "unfinished": unfinished}
+                                 "reward_unfinished": cfg.reward_unfinished, "unfinished": unfinished,
+                                 "reward_repeat": cfg.reward_repeat}
     curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
     if any(curves.values()):

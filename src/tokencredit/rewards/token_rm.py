@@ -306,6 +306,7 @@ class TokenRewardModel:
         eos: Literal["keep", "zero"] = "keep",
         length_norm: float | None = None,
         unfinished: float = 0.0,
+        repeats: Literal["keep", "clip"] = "keep",
     ) -> RewardFn:
         """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence").
 
@@ -319,6 +320,9 @@ class TokenRewardModel:
         the reward scale of a typical response). ``unfinished`` is added to the last token of a response cut at
         the length limit without an end token: with a negative end-token reward, running to the limit otherwise
         escapes the cost of ending (pass the mean end-token reward of the samples, e.g. from ``credit_profile``).
+        ``repeats="clip"``: a token that repeats an earlier token of the same response gets at most 0 — summed
+        token rewards are additive, so without it a word the model likes earns its reward again every time it is
+        repeated (TREC and AOL: PPO queries became "hospital hospital hospital ...").
         """
         if length_norm is not None and not length_norm > 0:
             raise ValueError(f"length_norm must be > 0 or None (got {length_norm})")
@@ -326,6 +330,8 @@ class TokenRewardModel:
             raise ValueError(f"kind must be 'token' or 'sequence' (got {kind!r})")
         if eos not in ("keep", "zero"):
             raise ValueError(f"eos must be 'keep' or 'zero' (got {eos!r})")
+        if repeats not in ("keep", "clip"):
+            raise ValueError(f"repeats must be 'keep' or 'clip' (got {repeats!r})")
         cross = policy_tokenizer is not None and not same_tokenizer(self.tokenizer, policy_tokenizer)
         ends = end_ids(policy_tokenizer if policy_tokenizer is not None else self.tokenizer)
 
@@ -335,7 +341,8 @@ class TokenRewardModel:
                 rows = self.score_for_policy(prompts, response_token_ids, policy_tokenizer, batch_size)
             else:
                 rows = self.score_token_ids(prompts, response_token_ids, batch_size)
-            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, length_norm, unfinished)
+            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, length_norm, unfinished,
+                                         clip_repeats=repeats == "clip")
                     for row, ids in zip(rows, response_token_ids)]
             if kind == "sequence":
                 return [scale * sum(row) for row in rows]
@@ -352,11 +359,18 @@ def end_ids(tokenizer: object) -> frozenset[int]:
 
 def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float = 0.0, zero_eos: bool = False,
                          ends: frozenset[int] = frozenset(), length_norm: float | None = None,
-                         unfinished: float = 0.0) -> list[float]:
-    """One response's token rewards after length control: ``center`` subtracted from each, a final end token's
+                         unfinished: float = 0.0, clip_repeats: bool = False) -> list[float]:
+    """One response's token rewards after length control: ``center`` subtracted from each, at most 0 for a token
+    repeating an earlier one of the response when ``clip_repeats`` (end tokens aside), a final end token's
     reward set to 0 when ``zero_eos``, ``unfinished`` added to the last token of a response without a final end
     token (cut at the length limit), then each multiplied by ``length_norm / len(row)`` when given."""
     out = [r - center for r in row]
+    if clip_repeats:
+        seen: set[int] = set()
+        for i, token in enumerate(int(t) for t in ids[: len(out)]):
+            if token in seen and token not in ends:
+                out[i] = min(out[i], 0.0)
+            seen.add(token)
     finished = bool(out) and bool(ids) and int(ids[len(out) - 1]) in ends
     if zero_eos and finished:
         out[-1] = 0.0
