@@ -117,6 +117,8 @@ def arm_result(folder: Path) -> dict:
         "paired": paired,
         "length_matched_f1": matched,
         "length_histogram": {k: _histogram(v) for k, v in lengths.items()},
+        # the upper reference: how well the reward model matches held-out labels (above chance or not)
+        "reward_model_eval": summary.get("reward_model_eval", {}),
         "reward_credit": summary.get("reward_credit", {}),
         "length_control": summary.get("length_control", {}),
         "learning_curves": summary.get("learning_curves", {}),
@@ -220,6 +222,13 @@ def report(result: dict, out: Path) -> None:
     from tokencredit.evaluate import svg_line_chart
 
     agg = result.get("aggregate", {})
+    print(f"\n{Path(result['data']).name}: the reward model on held-out labelled samples (chance: 0.5)")
+    for seed, arms in sorted(result["per_seed"].items()):
+        ev = arms.get("base", {}).get("reward_model_eval") or {}
+        if ev.get("token_recall") is not None and ev.get("token_bad_recall") is not None:
+            balanced = (ev["token_recall"] + ev["token_bad_recall"]) / 2
+            print(f"  seed {seed}: balanced token accuracy {balanced:.3f} ({ev['labelled_tokens']} tokens), "
+                  f"pair accuracy {ev.get('pair_accuracy')} ({ev.get('pairs')} pairs)")
     print(f"\n{Path(result['data']).name}: mean (sd) over seeds")
     for arm, row in agg.items():
         print(f"\narm {arm} ({row['seeds']} seed(s))")
