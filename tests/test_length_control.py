@@ -149,7 +149,7 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     summary = json.loads((base / "summary.json").read_text())
     assert summary["length_control"] == {"reward_center": "none", "center": 0.0, "reward_eos": "keep",
                                          "reward_length": "sum", "length_norm": None, "reward_unfinished": "none",
-                                         "unfinished": 0.0, "reward_repeat": "keep"}
+                                         "unfinished": 0.0, "reward_repeat": "clip"}
     credit = summary["reward_credit"]["labelled_samples"]
     assert credit["responses"] == 32 and set(credit["mean_reward"]) == {"eos", "stopword", "content", "first"}
     assert {"sft", "tppo", "ppo_sequence"} <= set(summary["reward_credit"])
@@ -157,7 +157,7 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     # An ablation of the PPO stages on the same SFT model, labels and reward model.
     variant = tmp_path / "variant"
     assert main(["demo", "--fast", "--output", str(variant), f"reuse_stages={base}", "reward_center=mean",
-                 "reward_eos=zero", "reward_length=mean", "reward_unfinished=eos", "reward_repeat=clip",
+                 "reward_eos=zero", "reward_length=mean", "reward_unfinished=eos", "reward_repeat=keep",
                  "curve_every=1"]) == 0
     assert not (variant / "sft").exists() and not (variant / "reward_model").exists()
     out = json.loads((variant / "summary.json").read_text())
@@ -167,7 +167,7 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     assert control["reward_length"] == "mean" and control["length_norm"] == pytest.approx(credit["mean_length"])
     # The charge for an unfinished query is the mean end-token reward on the labelled samples.
     assert control["unfinished"] == pytest.approx(credit["mean_reward"]["eos"])
-    assert control["reward_repeat"] == "clip"
+    assert control["reward_repeat"] == "keep"
     same = out["reward_credit"]["labelled_samples"]  # the same reward model and samples
     assert same["mean_reward"] == pytest.approx(credit["mean_reward"]) and same["tokens"] == credit["tokens"]
     assert out["sft"] == pytest.approx(summary["sft"])  # the same SFT model
