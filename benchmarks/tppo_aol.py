@@ -84,6 +84,13 @@ def per_example(folder: Path, policy: str) -> list[dict]:
     return [per_example_metrics(r["prediction"], r["target"]) for r in rows]
 
 
+def repeat_share(folder: Path, policy: str) -> float:
+    """The share of a policy's greedy test queries that use some word (case-folded) more than once."""
+    rows = json.loads((folder / f"generations_{policy}.json").read_text())
+    words = [r["prediction"].lower().split() for r in rows]
+    return sum(len(w) != len(set(w)) for w in words) / max(len(words), 1)
+
+
 def paired_bootstrap(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
     """Mean of a - b over paired examples and its percentile 95% interval from resampling the examples."""
     if len(a) != len(b) or not a:
@@ -119,6 +126,7 @@ def arm_result(folder: Path) -> dict:
         "metrics": {p: {m: summary[p].get(m) for m in METRICS} for p in POLICIES},
         "paired": paired,
         "length_matched_f1": matched,
+        "repeat_share": {p: repeat_share(folder, p) for p in POLICIES},
         "length_histogram": {k: _histogram(v) for k, v in lengths.items()},
         # the upper reference: how well the reward model matches held-out labels (above chance or not)
         "reward_model_eval": summary.get("reward_model_eval", {}),
@@ -198,6 +206,7 @@ def aggregate(result: dict) -> None:
                                        "seeds_ci_above_0": sum(r["paired"][pair][m]["low"] > 0 for r in runs),
                                        "seeds_ci_below_0": sum(r["paired"][pair][m]["high"] < 0 for r in runs)}
                                    for m in runs[0]["paired"][pair]}
+        row["repeat_share"] = {p: mean_sd([r.get("repeat_share", {}).get(p, 0.0) for r in runs]) for p in POLICIES}
         with_matched = [r for r in runs if "length_matched_f1" in r]
         row["length_matched_f1"] = {
             pair: {**mean_sd([r["length_matched_f1"][pair]["mean"] for r in with_matched
@@ -235,10 +244,11 @@ def report(result: dict, out: Path) -> None:
     print(f"\n{Path(result['data']).name}: mean (sd) over seeds")
     for arm, row in agg.items():
         print(f"\narm {arm} ({row['seeds']} seed(s))")
-        print("policy".ljust(14) + "".join(m.rjust(19) for m in ("token_f1", "precision", "recall", "words")))
+        print("policy".ljust(14) + "".join(m.rjust(19) for m in ("token_f1", "precision", "recall", "words",
+                                                                 "repeats a word")))
         for p in POLICIES:
             m = row["metrics"][p]
-            cells = [m["token_f1"], m["token_precision"], m["token_recall"], m["mean_words"]]
+            cells = [m["token_f1"], m["token_precision"], m["token_recall"], m["mean_words"], row["repeat_share"][p]]
             print(p.ljust(14) + "".join(f"{c['mean']:.3f} ({c['sd']:.3f})".rjust(19) for c in cells))
         for pair, values in row["paired"].items():
             f1 = values["token_f1"]
