@@ -229,8 +229,37 @@ def refresh(result: dict, root: Path) -> None:
                 arms[arm] = {**arm_result(folder), "seconds": value.get("seconds")}
 
 
+def _ci(pair: dict) -> str:
+    """``mean (low…high)`` of a paired token-F1 difference."""
+    f1 = pair["token_f1"]
+    return f"{f1['mean']:+.3f} ({f1['low']:+.3f}…{f1['high']:+.3f})"
+
+
+def _curve(points: list[dict]) -> str:
+    """Token F1 along a learning curve, e.g. ``.480 .468``."""
+    return " ".join(f"{p['token_f1']:.3f}".lstrip("0") for p in points)
+
+
+def markdown(result: dict) -> str:
+    """Per seed and arm: final test token F1 of each policy, TPPO - SFT with its interval, words, repeats, and
+    TPPO's and sequence PPO's learning curves, as a Markdown table."""
+    lines = ["| seed, arm | SFT | TPPO | sequence PPO | TPPO - SFT (95% CI) | seq PPO - SFT (95% CI) | words SFT / "
+             "TPPO / seq | repeats a word (TPPO) | TPPO F1 along the curve | seq PPO F1 along the curve |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for seed, arms in sorted(result["per_seed"].items()):
+        for arm, r in arms.items():
+            m, curves = r["metrics"], r["learning_curves"]
+            words = " / ".join(f"{m[p]['mean_words']:.1f}" for p in POLICIES)
+            lines.append(f"| {seed}, {arm} | {m['sft']['token_f1']:.3f} | {m['tppo']['token_f1']:.3f} | "
+                         f"{m['ppo_sequence']['token_f1']:.3f} | {_ci(r['paired']['tppo - sft'])} | "
+                         f"{_ci(r['paired']['ppo_sequence - sft'])} | {words} | "
+                         f"{r.get('repeat_share', {}).get('tppo', 0):.2f} | {_curve(curves.get('tppo', []))} | "
+                         f"{_curve(curves.get('ppo_sequence', []))} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(result: dict, out: Path) -> None:
-    """Print the side-by-side tables and write the two charts."""
+    """Print the side-by-side tables and write the two charts and a Markdown table."""
     from tokencredit.evaluate import svg_line_chart
 
     agg = result.get("aggregate", {})
@@ -267,6 +296,7 @@ def report(result: dict, out: Path) -> None:
             if points and all(len(p) == len(points[0]) for p in points) and len(points[0]) > 1:
                 series[f"{arm}: {policy}"] = [statistics.fmean(col) for col in zip(*points)]
     stem = out.with_suffix("").name
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
     if series:
         chart = svg_line_chart(series, "test token F1 vs PPO checkpoints (x = 1: SFT; then every curve_every updates)",
                                xlabel="checkpoint", ylabel="token F1", width=720, height=320)
