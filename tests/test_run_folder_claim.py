@@ -78,3 +78,17 @@ def test_demo_config_defaults_let_an_older_run_folder_resume(tmp_path):
     with pytest.raises(RunFolderError, match="reward_unfinished"):
         claim_run_folder(run, {**settings, "reward_unfinished": "eos"}, resume=True,
                          defaults=config_defaults(DemoConfig))
+
+
+def test_a_default_that_changed_after_a_run_was_saved_is_not_taken_for_its_behaviour(tmp_path):
+    # reward_repeat arrived with default "clip"; runs saved before it did "keep", so resuming one with the new
+    # default would silently change its reward: refused, while asking for "keep" resumes.
+    from tokencredit.config import config_defaults, config_to_dict
+    from tokencredit.recipes.tppo import DemoConfig
+
+    settings = config_to_dict(DemoConfig())
+    assert settings["reward_repeat"] == "clip" and config_defaults(DemoConfig)["reward_repeat"] == "keep"
+    run = occupied(tmp_path, {k: v for k, v in settings.items() if k != "reward_repeat"})
+    with pytest.raises(RunFolderError, match="reward_repeat: None -> 'clip'"):
+        claim_run_folder(run, settings, resume=True, defaults=config_defaults(DemoConfig))
+    claim_run_folder(run, {**settings, "reward_repeat": "keep"}, resume=True, defaults=config_defaults(DemoConfig))

@@ -76,7 +76,8 @@ def config_to_dict(cfg: Any) -> dict:
 
 def config_defaults(cfg: Any) -> dict:
     """The declared default of every init field of ``cfg``'s dataclass that has one, as plain values (nested
-    dataclass sections as dicts); fields without a default are left out."""
+    dataclass sections as dicts); fields without a default are left out. A class's ``BEHAVIOUR_BEFORE_ADDED``
+    (field -> value) overrides these: the value that reproduces what runs saved before the field existed did."""
     if not dataclasses.is_dataclass(cfg):
         raise TypeError(f"config_defaults needs a dataclass, got {cfg!r}")
     out = {}
@@ -87,6 +88,7 @@ def config_defaults(cfg: Any) -> dict:
             out[f.name] = _plain(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = _plain(f.default_factory())
+    out.update(_plain(getattr(cfg, "BEHAVIOUR_BEFORE_ADDED", {})))
     return out
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     """Every knob of the demo; the defaults fit the built-in model and data on 2 CPU cores in < 15 minutes."""
+
+    # What a run folder saved before a setting existed did, where that differs from the setting's default now:
+    # resuming such a run must ask for it explicitly (see runs.changed_settings).
+    BEHAVIOUR_BEFORE_ADDED: ClassVar[dict] = {"reward_repeat": "keep"}
 
     output: str = "runs/demo"  # folder for every stage, summary.json and report.html
     model: str = "smollm2-135m-instruct"  # policy (and reward-model backbone)
