@@ -92,3 +92,18 @@ def test_a_default_that_changed_after_a_run_was_saved_is_not_taken_for_its_behav
     with pytest.raises(RunFolderError, match="reward_repeat: None -> 'clip'"):
         claim_run_folder(run, settings, resume=True, defaults=config_defaults(DemoConfig))
     claim_run_folder(run, {**settings, "reward_repeat": "keep"}, resume=True, defaults=config_defaults(DemoConfig))
+
+
+def test_claim_folder_for_a_config_judges_older_runs_by_its_class_defaults(tmp_path):
+    # the one call the recipes, SER and the trainers share: settings, resume flags and defaults from the config
+    from tokencredit.config import claim_folder_for, config_to_dict
+    from tokencredit.recipes.tppo import DemoConfig
+
+    saved = {k: v for k, v in config_to_dict(DemoConfig()).items() if k not in ("reward_repeat", "reward_unfinished")}
+    run = occupied(tmp_path, saved)
+    with pytest.raises(RunFolderError, match="reward_repeat"):
+        claim_folder_for(DemoConfig(resume=True), run)
+    claim_folder_for(DemoConfig(resume=True, reward_repeat="keep"), run)
+    claim_folder_for(DemoConfig(resume=True, allow_changed_settings=True), run)
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        claim_folder_for(DemoConfig(), run)

@@ -21,13 +21,13 @@ import re
 import textwrap
 import tokenize
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from tokencredit.runs import atomic_write_text
+from tokencredit.runs import atomic_write_text, claim_run_folder
 
 T = TypeVar("T")
 
@@ -90,6 +90,14 @@ def config_defaults(cfg: Any) -> dict:
             out[f.name] = _plain(f.default_factory())
     out.update(_plain(getattr(cfg, "BEHAVIOUR_BEFORE_ADDED", {})))
     return out
+
+
+def claim_folder_for(cfg: Any, run_dir: str | Path) -> Callable[[], None]:
+    """:func:`tokencredit.runs.claim_run_folder` for a config with ``resume``, ``overwrite`` and
+    ``allow_changed_settings`` fields: its settings are the config, and a setting an older run lacks is checked
+    against :func:`config_defaults` (so every caller judges old runs the same way)."""
+    return claim_run_folder(run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings,
+                            defaults=config_defaults(type(cfg)))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -318,13 +318,11 @@ def open_run(group: ProcessGroup, run_dir: Path, config: Any, resume: Callable[[
     """
     from contextlib import nullcontext
 
-    from tokencredit.config import config_defaults, config_to_dict, save_config
-    from tokencredit.runs import MetricsLogger, claim_run_folder
+    from tokencredit.config import claim_folder_for, config_to_dict, save_config
+    from tokencredit.runs import MetricsLogger
 
     settings = config_to_dict(config)
-    drop = group.on_main(lambda: claim_run_folder(run_dir, settings, config.resume, config.overwrite,
-                                                  config.allow_changed_settings,
-                                                  defaults=config_defaults(type(config))), default=lambda: None)
+    drop = group.on_main(lambda: claim_folder_for(config, run_dir), default=lambda: None)
     resumed = resume()
     if not resumed:
         group.on_main(start_fresh)

@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from tokencredit.config import config_defaults, config_to_dict, save_config
+from tokencredit.config import claim_folder_for, save_config
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
 from tokencredit.models import (
@@ -36,7 +36,7 @@ from tokencredit.models import (
     train_top_layers,
 )
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.runs import atomic_write_json, claim_run_folder, read_metrics
+from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _bar(items: object, desc: str, unit: str) -> object:
 
 
 def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
-    """Claim a recipe's output folder (see runs.claim_run_folder), create it and save the settings; returns
+    """Claim a recipe's output folder (see config.claim_folder_for), create it and save the settings; returns
     the call that drops a replaced run once this one has finished."""
     from tokencredit.distributed import launched_world_size
 
@@ -180,8 +180,7 @@ def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
         # A recipe writes reports, summaries and stage folders of its own; every rank would write them.
         raise ValueError("recipes run in one process; under accelerate launch use the ppo, sft and reward train "
                          "commands (or PPOTrainer / SFTTrainer), see docs/distributed.md")
-    drop = claim_run_folder(root, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings,
-                            defaults=config_defaults(type(cfg)))
+    drop = claim_folder_for(cfg, root)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
     return drop

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tokencredit.config import ConfigError, config_defaults, config_to_dict, save_config
+from tokencredit.config import ConfigError, claim_folder_for, save_config
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.records import PreferencePair
 from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
-from tokencredit.runs import atomic_write_json, claim_run_folder
+from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,8 @@ def run_evolve(cfg: EvolveConfig) -> dict:
     rule = SelectionRule(cfg.status, cfg.high, cfg.low, cfg.min_gap)
     train, held = _load(cfg)
     out = Path(cfg.output_dir)
-    # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
-    drop_replaced = claim_run_folder(out, config_to_dict(cfg), cfg.resume, cfg.overwrite,
-                                     cfg.allow_changed_settings, defaults=config_defaults(type(cfg)))
+    # Before anything is written: the folder must be this run's (see config.claim_folder_for).
+    drop_replaced = claim_folder_for(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     order = list(range(len(train)))
