@@ -70,6 +70,41 @@ def test_repeated_tokens_earn_no_positive_reward_when_clipped():
     assert adjust_token_rewards([0.2, 0.3], [eos, eos], clip_repeats=True, ends=frozenset({eos})) == [0.2, 0.3]
 
 
+def test_repeated_words_are_found_across_token_ids_case_and_punctuation():
+    from tokencredit.models import load_tokenizer
+    from tokencredit.rewards.token_rm import repeated_words
+
+    smol = load_tokenizer("smollm2-135m-instruct")
+    ids = smol.encode("Civil war, civil War civilian -- cause -", add_special_tokens=False) + [smol.eos_token_id]
+    # "Civil" and " civil" are different token ids, so the id rule misses the repeat the word rule finds
+    assert ids[0] != smol.encode(" civil", add_special_tokens=False)[0]
+    marks = repeated_words(ids, smol, end_ids(smol))
+    words = []
+    for i, mark in enumerate(marks):
+        words.append((smol.decode([ids[i]]), mark))
+    repeated = "".join(piece for piece, mark in words if mark)
+    assert repeated.split() == ["civil", "War"]  # "civilian" is another word; "--" and "-" are punctuation
+    assert marks[-1] is False  # the end token
+    # every token of a repeated multi-token word is marked, not only its first
+    bpe = smol.encode("Scooterama Brands Scooterama", add_special_tokens=False)
+    first = len(smol.encode("Scooterama", add_special_tokens=False))
+    marks = repeated_words(bpe, smol)
+    assert marks[-first:] == [True] * first and not any(marks[:-first])
+
+
+def test_clip_words_changes_rewards_only_on_repeated_words():
+    rm = make_rm()
+    ids = [rm.encode_response("a the x of the b")]  # "the" repeats
+    plain = rm.score_token_ids(["y"], ids)[0]
+    words = rm.as_reward_fn("token", repeats="clip_words")(["y"], [""], ids)[0]
+    tokens = rm.tokenizer.convert_ids_to_tokens(ids[0])
+    for token, before, after, seen in zip(tokens, plain, words, [False, False, False, False, True, False, False]):
+        assert after == pytest.approx(min(before, 0.0) if seen else before), token
+    assert plain[4] > 0 and words[4] == 0.0  # the seeded head likes "the": the repeat is what clipping removes
+    with pytest.raises(ValueError, match="clip_words"):
+        rm.as_reward_fn("token", repeats="words")
+
+
 def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     rm = make_rm()
     tok = rm.tokenizer

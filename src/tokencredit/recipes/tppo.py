@@ -117,8 +117,9 @@ class DemoConfig:
     # "clip": a token repeating an earlier token of the same query gets at most 0 reward (token rewards add up, so
     # otherwise a liked word pays again each time it is repeated: TREC and AOL PPO queries turned into repeats of
     # one word at 30 updates; clipping kept TPPO at 0.400 vs 0.298 token F1 there on TREC, 0.173 vs 0.083 on AOL,
-    # and moved it by under 0.01 at the demo's 5 updates); "keep": as the reward model gives it
-    reward_repeat: Literal["keep", "clip"] = "clip"
+    # and moved it by under 0.01 at the demo's 5 updates); "clip_words": the same for every token of a word that
+    # repeats an earlier word ("Civil" and " civil" are different tokens but one word); "keep": as the RM gives it
+    reward_repeat: Literal["keep", "clip", "clip_words"] = "clip"
     curve_every: int | None = None  # also evaluate both PPO policies on the test sessions every N updates
     # An earlier demo run folder (same data, seed, model and stage settings) whose finished sft, labels and
     # reward_model stages this run uses instead of training its own: for ablations of the PPO stages
@@ -140,8 +141,8 @@ class DemoConfig:
             raise ValueError(f"reward_length must be sum or mean (got {self.reward_length!r})")
         if self.reward_unfinished not in ("none", "eos"):
             raise ValueError(f"reward_unfinished must be none or eos (got {self.reward_unfinished!r})")
-        if self.reward_repeat not in ("keep", "clip"):
-            raise ValueError(f"reward_repeat must be keep or clip (got {self.reward_repeat!r})")
+        if self.reward_repeat not in ("keep", "clip", "clip_words"):
+            raise ValueError(f"reward_repeat must be keep, clip or clip_words (got {self.reward_repeat!r})")
         if self.curve_every is not None and not 1 <= self.curve_every <= self.ppo_updates:
             raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
         if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():

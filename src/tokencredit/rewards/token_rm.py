@@ -306,7 +306,7 @@ class TokenRewardModel:
         eos: Literal["keep", "zero"] = "keep",
         length_norm: float | None = None,
         unfinished: float = 0.0,
-        repeats: Literal["keep", "clip"] = "keep",
+        repeats: Literal["keep", "clip", "clip_words"] = "keep",
     ) -> RewardFn:
         """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence").
 
@@ -322,7 +322,9 @@ class TokenRewardModel:
         escapes the cost of ending (pass the mean end-token reward of the samples, e.g. from ``credit_profile``).
         ``repeats="clip"``: a token that repeats an earlier token of the same response gets at most 0 — summed
         token rewards are additive, so without it a word the model likes earns its reward again every time it is
-        repeated (TREC and AOL: PPO queries became "hospital hospital hospital ...").
+        repeated (TREC and AOL: PPO queries became "hospital hospital hospital ..."). ``"clip_words"`` does the
+        same for every token of a word that repeats an earlier word of the response, compared as lower-case
+        text without surrounding punctuation, so "Civil" and " civil," repeat although their token ids differ.
         """
         if length_norm is not None and not length_norm > 0:
             raise ValueError(f"length_norm must be > 0 or None (got {length_norm})")
@@ -330,10 +332,12 @@ class TokenRewardModel:
             raise ValueError(f"kind must be 'token' or 'sequence' (got {kind!r})")
         if eos not in ("keep", "zero"):
             raise ValueError(f"eos must be 'keep' or 'zero' (got {eos!r})")
-        if repeats not in ("keep", "clip"):
-            raise ValueError(f"repeats must be 'keep' or 'clip' (got {repeats!r})")
+        if repeats not in ("keep", "clip", "clip_words"):
+            raise ValueError(f"repeats must be 'keep', 'clip' or 'clip_words' (got {repeats!r})")
         cross = policy_tokenizer is not None and not same_tokenizer(self.tokenizer, policy_tokenizer)
-        ends = end_ids(policy_tokenizer if policy_tokenizer is not None else self.tokenizer)
+        # response_token_ids are the policy's ids whichever tokenizer scores them
+        response_tokenizer = policy_tokenizer if policy_tokenizer is not None else self.tokenizer
+        ends = end_ids(response_tokenizer)
 
         def reward_fn(prompts: list[str], responses: list[str], response_token_ids: list[list[int]]) -> list:
             """Score the sampled token ids with the token reward model."""
@@ -342,7 +346,9 @@ class TokenRewardModel:
             else:
                 rows = self.score_token_ids(prompts, response_token_ids, batch_size)
             rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, length_norm, unfinished,
-                                         clip_repeats=repeats == "clip")
+                                         clip_repeats=repeats != "keep",
+                                         repeated=(repeated_words(ids, response_tokenizer, ends)
+                                                   if repeats == "clip_words" else None))
                     for row, ids in zip(rows, response_token_ids)]
             if kind == "sequence":
                 return [scale * sum(row) for row in rows]
@@ -359,18 +365,20 @@ def end_ids(tokenizer: object) -> frozenset[int]:
 
 def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float = 0.0, zero_eos: bool = False,
                          ends: frozenset[int] = frozenset(), length_norm: float | None = None,
-                         unfinished: float = 0.0, clip_repeats: bool = False) -> list[float]:
+                         unfinished: float = 0.0, clip_repeats: bool = False,
+                         repeated: Sequence[bool] | None = None) -> list[float]:
     """One response's token rewards after length control: ``center`` subtracted from each, at most 0 for a token
-    repeating an earlier one of the response when ``clip_repeats`` (end tokens aside), a final end token's
-    reward set to 0 when ``zero_eos``, ``unfinished`` added to the last token of a response without a final end
-    token (cut at the length limit), then each multiplied by ``length_norm / len(row)`` when given."""
+    repeating an earlier one of the response when ``clip_repeats`` (end tokens aside; ``repeated`` marks the
+    repeats instead when given, e.g. :func:`repeated_words`), a final end token's reward set to 0 when
+    ``zero_eos``, ``unfinished`` added to the last token of a response without a final end token (cut at the
+    length limit), then each multiplied by ``length_norm / len(row)`` when given."""
     out = [r - center for r in row]
     if clip_repeats:
-        seen: set[int] = set()
-        for i, token in enumerate(int(t) for t in ids[: len(out)]):
-            if token in seen and token not in ends:
+        if repeated is None:
+            repeated = _repeated_ids(ids, ends)
+        for i, again in enumerate(repeated[: len(out)]):
+            if again:
                 out[i] = min(out[i], 0.0)
-            seen.add(token)
     finished = bool(out) and bool(ids) and int(ids[len(out) - 1]) in ends
     if zero_eos and finished:
         out[-1] = 0.0
@@ -379,6 +387,52 @@ def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float
     if length_norm is not None and out:
         out = [r * length_norm / len(out) for r in out]
     return out
+
+
+def _repeated_ids(ids: Sequence[int], ends: frozenset[int]) -> list[bool]:
+    """Whether each token id occurred earlier in the response (end tokens never count)."""
+    seen: set[int] = set()
+    out = []
+    for token in (int(t) for t in ids):
+        out.append(token in seen and token not in ends)
+        seen.add(token)
+    return out
+
+
+def repeated_words(ids: Sequence[int], tokenizer: object, ends: frozenset[int] = frozenset()) -> list[bool]:
+    """Whether each token belongs to a word that repeats an earlier word of the response: words are split on
+    whitespace in the decoded text, compared in lower case without surrounding punctuation (a word of punctuation
+    alone never repeats); end tokens are never repeats."""
+    ids = [int(t) for t in ids]
+    # Each token's piece is what it adds to the decoded prefix: works for byte-level BPE (" Civil") and
+    # WordPiece ("##ing") alike, where decoding a token alone does not say whether it starts a word.
+    pieces, before = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
+        pieces.append(text[len(before):] if text.startswith(before) else text)
+        before = text
+    words: list[list[int]] = []
+    texts: list[str] = []
+    for i, piece in enumerate(pieces):
+        if ids[i] in ends:
+            continue
+        if not words or piece[:1].isspace() or (texts[-1][-1:].isspace()):
+            words.append([])
+            texts.append("")
+        words[-1].append(i)
+        texts[-1] += piece
+    out = [False] * len(ids)
+    seen: set[str] = set()
+    for tokens, text in zip(words, texts):
+        key = text.strip().lower().strip(_PUNCTUATION)
+        if key and key in seen:
+            for i in tokens:
+                out[i] = True
+        seen.add(key)
+    return out
+
+
+_PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
 
 
 def mean_token_reward(rm: TokenRewardModel, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
