@@ -14,6 +14,7 @@ only the two PPO policies again, one option at a time:
     unfinished  a query cut at the length limit without an end token is charged the mean end-token reward
     norepeat    a token repeating an earlier token of the same query earns at most 0 (no pay for repeats)
     nowords     the same for every token of a repeated word ("Civil" / " civil" are two token ids, one word)
+    center_norepeat  center and norepeat together (centring alone turns AOL seed 1's empty queries into repeats)
     mean_unf    mean and unfinished together (length-neutral, and no escape from the end token's cost)
 
 Everything is evaluated on the seed's held-out users with greedy decoding. Per arm and seed: token F1 with
@@ -54,7 +55,8 @@ POLICIES = ("sft", "tppo", "ppo_sequence")
 ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"],
         "both": ["reward_center=mean", "reward_eos=zero"], "mean": ["reward_length=mean"], "kl02": ["kl_coef=0.2"],
         "unfinished": ["reward_unfinished=eos"], "mean_unf": ["reward_length=mean", "reward_unfinished=eos"],
-        "norepeat": ["reward_repeat=clip"], "nowords": ["reward_repeat=clip_words"]}
+        "norepeat": ["reward_repeat=clip"], "nowords": ["reward_repeat=clip_words"],
+        "center_norepeat": ["reward_center=mean", "reward_repeat=clip"]}
 # TREC seed 0 (base) showed the failure at 30 updates is length *growth*: queries run to the 12-token cap without
 # an end token (finished share 0.9 -> 0.1), escaping its negative reward; the default set measures the options
 # aimed at that. center (which adds reward per token there) stays available.
