@@ -79,10 +79,7 @@ def test_repeated_words_are_found_across_token_ids_case_and_punctuation():
     # "Civil" and " civil" are different token ids, so the id rule misses the repeat the word rule finds
     assert ids[0] != smol.encode(" civil", add_special_tokens=False)[0]
     marks = repeated_words(ids, smol, end_ids(smol))
-    words = []
-    for i, mark in enumerate(marks):
-        words.append((smol.decode([ids[i]]), mark))
-    repeated = "".join(piece for piece, mark in words if mark)
+    repeated = "".join(smol.decode([token]) for token, mark in zip(ids, marks) if mark)
     assert repeated.split() == ["civil", "War"]  # "civilian" is another word; "--" and "-" are punctuation
     assert marks[-1] is False  # the end token
     # every token of a repeated multi-token word is marked, not only its first

@@ -52,6 +52,7 @@ from tokencredit.rewards.labels import (
     map_rewards_by_chars,
     spans_to_token_labels,
     token_char_spans,
+    word_spans,
 )
 from tokencredit.rewards.records import PreferencePair, TokenExample, random_split
 from tokencredit.rewards.tokens import RewardFn
@@ -400,39 +401,18 @@ def _repeated_ids(ids: Sequence[int], ends: frozenset[int]) -> list[bool]:
 
 
 def repeated_words(ids: Sequence[int], tokenizer: object, ends: frozenset[int] = frozenset()) -> list[bool]:
-    """Whether each token belongs to a word that repeats an earlier word of the response: words are split on
-    whitespace in the decoded text, compared in lower case without surrounding punctuation (a word of punctuation
-    alone never repeats); end tokens are never repeats."""
-    ids = [int(t) for t in ids]
-    # Each token's piece is what it adds to the decoded prefix: works for byte-level BPE (" Civil") and
-    # WordPiece ("##ing") alike, where decoding a token alone does not say whether it starts a word.
-    pieces, before = [], ""
-    for i in range(len(ids)):
-        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
-        pieces.append(text[len(before):] if text.startswith(before) else text)
-        before = text
-    words: list[list[int]] = []
-    texts: list[str] = []
-    for i, piece in enumerate(pieces):
-        if ids[i] in ends:
-            continue
-        if not words or piece[:1].isspace() or (texts[-1][-1:].isspace()):
-            words.append([])
-            texts.append("")
-        words[-1].append(i)
-        texts[-1] += piece
-    out = [False] * len(ids)
+    """Whether each token holds characters of a word that repeats an earlier word of the response: words as the
+    labelers see them (:func:`~tokencredit.rewards.labels.word_spans`, so punctuation alone is never a word),
+    compared in lower case; end tokens are never repeats."""
+    text, spans = token_char_spans(ids, tokenizer)
     seen: set[str] = set()
-    for tokens, text in zip(words, texts):
-        key = text.strip().lower().strip(_PUNCTUATION)
-        if key and key in seen:
-            for i in tokens:
-                out[i] = True
-        seen.add(key)
-    return out
-
-
-_PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
+    repeats = []
+    for start, end, word in word_spans(text):
+        if word.lower() in seen:
+            repeats.append((start, end))
+        seen.add(word.lower())
+    return [int(token) not in ends and any(a < end and start < b for start, end in repeats)
+            for token, (a, b) in zip(ids, spans)]
 
 
 def mean_token_reward(rm: TokenRewardModel, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
