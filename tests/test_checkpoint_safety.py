@@ -90,7 +90,24 @@ def test_resume_refuses_a_planted_checkpoint(tmp_path, trainer):
     assert ckpt.is_dir()  # refused, not set aside: someone changed the folder and the user must look
 
 
-@pytest.mark.parametrize("damage", ["truncate_state", "truncate_weights", "delete_state", "garble_state"])
+def nan_safetensors(path):
+    """Overwrite every tensor byte of a safetensors file with float32 NaNs: same size, same header, loads fine."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    nan = b"\x00\x00\xc0\x7f"
+    data[start:] = (nan * ((len(data) - start) // 4 + 1))[: len(data) - start]
+    path.write_bytes(bytes(data))
+
+
+def nan_optimizer_state(path):
+    state = torch.load(path, weights_only=True)
+    for param_state in state["optimizer"]["state"].values():
+        param_state["exp_avg"].fill_(float("nan"))
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("damage", ["truncate_state", "truncate_weights", "delete_state", "garble_state",
+                                    "nan_weights", "nan_optimizer"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, damage):
     sft(tmp_path).train()
     straight = read_metrics(tmp_path / "run")
@@ -98,8 +115,13 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     newest = ckpts[-1]
     target = {"truncate_state": newest / "trainer_state.pt", "delete_state": newest / "trainer_state.pt",
               "garble_state": newest / "trainer_state.pt",
-              "truncate_weights": newest / "policy" / "model.safetensors"}[damage]
-    if damage == "delete_state":
+              "truncate_weights": newest / "policy" / "model.safetensors",
+              "nan_weights": newest / "policy" / "model.safetensors", "nan_optimizer": newest / "trainer_state.pt"}[damage]
+    if damage == "nan_weights":
+        nan_safetensors(target)
+    elif damage == "nan_optimizer":
+        nan_optimizer_state(target)
+    elif damage == "delete_state":
         target.unlink()
     elif damage == "garble_state":
         target.write_bytes(b"\x80\x02garbage" * 20)

@@ -13,6 +13,12 @@ A run folder looks like::
 Every file is either written atomically (temp file + fsync + rename) or appended one fsynced line at a time,
 so a ``kill -9`` at any moment leaves a folder that a resumed run can read.
 
+A run folder is a jail: a run refuses a folder holding symbolic links (tokencredit never makes one, so a link was
+planted, and writing through it would reach files outside the folder), appends only to files it can open without
+following a link, and removes links rather than what they point to. One process writes a run folder at a time:
+claiming it takes an advisory lock on ``run_dir/.lock`` that the kernel drops when the process ends, however
+it ends.
+
 torch and numpy are imported inside the functions that need them, so that loading a config (which uses
 ``atomic_write_text``) does not pay for importing torch.
 """
@@ -20,6 +26,7 @@ torch and numpy are imported inside the functions that need them, so that loadin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -27,19 +34,22 @@ import os
 import random
 import re
 import shutil
+import socket
+import stat
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 METRICS_FILE = "metrics.jsonl"
 LATEST_FILE = "latest"
 WANDB_ID_FILE = "wandb_id.txt"
 
 _STEP_DIR = re.compile(r"step-(\d+)")
+_T = TypeVar("_T")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -87,6 +97,77 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(dirpath)
+
+
+def remove_path(path: str | Path) -> None:
+    """Delete ``path`` whatever it is, never following a symbolic link: a link is unlinked, not its target."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)  # rmtree itself unlinks the links it meets inside and refuses a top-level one
+    else:
+        path.unlink()
+
+
+def find_links(root: str | Path, limit: int = 5) -> list[Path]:
+    """Up to ``limit`` symbolic links inside ``root`` (``root`` itself may be one: the user named it)."""
+    found: list[Path] = []
+    if not os.path.isdir(root):
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):  # os.walk lists linked folders but never enters them
+        for name in [*dirnames, *filenames]:
+            full = Path(dirpath, name)
+            if full.is_symlink():
+                found.append(full)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def refuse_links(run_dir: str | Path) -> None:
+    """Raise :class:`RunFolderError` when ``run_dir`` holds a symbolic link anywhere inside it.
+
+    tokencredit never writes a link into a run folder, so one there was planted; a run that wrote, moved or
+    deleted through it would act on files outside the folder.
+    """
+    links = find_links(run_dir)
+    if links:
+        shown = "; ".join(f"{p.relative_to(run_dir)} -> {_link_target(p)}" for p in links)
+        raise RunFolderError(
+            f"{run_dir} holds symbolic links ({shown}{' ...' if len(links) >= 5 else ''}). tokencredit never "
+            "writes links into a run folder and will not write through one (it could reach files outside the "
+            "folder): remove them, or choose another folder")
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def open_append(path: str | Path) -> Any:
+    """Open ``path`` for appending text without following a link, and on a file no other name shares.
+
+    A hard link would make an append land in a file outside the run folder too, so a file with more than one
+    name is first replaced by a copy of its own (atomically).
+    """
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symbolic link; tokencredit does not write through links") from exc
+        raise
+    if os.fstat(fd).st_nlink > 1:
+        os.close(fd)
+        atomic_write_text(path, path.read_text(encoding="utf-8", errors="replace"))
+        fd = os.open(path, flags, 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 class CheckpointError(RuntimeError):
@@ -138,7 +219,49 @@ def load_trainer_state(path: str | Path) -> dict:
         raise DamagedCheckpointError(f"{path} is damaged or truncated: {exc}") from exc
     if not isinstance(state, dict):
         raise DamagedCheckpointError(f"{path} holds a {type(state).__name__}, not trainer state")
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise DamagedCheckpointError(f"{path} holds non-finite values ({bad}): resuming from it would train NaN")
     return state
+
+
+def _first_non_finite(obj: Any, where: str = "") -> str | None:
+    """The path of the first floating tensor in ``obj`` (nested dicts, lists, tuples) with a NaN or inf."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return where or "a tensor"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_checkpoint_finite(path: str | Path) -> None:
+    """Raise :class:`DamagedCheckpointError` when a weight file of checkpoint ``path`` holds a NaN or inf.
+
+    A weight file overwritten with NaN bytes of the same size loads without complaint; training from it would
+    skip every update and save a NaN model. Tensors are read one at a time, so memory stays at one tensor.
+    """
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    for file in sorted(path.rglob("*.safetensors")):
+        if file.is_symlink():
+            continue  # not ours, and a link is never read: refuse_links names it when the run is claimed
+        with reading_checkpoint(path, file.relative_to(path).as_posix()):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise DamagedCheckpointError(
+                            f"{file} holds non-finite weights ({name} has NaN or inf): a damaged or diverged "
+                            "checkpoint")
 
 
 def _unpickler_reason(message: str) -> str:
@@ -188,6 +311,7 @@ def resume_newest_loadable(
     candidates = checkpoints.candidates()
     for ckpt in candidates:
         try:
+            check_checkpoint_finite(ckpt)
             load(ckpt)
         except DamagedCheckpointError as exc:
             aside = checkpoints.set_aside(ckpt)
@@ -221,8 +345,7 @@ class CheckpointManager:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         tmp = self._temp_dir(step)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash in an earlier attempt at this step
+        remove_path(tmp)  # left by a crash in an earlier attempt at this step
         tmp.mkdir(parents=True)
         return tmp
 
@@ -239,8 +362,7 @@ class CheckpointManager:
             # Saving a step again (e.g. after resuming from it): set the old copy aside rather than delete it
             # before the new one is in place; pruning removes it below.
             aside = self.dir / f".tmp-old-{final.name}"
-            if aside.exists():
-                shutil.rmtree(aside)
+            remove_path(aside)
             os.rename(final, aside)
         os.rename(tmp, final)
         _fsync_dir(self.dir)
@@ -254,7 +376,7 @@ class CheckpointManager:
             name = (self.dir / LATEST_FILE).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             name = ""
-        if _STEP_DIR.fullmatch(name) and (self.dir / name).is_dir():
+        if _STEP_DIR.fullmatch(name) and (self.dir / name).is_dir() and not (self.dir / name).is_symlink():
             return self.dir / name
         # `latest` missing or damaged: the folders can be trusted, as only commit() names them step-*.
         complete = self._complete()
@@ -294,7 +416,9 @@ class CheckpointManager:
     def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+        # A link named like a checkpoint is not one of ours: never resumed from, pruned or followed.
+        found = [p for p in self.dir.iterdir()
+                 if _STEP_DIR.fullmatch(p.name) and not p.is_symlink() and p.is_dir()]
         return sorted(found, key=self.step_of)
 
     def _prune(self, step: int) -> None:
@@ -302,12 +426,9 @@ class CheckpointManager:
         # abandoned by resuming from an earlier step, and deleting them is not this call's decision.
         older = [p for p in self._complete() if self.step_of(p) < step]
         for path in older[: max(0, len(older) - (self.keep_last - 1))]:
-            shutil.rmtree(path)
+            remove_path(path)
         for path in self.dir.glob(".tmp-*"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            remove_path(path)
 
 
 def capture_rng_state() -> dict:
@@ -373,7 +494,7 @@ class MetricsLogger:
         self._tensorboard = (
             _open_tensorboard(self.run_dir / "tensorboard", resume_from_step) if tensorboard else None
         )
-        self._file = open(self.path, "a", encoding="utf-8")  # kept open: one fsynced append per log()
+        self._file = open_append(self.path)  # kept open: one fsynced append per log()
 
     def log(self, step: int, metrics: dict[str, float | int | str | bool | None]) -> None:
         """Write one line for ``step``; it is on disk when this returns."""
@@ -467,6 +588,8 @@ def _repair_metrics(path: Path, resume_from_step: int | None) -> None:
     A line that is not a metrics record (edited by hand, a disk error) is moved to ``metrics.jsonl.rejected``
     with a warning naming its line numbers; only a torn last line, which a crash mid-write leaves, goes quietly.
     """
+    if path.is_symlink():
+        raise RunFolderError(f"{path} is a symbolic link; tokencredit does not read or write run files through links")
     if not path.exists():
         return
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -481,7 +604,7 @@ def _repair_metrics(path: Path, resume_from_step: int | None) -> None:
             continue
         kept.append(line + "\n")
     if rejected:
-        with open(path.with_name(path.name + ".rejected"), "a", encoding="utf-8") as f:
+        with open_append(path.with_name(path.name + ".rejected")) as f:
             f.writelines(f"{line}\n" for _, line in rejected)
         numbers = ", ".join(str(n) for n, _ in rejected[:10]) + (" ..." if len(rejected) > 10 else "")
         logging.getLogger("tokencredit").warning(
@@ -569,6 +692,101 @@ def changed_settings(saved: dict, new: dict, prefix: str = "", defaults: dict | 
     return out
 
 
+class RunFolderBusyError(RunFolderError):
+    """Another live process holds the run folder's lock: two writers would interleave their steps."""
+
+
+LOCK_FILE = ".lock"
+# Locks this process holds, by the folder's real path: a process may claim a folder again (a trainer built twice
+# in one script, a recipe's stages) without locking itself out.
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def lock_run_folder(run_dir: str | Path) -> None:
+    """Take ``run_dir``'s writer lock for this process, or raise :class:`RunFolderBusyError` naming the holder.
+
+    The lock is ``flock`` on ``run_dir/.lock``: the kernel releases it when the holding process exits, so a run
+    killed with ``kill -9`` never leaves it stuck. Held until :func:`release_run_folder` or the process ends.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if key in _HELD_LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no advisory locks to take
+        logging.getLogger("tokencredit").warning("no file locks on this platform: nothing stops a second process "
+                                                 "from writing %s at the same time", run_dir)
+        return
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symbolic link; tokencredit does not write through links") from exc
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise RunFolderBusyError(
+            f"{run_dir} is being written by another process ({holder}). One process writes a run folder at a "
+            "time: wait for it to finish or stop it (its lock goes with it), or choose another folder") from None
+    except OSError as exc:  # a filesystem without flock (some network mounts): go on, unlocked, and say so
+        logging.getLogger("tokencredit").warning("cannot lock %s (%s): nothing stops a second process from writing "
+                                                 "it at the same time", path, exc)
+        _HELD_LOCKS[key] = fd
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n")
+    _HELD_LOCKS[key] = fd
+
+
+def _read_holder(fd: int) -> str:
+    """Who holds a lock, as its lock file says (the file is only a hint; the lock itself is the kernel's)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {int(info['pid'])} on {info.get('host', '?')}, since {info.get('since', '?')}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"
+
+
+def release_run_folder(run_dir: str | Path) -> None:
+    """Drop this process's writer lock on ``run_dir`` (a no-op when it holds none).
+
+    The lock file stays: removing it would let a process that opened it just before lock a file no one else sees.
+    """
+    fd = _HELD_LOCKS.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor of the open file drops the flock
+
+
+def releases_run_folders(func: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorate a run's entry point: the run-folder locks it takes are dropped when it returns or raises.
+
+    Locks held before the call stay held, so a recipe's own folder outlives the trainers it runs inside it.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        before = set(_HELD_LOCKS)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            for key in set(_HELD_LOCKS) - before:
+                os.close(_HELD_LOCKS.pop(key))
+
+    return wrapper
+
+
+def holds_lock(run_dir: str | Path) -> bool:
+    """Whether this process holds ``run_dir``'s writer lock."""
+    return os.path.realpath(run_dir) in _HELD_LOCKS
+
+
 def claim_run_folder(run_dir: str | Path, settings: dict, resume: bool, overwrite: bool = False,
                      allow_changed_settings: bool = False, defaults: dict | None = None) -> Callable[[], None]:
     """Make ``run_dir`` this run's alone, before anything is written; returns what to call after the new run's
@@ -582,6 +800,23 @@ def claim_run_folder(run_dir: str | Path, settings: dict, resume: bool, overwrit
       loses nothing.
     """
     run_dir = Path(run_dir)
+    # Links first, before the lock file is made (the lock is a write too); a run that overwrites moves the whole
+    # folder aside, links and all, and writes into a new one.
+    if resume or not (overwrite and holds_run(run_dir)):
+        refuse_links(run_dir)
+    newly_locked = not holds_lock(run_dir)
+    lock_run_folder(run_dir)
+    try:
+        return _claim_locked(run_dir, settings, resume, overwrite, allow_changed_settings, defaults)
+    except BaseException:
+        if newly_locked:  # a refused run leaves the folder as free as it found it
+            release_run_folder(run_dir)
+        raise
+
+
+def _claim_locked(run_dir: Path, settings: dict, resume: bool, overwrite: bool, allow_changed_settings: bool,
+                  defaults: dict | None) -> Callable[[], None]:
+    """claim_run_folder's decision, taken while holding the folder's lock."""
     if resume:
         saved_path = run_dir / "config.yaml"
         if saved_path.exists() and not allow_changed_settings:
@@ -606,8 +841,13 @@ def claim_run_folder(run_dir: str | Path, settings: dict, resume: bool, overwrit
             f"{run_dir} already holds a run. Pass resume=true to continue it, overwrite=true to replace it (the "
             "old run is kept aside until the new one writes its first checkpoint), or choose another folder")
     aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    # The lock travels with the renamed folder until the new one is locked: no other process can slip in between.
     os.rename(run_dir, aside)
     run_dir.mkdir(parents=True)
+    old_lock = _HELD_LOCKS.pop(os.path.realpath(run_dir), None)
+    lock_run_folder(run_dir)
+    if old_lock is not None:
+        os.close(old_lock)
     logging.getLogger("tokencredit").warning("overwrite=true: the earlier run in %s is kept in %s until this run "
                                              "writes its first checkpoint", run_dir, aside)
 
@@ -623,7 +863,6 @@ def start_fresh(run_dir: str | Path, checkpoints: CheckpointManager, extra: Sequ
     run_dir = Path(run_dir)
     if checkpoints.latest() is not None or (run_dir / "metrics.jsonl").exists():
         logging.getLogger("tokencredit").warning("%s: no checkpoint to resume from; starting this run over", run_dir)
-        for name in ("checkpoints", *extra):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for name in ("checkpoints", *extra, METRICS_FILE):
+            remove_path(run_dir / name)
     run_dir.mkdir(parents=True, exist_ok=True)

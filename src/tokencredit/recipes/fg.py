@@ -38,7 +38,7 @@ from tokencredit.precision import release_free_memory, validate_mixed_precision
 from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
 from tokencredit.rewards.commands import TOKEN_LOSSES
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
-from tokencredit.runs import atomic_write_json, read_metrics
+from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ FAST_OVERRIDES = dict(
 """Sizes of ``--fast`` (tiny random model): a base that a config file and key=value overrides still change."""
 
 
+@releases_run_folders
 def run_fg(cfg: FGConfig, gold_scorer: GoldScorer | None = None) -> dict:
     """Run every stage and write summary.json and report.html; returns the summary.
 

@@ -33,7 +33,7 @@ import torch
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
 from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.runs import atomic_write_json, read_metrics
+from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def _fast_inputs(root: Path, task: str) -> tuple[str, str]:
     return data, str(save_tiny_causal_lm(root / "tiny-model", _FAST_WORDS))
 
 
+@releases_run_folders
 def run_pgg(cfg: PGGRecipeConfig) -> dict:
     """Run every arm; returns the summary also written to summary.json."""
     with quiet_saves():

@@ -35,7 +35,7 @@ import torch
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
 from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.runs import atomic_write_json, read_metrics
+from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,7 @@ def _commongen_references(records: list) -> dict:
             "other_record_reference": shuffled}
 
 
+@releases_run_folders
 def run_rlgf(cfg: RLGFConfig) -> dict:
     """Run every stage; returns the summary also written to summary.json."""
     with quiet_saves():

@@ -29,7 +29,7 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.runs import atomic_write_json
+from tokencredit.runs import atomic_write_json, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def _fast_inputs(root: Path) -> tuple[str, str, str]:
     return str(data), str(model), str(model)
 
 
+@releases_run_folders
 def run_ser(cfg: SERRecipeConfig) -> dict:
     """Evolve a reward model, train a policy on it and on the seed RM, evaluate; returns the summary."""
     with quiet_saves():

@@ -36,7 +36,7 @@ from tokencredit.models import (
     train_top_layers,
 )
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.runs import atomic_write_json, read_metrics
+from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,7 @@ def _fast_model(root: Path, sessions: list) -> str:
     return str(folder)
 
 
+@releases_run_folders
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage and write summary.json and report.html; returns the summary."""
     # transformers' per-load and per-save bars would bury the stage bars.

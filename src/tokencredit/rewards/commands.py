@@ -24,7 +24,7 @@ from typing import Literal
 from tokencredit.config import ConfigError, config_to_dict
 from tokencredit.distributed import process_group
 from tokencredit.models import LoraSettings
-from tokencredit.runs import atomic_write_json, claim_run_folder
+from tokencredit.runs import atomic_write_json, claim_run_folder, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None
     log.warning("%s; cut to fit (long_records=truncate)", message)
 
 
+@releases_run_folders
 def reward_train(cfg: RewardRunConfig) -> dict:
     """Train the configured reward model; returns its held-out evaluation."""
     from tokencredit.rewards.pgg import PGGRMConfig, train_pgg_reward_model

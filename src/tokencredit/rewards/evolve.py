@@ -25,7 +25,7 @@ from tokencredit.config import ConfigError, claim_folder_for, save_config
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.records import PreferencePair
 from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
-from tokencredit.runs import atomic_write_json
+from tokencredit.runs import atomic_write_json, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def _train(cfg: EvolveConfig, pairs: list[PreferencePair], held: list[Preference
     return rm
 
 
+@releases_run_folders
 def run_evolve(cfg: EvolveConfig) -> dict:
     """Run SER loops until the stop rule; returns the summary also written to summary.json."""
     cfg.validate()

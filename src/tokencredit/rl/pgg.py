@@ -62,6 +62,7 @@ from tokencredit.runs import (
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
+    releases_run_folders,
     restore_rng_state,
     resume_newest_loadable,
     save_trainer_state,
@@ -347,6 +348,7 @@ class PGGTrainer:
         return out
 
     # ------------------------------------------------------------------ main loop
+    @releases_run_folders
     def train(self) -> list[dict]:
         """Run (or resume) ``num_steps`` LM steps with groundings on schedule; one metrics dict per step."""
         cfg = self.config

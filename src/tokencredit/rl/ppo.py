@@ -60,6 +60,7 @@ from tokencredit.runs import (
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
+    releases_run_folders,
     restore_rng_state,
     save_trainer_state,
     start_fresh,
@@ -510,6 +511,7 @@ class PPOTrainer:
         return out
 
     # ------------------------------------------------------------------ main loop
+    @releases_run_folders
     def train(self) -> list[dict]:
         """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update."""
         cfg = self.config

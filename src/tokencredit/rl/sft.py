@@ -53,6 +53,7 @@ from tokencredit.runs import (
     load_trainer_state,
     read_metrics,
     reading_checkpoint,
+    releases_run_folders,
     restore_rng_state,
     save_trainer_state,
     start_fresh,
@@ -316,6 +317,7 @@ class SFTTrainer:
         return [int(i) for i in self._permutation(epoch)[k * bs : (k + 1) * bs]]
 
     # ------------------------------------------------------------------ main loop
+    @releases_run_folders
     def train(self) -> list[dict]:
         """Run (or resume) SFT to total_steps; returns one metrics dict per optimizer step."""
         cfg = self.config
