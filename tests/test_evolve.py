@@ -96,3 +96,44 @@ def test_calibration_lets_small_scores_pass_the_thresholds():
     assert all(0.49 < p < 0.51 for p in raw_a + raw_b)
     cal_a, cal_b = _pool_probabilities(TinyScores(), shown, 8, calibrate=True)
     assert cal_a[0] > 0.7 and cal_b[0] < 0.3 and cal_a[1] < 0.3 and cal_b[1] > 0.7
+
+
+def test_a_crash_between_the_state_and_the_log_loses_no_loop_line(setup, monkeypatch):
+    # Crash right after loop 1's state is on disk, before loops.jsonl has its line (the issue saw [0, 1, 3, 4]).
+    original, calls = SERState.save, []
+
+    def save_then_crash(self, path):
+        original(self, path)
+        calls.append(self.loop)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between ser_state.json and loops.jsonl")
+
+    monkeypatch.setattr(SERState, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(args(setup, "max_loops=3", "patience=5"))
+    monkeypatch.setattr(SERState, "save", original)
+    assert main(args(setup, "max_loops=3", "patience=5", "resume=true")) == 0
+    run = setup / "run"
+    lines = [json.loads(x) for x in (run / "loops.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    loops = [r["loop"] for r in lines]
+    assert loops == list(range(len(loops))) and loops == [r["loop"] for r in summary["loops"]]
+    assert len(loops) >= 3
+    assert [r["train_pairs"] for r in lines][1] == 19 + lines[0]["selected"]
+    best = max(lines, key=lambda r: r["heldout_accuracy"])
+    assert summary["best_loop"] == best["loop"] and summary["best_model"].endswith(f"loop-{best['loop']}/model")
+
+
+def test_a_state_naming_pairs_outside_the_pool_is_refused_clearly(setup, capsys):
+    assert main(args(setup, "max_loops=0")) == 0
+    path = setup / "run" / "ser_state.json"
+    state = json.loads(path.read_text())
+    state["pool"][0] = 999_999
+    path.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(args(setup, "max_loops=1", "patience=5", "resume=true")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tokencredit: error:") and "999999" in err[0]
+    path.write_text("{not json")
+    assert main(args(setup, "max_loops=1", "patience=5", "resume=true")) == 2
+    assert "ser_state.json cannot be read" in capsys.readouterr().err

@@ -7,8 +7,9 @@ p = sigma(r), keep the confident ones (status 1 / 2 / both) with the RM's own pr
 held-out accuracy stops improving, nothing is selected, the pool is empty or ``max_loops`` is reached.
 
 The run folder holds ``ser_state.json`` (pool, pseudo-labels, per-loop history; written after every loop, so
-``resume=true`` continues after a crash), ``loops.jsonl``, ``loop-K/`` (each loop's RM run) and
-``report.html`` with held-out accuracy per loop.
+``resume=true`` continues after a crash), ``loops.jsonl`` (a view of the state, rewritten whole after each save so
+a crash between the two cannot lose a loop's line), ``loop-K/`` (each loop's RM run) and ``report.html`` with
+held-out accuracy per loop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +26,7 @@ from tokencredit.config import ConfigError, claim_folder_for, save_config
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.records import PreferencePair
 from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
-from tokencredit.runs import atomic_write_json, releases_run_folders
+from tokencredit.runs import RunFolderError, atomic_write_json, atomic_write_text, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,15 @@ def run_evolve(cfg: EvolveConfig) -> dict:
     # chosen-first layout; whether the RM picked the true chosen is kept for the report only.
     flip = {i: random.Random(f"{cfg.seed}-{i}").random() < 0.5 for i in pool_ids}
     state_path = out / "ser_state.json"
+    seed_pairs = [train[i] for i in seed_ids]
     if cfg.resume and state_path.exists():
-        state = SERState.load(state_path)
+        state = _resumed_state(state_path, pool_ids)
         log.info("resuming SER at loop %d (%d pairs in the pool)", state.loop, len(state.pool))
     else:
         state = SERState(pool=pool_ids)
-        (out / "loops.jsonl").unlink(missing_ok=True)
-    seed_pairs = [train[i] for i in seed_ids]
+    # loops.jsonl is rewritten whole from the state after every save: a crash between the two can only leave it
+    # one loop behind, and the next write (or this one, on resume) brings it level.
+    _write_loops(out, state, flip, len(seed_pairs))
     while True:
         loop = state.loop
         pseudo = [_oriented(train[lab.pair_id], flip[lab.pair_id], lab.chosen) for lab in state.labels]
@@ -139,10 +142,7 @@ def run_evolve(cfg: EvolveConfig) -> dict:
         right = sum((s.chosen == "a") != flip[ids[s.index]] for s in picked)
         record = state.add_selected(picked, heldout_accuracy=accuracy)
         state.save(state_path)
-        line = {**vars(record), "pseudo_label_accuracy": right / len(picked) if picked else None,
-                "train_pairs": len(seed_pairs) + len(pseudo)}
-        with (out / "loops.jsonl").open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        lines = _write_loops(out, state, flip, len(seed_pairs))
         drop_replaced()  # a replaced run goes once this one has finished a loop
         log.info("SER loop %d: held-out accuracy %.3f, selected %d (%d right), pool %d", loop, accuracy,
                  record.selected, right, record.pool_left)
@@ -152,12 +152,12 @@ def run_evolve(cfg: EvolveConfig) -> dict:
         if reason is not None:
             break
     summary = {"stop_reason": reason, "seed_pairs": len(seed_pairs), "pool_pairs": len(pool_ids),
-               "heldout_pairs": len(held), "loops": [json.loads(x) for x in (out / "loops.jsonl").read_text()
-                                                     .splitlines()]}
-    accs = [r["heldout_accuracy"] for r in summary["loops"]]
+               "heldout_pairs": len(held), "loops": lines}
+    accs = [r["heldout_accuracy"] for r in lines]
     summary["seed_accuracy"], summary["best_accuracy"] = accs[0], max(accs)
-    # The reward model to hand to PPO (`tokencredit ppo reward=rm:<best_model> reward_sigmoid_baseline=0.5`).
-    best = accs.index(max(accs))
+    # The reward model to hand to PPO (`tokencredit ppo reward=rm:<best_model> reward_sigmoid_baseline=0.5`),
+    # named by its loop number: the folder is loop-<number>, whatever position the line has in the list.
+    best = max(lines, key=lambda r: r["heldout_accuracy"])["loop"]
     summary["best_loop"], summary["best_model"] = best, str(out / f"loop-{best}" / "model")
     if cfg.full_baseline:
         _train(cfg, train, held, out / "full-labels")
@@ -165,6 +165,40 @@ def run_evolve(cfg: EvolveConfig) -> dict:
     atomic_write_json(out / "summary.json", summary)
     _report(out, summary)
     return summary
+
+
+def _resumed_state(path: Path, pool_ids: list[int]) -> SERState:
+    """The saved SER state, checked against this run's pool: its ids must be pool pairs of the same data."""
+    try:
+        state = SERState.load(path)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and a malformed state are ValueErrors
+        raise RunFolderError(f"{path} cannot be read ({exc}); resume=false starts the SER run over") from exc
+    known = set(pool_ids)
+    named = [*state.pool, *(label.pair_id for label in state.labels)]
+    stray = [pid for pid in named if isinstance(pid, bool) or pid not in known]
+    if stray or len(named) != len(known):
+        what = f"pair ids {stray[:5]} that are not" if stray else f"{len(named)} pair ids for the {len(known)}"
+        raise RunFolderError(
+            f"{path} names {what} unlabelled pairs this run draws from its data (seed, data, max_pairs, "
+            "eval_fraction and labelled_fraction decide them): the data or the state changed since the run "
+            "started. Resume with the same data, or resume=false to start over")
+    return state
+
+
+def _write_loops(out: Path, state: SERState, flip: dict[int, bool], n_seed: int) -> list[dict]:
+    """Write loops.jsonl from the state alone (one line per finished loop) and return its lines.
+
+    Every field is derived from the state: whether a pseudo-label is right comes from the pair's fixed flip, and
+    the pairs a loop trained on are the seed plus the labels of the loops before it.
+    """
+    lines = []
+    for record in state.history:
+        labels = [lab for lab in state.labels if lab.loop == record.loop]
+        right = sum((lab.chosen == "a") != flip[lab.pair_id] for lab in labels)
+        lines.append({**asdict(record), "pseudo_label_accuracy": right / len(labels) if labels else None,
+                      "train_pairs": n_seed + record.labelled_total - record.selected})
+    atomic_write_text(out / "loops.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    return lines
 
 
 def _pool_probabilities(
