@@ -64,3 +64,54 @@ def test_cli_errors_are_clear(setup, capsys):
     (setup / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": 3}\n')
     assert main(["ppo", "--config", str(setup / "run.yaml"), f"prompts={setup / 'bad.jsonl'}"]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("tokencredit: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_checkpoint_refusals_are_one_error_line_not_a_traceback(setup, capsys):
+    import torch
+
+    run = ["ppo", "--config", str(setup / "run.yaml"), "num_updates=2"]
+    assert main(run) == 0
+    ckpts = sorted((setup / "run" / "checkpoints").glob("step-*"))
+    state = torch.load(ckpts[-1] / "trainer_state.pt", weights_only=True)
+    state["rng"] = Planted(str(setup / "pwned"))
+    torch.save(state, ckpts[-1] / "trainer_state.pt")
+    capsys.readouterr()
+    assert main([*run, "num_updates=3", "resume=true"]) == 2
+    assert "refusing to load" in one_error_line(capsys)
+    assert not (setup / "pwned").exists()
+    for ckpt in (setup / "run" / "checkpoints").glob("step-*"):
+        (ckpt / "trainer_state.pt").write_bytes(b"")
+    assert main([*run, "num_updates=3", "resume=true"]) == 2
+    assert "could be loaded" in one_error_line(capsys)
+
+
+class Planted:
+    """A payload that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file(setup, capsys, monkeypatch):
+    import errno
+
+    import tokencredit.rl.ppo as ppo_module
+
+    def full(path, state):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ppo_module, "save_trainer_state", full)
+    assert main(["ppo", "--config", str(setup / "run.yaml"), "num_updates=2"]) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and "trainer_state.pt" in line and "resume=true" in line

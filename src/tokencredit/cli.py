@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import importlib.resources
 import importlib.util
@@ -22,6 +23,7 @@ from tokencredit.models import LoraSettings, apply_chat
 from tokencredit.records import RecordError
 from tokencredit.rl.ppo import PPOConfig
 from tokencredit.rl.sft import SFTRunConfig, run_sft
+from tokencredit.runs import CheckpointError
 
 log = logging.getLogger("tokencredit")
 
@@ -374,10 +376,38 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_demo(demo_config(args))
             print(json.dumps({k: summary[k] for k in ("sft", "tppo", "ppo_sequence") if k in summary}, indent=1))
-    except (ConfigError, RecordError, FileNotFoundError, ValueError, JudgeError) as exc:
-        print(f"tokencredit: error: {exc}", file=sys.stderr)
+    except (ConfigError, RecordError, FileNotFoundError, ValueError, JudgeError, CheckpointError) as exc:
+        print(f"tokencredit: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The machine, not the program: a full disk, a read-only or vanished folder, no permission.
+        print(f"tokencredit: error: {_os_error_message(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line: some libraries' messages span several, and scripts read one line per error."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another output folder; a run resumes from its last "
+                  "checkpoint with resume=true",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another output folder; a run resumes from its "
+                  "last checkpoint with resume=true",
+    errno.EROFS: "the file system is read-only: choose another output folder",
+    errno.EACCES: "no permission: choose a folder you can write, or fix its permissions",
+    errno.EPERM: "not permitted: choose a folder you can write, or fix its permissions",
+}
+
+
+def _os_error_message(exc: OSError) -> str:
+    """What failed, on which file, and what to do about it."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    reason = exc.strerror or _one_line(exc)
+    hint = _OS_ERROR_HINTS.get(exc.errno)
+    return f"{reason}{where}" + (f": {hint}" if hint else "")
 
 
 if __name__ == "__main__":
