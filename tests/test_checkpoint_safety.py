@@ -116,7 +116,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     target = {"truncate_state": newest / "trainer_state.pt", "delete_state": newest / "trainer_state.pt",
               "garble_state": newest / "trainer_state.pt",
               "truncate_weights": newest / "policy" / "model.safetensors",
-              "nan_weights": newest / "policy" / "model.safetensors", "nan_optimizer": newest / "trainer_state.pt"}[damage]
+              "nan_weights": newest / "policy" / "model.safetensors",
+              "nan_optimizer": newest / "trainer_state.pt"}[damage]
     if damage == "nan_weights":
         nan_safetensors(target)
     elif damage == "nan_optimizer":

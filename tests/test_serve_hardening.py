@@ -227,6 +227,32 @@ def test_chat_body_errors(live):
     assert_healthy(live)
 
 
+def test_chat_roles_are_checked(live, monkeypatch):
+    base = {"model": "tiny", "max_tokens": 2, "temperature": 0}
+    user = {"role": "user", "content": "a"}
+    for role, hint in (("wizard", None), ("tool", "tool calls"), ("function", "tool calls"), ("User", None),
+                       ("", None), ("x" * 5000, None)):
+        messages = [user, {"role": role, "content": "b"}, user]
+        status, _, body = call(live, "POST", "/v1/chat/completions", {**base, "messages": messages})
+        assert_json_error(status, body, 400)
+        error = body["error"]
+        assert error["param"] == "messages[1].role" and error["code"] == "invalid_value"
+        assert "messages[1]" in error["message"] and repr(role[:40]) in error["message"]
+        assert "system, developer, user, assistant" in error["message"] and len(error["message"]) < 400
+        if hint:
+            assert hint in error["message"]
+    seen = []
+    render = live.server.render
+    monkeypatch.setattr(live.server, "render", lambda messages: seen.append(messages) or render(messages))
+    messages = [{"role": "developer", "content": "d"}, {"role": "system", "content": "s"}, user,
+                {"role": "assistant", "content": "b", "tool_calls": []}, user]
+    status, _, body = call(live, "POST", "/v1/chat/completions", {**base, "messages": messages})
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+    # developer is rendered as system; keys other than role and content never reach the template.
+    assert seen == [[{"role": "system", "content": "d"}, {"role": "system", "content": "s"}, user,
+                     {"role": "assistant", "content": "b"}, user]]
+    assert_healthy(live)
+
 def test_a_valid_surrogate_pair_is_fine(live):
     status, _, body = call(live, "POST", "/v1/completions",
                            raw=b'{"model": "tiny", "prompt": "a \\ud83d\\ude00", "max_tokens": 2}')
@@ -343,6 +369,132 @@ def test_an_unread_body_is_never_parsed_as_a_request(live):
                 + b"\r\n\r\n" + smuggled)
         out = responses(send_raw(live, data))
         assert [r[0] for r in out] == [status] and out[0][1]["connection"] == "close"
+    assert_healthy(live)
+
+
+def exchange(live, data, wait=2.0):
+    """Raw bytes in on one connection: (the responses that came back, whether the server then closed it)."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", live.port), timeout=wait) as s:
+        s.sendall(data)
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:  # the server kept the connection open, waiting for another request
+                return responses(out), False
+            except ConnectionResetError:
+                return responses(out), True
+            if not chunk:
+                return responses(out), True
+            out += chunk
+
+
+AUTH_LINE = f"Authorization: Bearer {KEY}\r\n"
+SMUGGLED_GET = f"GET /v1/models HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}\r\n".encode()
+SMUGGLED_CHAT = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2,
+                            "temperature": 0}).encode()
+SMUGGLED_POST = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}Content-Type: application/json\r\n"
+                 f"Content-Length: {len(SMUGGLED_CHAT)}\r\n\r\n").encode() + SMUGGLED_CHAT
+
+
+def _framed(line, headers, body):
+    """A keep-alive request with the given header lines (``{n}`` is the body's length) and raw body."""
+    return f"{line} HTTP/1.1\r\nHost: x\r\n{AUTH_LINE}{headers.format(n=len(body))}\r\n".encode() + body
+
+
+SMUGGLING = {
+    # The first Content-Length says there is no body, so the body would be taken for the next request.
+    "POST, two Content-Lengths (0 first), GET inside": (
+        "POST /v1/chat/completions", "Content-Length: 0\r\nContent-Length: {n}\r\n", SMUGGLED_GET, 400),
+    "POST, two Content-Lengths (0 first), chat POST inside": (
+        "POST /v1/chat/completions", "Content-Length: 0\r\nContent-Length: {n}\r\n", SMUGGLED_POST, 400),
+    "GET, two Content-Lengths (0 first), GET inside": (
+        "GET /v1/models", "Content-Length: 0\r\ncontent-length: {n}\r\n", SMUGGLED_GET, 400),
+    "GET, two Content-Lengths (0 first), chat POST inside": (
+        "GET /v1/models", "Content-Length: 0\r\nContent-Length: {n}\r\n", SMUGGLED_POST, 400),
+    "POST, the same Content-Length twice": (
+        "POST /v1/chat/completions", "Content-Length: {n}\r\nContent-Length: {n}\r\n", SMUGGLED_GET, 400),
+    "POST, an empty Content-Length": ("POST /v1/chat/completions", "Content-Length: \r\n", SMUGGLED_GET, 400),
+    "POST, Content-Length +0": ("POST /v1/chat/completions", "Content-Length: +0\r\n", SMUGGLED_GET, 400),
+    "POST, Content-Length listing 0 and n": (
+        "POST /v1/chat/completions", "Content-Length: 0, {n}\r\n", SMUGGLED_GET, 400),
+    "POST, Transfer-Encoding chunked with Content-Length 0": (
+        "POST /v1/chat/completions", "Transfer-Encoding: chunked\r\nContent-Length: 0\r\n",
+        f"{len(SMUGGLED_GET):x}\r\n".encode() + SMUGGLED_GET + b"\r\n0\r\n\r\n", 411),
+    "POST, an empty Transfer-Encoding with Content-Length 0": (
+        "POST /v1/chat/completions", "Transfer-Encoding: \r\nContent-Length: 0\r\n", SMUGGLED_GET, 411),
+    "GET, Transfer-Encoding chunked": (
+        "GET /v1/models", "Transfer-Encoding: chunked\r\n",
+        f"{len(SMUGGLED_GET):x}\r\n".encode() + SMUGGLED_GET + b"\r\n0\r\n\r\n", 411),
+    "POST, Transfer-Encoding identity": (
+        "POST /v1/chat/completions", "Transfer-Encoding: identity\r\nContent-Length: {n}\r\n", SMUGGLED_GET, 411),
+    # Header lines http.server's parser would silently drop (with every header after them), Content-Length too.
+    "POST, Content-Length with a space before the colon": (
+        "POST /v1/chat/completions", "Content-Length : {n}\r\n", SMUGGLED_GET, 400),
+    "POST, a NUL in a header name before Content-Length": (
+        "POST /v1/chat/completions", "X\x00Y: 1\r\nContent-Length: {n}\r\n", SMUGGLED_GET, 400),
+    "POST, Content-Length folded into the previous header": (
+        "POST /v1/chat/completions", "X-Note: a\r\n Content-Length: {n}\r\n", SMUGGLED_GET, 400),
+    "POST, a line without a name before Content-Length": (
+        "POST /v1/chat/completions", ": x\r\nContent-Length: {n}\r\n", SMUGGLED_GET, 400),
+    # A bare CR is a line break to http.server's parser but part of a value to many proxies.
+    "POST, Content-Length after a bare CR": (
+        "POST /v1/chat/completions", "X-Note: a\rContent-Length: {n}\r\n", SMUGGLED_GET, 400),
+    # No length means no body, but the client sent one: it must not become the next request.
+    "POST without a Content-Length, a request as its body": ("POST /v1/chat/completions", "", SMUGGLED_GET, 411),
+}
+
+
+@pytest.mark.parametrize("name", list(SMUGGLING))
+def test_ambiguous_framing_gets_one_4xx_and_the_connection_is_closed(live, monkeypatch, name):
+    # A long read timeout: a connection left open would wait for the next request, not be closed as idle.
+    monkeypatch.setattr(live.server.config, "read_timeout_s", 5.0)
+    line, headers, body, expected = SMUGGLING[name]
+    before = live.server.stats["generations"]
+    out, closed = exchange(live, _framed(line, headers, body))
+    assert [r[0] for r in out] == [expected], (name, out)
+    status, resp_headers, payload = out[0]
+    assert resp_headers["connection"] == "close" and resp_headers["content-type"] == "application/json"
+    assert json.loads(payload)["error"]["message"]
+    assert closed, "the connection stayed open after a request whose end is unknown"
+    assert live.server.stats["generations"] == before  # the smuggled chat completion never ran
+    assert live.wait_idle() == 0
+    assert_healthy(live)
+
+
+def test_ambiguous_framing_with_expect_100_is_refused_before_the_body(live, monkeypatch):
+    monkeypatch.setattr(live.server.config, "read_timeout_s", 5.0)
+    out, closed = exchange(live, _framed("POST /v1/chat/completions", "Expect: 100-continue\r\nContent-Length: 0"
+                                         "\r\nContent-Length: {n}\r\n", SMUGGLED_GET))
+    assert [r[0] for r in out] == [400] and out[0][1]["connection"] == "close" and closed
+    assert_healthy(live)
+
+
+def test_a_body_shorter_than_declared_gets_a_4xx_and_a_close(live, monkeypatch):
+    monkeypatch.setattr(live.server.config, "read_timeout_s", 5.0)
+    data = _framed("POST /v1/chat/completions", "Content-Length: 500\r\n", SMUGGLED_CHAT)
+    with socket.create_connection(("127.0.0.1", live.port), timeout=2) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)  # the body ends here, short of its Content-Length
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    (status, headers, payload), = responses(out)
+    assert status == 400 and headers["connection"] == "close" and "ended after" in json.loads(payload)["error"][
+        "message"]
+    assert_healthy(live)
+
+
+def test_well_framed_requests_keep_the_connection_open(live, monkeypatch):
+    # The framing checks must not close connections that are fine: pipelined requests are all answered.
+    monkeypatch.setattr(live.server.config, "read_timeout_s", 5.0)
+    bad_json = b'{"model": "tiny"'
+    data = (SMUGGLED_POST + _framed("POST /v1/completions", "Content-Length: {n}\r\n", bad_json)
+            + _framed("GET /v1/models", "Content-Length: 0\r\n", b"") + SMUGGLED_GET)
+    out, closed = exchange(live, data, wait=3.0)
+    assert [r[0] for r in out] == [200, 400, 200, 200] and not closed
+    assert all(r[1].get("connection") != "close" for r in out)
+    assert live.wait_idle(timeout=8.0) == 0
     assert_healthy(live)
 
 

@@ -25,9 +25,8 @@ Limits (``ServeConfig`` fields unless marked; defaults in brackets):
   ``PREFIX_CHARS_PER_TOKEN`` (16) characters per context token is refused without tokenizing the rest.
 - ``max_rows`` [64]: prompts x ``n`` per request (``n`` itself is at most 16, ``stop`` at most 4 strings).
 - ``max_body_bytes`` [8 MiB]: a larger ``Content-Length`` gets a 413. A POST needs a ``Content-Length`` (411
-  without one; chunked transfer encoding is refused with a 411 too). JSON may nest at most 32 levels
-  (``MAX_JSON_DEPTH``); strings with lone UTF-16 surrogates, ``NaN`` / ``Infinity`` and seeds outside
-  [-2**63, 2**64 - 1] get a 400.
+  without one). JSON may nest at most 32 levels (``MAX_JSON_DEPTH``); strings with lone UTF-16 surrogates,
+  ``NaN`` / ``Infinity`` and seeds outside [-2**63, 2**64 - 1] get a 400.
 - ``read_timeout_s`` [30]: a request (request line, headers and body) must have fully arrived this long after the
   server started waiting for it, else the connection is closed (a 408 once the headers are in). This also closes
   idle keep-alive connections, and it bounds each write of an answer to a client that does not read.
@@ -43,11 +42,22 @@ Limits (``ServeConfig`` fields unless marked; defaults in brackets):
 
 A client that disconnects while its answer is generated (or while it waits for the model) is noticed between
 decode steps: generation stops and nothing is sent. A client that leaves mid-stream ends the stream with one log
-line. Whenever an answer goes out with the request body unread (an error found from the headers, a 405, a GET
-with a body), the connection is closed so that the unread bytes are never taken for a request. ``docs/serve.md``
-has the full list of statuses.
+line.
 
-A tokenizer without a chat template renders messages as ``role: content`` lines followed by ``assistant:``.
+Framing (``request_body_length``): a request whose body's end is not certain is refused before anything else,
+on every method, and the connection is closed after the answer: any ``Transfer-Encoding`` header (411: bodies
+are never chunked), more than one ``Content-Length`` (even equal ones), a ``Content-Length`` that is not plain
+ASCII digits (400), and a header line that is not ``Name: value`` (whitespace before the colon, a folded line,
+a control character such as NUL or a bare CR) (400), which http.server's parser would drop or split silently.
+More generally, whenever an answer goes out before the body was read to exactly its declared length (an error
+found from the headers, a body cut short, a 405, a GET with a body, a POST without a ``Content-Length``), the
+connection is closed, so no byte after it is ever parsed as a request. ``docs/serve.md`` has the full list of
+statuses.
+
+Chat messages take the roles ``system``, ``developer`` (rendered as ``system``), ``user`` and ``assistant``;
+any other role (``tool`` and ``function`` included: no tool calls are made) gets a 400 naming the message.
+Only a message's role and content reach the chat template. A tokenizer without a chat template renders messages
+as ``role: content`` lines followed by ``assistant:``.
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -85,6 +96,9 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_BODY_BYTES = 8 * 1024 * 1024
 PREFIX_CHARS_PER_TOKEN = 16  # a prompt longer than this many characters per context token is measured on a prefix
 API_KEY_ENV = "TOKENCREDIT_API_KEY"
+# Chat roles taken. "developer" is OpenAI's newer name for "system" and is rendered as one (chat templates know
+# "system"); "tool" and "function" answer tool calls, which this server never makes.
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 @dataclass
@@ -270,6 +284,15 @@ class ModelServer:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ApiError(400, f"messages[{i}] must be an object with string 'role' and 'content'",
                                f"messages[{i}]")
+            role = m["role"]
+            if role not in CHAT_ROLES:
+                shown = repr(role) if len(role) <= 40 else repr(role[:40]) + "..."
+                why = " (this server does not make tool calls)" if role in ("tool", "function") else ""
+                raise ApiError(400, f"messages[{i}] has role {shown}{why}; the roles taken are "
+                                    f"{', '.join(CHAT_ROLES)}", f"messages[{i}].role", "invalid_value")
+        # Only role and content reach the chat template: other keys (tool_calls, name, ...) are not rendered.
+        messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+                    for m in messages]
         logprobs = body.get("logprobs", False)
         if not isinstance(logprobs, bool):
             raise ApiError(400, "'logprobs' must be a boolean for chat completions", "logprobs")
@@ -632,6 +655,58 @@ class _DeadlineReader(io.RawIOBase):
         return self.sock.recv_into(buffer)
 
 
+class _HeaderRecorder(io.BufferedReader):
+    """A buffered socket reader that can keep a copy of the lines it hands out (the raw header section)."""
+
+    lines: list[bytes] | None = None  # None: not recording
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """One line, also kept while recording."""
+        line = super().readline(-1 if size is None else size)
+        if self.lines is not None:
+            self.lines.append(line)
+        return line
+
+
+# A header line as RFC 9112 writes it: a token name, a colon right after it, a value without control characters
+# (tab aside), and CRLF (or a bare LF, which the RFC lets servers accept).
+_HEADER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n")
+_HUGE_LENGTH = 2**63  # stands for any Content-Length too long to be worth converting: over every limit
+
+
+def request_body_length(raw_header_lines: list[bytes], headers: Message) -> int | None:
+    """The body length a request's headers declare (None: no body), or an ApiError if where it ends is unclear.
+
+    ``raw_header_lines`` are the header lines as received, ending with the empty line; ``headers`` is what
+    http.server parsed from them. Every header line must be well formed: http.server's parser drops a line it
+    does not understand together with every header after it (a Content-Length included), and takes a bare CR for
+    a line break, where a proxy in front may read the same bytes differently.
+    """
+    *lines, end = raw_header_lines or [b""]
+    if end not in (b"\r\n", b"\n"):
+        raise ApiError(400, "the header section did not end with an empty line")
+    for line in lines:
+        if not _HEADER_LINE.fullmatch(line):
+            shown = line.rstrip(b"\r\n")[:60].decode("latin-1")
+            raise ApiError(400, f"malformed header line {shown!r}: a line must be 'Name: value', with no space "
+                                "before the colon, no line folding and no control characters")
+    if headers.defects or headers.get_payload():  # cannot happen after the check above; kept as a backstop
+        raise ApiError(400, "malformed header section")
+    if "Transfer-Encoding" in headers:
+        raise ApiError(411, "Transfer-Encoding is not supported (no chunked bodies): send the body with one "
+                            "Content-Length header", code="length_required")
+    values = headers.get_all("Content-Length") or []
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, f"{len(values)} Content-Length headers: a request may have only one")
+    text = values[0].strip(" \t")
+    if not (text.isascii() and text.isdigit()):
+        raise ApiError(400, f"Content-Length must be a non-negative decimal integer (got {text[:40]!r})")
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else _HUGE_LENGTH
+
+
 def _peer_closed(sock: socket.socket) -> bool:
     """Whether the peer has closed or reset the connection (readable with nothing to read), without blocking."""
     try:
@@ -657,7 +732,11 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
 
         protocol_version = "HTTP/1.1"
         timeout = config.read_timeout_s  # the socket timeout StreamRequestHandler.setup applies
-        _consumed = False
+        _consumed = False  # the body was read to exactly its declared length
+        _declared: int | None = None  # the request's Content-Length, once request_body_length has vouched for it
+        _framing_checked = False
+        _framing_error: ApiError | None = None
+        _header_lines: list[bytes] | None = None  # the raw header lines, until the framing check has read them
         _reader: _DeadlineReader | None = None
 
         def setup(self) -> None:
@@ -665,7 +744,7 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
             super().setup()
             self.rfile.close()  # only drops makefile's reference; the socket stays open
             self._reader = _DeadlineReader(self.connection)
-            self.rfile = io.BufferedReader(self._reader)
+            self.rfile = _HeaderRecorder(self._reader)
 
         def handle_one_request(self) -> None:
             """Give the next request (request line, headers, body) read_timeout_s to arrive, then handle it."""
@@ -674,9 +753,35 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
             super().handle_one_request()
 
         def parse_request(self) -> bool:
-            """Parse the request line and headers; a new request has not had its body read yet."""
-            self._consumed = False
-            return super().parse_request()
+            """Parse the request line and headers, then refuse the request if where its body ends is unclear."""
+            self._consumed, self._declared = False, None
+            self._framing_checked, self._framing_error = False, None
+            self._header_lines = []
+            recorder = self.rfile if isinstance(self.rfile, _HeaderRecorder) else None
+            if recorder is not None:
+                recorder.lines = self._header_lines
+            try:
+                parsed = super().parse_request()  # runs handle_expect_100, which checks the framing first
+            finally:
+                if recorder is not None:
+                    recorder.lines = None
+            if not parsed:  # an error answer has been sent
+                self._header_lines = None
+                return False
+            return self._framing_ok()
+
+        def _framing_ok(self) -> bool:
+            """Whether the body's end is certain; if not, a 4xx has been sent and the connection will be closed."""
+            if not self._framing_checked:
+                self._framing_checked = True
+                lines, self._header_lines = self._header_lines, None
+                try:
+                    self._declared = request_body_length(lines or [], self.headers)
+                except ApiError as exc:
+                    self._framing_error = exc
+                    # Nothing after this request can be told apart from its body: the connection must end here.
+                    self._send(exc.status, exc.body(), exc.headers, close=True)
+            return self._framing_error is None
 
         def version_string(self) -> str:
             """The Server header, without the Python version."""
@@ -768,26 +873,17 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
             return False
 
         def _content_length(self) -> int:
-            """The declared body length, refusing chunked, missing, malformed or oversized ones."""
-            if self.headers.get("Transfer-Encoding"):
-                raise ApiError(411, "chunked transfer encoding is not supported: send a Content-Length",
-                               code="length_required")
-            values = {v.strip() for v in self.headers.get_all("Content-Length") or []}
-            if not values:
+            """The POST body's length (framing already checked), refusing a missing or oversized one."""
+            if self._declared is None:
                 raise ApiError(411, "a POST needs a Content-Length header", code="length_required")
-            if len(values) > 1:
-                raise ApiError(400, "conflicting Content-Length headers")
-            text = values.pop()
-            if not (text.isascii() and text.isdigit()):
-                raise ApiError(400, f"Content-Length must be a non-negative integer (got {text[:40]!r})")
-            if len(text) > 15 or int(text) > config.max_body_bytes:
+            if self._declared > config.max_body_bytes:
                 raise ApiError(413, f"the request body is over this server's limit of {config.max_body_bytes} "
                                     "bytes", code="request_too_large")
-            return int(text)
+            return self._declared
 
         def handle_expect_100(self) -> bool:
             """Refuse before the client sends its body when the headers already rule the request out."""
-            if not self._authorized():
+            if not self._framing_ok() or not self._authorized():
                 return False
             if self.command == "POST":
                 try:
@@ -805,20 +901,21 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
             except TimeoutError as exc:
                 raise ApiError(408, f"the request body did not arrive within {config.read_timeout_s} s",
                                code="timeout") from exc
-            if len(raw) < length:
+            if len(raw) < length:  # the client closed its side early; _body_unread still says True
                 raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
             self._consumed = True
             return parse_json_body(raw)
 
         def _body_unread(self) -> bool:
-            """Whether the request announced a body this handler has not read (it must not be taken for a request)."""
-            headers = getattr(self, "headers", None)
-            if headers is None:  # the request line or headers were malformed: nothing after them can be trusted
-                return True
+            """Whether bytes of this request may be left unread (they must never be taken for a request)."""
+            if getattr(self, "headers", None) is None or not self._framing_checked or self._framing_error is not None:
+                return True  # malformed or unchecked framing: nothing after it can be trusted
             if self._consumed:
                 return False
-            length = (headers.get("Content-Length") or "").strip()
-            return bool(headers.get("Transfer-Encoding")) or length not in ("", "0")
+            if self._declared is None:
+                # No length means no body, but a POST without one most likely sent a body it cannot delimit.
+                return self.command == "POST"
+            return self._declared > 0
 
         def _client_gone(self) -> bool:
             """Whether the client has hung up (polled between decode steps)."""
