@@ -133,6 +133,7 @@ def train_seq_rm(out: Path) -> None:
     if os.environ.get("RANK", "0") != "0":
         with torch.no_grad():
             model.head.weight.add_(0.5)  # must be replaced by rank 0's
+            model.head.bias.add_(0.5)  # held fixed by Bradley-Terry, but still rank 0's
     rm = SequenceRewardModel.from_model(model, tok)
     pairs = [PreferencePair(prompt=WORDS[i % 4], chosen=" ".join(["b"] * (1 + i % 3) + ["a"]),
                             rejected=" ".join(["c"] * (2 + i % 2))) for i in range(11)]

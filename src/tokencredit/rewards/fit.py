@@ -12,7 +12,7 @@ process takes; token-level BCE is weighted by items, not tokens. Rank 0 alone wr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -55,18 +55,47 @@ def fit(
     loss_fn: LossFn,
     steps_per_epoch: int,
     desc: str,
+    invariant: Sequence[nn.Parameter] = (),
 ) -> list[dict]:
     """Run ``config.num_epochs`` epochs of AdamW over ``epochs(epoch)`` batches; one stats dict per step.
 
     ``config`` needs output_dir, num_epochs, learning_rate, weight_decay, max_grad_norm, progress and
     log_tensorboard. The run folder gets config.yaml and a fresh metrics.jsonl.
+
+    ``invariant``: parameters the loss does not depend on at all, such as the head's bias under Bradley-Terry.
+    They are held fixed (still copied from rank 0) and their ``requires_grad`` is restored afterwards.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Their exact gradient is 0, so what backward gives them is rounding noise of either sign; Adam divides it
+    # by its own size and would step them by about the learning rate each time, in a direction set by the order
+    # of the sums (and so by the CPU and the number of processes).
+    held = [p for p in dict.fromkeys(invariant) if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in trainable if all(p is not h for h in held)]
     if not params:
-        raise ValueError("the reward model has no trainable parameters")
-    device = params[0].device
+        raise ValueError("the reward model has no trainable parameters the loss depends on")
     group = process_group(getattr(config, "device", "auto"))
-    group.broadcast_parameters(params)  # a freshly initialised head (or LoRA) starts equal on every rank
+    group.broadcast_parameters(trainable)  # a freshly initialised head (or LoRA) starts equal on every rank
+    for p in held:
+        p.requires_grad_(False)
+    try:
+        return _fit(model, config, epochs, loss_fn, steps_per_epoch, desc, params, group)
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+
+
+def _fit(
+    model: nn.Module,
+    config: object,
+    epochs: Callable[[int], Iterable[object]],
+    loss_fn: LossFn,
+    steps_per_epoch: int,
+    desc: str,
+    params: list[nn.Parameter],
+    group: ProcessGroup,
+) -> list[dict]:
+    """The loop of :func:`fit` over the parameters it trains."""
+    device = params[0].device
     # Reward-model configs carry mixed_precision like the trainers; an older or custom config means full precision.
     amp_dtype = resolve_mixed_precision(getattr(config, "mixed_precision", "no"), device)
     optimizer = make_adamw([{"params": params}], lr=config.learning_rate, weight_decay=config.weight_decay,

@@ -129,6 +129,45 @@ def _pair_scores(
     return scores[:n], scores[n:]
 
 
+def score_shift_parameters(
+    rm: SequenceRewardModel, pair: PreferencePair, max_length: int = 512
+) -> list[torch.nn.Parameter]:
+    """Trainable parameters that only add one constant to every score: the head's bias, and the bias of the
+    backbone's last LayerNorm or Linear when its output is what the head reads (found by scoring ``pair``).
+
+    Bradley-Terry reads score differences only, so it cannot train them.
+    """
+    model = rm.model
+    last: list = [None, None]  # the last leaf module of the backbone to finish, and its output
+    fed: list = []  # that module and output when the head starts, with the head's input
+
+    def finished(module: torch.nn.Module, args: tuple, output: object) -> None:
+        last[:] = [module, output]
+
+    def head_starts(module: torch.nn.Module, args: tuple) -> None:
+        fed.append((*last, args[0]))
+
+    hooks = [m.register_forward_hook(finished) for m in model.backbone.modules() if next(m.children(), None) is None]
+    hooks.append(model.head.register_forward_pre_hook(head_starts))
+    was_training = model.training
+    model.eval()  # no dropout: the probe draws no random numbers and sees the layers as they compute
+    try:
+        with torch.no_grad():
+            _pair_scores(rm, [pair], max_length)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    shifts = [model.head.bias]
+    module, output, head_input = fed[0] if fed else (None, None, None)
+    # Anything after that layer (dropout, a projection) would make its bias more than a shift; equal values show
+    # the head reads its output as it is.
+    if (isinstance(module, (torch.nn.LayerNorm, torch.nn.Linear)) and isinstance(output, torch.Tensor)
+            and output.shape == head_input.shape and torch.equal(output.to(head_input.dtype), head_input)):
+        shifts.append(module.bias)
+    return [p for p in shifts if p is not None and p.requires_grad]
+
+
 @torch.no_grad()
 def evaluate_sequence_reward_model(
     rm: SequenceRewardModel, pairs: Sequence[PreferencePair], batch_size: int = 16
@@ -185,7 +224,10 @@ def train_sequence_reward_model(
         return loss, {"loss/total": loss.item(), "loss/bt": loss.item(),
                       "train/pair_accuracy": (chosen > rejected).float().mean().item()}
 
-    history = fit(rm.model, config, epoch_batches, loss_fn, steps_per_epoch, "sequence rm")
+    # Bradley-Terry (margins too) reads only score differences: a parameter that shifts every score alike gets
+    # no gradient but rounding noise, which Adam would turn into full-size steps (see fit), so it is held fixed.
+    shifts = score_shift_parameters(rm, rows[0][0], config.max_length)
+    history = fit(rm.model, config, epoch_batches, loss_fn, steps_per_epoch, "sequence rm", invariant=shifts)
     metrics = evaluate_sequence_reward_model(rm, eval_pairs, batch_size=bs)
     out = config.output_dir
     history.append({"step": history[-1]["step"] if history else 0, "eval": metrics})
