@@ -1,5 +1,6 @@
 """The judge against broken or hostile endpoints: redirects, dripping answers, refused records, NaN log-probs,
-re-asking unreadable cached answers, and empty input. Every server here is a scripted one on loopback."""
+re-asking unreadable cached answers, empty input, huge answers and prompts, jobs that label nothing, and damaged
+caches. Every server here is a scripted one on loopback."""
 
 import json
 import math
@@ -320,10 +321,15 @@ def test_reask_unreadable_replaces_cached_garbage_under_the_same_key(serve, tmp_
         return run_judge(JudgeRunConfig(task="rubric", data=str(data), output=str(out), cache=str(cache),
                                         base_url=endpoint.url, model="m", api_key_env="", **kw))
 
-    first = run()
+    def failed_run(**kw):
+        with pytest.raises(JudgeError, match="none of the 2 record"):  # no label at all is an error
+            run(**kw)
+        return json.loads((tmp_path / "labels.jsonl.summary.json").read_text())
+
+    first = failed_run()
     assert (first["records"], first["unparseable"], first["answers_asked"]) == (0, 2, 2)
     state["answer"] = "Clear.\nScore: 5"
-    cached = run()  # by default what is cached is used, garbage included
+    cached = failed_run()  # by default what is cached is used, garbage included
     assert cached["answers_from_cache"] == 2 and cached["unparseable"] == 2 and endpoint.posts == 2
     keys = sorted(r[0] for r in JudgeCache(cache)._db.execute("SELECT key FROM answers"))
     reasked = run(reask_unreadable=True)
@@ -376,3 +382,225 @@ def test_empty_input_is_an_error_naming_the_file(tmp_path, capsys, content):
     with pytest.raises(RecordError, match=r"empty\.jsonl"):
         run_evaluate(EvaluateConfig(prompts=str(empty), a="reference", output_dir=str(tmp_path / "ev"),
                                     base_url="http://127.0.0.1:9/v1", api_key_env=""))
+
+
+# ------------------------------------------------------------------ (g) answer size
+def stream_completion(total, status=200, chunk=1 << 20):
+    """A responder streaming a ``total``-byte chat completion (no Content-Length); ``sent`` counts what got out."""
+    sent = [0]
+
+    def respond(handler, body):
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        head, tail = b'{"choices": [{"message": {"content": "', b'"}, "finish_reason": "stop"}]}'
+        handler.wfile.write(head)
+        piece = b"A" * chunk
+        sent[0] = len(head)
+        while sent[0] + chunk + len(tail) <= total:
+            handler.wfile.write(piece)
+            sent[0] += chunk
+        handler.wfile.write(tail)
+        sent[0] += len(tail)
+
+    return respond, sent
+
+
+@pytest.mark.parametrize("status", [200, 400])
+def test_a_huge_answer_is_refused_with_memory_bounded(serve, tmp_path, status):
+    import tracemalloc
+
+    total, cap = 64 << 20, 1 << 20
+    respond, sent = stream_completion(total, status)
+    backend = judge(serve(respond).url, tmp_path, max_retries=0, max_response_bytes=cap)
+    tracemalloc.start()
+    try:
+        if status == 200:
+            with pytest.raises(JudgeError, match=r"larger than max_response_bytes=1048576"):
+                backend.chat([ask()])
+        else:  # an error body is only read for its message: cut at the cap, and the record fails as usual
+            assert backend.chat([ask()])[0].error.startswith(f"{backend.base_url}/chat/completions rejected this "
+                                                             "request: HTTP 400")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * cap, f"{peak / 2**20:.1f} MiB held for a {total >> 20} MiB answer"
+    assert sent[0] < total // 2  # the client hung up instead of draining the rest
+    assert len(backend.cache) == 0
+
+
+def test_a_content_length_over_the_cap_is_refused_before_reading(serve, tmp_path):
+    release = threading.Event()
+
+    def respond(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(10**12))
+        handler.end_headers()
+        handler.wfile.write(b'{"choices": [')
+        release.wait(5)  # a body that never ends: only the headers may be read
+
+    backend = judge(serve(respond).url, tmp_path, max_retries=0, max_response_bytes=1 << 20, timeout=10.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(JudgeError, match=r"Content-Length 1000000000000 .*max_response_bytes=1048576"):
+            backend.chat([ask()])
+    finally:
+        release.set()
+    assert time.monotonic() - start < 3
+
+
+def test_an_oversize_answer_is_retried_then_stops_the_job(serve, tmp_path, capsys):
+    from tokencredit.cli import main
+
+    endpoint = serve(lambda h, body: send(h, 200, completion("Score: 4 " + "x" * 5000)))
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "response": "r"}])
+    out = tmp_path / "labels.jsonl"
+    assert main(["judge", "task=rubric", f"data={data}", f"output={out}", f"base_url={endpoint.url}", "model=m",
+                 "api_key_env=", "max_retries=1", "max_response_bytes=1000"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tokencredit: error")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert re.search(r"giving up after 2 attempts; last problem: .*larger than max_response_bytes=1000", errors[0])
+    assert endpoint.posts == 2 and not out.exists()
+
+
+def test_a_deeply_nested_answer_is_not_a_chat_completion(serve, tmp_path):
+    endpoint = serve(lambda h, body: send(h, 200, b"[" * 200_000))
+    with pytest.raises(JudgeError, match="giving up after 1 attempts.*not a chat completion"):
+        judge(endpoint.url, tmp_path, max_retries=0).chat([ask()])
+
+
+# ------------------------------------------------------------------ (h) prompt size
+@pytest.mark.parametrize("field", ["{prompt:>50000000}", "{prompt!r}", "{prompt!s:>9}", "{prompt:{first}}",
+                                   "{prompt.__class__}", "{prompt[0]}", "{}", "{0}"])
+def test_template_placeholders_take_no_format_spec_or_conversion(tmp_path, capsys, field):
+    from tokencredit.cli import main
+    from tokencredit.judges.templates import Template, load_template
+
+    path = tmp_path / "judge.txt"
+    path.write_text(f"Q: {{prompt}} {field}\nA: {{first}}\nB: {{second}}\n")
+    with pytest.raises(ValueError, match=rf"template {re.escape(str(path))}: .*plain {{name}} placeholders only"):
+        load_template("pairwise", path)
+    with pytest.raises(ValueError, match=r"plain \{name\} placeholders only"):
+        Template("", f"{{prompt}} {field}")
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "a": "x", "b": "y"}])
+    assert main(["judge", f"data={data}", f"output={tmp_path / 'o.jsonl'}", f"template={path}",
+                 "base_url=http://127.0.0.1:9/v1", "api_key_env="]) == 2
+    err = capsys.readouterr().err
+    assert "plain {name} placeholders only" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_prompt_over_max_prompt_chars_fails_its_record_and_is_never_sent(serve, tmp_path, capsys):
+    from tokencredit.cli import main
+
+    endpoint = serve(lambda h, body: send(h, 200, completion("Score: 4")))
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q0", "response": "short"},
+                                               {"prompt": "q1", "response": "x" * 5000}])
+    summary = run_judge(JudgeRunConfig(task="rubric", data=str(data), output=str(tmp_path / "o.jsonl"),
+                                       base_url=endpoint.url, model="m", api_key_env="", max_prompt_chars=2000))
+    assert summary["records"] == 1 and summary["failed"] == 1 and endpoint.posts == 1
+    failed = summary["failed_records"][0]
+    assert failed["index"] == 1 and re.search(r"prompt of \d+ characters .*max_prompt_chars=2000", failed["error"])
+    big = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "q", "response": "x" * 5000}])
+    assert main(["judge", "task=rubric", f"data={big}", f"output={tmp_path / 'big_labels.jsonl'}",
+                 f"base_url={endpoint.url}", "model=m", "api_key_env=", "max_prompt_chars=2000"]) == 2
+    err = capsys.readouterr().err
+    assert "every one of the 1 record(s)" in err and "max_prompt_chars=2000" in err and "Traceback" not in err
+    template = tmp_path / "long.txt"
+    template.write_text("Q: {prompt}\nA: {response}\n" + "Be fair. " * 300)
+    with pytest.raises(ValueError, match=r"judge template is 27\d\d characters .* over max_prompt_chars=2000"):
+        run_judge(JudgeRunConfig(task="rubric", data=str(data), output=str(tmp_path / "o.jsonl"),
+                                 template=str(template), base_url=endpoint.url, model="m", api_key_env="",
+                                 max_prompt_chars=2000))
+    assert endpoint.posts == 1
+
+
+# ------------------------------------------------------------------ (i) a job that labels nothing
+@pytest.mark.parametrize("task,answer,answers,why", [
+    ("pairwise", completion("A", {"A": math.nan, "B": math.nan}), 6, "non-finite log-probabilities"),
+    ("rubric", completion("I cannot say."), 3, "I cannot say."),
+])
+def test_a_judge_job_with_no_usable_record_is_an_error(serve, tmp_path, capsys, task, answer, answers, why):
+    from tokencredit.cli import main
+
+    state = {"answer": answer}
+    endpoint = serve(lambda h, body: send(h, 200, state["answer"]))
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}", "a": "x", "b": "y", "response": "r"}
+                                               for i in range(3)])
+    out = tmp_path / "labels.jsonl"
+    args = ["judge", f"task={task}", f"data={data}", f"output={out}", f"base_url={endpoint.url}", "model=m",
+            "api_key_env=", "use_logprobs=true"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tokencredit: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert re.search(rf"none of the 3 record\(s\) .* got a label: 3 had unreadable judge answers \({answers} "
+                     r"unreadable answer\(s\)\) and 0 failed; no labels written", errors[0]), errors[0]
+    assert why in errors[0] and "reask_unreadable=true" in errors[0]
+    assert not out.exists()  # no empty labels file that a later step could take for a result
+    summary = json.loads((tmp_path / "labels.jsonl.summary.json").read_text())
+    assert summary["records"] == 0 and summary["error"] == errors[0].removeprefix("tokencredit: error: ")
+    if task == "pairwise":
+        # A tie is a verdict, as in evaluate: a job whose every pair ties succeeds, with no pairs to write.
+        state["answer"] = completion("A")
+        assert main([*args, f"cache={tmp_path / 'fresh.sqlite'}", "use_logprobs=false"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["ties"] == 3 and summary["records"] == 0 and out.read_text() == ""
+
+
+# ------------------------------------------------------------------ (j) a broken cache
+def judge_args(tmp_path, url, cache):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}", "response": "r"} for i in range(2)])
+    return ["judge", "task=rubric", f"data={data}", f"output={tmp_path / 'labels.jsonl'}", f"cache={cache}",
+            f"base_url={url}", "model=m", "api_key_env="]
+
+
+@pytest.mark.parametrize("make", ["text", "directory", "schema"])
+def test_a_cache_that_is_not_a_judge_cache_is_a_clear_error(serve, tmp_path, capsys, make):
+    import sqlite3
+
+    from tokencredit.cli import main
+
+    endpoint = serve(lambda h, body: send(h, 200, completion("Score: 4")))
+    cache = tmp_path / "cache.sqlite"
+    if make == "text":
+        cache.write_text("not a database, just some notes\n" * 100)
+    elif make == "directory":
+        cache.mkdir()
+    else:
+        with sqlite3.connect(cache) as db:
+            db.execute("CREATE TABLE answers (id INTEGER, value TEXT)")
+    assert main(judge_args(tmp_path, endpoint.url, cache)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tokencredit: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert f"judge cache {cache}" in errors[0] and "delete or move it" in errors[0]
+    assert endpoint.posts == 0
+
+
+@pytest.mark.parametrize("response", ["not json {", "[]", '{"text": 5}', '{"finish_reason": "stop"}',
+                                      '{"text": "Score: 4", "logprobs": [{"token": "S"}]}',
+                                      '{"text": "A", "logprobs": [{"token": "A", "logprob": "x", "top": {}}]}',
+                                      '{"text": "A", "logprobs": [{"token": "A", "logprob": -1, "top": [1]}]}'])
+def test_a_malformed_cache_row_is_a_miss_with_a_warning(serve, tmp_path, capsys, caplog, response):
+    import sqlite3
+
+    from tokencredit.cli import main
+
+    endpoint = serve(lambda h, body: send(h, 200, completion("Score: 4")))
+    cache = tmp_path / "cache.sqlite"
+    args = judge_args(tmp_path, endpoint.url, cache)
+    assert main(args) == 0 and endpoint.posts == 2
+    capsys.readouterr()
+    with sqlite3.connect(cache) as db:
+        key = db.execute("SELECT key FROM answers ORDER BY key LIMIT 1").fetchone()[0]
+        db.execute("UPDATE answers SET response = ? WHERE key = ?", (response, key))
+    caplog.set_level("WARNING")
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == 2 and summary["answers_from_cache"] == 1 and summary["answers_asked"] == 1
+    assert summary["cache_rows_discarded"] == 1 and endpoint.posts == 3
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(cache) in w and key[:12] in w and "asking again" in w for w in warned), warned
+    assert main(args) == 0 and endpoint.posts == 3  # the fresh answer replaced the bad row
+    assert json.loads(capsys.readouterr().out)["answers_from_cache"] == 2

@@ -229,6 +229,20 @@ def test_pairwise_labeler_swaps_positions_and_reads_logprobs(model_dir, server):
     assert multi["A"] == pytest.approx(exact["A"], abs=1e-4) and multi["A B"] < multi["A"]
 
 
+def test_local_judge_refuses_prompts_over_max_prompt_chars(server):
+    from tokencredit.judges.backends import JudgeFailure
+
+    local = HFBackend(server.model, server.tokenizer, "tiny", max_prompt_chars=60)
+    short = ChatRequest([{"role": "user", "content": "A or B?"}])
+    long = ChatRequest([{"role": "user", "content": "yes " * 50}])
+    scored = local.option_logprobs([long, short, long], ["A", "B"])
+    assert isinstance(scored[0], JudgeFailure) and isinstance(scored[2], JudgeFailure)
+    assert "prompt of 200 characters is over max_prompt_chars=60" in scored[0].message
+    assert set(scored[1]) == {"A", "B"} and scored[1] == local.option_logprobs([short], ["A", "B"])[0]
+    answers = local.chat([long, short])
+    assert answers[0].error == scored[0].message and answers[1].error is None and local.stats.failed == 3
+
+
 class Scripted(HFBackend):
     """A backend whose answers are given by the test (no model), to check what labelers make of them."""
 

@@ -15,6 +15,10 @@ What a failure costs depends on whose fault it is. 401/403/404 (and a redirect) 
 is wrong, so the whole job stops (:class:`JudgeError`). Another 4xx is about one request: that request gets a
 :class:`ChatResult` with ``error`` set, nothing is cached, and the job goes on. A transient problem that outlasts
 every retry stops the job, since the server is unwell; what was answered is in the cache for the rerun.
+
+Two size limits keep a hostile or broken peer from exhausting memory. An answer body is read in chunks and never
+past ``max_response_bytes``; a success answer over it counts as a malformed answer (retried, then the job stops).
+A request whose messages total more than ``max_prompt_chars`` characters is never sent: that record fails.
 """
 
 from __future__ import annotations
@@ -37,12 +41,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokencredit.judges.cache import JudgeCache, request_key
+from tokencredit.judges.errors import JudgeError
 
 log = logging.getLogger(__name__)
 
-
-class JudgeError(RuntimeError):
-    """A judge failure that stops the job: wrong endpoint, key or model, a redirect, or retries exhausted."""
+# The largest answers the labelers ask for (1024 tokens of text, or one token with 20 alternatives) are tens of
+# kilobytes; even top-20 log-probabilities at each of a thousand tokens fit under this.
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# About 250k tokens of English: past the context of any judge this project runs, far below a memory problem.
+DEFAULT_MAX_PROMPT_CHARS = 1_000_000
+_READ_CHUNK = 64 * 1024
 
 
 class RequestRejected(JudgeError):
@@ -111,21 +119,46 @@ class ChatResult:
 
     @classmethod
     def from_dict(cls, data: dict, cached: bool = False) -> ChatResult:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; ValueError when ``data`` does not have its shape (a damaged cache row)."""
+        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+            raise ValueError("no 'text' string")
+        finish = data.get("finish_reason")
+        if finish is not None and not isinstance(finish, str):
+            raise ValueError("'finish_reason' is not a string")
         lps = data.get("logprobs")
-        return cls(data["text"], data.get("finish_reason"),
-                   [TokenLogprob(**t) for t in lps] if lps is not None else None, cached)
+        if lps is not None and not isinstance(lps, list):
+            raise ValueError("'logprobs' is not a list")
+        return cls(data["text"], finish, [_token_logprob(t) for t in lps] if lps is not None else None, cached)
+
+
+def _number(value: object) -> float:
+    """A JSON number as a float (ValueError for anything else, bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
+
+
+def _token_logprob(data: object) -> TokenLogprob:
+    """A stored TokenLogprob (ValueError when it does not have the shape :meth:`ChatResult.to_dict` writes)."""
+    if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+        raise ValueError("a log-probability entry without a 'token' string")
+    top = data.get("top", {})
+    if not isinstance(top, dict):
+        raise ValueError("a log-probability entry whose 'top' is not an object")
+    return TokenLogprob(data["token"], _number(data.get("logprob")), {str(k): _number(v) for k, v in top.items()})
 
 
 @dataclass
 class JudgeStats:
-    """Counters of one backend: answers from the cache, asked, re-asked (unreadable in the cache), refused, retries."""
+    """Counters of one backend: answers from the cache, asked, re-asked (unreadable in the cache), refused or too
+    long, retries, and damaged cache rows dropped."""
 
     cached: int = 0
     asked: int = 0
     reasked: int = 0
     failed: int = 0
     retries: int = 0
+    discarded: int = 0
 
 
 def scores_readable(scores: dict[str, float]) -> bool:
@@ -140,10 +173,16 @@ class JudgeBackend:
     """Base class: caching and concurrency around :meth:`_ask` (one uncached request)."""
 
     concurrency: int = 1
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
 
-    def __init__(self, cache: JudgeCache | str | Path | None = None) -> None:
-        """Use ``cache`` (a JudgeCache or a path to one) for every answer."""
+    def __init__(self, cache: JudgeCache | str | Path | None = None,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> None:
+        """Use ``cache`` (a JudgeCache or a path to one) for every answer; refuse prompts over ``max_prompt_chars``
+        characters (all messages together)."""
+        if max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1 (got {max_prompt_chars})")
         self.cache = JudgeCache(cache) if isinstance(cache, (str, Path)) else cache
+        self.max_prompt_chars = max_prompt_chars
         self.stats = JudgeStats()
         self._stats_lock = threading.Lock()
 
@@ -198,21 +237,51 @@ class JudgeBackend:
         if self.cache is not None:
             self.cache.put(self._key(request), request.to_dict(), result.to_dict())
 
+    def _too_long(self, request: ChatRequest) -> str | None:
+        """Why ``request`` may not be sent (its prompt is over ``max_prompt_chars``), or None."""
+        size = sum(len(m.get("content") or "") for m in request.messages)
+        if size <= self.max_prompt_chars:
+            return None
+        reason = (f"prompt of {size} characters is over max_prompt_chars={self.max_prompt_chars}; not sent "
+                  "(shorten the record, or raise max_prompt_chars if the judge takes prompts that long)")
+        with self._stats_lock:
+            self.stats.failed += 1
+        log.warning("judge request not sent: %s", reason)
+        return reason
+
+    def _cached(self, key: str) -> ChatResult | None:
+        """The cached answer of ``key``, or None; a damaged row is dropped with a warning and counts as a miss."""
+        try:
+            stored = self.cache.get(key)
+            return None if stored is None else ChatResult.from_dict(stored, cached=True)
+        except ValueError as exc:  # MalformedEntry (not a JSON object), or a shape from_dict refuses
+            # One bad row must not end a long job: asking again costs one request, and the fresh answer replaces it.
+            log.warning("judge cache %s: the stored answer %s is damaged (%s); dropping it and asking again",
+                        self.cache.path, key, exc)
+            self.cache.delete(key)
+            with self._stats_lock:
+                self.stats.discarded += 1
+            return None
+
     def chat(self, requests: Sequence[ChatRequest],
              reask_if: Callable[[int, ChatResult], bool] | None = None) -> list[ChatResult]:
         """Answers in request order: cached ones from the cache, the rest asked (and stored as they arrive).
 
         ``reask_if(i, answer)`` is asked about each cached answer to ``requests[i]``; where it is true the answer
-        is dropped from the cache and the request asked again, so the fresh answer takes the same key.
+        is dropped from the cache and the request asked again, so the fresh answer takes the same key. A request
+        over ``max_prompt_chars`` is neither looked up nor sent: its result has ``error`` set.
         """
         results: list[ChatResult | None] = [None] * len(requests)
         missing = []
         for i, request in enumerate(requests):
+            too_long = self._too_long(request)
+            if too_long is not None:
+                results[i] = ChatResult("", error=too_long)
+                continue
             if self.cache is not None:
                 key = self._key(request)
-                stored = self.cache.get(key)
-                if stored is not None:
-                    result = ChatResult.from_dict(stored, cached=True)
+                result = self._cached(key)
+                if result is not None:
                     if reask_if is None or not reask_if(i, result):
                         results[i] = result
                         self.stats.cached += 1
@@ -385,11 +454,38 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
 
 @dataclass
 class _Reply:
-    """Status, headers and whole body of one HTTP exchange."""
+    """Status, headers and body of one HTTP exchange; ``too_large`` says why the body was cut at the size limit."""
 
     status: int
     headers: email.message.Message
     body: bytes
+    too_large: str | None = None
+
+
+def _read_capped(resp: object, headers: email.message.Message, limit: int) -> tuple[bytes, str | None]:
+    """The body of ``resp``, read in chunks and never past ``limit`` bytes: (body, None), or (its start, why it
+    stopped) for an answer over the limit; IncompleteRead when the body ends before its Content-Length.
+    """
+    try:
+        claimed = int(headers.get("Content-Length") or "")
+    except ValueError:
+        claimed = None  # absent or garbled: the chunked read below still stops at the limit
+    if claimed is not None and claimed > limit:
+        return b"", (f"the server announced Content-Length {claimed} bytes, larger than max_response_bytes={limit}; "
+                     "not read")
+    body = bytearray()
+    while True:
+        piece = resp.read(min(_READ_CHUNK, limit + 1 - len(body)))
+        if not piece:
+            break
+        body += piece
+        if len(body) > limit:
+            # Only an error status's message is still wanted from a body this size, and it comes first.
+            return bytes(body[:_READ_CHUNK]), f"the answer is larger than max_response_bytes={limit}; not read further"
+    if claimed is not None and len(body) < claimed:
+        # A bounded read returns what came before the connection closed, where read() would have raised.
+        raise http.client.IncompleteRead(bytes(body), claimed - len(body))
+    return bytes(body), None
 
 
 class OpenAIBackend(JudgeBackend):
@@ -406,12 +502,17 @@ class OpenAIBackend(JudgeBackend):
         max_retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
     ) -> None:
         """``base_url`` ends before ``/chat/completions`` (e.g. ``http://127.0.0.1:8000/v1``); ``timeout`` is the
-        wall-clock limit in seconds on one attempt, from connecting to the last byte of the answer."""
-        super().__init__(cache)
-        if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff < 0:
-            raise ValueError("concurrency must be >= 1, max_retries >= 0, timeout > 0 and backoff >= 0")
+        wall-clock limit in seconds on one attempt, from connecting to the last byte of the answer;
+        ``max_response_bytes`` the most of an answer body that is read."""
+        if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff < 0 or max_response_bytes < 1:
+            raise ValueError("concurrency must be >= 1, max_retries >= 0, timeout > 0, backoff >= 0 and "
+                             "max_response_bytes >= 1")
+        super().__init__(cache, max_prompt_chars)
+        self.max_response_bytes = max_response_bytes
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
@@ -446,10 +547,11 @@ class OpenAIBackend(JudgeBackend):
         try:
             try:
                 with self._opener.open(req, timeout=self.timeout) as resp:
-                    reply = _Reply(resp.status, resp.headers, resp.read())
+                    reply = _Reply(resp.status, resp.headers,
+                                   *_read_capped(resp, resp.headers, self.max_response_bytes))
             except urllib.error.HTTPError as exc:  # an error status; its body is read under the same deadline
                 with exc:
-                    reply = _Reply(exc.code, exc.headers, exc.read())
+                    reply = _Reply(exc.code, exc.headers, *_read_capped(exc, exc.headers, self.max_response_bytes))
         except (OSError, http.client.HTTPException) as exc:
             if deadline.stop():
                 raise TimeoutError(f"no complete answer within {self.timeout:g}s") from exc
@@ -472,10 +574,13 @@ class OpenAIBackend(JudgeBackend):
             except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
                 problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             else:
-                if 200 <= reply.status < 300:
+                if 200 <= reply.status < 300 and reply.too_large:
+                    problem = reply.too_large  # like any other answer that is not a usable chat completion
+                elif 200 <= reply.status < 300:
                     try:
                         return _parse_chat(json.loads(reply.body))
-                    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    # RecursionError: a body of nested brackets is deeper than the JSON decoder goes.
+                    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
                         problem = f"the server answered with something that is not a chat completion ({exc})"
                 else:
                     problem = f"HTTP {reply.status}: {_error_message(reply.body)}"
@@ -520,8 +625,8 @@ def _error_message(raw: bytes) -> str:
     """The error message of an HTTP error body, or its start."""
     text = raw.decode("utf-8", "replace")
     try:
-        return str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+        return str(json.loads(text)["error"]["message"])[:1000]
+    except (ValueError, KeyError, TypeError, RecursionError):
         return text[:200]
 
 
@@ -539,11 +644,12 @@ class HFBackend(JudgeBackend):
     """A local causal LM as judge: requests batched through the sampler, options scored exactly."""
 
     def __init__(self, model: object, tokenizer: object, name: str = "local", batch_size: int = 8,
-                 cache: JudgeCache | str | Path | None = None) -> None:
+                 cache: JudgeCache | str | Path | None = None,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> None:
         """Judge with ``model``; ``name`` identifies it in the cache key (use the folder or built-in name)."""
         from tokencredit.serve import ModelServer
 
-        super().__init__(cache)
+        super().__init__(cache, max_prompt_chars)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         self.server = ModelServer(model, tokenizer, name)
@@ -551,12 +657,13 @@ class HFBackend(JudgeBackend):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, batch_size: int = 8, device: str = "auto",
-                        cache: JudgeCache | str | Path | None = None) -> HFBackend:
+                        cache: JudgeCache | str | Path | None = None,
+                        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> HFBackend:
         """Load a judge model by built-in name, folder or cached hub id."""
         from tokencredit.serve import ModelServer, ServeConfig
 
         server = ModelServer.from_config(ServeConfig(model=name_or_path, device=device))
-        return cls(server.model, server.tokenizer, str(name_or_path), batch_size, cache)
+        return cls(server.model, server.tokenizer, str(name_or_path), batch_size, cache, max_prompt_chars)
 
     def identity(self) -> dict:
         """The model's name."""
@@ -588,7 +695,12 @@ class HFBackend(JudgeBackend):
     def option_logprobs(self, requests: Sequence[ChatRequest], options: Sequence[str],
                         reask_unreadable: bool = False) -> list[dict[str, float] | JudgeFailure]:
         """Exact log P(option | rendered prompt) of each option's whole token sequence (not cached: cheap, so
-        ``reask_unreadable`` has nothing to do)."""
+        ``reask_unreadable`` has nothing to do); a JudgeFailure for a prompt over ``max_prompt_chars``."""
+        refused = [self._too_long(r) for r in requests]
+        if any(refused):
+            fine = [r for r, why in zip(requests, refused) if why is None]
+            scored = iter(self.option_logprobs(fine, options) if fine else [])
+            return [JudgeFailure(why) if why else next(scored) for why in refused]
         import torch
 
         from tokencredit.generation import encode_prompts, position_ids_from_mask

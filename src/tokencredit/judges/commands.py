@@ -12,8 +12,9 @@ Every judge answer is stored in a SQLite cache (``cache``, default next to the o
 after a crash or a kill asks only for what is missing, and the output file is written whole at the end, so it
 never holds a partial or duplicated label. ``<output>.summary.json`` counts labels, ties and unreadable answers,
 and lists the input records that failed (the server refused their request) by index, line and ``id`` field.
-An empty input is an error, and so is a job in which every record failed. ``reask_unreadable=true`` asks again
-for cached answers that could not be read. See docs/judge.md.
+An empty input is an error, and so is a job in which no record got a label or a tie (every record failed or
+had unreadable answers): the summary is written with the reason and the labels file is not. ``reask_unreadable=true``
+asks again for cached answers that could not be read. See docs/judge.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from pathlib import Path
 from typing import Literal
 
 from tokencredit.config import ConfigError
-from tokencredit.judges.backends import HFBackend, JudgeBackend, JudgeError, OpenAIBackend
+from tokencredit.judges.backends import (
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    HFBackend,
+    JudgeBackend,
+    JudgeError,
+    OpenAIBackend,
+)
 from tokencredit.judges.labelers import EditLabeler, LabelStats, PairwiseLabeler, RubricLabeler, SpanLabeler
 from tokencredit.judges.templates import load_template
 from tokencredit.records import RecordError, load_prompts, read_jsonl
@@ -49,6 +57,10 @@ class JudgeSettings:
     use_logprobs: bool = True  # pairwise: read the preference from the answer letters' log-probabilities
     template: str | None = None  # a file replacing the task's built-in prompt (see judges/templates.py)
     reask_unreadable: bool = False  # ask again for cached answers that could not be read (once per run)
+    # openai: the most bytes of one answer body that are read; a larger answer is refused like a malformed one
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    # longest prompt (all messages, in characters) sent to the judge; a longer one is not sent and its record fails
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
 
 
 def make_backend(settings: JudgeSettings, cache: str | Path | None) -> JudgeBackend:
@@ -56,10 +68,11 @@ def make_backend(settings: JudgeSettings, cache: str | Path | None) -> JudgeBack
     if settings.backend == "openai":
         return OpenAIBackend(settings.base_url, settings.model, api_key_env=settings.api_key_env, cache=cache,
                              concurrency=settings.concurrency, timeout=settings.timeout,
-                             max_retries=settings.max_retries)
+                             max_retries=settings.max_retries, max_response_bytes=settings.max_response_bytes,
+                             max_prompt_chars=settings.max_prompt_chars)
     if settings.backend == "hf":
         return HFBackend.from_pretrained(settings.model, batch_size=settings.batch_size, device=settings.device,
-                                         cache=cache)
+                                         cache=cache, max_prompt_chars=settings.max_prompt_chars)
     raise ConfigError(f"judge backend must be 'openai' or 'hf' (got {settings.backend!r})")
 
 
@@ -123,18 +136,38 @@ def run_judge(cfg: JudgeRunConfig) -> dict:
                                 "spans": [{"start": s.start, "end": s.end, "label": s.label} for s in label]})
             else:
                 records.append({"prompt": prompt, "original": response, "edited": label})
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     failed = [{"index": k, "line": lines[k][0], **({"id": lines[k][1]["id"]} if "id" in lines[k][1] else {}),
                "error": reason} for k, reason in stats.failures]
     summary = {"task": cfg.task, "output": str(out), "records": len(records), **_stats(stats),
                "failed_records": failed, "answers_from_cache": backend.stats.cached,
                "answers_asked": backend.stats.asked, "answers_reasked": backend.stats.reasked,
-               "retries": backend.stats.retries}
+               "retries": backend.stats.retries, "cache_rows_discarded": backend.stats.discarded}
+    error = _no_label_error(cfg.data, stats, failed)
+    if error is not None:
+        # Like evaluate with no verdict: the summary says why, and no empty labels file passes for a result.
+        atomic_write_json(Path(str(out) + ".summary.json"), {**summary, "error": error})
+        raise JudgeError(error)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_json(Path(str(out) + ".summary.json"), summary)
-    if failed and len(failed) == len(lines):
-        raise JudgeError(f"every one of the {len(lines)} record(s) of {cfg.data} failed, e.g. record 0 (line "
-                         f"{failed[0]['line']}): {failed[0]['error']}")
     return summary
+
+
+def _no_label_error(data: str, stats: LabelStats, failed: list[dict]) -> str | None:
+    """Why a job gave no record a verdict (a label or a tie), or None when at least one got one."""
+    if stats.labelled + stats.ties > 0:
+        return None
+    if len(failed) == stats.total:
+        return (f"every one of the {stats.total} record(s) of {data} failed, e.g. record {failed[0]['index']} "
+                f"(line {failed[0]['line']}): {failed[0]['error']}")
+    unreadable = stats.total - len(failed)
+    error = (f"none of the {stats.total} record(s) of {data} got a label: {unreadable} had unreadable judge "
+             f"answers ({stats.unparseable} unreadable answer(s)) and {len(failed)} failed; no labels written")
+    if stats.examples:
+        error += f" (e.g. {stats.examples[0][:200]!r})"
+    elif failed:
+        error += f" (e.g. record {failed[0]['index']}: {failed[0]['error'][:200]})"
+    return error + ("; if the judge has been fixed since, reask_unreadable=true asks again for cached answers "
+                    "it could not read")
 
 
 def _stats(stats: LabelStats) -> dict:
@@ -229,7 +262,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     result = {"a": cfg.a, "b": cfg.b, "prompts": len(prompts), **rate,
               "unjudged": sum(v.verdict is None for v in verdicts),
               "failed_prompts": [{"index": k, "error": reason} for k, reason in stats.failures],
-              "judge": {"backend": cfg.backend, "model": cfg.model, **_stats(stats)},
+              "judge": {"backend": cfg.backend, "model": cfg.model, **_stats(stats),
+                        "cache_rows_discarded": backend.stats.discarded},
               "mean_length_words": {"a": _mean_words(side_a), "b": _mean_words(side_b)}}
     if rate["judged"] == 0:
         # A win rate from no verdicts would read as a real 0.5 (or whatever a default gives); say why instead.

@@ -57,6 +57,18 @@ class LabelStats:
             self.examples.append(text[:300])
 
 
+def _fitting(template: Template, backend: JudgeBackend) -> Template:
+    """``template``, or ValueError when its own text is over the backend's ``max_prompt_chars``.
+
+    Every request would be refused anyway, but only after all of them were built, each holding a copy of it.
+    """
+    size = template.fixed_chars()
+    if size > backend.max_prompt_chars:
+        raise ValueError(f"the judge template is {size} characters before any record is filled in, over "
+                         f"max_prompt_chars={backend.max_prompt_chars}: every prompt would be refused")
+    return template
+
+
 # ---------------------------------------------------------------------- pairwise
 _LETTER = re.compile(r"^\W*(?:answer\s*)?\(?([AB])\b", re.IGNORECASE)
 
@@ -117,7 +129,7 @@ class PairwiseLabeler:
                  reask_unreadable: bool = False) -> None:
         """Label with ``backend`` and the pairwise template (or another one with the same placeholders)."""
         self.backend = backend
-        self.template = template or load_template("pairwise")
+        self.template = _fitting(template or load_template("pairwise"), backend)
         self.use_logprobs = use_logprobs
         self.reask_unreadable = reask_unreadable
 
@@ -198,7 +210,7 @@ class _ResponseLabeler:
                  reask_unreadable: bool = False) -> None:
         """Label with ``backend`` and the task's template (or another one with the same placeholders)."""
         self.backend = backend
-        self.template = template or load_template(self.task)
+        self.template = _fitting(template or load_template(self.task), backend)
         self.max_tokens = max_tokens or self.default_max_tokens
         self.reask_unreadable = reask_unreadable
 

@@ -3,6 +3,11 @@
 A template is a system message and a user message with ``{placeholders}``; a file override holds the user
 message, optionally preceded by a system message and a line ``---``. The placeholders a task needs must all
 appear in an override, or loading fails with the missing names.
+
+Placeholders are plain ``{name}``s: a format spec (``{prompt:>50000000}``), a conversion (``{prompt!r}``),
+attribute or index access (``{prompt.x}``, ``{prompt[0]}``) or a positional ``{}`` is refused when the template
+is made. A spec could pad one record into a prompt of any size, and the rest have no use in a prompt. How long
+a built prompt may be is the backend's ``max_prompt_chars``.
 """
 
 from __future__ import annotations
@@ -12,17 +17,49 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _check_placeholders(text: str) -> None:
+    """ValueError unless every replacement field of ``text`` is a plain ``{name}``."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"not a valid format string ({exc}); write a literal brace as {{{{ or }}}}") from exc
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if len(written) > 60:
+            written = written[:57] + "..."
+        if not name.isidentifier():
+            why = "is not a name (positional, attribute or index fields are not filled)"
+        elif conversion:
+            why = f"has a conversion (!{conversion})"
+        elif spec:
+            why = "has a format spec, which could pad a value to any length"
+        else:
+            continue
+        raise ValueError(f"placeholder {written} {why}: templates take plain {{name}} placeholders only; write a "
+                         "literal brace as {{ or }}")
+
+
 @dataclass(frozen=True)
 class Template:
-    """A system message and a user message with named placeholders."""
+    """A system message and a user message with named placeholders (plain ``{name}`` only)."""
 
     system: str
     user: str
+
+    def __post_init__(self) -> None:
+        """Refuse a user message whose placeholders are not all plain names."""
+        _check_placeholders(self.user)
 
     def messages(self, **values: str) -> list[dict]:
         """Chat messages with the placeholders filled in."""
         out = [{"role": "system", "content": self.system}] if self.system else []
         return out + [{"role": "user", "content": self.user.format(**values)}]
+
+    def fixed_chars(self) -> int:
+        """Characters every prompt built from this template has before any value is filled in."""
+        return len(self.system) + sum(len(literal) for literal, _, _, _ in string.Formatter().parse(self.user))
 
     def fields(self) -> set[str]:
         """Placeholder names of the user message."""
@@ -80,12 +117,11 @@ def load_template(task: str, path: str | Path | None = None) -> Template:
         system, user = "\n".join(lines[:cut]).strip(), "\n".join(lines[cut + 1 :]).strip()
     else:
         system, user = DEFAULTS[task].system, text.strip()
-    template = Template(system, user)
     try:
-        missing = REQUIRED[task] - template.fields()
+        template = Template(system, user)
     except ValueError as exc:
-        raise ValueError(f"template {path}: not a valid format string ({exc}); write a literal brace as {{{{ }}}}"
-                         ) from exc
+        raise ValueError(f"template {path}: {exc}") from exc
+    missing = REQUIRED[task] - template.fields()
     if missing:
         raise ValueError(f"template {path} lacks the placeholder(s) {sorted(missing)} that task {task!r} fills")
     unknown = template.fields() - REQUIRED[task]
