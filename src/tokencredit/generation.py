@@ -10,6 +10,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from tokencredit.textbounds import tail_within
+
 # A logits processor follows the transformers signature: (sequence so far [B, L], scores [B, V]) -> scores.
 # The sequence holds the left-padded prompt followed by the tokens generated so far, so a processor can
 # force a roll-in prefix (RLGF) by masking every other token to -inf.
@@ -49,6 +51,9 @@ def encode_prompts(
     """Tokenize prompts left-padded; over-long prompts lose their beginning, keeping the most recent text."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of strings")
+    if max_length is not None:
+        # Only the last max_length tokens are kept: a huge prompt is cut to a bounded end first (same tokens).
+        prompts = [tail_within(tokenizer, p, max_length) for p in prompts]
     old_pad, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     try:

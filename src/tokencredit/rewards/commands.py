@@ -135,6 +135,7 @@ def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None
     """Refuse (or, with long_records=truncate, warn about) responses that max_length would cut, by file:line."""
     from tokencredit.records import read_jsonl
     from tokencredit.rewards.data import RewardDataError
+    from tokencredit.textbounds import encode_within
 
     if cfg.long_records not in ("error", "truncate"):
         raise ConfigError(f"long_records must be 'error' or 'truncate' (got {cfg.long_records!r})")
@@ -156,13 +157,16 @@ def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None
     if not texts:
         return
     keep = cfg.max_length - 1  # responses keep max_length - 1 tokens, EOS included: one is left for the prompt
-    lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    long = sorted({lineno: n for lineno, n in zip(where, lengths) if n > keep}.items())
+    # None: more than keep - 1 tokens by the text's length alone, so a huge response is never tokenized.
+    encoded = encode_within(tokenizer, texts, keep - 1, add_special_tokens=False)
+    lengths = [None if ids is None else len(ids) + 1 for ids in encoded]
+    long = sorted({lineno: n for lineno, n in zip(where, lengths) if n is None or n > keep}.items())
     if not long:
         return
     lines = ", ".join(str(lineno) for lineno, _ in long[:10]) + (" ..." if len(long) > 10 else "")
     first, n = long[0]
-    message = (f"{cfg.data}:{first}: a response is {n} tokens long (EOS included) but max_length={cfg.max_length} "
+    size = f"more than {keep} tokens long" if n is None else f"{n} tokens long"
+    message = (f"{cfg.data}:{first}: a response is {size} (EOS included) but max_length={cfg.max_length} "
                f"keeps {keep}; {len(long)} record(s) in all (line {lines})")
     if cfg.long_records == "error":
         raise RewardDataError(f"{message}. Raise max_length, shorten those responses, or pass "

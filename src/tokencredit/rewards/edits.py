@@ -96,19 +96,20 @@ def edit_spans(original: str, edited: str) -> tuple[list[SpanLabel], list[SpanLa
 
 
 def edit_token_labels(
-    prompt: str, original: str, edited: str, tokenizer: object, add_eos: bool = True
+    prompt: str, original: str, edited: str, tokenizer: object, add_eos: bool = True, max_tokens: int | None = None
 ) -> tuple[list[int], list[int], list[int], list[int]]:
     """(orig_ids, orig_labels, edit_ids, edit_labels): the edit spans projected onto the tokenizer's tokens.
 
     Labels are -1/0 on the original and 0/+1 on the edited response. Each response is tokenized on its own
     (no special tokens, EOS appended with label 0 when ``add_eos``), which is how the token RM reads a
     response after its prompt, so ``prompt`` does not change the labels; it is taken to mirror the record.
+    ``max_tokens`` keeps the first that many tokens (and labels) of each response.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     bad, good = edit_spans(original, edited)
-    orig_ids, orig_labels = spans_to_token_labels(original, bad, tokenizer, add_eos=add_eos)
-    edit_ids, edit_labels = spans_to_token_labels(edited, good, tokenizer, add_eos=add_eos)
+    orig_ids, orig_labels = spans_to_token_labels(original, bad, tokenizer, add_eos=add_eos, max_tokens=max_tokens)
+    edit_ids, edit_labels = spans_to_token_labels(edited, good, tokenizer, add_eos=add_eos, max_tokens=max_tokens)
     return orig_ids, orig_labels, edit_ids, edit_labels
 
 

@@ -11,6 +11,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tokencredit.textbounds import head_within
+
 _RUN = re.compile(r"(?:[^\W_]|['/-])+")
 """Maximal runs of letters, digits, apostrophes, slashes and hyphens."""
 
@@ -54,17 +56,23 @@ def _label_of(text: str, start: int, end: int, spans: Sequence[SpanLabel]) -> in
 
 
 def spans_to_token_labels(
-    response: str, spans: Sequence[SpanLabel], tokenizer: object, add_eos: bool = True
+    response: str, spans: Sequence[SpanLabel], tokenizer: object, add_eos: bool = True,
+    max_tokens: int | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Tokenize ``response`` (no special tokens) and label each token from the spans; EOS (label 0) appended."""
+    """Tokenize ``response`` (no special tokens) and label each token from the spans; EOS (label 0) appended;
+    with ``max_tokens``, only the first ``max_tokens`` (a huge response is cut before it is tokenized)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("spans_to_token_labels needs a fast tokenizer (return_offsets_mapping)")
+    if max_tokens is not None:
+        response = head_within(tokenizer, response, max_tokens)  # keeps the start, so offsets are unchanged
     enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [_label_of(response, a, b, spans) for a, b in enc["offset_mapping"]]
     if add_eos:
         ids.append(end_token_id(tokenizer))
         labels.append(0)
+    if max_tokens is not None:
+        ids, labels = ids[: max(max_tokens, 0)], labels[: max(max_tokens, 0)]
     return ids, labels
 
 

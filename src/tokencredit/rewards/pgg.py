@@ -301,7 +301,7 @@ def _groups(rm: TokenRewardModel, lists: Sequence[RankedList], max_length: int) 
     out = []
     for lst in lists:
         truth = list(lst.scores) if lst.scores is not None else [-float(r) for r in lst.ranking]
-        out.append(_Group(lst.prompt, [rm.encode_response(r)[: max_length - 1] for r in lst.responses], truth))
+        out.append(_Group(lst.prompt, [rm.encode_response(r, max_length - 1) for r in lst.responses], truth))
     return out
 
 

@@ -122,8 +122,8 @@ def _pair_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable (chosen, rejected) scores of a batch of pairs, in one forward pass."""
     n = len(pairs)
-    ids = [rm.encode_response(p.chosen)[: max_length - 1] for p in pairs]
-    ids += [rm.encode_response(p.rejected)[: max_length - 1] for p in pairs]
+    ids = [rm.encode_response(p.chosen, max_length - 1) for p in pairs]
+    ids += [rm.encode_response(p.rejected, max_length - 1) for p in pairs]
     width = max(len(r) for r in ids)
     scores = rm.sequence_scores([p.prompt for p in pairs] * 2, ids, max_prompt_length=max_length - width)
     return scores[:n], scores[n:]

@@ -57,6 +57,7 @@ from tokencredit.rewards.labels import (
 from tokencredit.rewards.records import PreferencePair, TokenExample, random_split
 from tokencredit.rewards.tokens import RewardFn
 from tokencredit.runs import atomic_write_json
+from tokencredit.textbounds import head_within
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +289,13 @@ class TokenRewardModel:
         rm_rewards = self.score_token_ids(prompts, rm_ids, batch_size)
         return [map_rewards_by_chars(s, r, t) for s, r, t in zip(rm_spans, rm_rewards, policy_spans)]
 
-    def encode_response(self, response: str) -> list[int]:
-        """Response token ids as the reward model reads a text response: no special tokens, then EOS."""
-        ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
-        return ids + [end_token_id(self.tokenizer)]
+    def encode_response(self, response: str, max_tokens: int | None = None) -> list[int]:
+        """Response token ids as the reward model reads a text response: no special tokens, then EOS; with
+        ``max_tokens``, the first ``max_tokens`` of them (a huge text is cut before it is tokenized)."""
+        if max_tokens is not None:
+            response = head_within(self.tokenizer, response, max_tokens)
+        ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"]) + [end_token_id(self.tokenizer)]
+        return ids if max_tokens is None else ids[: max(max_tokens, 0)]
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[list[float]]:
         """Reward of every token of text responses, tokenized by the RM with EOS appended."""
@@ -527,8 +531,11 @@ class _EditRow(NamedTuple):
     chosen_ids: list[int] | None  # the edit's separate chosen response, if it has one
 
 
-def _token_rows(rm: TokenRewardModel, examples: Sequence[TokenExample]) -> list[_TokenRow]:
-    """Tokenize token examples and project their spans onto the tokens (EOS appended, label 0)."""
+def _token_rows(
+    rm: TokenRewardModel, examples: Sequence[TokenExample], max_tokens: int | None = None
+) -> list[_TokenRow]:
+    """Tokenize token examples and project their spans onto the tokens (EOS appended, label 0); with
+    ``max_tokens``, only the tokens training reads (the first max_tokens)."""
     rows = []
     for i, ex in enumerate(examples):
         bad = [s for s in ex.spans if s.end > len(ex.response)]
@@ -537,21 +544,27 @@ def _token_rows(rm: TokenRewardModel, examples: Sequence[TokenExample]) -> list[
                 f"token example {i}: span ({bad[0].start}, {bad[0].end}) ends beyond the response "
                 f"({len(ex.response)} characters)"
             )
-        ids, labels = spans_to_token_labels(ex.response, ex.spans, rm.tokenizer, add_eos=True)
+        ids, labels = spans_to_token_labels(ex.response, ex.spans, rm.tokenizer, add_eos=True, max_tokens=max_tokens)
         rows.append(_TokenRow(ex.prompt, ids, labels))
     return rows
 
 
-def _pair_rows(rm: TokenRewardModel, pairs: Sequence[PreferencePair]) -> list[_PairRow]:
-    """Tokenize preference pairs (EOS appended)."""
-    return [_PairRow(p.prompt, rm.encode_response(p.chosen), rm.encode_response(p.rejected)) for p in pairs]
+def _pair_rows(
+    rm: TokenRewardModel, pairs: Sequence[PreferencePair], max_tokens: int | None = None
+) -> list[_PairRow]:
+    """Tokenize preference pairs (EOS appended; with ``max_tokens``, cut to that many)."""
+    return [_PairRow(p.prompt, rm.encode_response(p.chosen, max_tokens), rm.encode_response(p.rejected, max_tokens))
+            for p in pairs]
 
 
-def _edit_rows(rm: TokenRewardModel, edits: Sequence[object]) -> list[_EditRow]:
-    """Tokenize edit triples and project their diff labels onto the RM's tokens (EOS appended, label 0)."""
+def _edit_rows(rm: TokenRewardModel, edits: Sequence[object], max_tokens: int | None = None) -> list[_EditRow]:
+    """Tokenize edit triples and project their diff labels onto the RM's tokens (EOS appended, label 0; with
+    ``max_tokens``, cut to that many)."""
 
-    return [_EditRow(e.prompt, *edit_token_labels(e.prompt, e.original, e.edited, rm.tokenizer),
-                     rm.encode_response(e.chosen) if getattr(e, "chosen", None) else None) for e in edits]
+    return [_EditRow(e.prompt, *edit_token_labels(e.prompt, e.original, e.edited, rm.tokenizer,
+                                                  max_tokens=max_tokens),
+                     rm.encode_response(e.chosen, max_tokens) if getattr(e, "chosen", None) else None)
+            for e in edits]
 
 
 def _rewards_truncated(
@@ -736,8 +749,11 @@ def train_token_reward_model(
     tok_train, tok_eval = random_split(list(token_examples), config.eval_fraction, rng) if uses_tokens else ([], [])
     pair_train, pair_eval = random_split(list(pairs), config.eval_fraction, rng) if uses_pairs else ([], [])
     edit_train, edit_eval = random_split(list(edits), config.eval_fraction, rng) if uses_edits else ([], [])
-    tok_rows, pair_rows = _token_rows(rm, tok_train), _pair_rows(rm, pair_train)
-    edit_rows = _edit_rows(rm, edit_train)
+    # Training reads the first max_length - 1 tokens of a response (_rewards_truncated): cut to that here, so a
+    # huge response is cut before it is tokenized (same ids and labels).
+    keep = config.max_length - 1
+    tok_rows, pair_rows = _token_rows(rm, tok_train, keep), _pair_rows(rm, pair_train, keep)
+    edit_rows = _edit_rows(rm, edit_train, keep)
     if tok_rows and not any(lab != 0 for r in tok_rows for lab in r.labels):
         log.warning("no token example has a labelled token; the BCE term will be 0")
     if edit_rows and not any(lab != 0 for r in edit_rows for lab in r.orig_labels + r.edit_labels):

@@ -65,6 +65,7 @@ from tokencredit.runs import (
     save_trainer_state,
     start_fresh,
 )
+from tokencredit.textbounds import tail_within
 
 log = logging.getLogger(__name__)
 
@@ -1074,12 +1075,17 @@ def _check_positions(policy: nn.Module, tokenizer: object, prompts: Sequence[str
     positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
     if not isinstance(positions, int):
         return
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    limit = config.max_prompt_length
+    # Prompts keep their last max_prompt_length tokens: a bounded end of a huge prompt gives the same verdict
+    # without tokenizing the whole of it (tokencredit.textbounds).
+    texts = list(prompts) if limit is None else [tail_within(tokenizer, p, limit) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     longest = max(range(len(lengths)), key=lengths.__getitem__)
-    kept = min(lengths[longest], config.max_prompt_length or lengths[longest])
+    kept = min(lengths[longest], limit or lengths[longest])
     if kept + config.max_new_tokens > positions:
+        size = f"over {lengths[longest]}" if len(texts[longest]) < len(prompts[longest]) else lengths[longest]
         raise ValueError(
-            f"prompt {longest} is {lengths[longest]} tokens (kept: {kept}); with max_new_tokens="
+            f"prompt {longest} is {size} tokens (kept: {kept}); with max_new_tokens="
             f"{config.max_new_tokens} that is more than the policy's {positions} positions. Lower "
             "max_prompt_length (prompts keep their last tokens) or max_new_tokens"
         )

@@ -58,6 +58,7 @@ from tokencredit.runs import (
     save_trainer_state,
     start_fresh,
 )
+from tokencredit.textbounds import encode_within, tail_within
 
 log = logging.getLogger(__name__)
 
@@ -169,19 +170,23 @@ def tokenize_examples(
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; SFT appends it to every response so the model learns to stop")
     # Prompts are tokenized as encode_prompts does (special tokens included), so training sees what generate sees.
-    prompt_ids = tokenizer(list(prompts))["input_ids"]
-    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    # They keep at most their last max_length - 1 tokens, and a response of max_length - 1 tokens or more is an
+    # error, so a huge text is cut or refused on its length before it is tokenized (tokencredit.textbounds).
+    prompt_ids = tokenizer([tail_within(tokenizer, p, max_length - 1) for p in prompts])["input_ids"]
+    response_ids = encode_within(tokenizer, list(responses), max_length - 2, add_special_tokens=False)
     examples = []
     def name(row: int) -> str:
         return record_names[row] if record_names is not None else f"row {row}"
 
     for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        r = [*r, eos]
-        if len(r) >= max_length:
+        if r is None or len(r) + 1 >= max_length:
+            size = (f"more than {max_length - 1} tokens long (EOS included; {len(responses[row]):,} characters)"
+                    if r is None else f"{len(r) + 1} tokens long (EOS included)")
             raise ValueError(
-                f"{name(row)}: the response is {len(r)} tokens long (EOS included) but max_length={max_length} "
+                f"{name(row)}: the response is {size} but max_length={max_length} "
                 "must leave room for at least one prompt token; shorten it or raise max_length"
             )
+        r = [*r, eos]
         if not p:
             raise ValueError(f"{name(row)}: the prompt has no tokens; SFT predicts a response from its prompt")
         examples.append(SFTExample(list(p)[-(max_length - len(r)):], r))

@@ -23,6 +23,7 @@ from torch import nn
 from tokencredit.generation import cache_keyword, encode_prompts, output_cache, position_ids_from_mask
 from tokencredit.precision import autocast, resolve_mixed_precision
 from tokencredit.records import RecordError
+from tokencredit.textbounds import head_within
 
 # Label words per class (distinct first tokens under the built-in tokenizer); see the module docstring.
 LABEL_WORDS: dict[str, list[str]] = {
@@ -164,7 +165,9 @@ class PromptedClassifier:
 
     def _head(self, text: str) -> str:
         """The template up to and including the text; long texts keep their first ``max_text_tokens`` tokens."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # A text that may fit is tokenized whole; a longer one only far enough to give the same first tokens.
+        ids = self.tokenizer(head_within(self.tokenizer, text, self.max_text_tokens), add_special_tokens=False)[
+            "input_ids"]
         if len(ids) > self.max_text_tokens:
             text = self.tokenizer.decode(ids[: self.max_text_tokens])
         return self._before + text
