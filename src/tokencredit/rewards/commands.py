@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tokencredit.config import ConfigError, config_to_dict
+from tokencredit.config import ConfigError, claim_folder_for
 from tokencredit.distributed import process_group
 from tokencredit.models import LoraSettings
-from tokencredit.runs import atomic_write_json, claim_run_folder, releases_run_folders
+from tokencredit.runs import atomic_write_json, releases_run_folders
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class RewardRunConfig:
     seed: int = 0  # train: seeds the new weights (head, LoRA), the eval split, data order and dropout
     progress: bool = True  # train: progress bar
     overwrite: bool = False  # train: replace a run already in output_dir (kept aside until the new model is saved)
+    resume: bool = False  # train: continue the run in output_dir from its newest checkpoint (same data and settings)
+    allow_changed_settings: bool = False  # train: resume even though settings differ from the saved config.yaml
+    save_every: int | None = 50  # train: checkpoint every N steps and after the last; None = no checkpoints
+    keep_checkpoints: int = 1  # train: newest checkpoints kept
     # show: texts to draw, each {"prompt": ..., "response": ...} (or a .jsonl file of them in `data`)
     texts: list[dict] = field(default_factory=list)
 
@@ -189,7 +193,8 @@ def reward_train(cfg: RewardRunConfig) -> dict:
     data = _records(cfg)
     common = dict(output_dir=cfg.output_dir, seed=cfg.seed, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
                   learning_rate=cfg.learning_rate, eval_fraction=cfg.eval_fraction, progress=cfg.progress,
-                  max_length=cfg.max_length)
+                  max_length=cfg.max_length, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
+                  resume=cfg.resume)
     if cfg.kind == "sequence":
         rm = SequenceRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
     else:
@@ -198,19 +203,19 @@ def reward_train(cfg: RewardRunConfig) -> dict:
     # Input checked first; then, before anything is written, the folder must be this run's (see
     # runs.claim_run_folder); rank 0 decides.
     group = process_group()
-    drop_replaced = group.on_main(lambda: claim_run_folder(cfg.output_dir, config_to_dict(cfg), resume=False,
-                                                           overwrite=cfg.overwrite), default=lambda: None)
+    drop_replaced = group.on_main(lambda: claim_folder_for(cfg, cfg.output_dir), default=lambda: None)
     if cfg.kind == "sequence":
-        history = train_sequence_reward_model(rm, SeqRMConfig(**common), data.pairs)
+        history = train_sequence_reward_model(rm, SeqRMConfig(**common), data.pairs, run_settings=cfg)
     elif cfg.kind == "pgg":
-        history = train_pgg_reward_model(rm, PGGRMConfig(**common, aggregator=cfg.aggregator), data.lists)
+        history = train_pgg_reward_model(rm, PGGRMConfig(**common, aggregator=cfg.aggregator), data.lists,
+                                         run_settings=cfg)
     else:
         config = TokenRMConfig(**common, balance_labels=cfg.balance_labels, **weights)
         uses_edits = weights["span_bt_weight"] or weights["edit_bt_weight"]
         history = train_token_reward_model(rm, config,
                                            token_examples=data.token_examples if weights["bce_weight"] else (),
                                            pairs=data.pairs if weights["bt_weight"] else (),
-                                           edits=data.edits if uses_edits else ())
+                                           edits=data.edits if uses_edits else (), run_settings=cfg)
     group.on_main(drop_replaced)  # the new model is saved: a replaced run can go
     return history[-1]["eval"]
 

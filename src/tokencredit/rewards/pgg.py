@@ -278,6 +278,10 @@ class PGGRMConfig:
     progress: bool = True
     log_tensorboard: bool = False
     device: str = "auto"
+    # checkpoint every N steps (and after the last) so resume=true continues after a crash; None = no checkpoints
+    save_every: int | None = None
+    keep_checkpoints: int = 1  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in output_dir (same data and settings)
 
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
@@ -360,12 +364,13 @@ def evaluate_pgg_reward_model(
     }
 
 
-def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Sequence[RankedList]) -> list[dict]:
+def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Sequence[RankedList],
+                           run_settings: object | None = None) -> list[dict]:
     """Train a bounded token RM on ranked lists with ListMLE (PGG, arXiv 2306.00398); one stats dict per step.
 
     The model is marked bounded (its scores become sigmoid(head) in (0, 1)). The last entry is
     ``{"step": ..., "eval": {...}}`` on the held-out lists (also ``output_dir/eval.json``); the model is saved
-    to ``output_dir/model``.
+    to ``output_dir/model``. ``run_settings``: what config.yaml records (default ``config``).
     """
     from tokencredit.rewards.records import random_split
 
@@ -387,7 +392,7 @@ def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Seq
             yield batches[b]
 
     history = fit(rm.model, config, epoch_batches, lambda batch: _group_loss(rm, batch, config, generator),
-                  steps_per_epoch, "pgg rm")
+                  steps_per_epoch, "pgg rm", streams=[generator], settings=run_settings)
     metrics = evaluate_pgg_reward_model(rm, eval_lists, config.aggregator, config.beta, config.batch_size,
                                         config.max_length)
     out = Path(config.output_dir)

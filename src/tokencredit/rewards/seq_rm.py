@@ -111,6 +111,10 @@ class SeqRMConfig:
     progress: bool = True
     log_tensorboard: bool = False
     device: str = "auto"
+    # checkpoint every N steps (and after the last) so resume=true continues after a crash; None = no checkpoints
+    save_every: int | None = None
+    keep_checkpoints: int = 1  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in output_dir (same data and settings)
 
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
@@ -189,11 +193,13 @@ def train_sequence_reward_model(
     pairs: Sequence[PreferencePair],
     margins: Sequence[float] | None = None,
     eval_pairs: Sequence[PreferencePair] | None = None,
+    run_settings: object | None = None,
 ) -> list[dict]:
     """Bradley-Terry (optionally with a per-pair margin) on preference pairs; one dict per step.
 
     Pairs are split by ``eval_fraction`` unless ``eval_pairs`` is given. The last entry is
     ``{"step": ..., "eval": {...}}`` (also ``output_dir/eval.json``); the model is saved to ``output_dir/model``.
+    ``run_settings``: what config.yaml records (default ``config``; a command that claimed the folder passes its own).
     """
     config.validate()
     if not pairs:
@@ -227,7 +233,8 @@ def train_sequence_reward_model(
     # Bradley-Terry (margins too) reads only score differences: a parameter that shifts every score alike gets
     # no gradient but rounding noise, which Adam would turn into full-size steps (see fit), so it is held fixed.
     shifts = score_shift_parameters(rm, rows[0][0], config.max_length)
-    history = fit(rm.model, config, epoch_batches, loss_fn, steps_per_epoch, "sequence rm", invariant=shifts)
+    history = fit(rm.model, config, epoch_batches, loss_fn, steps_per_epoch, "sequence rm", invariant=shifts,
+                  settings=run_settings)
     metrics = evaluate_sequence_reward_model(rm, eval_pairs, batch_size=bs)
     out = config.output_dir
     history.append({"step": history[-1]["step"] if history else 0, "eval": metrics})

@@ -495,6 +495,10 @@ class TokenRMConfig:
     progress: bool = True  # progress bar
     log_tensorboard: bool = False  # scalars to output_dir/tensorboard when tensorboard is installed
     device: str = "auto"  # "auto" = cuda when available, else cpu
+    # checkpoint every N steps (and after the last) so resume=true continues after a crash; None = no checkpoints
+    save_every: int | None = None
+    keep_checkpoints: int = 1  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in output_dir (same data and settings)
 
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
@@ -728,12 +732,14 @@ def train_token_reward_model(
     token_examples: Sequence[TokenExample] = (),
     pairs: Sequence[PreferencePair] = (),
     edits: Sequence[object] = (),
+    run_settings: object | None = None,
 ) -> list[dict]:
     """Train rm in place on span labels (BCE), preference pairs (summed BT) and/or minimal edits (span BT,
     :class:`~tokencredit.rewards.data.EditTriple`); one dict per step.
 
     The last entry is ``{"step": ..., "eval": {...}}`` on the held-out split (also ``output_dir/eval.json``);
-    the trained model is saved to ``output_dir/model``.
+    the trained model is saved to ``output_dir/model``. ``run_settings``: what config.yaml records (default
+    ``config``; a command that claimed the folder passes its own).
     """
     config.validate()
     uses_tokens = bool(token_examples) and config.bce_weight > 0
@@ -771,7 +777,7 @@ def train_token_reward_model(
             yield tuple([rows[i] for i in order[b * bs : (b + 1) * bs]] for rows, order in zip(kinds, orders))
 
     history = fit(rm.model, config, epoch_batches, lambda batch: _loss(rm, config, *batch), steps_per_epoch,
-                  "token rm")
+                  "token rm", settings=run_settings)
     step = history[-1]["step"] if history else 0
     out = Path(config.output_dir)
     metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs, edits=edit_eval)
