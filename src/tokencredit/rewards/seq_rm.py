@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from tokencredit.distributed import is_main_process
-from tokencredit.models import resolve_device
+from tokencredit.generation import encode_prompts, position_ids_from_mask
+from tokencredit.models import attends_only_back, resolve_device
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.records import PreferencePair, random_split
 from tokencredit.rewards.token_rm import TokenRewardModel
@@ -61,6 +62,65 @@ class SequenceRewardModel(TokenRewardModel):
             for start in range(0, len(prompts), batch_size):
                 ids = [self.encode_response(r) for r in responses[start : start + batch_size]]
                 out.extend(self.sequence_scores(list(prompts[start : start + batch_size]), ids).float().tolist())
+        finally:
+            self.model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def prefix_scores(
+        self,
+        prompts: Sequence[str],
+        response_token_ids: Sequence[Sequence[int]],
+        batch_size: int = 16,
+        one_pass: bool | None = None,
+    ) -> list[list[float]]:
+        """Raw scores after the prompt alone and after each prefix y<=t of each response: T + 1 floats per response.
+
+        A prefix is read as given, with no end token appended: its score is the head at its last token (the last
+        prompt token for the empty response), so a response ending in EOS ends on its sequence score. A causal
+        backbone gives every prefix in one pass, since position P + t has read exactly x, y<=t; a bidirectional
+        one (BERT) lets each position read later tokens, so every prefix is then scored as a row of its own
+        (``batch_size`` rows per pass, O(T^2) tokens). ``one_pass``: None probes the backbone for which it is.
+        """
+        if len(prompts) != len(response_token_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(response_token_ids)} responses")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self._check_ids(response_token_ids)
+        if one_pass is None:
+            one_pass = attends_only_back(self.model.backbone)
+        responses = [[int(t) for t in ids] for ids in response_token_ids]
+        # One pass reads every position of a row; otherwise each prefix is a row whose last position is read.
+        jobs = ([(i, ids) for i, ids in enumerate(responses)] if one_pass else
+                [(i, ids[:t]) for i, ids in enumerate(responses) for t in range(len(ids) + 1)])
+        limit = getattr(self.model.backbone.config, "max_position_embeddings", None)
+        out: list[list[float]] = [[] for _ in responses]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start : start + batch_size]
+                width = max(len(ids) for _, ids in chunk)
+                if limit and width >= limit:
+                    raise ValueError(f"a response of {width} tokens does not fit the reward model's {limit} positions")
+                prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [prompts[i] for i, _ in chunk],
+                                                         limit - width if limit else None, self.device)
+                # Left padding puts each prompt's last token in the last column, where the empty response is read.
+                real = prompt_mask[:, -1].tolist() if prompt_ids.size(1) else [0] * len(chunk)
+                if not all(real):
+                    raise ValueError(f"prompt {chunk[real.index(0)][0]} has no tokens: the score of the empty "
+                                     "response is read at the prompt's last token")
+                resp = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                resp_mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for row, (_, ids) in enumerate(chunk):
+                    resp[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    resp_mask[row, : len(ids)] = 1
+                attn = torch.cat([prompt_mask, resp_mask.to(self.device)], 1)
+                scores = self.model(torch.cat([prompt_ids, resp.to(self.device)], 1), attn,
+                                    position_ids_from_mask(attn))
+                rows = scores[:, prompt_ids.size(1) - 1 :].float().cpu().tolist()
+                for (i, ids), row in zip(chunk, rows):
+                    out[i].extend(row[: len(ids) + 1] if one_pass else [row[len(ids)]])
         finally:
             self.model.train(was_training)
         return out
