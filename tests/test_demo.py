@@ -43,6 +43,11 @@ def test_each_stage_left_its_run_folder(fast_run):
     for rec in labels:
         for start, end, value in rec["spans"]:
             assert 0 <= start < end <= len(rec["response"]) and value in (-1, 0, 1)
+        # Each sample says whether it ended by itself; one cut at max_new_tokens has its last token labelled -1.
+        assert isinstance(rec["finished"], bool) and rec["end_label"] in (-1, 1)
+        assert rec["finished"] or rec["end_label"] == -1
+    info = json.loads((fast_run / "labels" / "done.json").read_text())
+    assert info["skipped_no_labels"] == 0 and info["unfinished"] == sum(not r["finished"] for r in labels)
     gens = json.loads((fast_run / "generations_tppo.json").read_text())
     targets = [s.target_query for s in builtin_sessions("test")[:12]]
     assert [g["target"] for g in gens] == targets
@@ -130,6 +135,8 @@ class WordJudge:
                 answer = text.split("Answer:\n", 1)[1].split("\n\nCopy", 1)[0].split()
                 if len(answer) < 2:
                     return ChatResult("none")
+                if len(answer[0]) % 2:  # an answer the demo cannot read: it must skip that sample
+                    return ChatResult("I cannot tell")
                 return ChatResult(f"- {answer[0]}\n+ {answer[-1]}")
 
         return Backend(cache)
@@ -147,8 +154,12 @@ def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
                      policies=["sft", "tppo"])
     summary = run_demo(cfg)
     assert summary["labeler"].startswith("LLM judge http://127.0.0.1:9/v1")
-    assert summary["labels"]["judge_unparseable"] == 0
     records = [json.loads(x) for x in (tmp_path / "run" / "labels" / "token_labels.jsonl").read_text().splitlines()]
+    # An unreadable answer labels nothing: the sample is skipped (no record, so no example and no pair), not kept
+    # with an empty span list that would pass for a query with nothing wrong in it.
+    skipped = summary["labels"]["skipped_no_labels"]
+    assert skipped > 0 and summary["labels"]["judge_unparseable"] == skipped and len(records) + skipped == 4 * 2
+    assert not any(len(r["response"].split()) >= 2 and len(r["response"].split()[0]) % 2 for r in records)
     two_words = [r for r in records if len(r["response"].split()) >= 2]
     assert two_words and all(sorted(s[2] for s in r["spans"]) == [-1, 1] for r in two_words)
     assert "LLM judge" in (tmp_path / "run" / "report.html").read_text()
@@ -161,3 +172,15 @@ def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
 
     save_tiny_causal_lm(local_dir, ["a", "b"])
     assert isinstance(demo._labeler(DemoConfig(judge=f"hf:{local_dir}"), tmp_path).spans.backend, HFBackend)
+
+
+def test_potential_shaping_runs_both_policies_on_one_bounded_objective(tmp_path):
+    out = tmp_path / "shaped"
+    assert main(["demo", "--fast", "--output", str(out), "reward_shaping=potential"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    control = summary["length_control"]
+    assert control["reward_shaping"] == "potential" and control["shaping_temperature"] > 0
+    for name in ("tppo", "ppo_sequence"):
+        rewards = [m["reward/mean"] for m in read_metrics(out / name)]
+        # Phi = sigmoid(...) in (0, 1): a query's total shaped reward lies in (-1, 1) whatever its length.
+        assert all(-1 < r < 1 for r in rewards), (name, rewards)

@@ -31,26 +31,10 @@ def test_adjusting_rewards_centres_every_token_and_zeroes_a_final_eos():
     assert adjust_token_rewards([1.0, -3.0], [4, 5], zero_eos=True, ends=frozenset({eos})) == [1.0, -3.0]
 
 
-def test_length_norm_makes_the_total_the_mean_token_reward_at_a_fixed_scale():
-    eos = 9
-    # (1 + 2 - 3) / 3 = 0 mean; times L = 6: total 0, each token times 6 / 3.
-    assert adjust_token_rewards([1.0, 2.0, -3.0], [4, 5, eos], length_norm=6.0) == pytest.approx([2.0, 4.0, -6.0])
-    # Centre and EOS first, then the scaling: [0.5, 1.5, 0.0] * 2 / 3.
-    assert adjust_token_rewards([1.0, 2.0, -3.0], [4, 5, eos], center=0.5, zero_eos=True, ends=frozenset({eos}),
-                                length_norm=2.0) == pytest.approx([1 / 3, 1.0, 0.0])
-    # Repeating a response's tokens (same mean reward, twice the length) leaves its total unchanged.
-    short = sum(adjust_token_rewards([0.4, 0.2], [4, 5], length_norm=5.0))
-    long = sum(adjust_token_rewards([0.4, 0.2, 0.4, 0.2], [4, 5, 4, 5], length_norm=5.0))
-    assert short == pytest.approx(long) == pytest.approx(1.5)
-    assert adjust_token_rewards([], [], length_norm=3.0) == []
-
-
 def test_an_unfinished_response_is_charged_at_its_last_token_and_a_finished_one_is_not():
     eos = 9
-    # Cut at the limit (no end token): the charge lands on the last token, before any length scaling.
+    # Cut at the limit (no end token): the charge lands on the last token.
     assert adjust_token_rewards([0.5, 0.5], [4, 5], ends=frozenset({eos}), unfinished=-0.5) == [0.5, 0.0]
-    assert adjust_token_rewards([0.5, 0.5], [4, 5], ends=frozenset({eos}), unfinished=-0.5,
-                                length_norm=4.0) == pytest.approx([1.0, 0.0])
     # Ended with the end token: nothing added, with or without zeroing that token.
     assert adjust_token_rewards([0.5, -0.5], [4, eos], ends=frozenset({eos}), unfinished=-0.5) == [0.5, -0.5]
     assert adjust_token_rewards([0.5, -0.5], [4, eos], zero_eos=True, ends=frozenset({eos}),
@@ -64,9 +48,9 @@ def test_repeated_tokens_earn_no_positive_reward_when_clipped():
     row, ids = [0.6, 0.5, 0.7, -0.2, 0.1, -0.4], [4, 5, 4, 5, 4, eos]
     assert adjust_token_rewards(row, ids, clip_repeats=True, ends=frozenset({eos})) == [0.6, 0.5, 0.0, -0.2, 0.0, -0.4]
     assert adjust_token_rewards(row, ids) == row  # off by default
-    # centred first, then clipped, then scaled by length
+    # centred first, then clipped
     assert adjust_token_rewards([0.2, 0.3, 0.3], [7, 7, eos], clip_repeats=True, ends=frozenset({eos}),
-                                center=0.1, length_norm=6.0) == pytest.approx([0.2, 0.0, 0.4])
+                                center=0.1) == pytest.approx([0.1, 0.0, 0.2])
     assert adjust_token_rewards([0.2, 0.3], [eos, eos], clip_repeats=True, ends=frozenset({eos})) == [0.2, 0.3]
 
 
@@ -82,11 +66,11 @@ def test_repeated_words_are_found_across_token_ids_case_and_punctuation():
     repeated = "".join(smol.decode([token]) for token, mark in zip(ids, marks) if mark)
     assert repeated.split() == ["civil", "War"]  # "civilian" is another word; "--" and "-" are punctuation
     assert marks[-1] is False  # the end token
-    # every token of a repeated multi-token word is marked, not only its first
+    # Issue 29 (causal): a repeated multi-token word is marked from the token that completes the repeat, as the
+    # prefix reads, no longer on all its pieces ("S", "co", "oter" of "Scooterama" do not repeat a word yet)
     bpe = smol.encode("Scooterama Brands Scooterama", add_special_tokens=False)
-    first = len(smol.encode("Scooterama", add_special_tokens=False))
     marks = repeated_words(bpe, smol)
-    assert marks[-first:] == [True] * first and not any(marks[:-first])
+    assert marks[-1] is True and not any(marks[:-1])
 
 
 def test_clip_words_changes_rewards_only_on_repeated_words():
@@ -129,10 +113,9 @@ def test_reward_fn_options_change_token_and_sequence_rewards_as_documented():
     charged = rm.as_reward_fn("token", unfinished=-2.0)(prompts, ["", ""], cut)
     plain = rm.score_token_ids(prompts, cut)
     assert charged[0] == pytest.approx([*plain[0][:-1], plain[0][-1] - 2.0]) and charged[1] == pytest.approx(plain[1])
-    means = rm.as_reward_fn("sequence", length_norm=1.0)(prompts, ["", ""], ids)
-    assert means == pytest.approx([sum(r) / len(r) for r in raw])  # L = 1: the mean token reward
-    with pytest.raises(ValueError, match="length_norm"):
-        rm.as_reward_fn("token", length_norm=0.0)
+    # length_norm is gone (issue 29: scaling by the final length is not causal); only None is taken
+    with pytest.raises(ValueError, match="length_norm was removed"):
+        rm.as_reward_fn("sequence", length_norm=1.0)
 
 
 def test_mean_token_reward_is_the_centre_that_makes_length_neutral_on_those_samples():
@@ -180,8 +163,9 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     assert main(["demo", "--fast", "--output", str(base)]) == 0
     summary = json.loads((base / "summary.json").read_text())
     assert summary["length_control"] == {"reward_center": "none", "center": 0.0, "reward_eos": "keep",
-                                         "reward_length": "sum", "length_norm": None, "reward_unfinished": "none",
-                                         "unfinished": 0.0, "reward_repeat": "clip"}
+                                         "reward_length": "sum", "reward_unfinished": "none",
+                                         "unfinished": 0.0, "reward_repeat": "clip", "reward_shaping": "none",
+                                         "shaping_temperature": None}
     credit = summary["reward_credit"]["labelled_samples"]
     assert credit["responses"] == 32 and set(credit["mean_reward"]) == {"eos", "stopword", "content", "first"}
     assert {"sft", "tppo", "ppo_sequence"} <= set(summary["reward_credit"])
@@ -189,14 +173,13 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     # An ablation of the PPO stages on the same SFT model, labels and reward model.
     variant = tmp_path / "variant"
     assert main(["demo", "--fast", "--output", str(variant), f"reuse_stages={base}", "reward_center=mean",
-                 "reward_eos=zero", "reward_length=mean", "reward_unfinished=eos", "reward_repeat=keep",
+                 "reward_eos=zero", "reward_unfinished=eos", "reward_repeat=keep",
                  "curve_every=1"]) == 0
     assert not (variant / "sft").exists() and not (variant / "reward_model").exists()
     out = json.loads((variant / "summary.json").read_text())
     control = out["length_control"]
     assert control["reward_center"] == "mean" and control["reward_eos"] == "zero" and control["center"] != 0.0
-    # The scale is the labelled samples' mean length in reward-model tokens.
-    assert control["reward_length"] == "mean" and control["length_norm"] == pytest.approx(credit["mean_length"])
+    assert control["reward_length"] == "sum"  # "mean" was removed (issue 29): not causal
     # The charge for an unfinished query is the mean end-token reward on the labelled samples.
     assert control["unfinished"] == pytest.approx(credit["mean_reward"]["eos"])
     assert control["reward_repeat"] == "keep"

@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tokencredit.feedback.labelers import REPEATS, repeat_spans
 from tokencredit.judges.backends import ChatRequest, ChatResult, JudgeBackend, JudgeFailure, scores_readable
 from tokencredit.judges.templates import Template, load_template
 from tokencredit.rewards.labels import SpanLabel
@@ -335,20 +336,37 @@ class EditLabeler(_ResponseLabeler):
 class JudgeTokenLabeler:
     """The TokenLabeler protocol (see :mod:`tokencredit.feedback.labelers`) on an LLM judge: TPPO's AI feedback.
 
-    An answer that cannot be read, or a request the server refused, labels nothing (an empty span list) and is
-    counted in ``stats``.
+    An answer that cannot be read, or a request the server refused, gives None for that response (no labels: an
+    empty span list would pass for a response with nothing wrong in it) and is counted in ``stats``.
+    ``repeats="bad"`` also labels -1 every word repeating an earlier word of the response (stopwords aside), as
+    :class:`~tokencredit.feedback.labelers.ReferenceLabeler` does, whatever the judge said of it; the default
+    "keep" leaves repeats to the judge, whose prompt asks for them.
     """
 
-    def __init__(self, backend: JudgeBackend, template: Template | None = None, reask_unreadable: bool = False
-                 ) -> None:
+    def __init__(self, backend: JudgeBackend, template: Template | None = None, reask_unreadable: bool = False,
+                 repeats: str = "keep") -> None:
         """Label with ``backend`` through a :class:`SpanLabeler`."""
+        if repeats not in REPEATS:
+            raise ValueError(f"repeats must be one of {REPEATS} (got {repeats!r})")
         self.spans = SpanLabeler(backend, template, reask_unreadable=reask_unreadable)
+        self.repeats = repeats
         self.stats = LabelStats()
 
     def label(
         self, prompts: Sequence[str], responses: Sequence[str], contexts: Sequence[dict]
-    ) -> list[list[SpanLabel]]:
-        """Span labels per response; the judge sees the prompt and the response (contexts are not shown)."""
+    ) -> list[list[SpanLabel] | None]:
+        """Span labels per response, None where the judge's answer could not be read or the request failed; the
+        judge sees the prompt and the response (contexts are not shown)."""
         labels, stats = self.spans.label(list(zip(prompts, responses)))
         self.stats.add(stats)
-        return [spans or [] for spans in labels]
+        if self.repeats == "keep":
+            return labels
+        return [None if spans is None else _with_repeats(spans, response) for spans, response in
+                zip(labels, responses)]
+
+
+def _with_repeats(spans: list[SpanLabel], response: str) -> list[SpanLabel]:
+    """The judge's spans plus a -1 span on each repeated word no -1 span covers yet (-1 wins where they overlap)."""
+    bad = [s for s in spans if s.label < 0]
+    extra = [r for r in repeat_spans(response) if not any(b.start <= r.start and r.end <= b.end for b in bad)]
+    return sorted(spans + extra, key=lambda s: (s.start, s.end))

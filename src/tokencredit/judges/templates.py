@@ -89,7 +89,10 @@ SPANS = Template(
     user="Question:\n{prompt}\n\nAnswer:\n{response}\n\n"
          "Copy the phrases of the answer that are wrong, irrelevant or harmful, one per line starting with '- ', "
          "and the phrases that are especially good, one per line starting with '+ '. Copy each phrase exactly "
-         "as it appears in the answer. Reply with these lines only; reply 'none' if there is nothing to mark.",
+         "as it appears in the answer. A word that repeats a word used earlier in the answer is bad. Each line "
+         "marks the first occurrence not marked by an earlier line, so to mark a repeat, mark the earlier "
+         "occurrence first: for 'cheap hotel hotel', '+ hotel' then '- hotel'. Reply with these lines only; "
+         "reply 'none' if there is nothing to mark.",
 )
 
 EDIT = Template(

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
@@ -38,6 +38,10 @@ from tokencredit.models import (
 from tokencredit.precision import release_free_memory, validate_mixed_precision
 from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
+if TYPE_CHECKING:
+    from tokencredit.rewards.labels import SpanLabel
+    from tokencredit.rewards.records import TokenExample
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +51,9 @@ class DemoConfig:
 
     # What a run folder saved before a setting existed did, where that differs from the setting's default now:
     # resuming such a run must ask for it explicitly (see runs.changed_settings).
-    BEHAVIOUR_BEFORE_ADDED: ClassVar[dict] = {"reward_repeat": "keep"}
+    BEHAVIOUR_BEFORE_ADDED: ClassVar[dict] = {"reward_repeat": "keep", "label_repeats": "keep", "label_unit": "token",
+                                              "label_end": False, "pair_rank": "share",
+                                              "rm_anchor_weight": 0.0}
 
     output: str = "runs/demo"  # folder for every stage, summary.json and report.html
     model: str = "smollm2-135m-instruct"  # policy (and reward-model backbone)
@@ -83,6 +89,22 @@ class DemoConfig:
     # --- feedback + token reward model ---
     label_prompts: int = 64  # train prompts whose samples get labelled
     samples_per_prompt: int = 2  # samples labelled per prompt; those of one prompt also form preference pairs
+    # Labels that pay for content once (docs/tppo.md, "Labels"). "bad": a word repeating an earlier word of the same
+    # sample is labelled -1 whatever its support (stopwords stay unlabelled); "keep": each occurrence on its own
+    label_repeats: Literal["bad", "keep"] = "bad"
+    # "word": a word's label sits on its first token only (its other tokens are unlabelled), so a word of k tokens
+    # is one unit of credit; "token": every token of the word carries it
+    label_unit: Literal["word", "token"] = "word"
+    # True: a finished sample's end token is labelled +1 when it holds a +1 word, else -1, and a sample cut at
+    # max_new_tokens is trained without an end token and with -1 on its last token; False: every sample gets an
+    # end token, unlabelled
+    label_end: bool = True
+    # "sum": pairs of finished samples ranked by the sum of their token labels (what the summed reward is fitted
+    # to); "share": every sample ranked by its share of good words
+    pair_rank: Literal["sum", "share"] = "sum"
+    # Weight of the pull towards 0 of the reward at unlabelled tokens (stopwords, a word's later tokens), so that a
+    # query's summed reward counts its labelled units instead of the head's extrapolation (0 = off)
+    rm_anchor_weight: float = 1.0
     rm_epochs: int = 1  # reward-model passes over the labelled samples
     rm_learning_rate: float = 3e-4  # reward-model learning rate (AdamW)
     rm_batch_size: int = 8  # reward-model examples (and pairs) per optimiser step
@@ -106,9 +128,9 @@ class DemoConfig:
     # "zero": the end-of-query token's reward is 0 for both PPO policies (word labels never reach it, and
     # Bradley-Terry on summed rewards makes it carry the length preference); "keep": as the reward model gives it
     reward_eos: Literal["keep", "zero"] = "keep"
-    # "sum": a query's reward is its summed token rewards (as the reward model was trained); "mean": each token's
-    # reward times (mean labelled-sample length / the query's length), so a query's total is its mean token
-    # reward at a typical query's scale, and adding tokens earns nothing by itself
+    # "sum": a query's reward is its summed token rewards (as the reward model was trained). "mean" (each token's
+    # reward times mean length / the query's final length) was removed: it made a token's reward depend on the
+    # tokens after it (not causal); a config asking for it is refused with an error saying so
     reward_length: Literal["sum", "mean"] = "sum"
     # "eos": a query cut at max_new_tokens without an end token gets the reward model's mean end-token reward on
     # the labelled samples added at its last token, so running to the limit no longer escapes the cost of ending
@@ -120,6 +142,12 @@ class DemoConfig:
     # and moved it by under 0.01 at the demo's 5 updates); "clip_words": the same for every token of a word that
     # repeats an earlier word ("Civil" and " civil" are different tokens but one word); "keep": as the RM gives it
     reward_repeat: Literal["keep", "clip", "clip_words"] = "clip"
+    # "potential": both PPO policies optimise one bounded score of the whole query, Phi = sigmoid(summed token reward
+    # / its spread on the labelled samples); TPPO gets it token by token as Phi(y<=t) - Phi(y<t), sequence PPO gets
+    # the total Phi(y) - Phi(empty) at the end, so dense and sparse credit share one optimum and a repeat pays only
+    # if Phi rises (reward_center, reward_eos, reward_unfinished and reward_repeat then do not apply). "none": summed
+    # token rewards with those options
+    reward_shaping: Literal["none", "potential"] = "none"
     curve_every: int | None = None  # also evaluate both PPO policies on the test sessions every N updates
     # An earlier demo run folder (same data, seed, model and stage settings) whose finished sft, labels and
     # reward_model stages this run uses instead of training its own: for ablations of the PPO stages
@@ -137,12 +165,25 @@ class DemoConfig:
         if self.reward_center not in ("none", "mean") or self.reward_eos not in ("keep", "zero"):
             raise ValueError(f"reward_center must be none or mean and reward_eos keep or zero (got "
                              f"{self.reward_center!r}, {self.reward_eos!r})")
-        if self.reward_length not in ("sum", "mean"):
-            raise ValueError(f"reward_length must be sum or mean (got {self.reward_length!r})")
+        if self.reward_length == "mean":
+            raise ValueError("reward_length=mean was removed: it scaled every token's reward by the query's final "
+                             "length, so a token's reward depended on the tokens sampled after it. Remove the "
+                             "setting (sum is the only value left); reward_center=mean makes length reward-neutral")
+        if self.reward_length != "sum":
+            raise ValueError(f"reward_length must be sum (got {self.reward_length!r})")
         if self.reward_unfinished not in ("none", "eos"):
             raise ValueError(f"reward_unfinished must be none or eos (got {self.reward_unfinished!r})")
         if self.reward_repeat not in ("keep", "clip", "clip_words"):
             raise ValueError(f"reward_repeat must be keep, clip or clip_words (got {self.reward_repeat!r})")
+        if self.reward_shaping not in ("none", "potential"):
+            raise ValueError(f"reward_shaping must be none or potential (got {self.reward_shaping!r})")
+        if not self.rm_anchor_weight >= 0:
+            raise ValueError(f"rm_anchor_weight must be >= 0 (got {self.rm_anchor_weight})")
+        if (self.label_repeats not in ("bad", "keep") or self.label_unit not in ("word", "token")
+                or self.pair_rank not in ("sum", "share") or not isinstance(self.label_end, bool)):
+            raise ValueError(f"label_repeats must be bad or keep, label_unit word or token, label_end true or false "
+                             f"and pair_rank sum or share (got {self.label_repeats!r}, {self.label_unit!r}, "
+                             f"{self.label_end!r}, {self.pair_rank!r})")
         if self.curve_every is not None and not 1 <= self.curve_every <= self.ppo_updates:
             raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
         if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():
@@ -272,7 +313,6 @@ def _run_demo(cfg: DemoConfig) -> dict:
     from tokencredit.feedback.labelers import ReferenceLabeler, label_stats
     from tokencredit.rewards.credit import credit_profile
     from tokencredit.rewards.token_rm import (
-        TokenExample,
         TokenRewardModel,
         TokenRMConfig,
         mean_token_reward,
@@ -334,6 +374,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         labeler = _labeler(cfg, labels_stage.dir)
         gen_rng = torch.Generator().manual_seed(cfg.seed)
         records = []
+        skipped = 0  # samples the labeler gave no labels (an unreadable judge answer): no example, no pair
         for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
             idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
             prompts = [train_prompts[i] for i in idx]
@@ -341,9 +382,13 @@ def _run_demo(cfg: DemoConfig) -> dict:
                            generator=gen_rng)
             texts = [t.strip() for t in out.texts]
             spans = labeler.label(prompts, texts, [session_context(train[i], template) for i in idx])
-            for i, text, sp in zip(idx, texts, spans):
+            for i, text, sp, finished in zip(idx, texts, spans, out.finished.tolist()):
+                if sp is None:
+                    skipped += 1
+                    continue
                 records.append({"session": i, "prompt": train_prompts[i], "response": text,
-                                "spans": [[s.start, s.end, s.label] for s in sp]})
+                                "spans": [[s.start, s.end, s.label] for s in sp], "finished": bool(finished),
+                                "end_label": end_label(text, sp, bool(finished))})
         with labels_path.open("w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
@@ -351,6 +396,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
         if not isinstance(labeler, ReferenceLabeler):
             stats["judge_unparseable"] = labeler.stats.unparseable
             stats["judge_unparseable_examples"] = labeler.stats.examples
+        stats["skipped_no_labels"] = skipped
+        stats["unfinished"] = sum(not r["finished"] for r in records)
         labels_stage.finish({"records": len(records), **stats})
         del policy
         release_free_memory()
@@ -358,20 +405,23 @@ def _run_demo(cfg: DemoConfig) -> dict:
     timings["labels"] = time.perf_counter() - t0
 
     # 3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
-    #    summed token rewards of pairs of samples of one prompt ranked by their share of good words.
+    #    summed token rewards of pairs of samples of one prompt ranked by the sum of their token labels.
     t0 = time.perf_counter()
     rm_stage = _Stage.reused(root, "reward_model", cfg.resume, cfg.reuse_stages)
     rm_dir = rm_stage.dir / "model"
     if not rm_stage.done:
-        examples = [TokenExample(r["prompt"], r["response"], [_span(s) for s in r["spans"]])
-                    for r in records if r["response"]]
-        pairs = _pairs_from_labels(records)
+        # With end labels an empty finished query is an example too: its end token alone, labelled -1.
+        examples = [_token_example(r, cfg.label_end) for r in records
+                    if r["response"] or (cfg.label_end and r.get("finished", True))]
+        pairs = _pairs_from_labels(records, cfg.pair_rank, lambda r: label_sum(
+            _token_example(r, cfg.label_end), tokenizer, cfg.label_unit))
         rm = TokenRewardModel.from_pretrained(
             sft_model, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers), seed=cfg.seed)
         history = train_token_reward_model(
             rm, TokenRMConfig(output_dir=str(rm_stage.dir), seed=cfg.seed, num_epochs=cfg.rm_epochs,
                               batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, progress=True,
-                              balance_labels=True, mixed_precision=cfg.mixed_precision),
+                              balance_labels=True, mixed_precision=cfg.mixed_precision, label_unit=cfg.label_unit,
+                              anchor_weight=cfg.rm_anchor_weight),
             token_examples=examples, pairs=pairs,
         )
         rm_stage.finish({"examples": len(examples), "pairs": len(pairs), "eval": history[-1].get("eval", {})})
@@ -382,14 +432,17 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # Where the reward model puts its credit on the SFT samples it was trained on (EOS, stopwords, position, and
     # how the summed reward moves with length), and the length control both PPO policies get.
     label_ids = [rm.encode_response(r["response"]) for r in records]
+    if cfg.label_end:  # a sample cut at the length limit is read as the reward model was trained on it: no EOS
+        label_ids = [ids[:-1] if not r.get("finished", True) and len(ids) > 1 else ids
+                     for r, ids in zip(records, label_ids)]
     label_prompts = [r["prompt"] for r in records]
     label_rewards = rm.score_token_ids(label_prompts, label_ids) if records else []
     credit = credit_profile(rm, label_prompts, label_ids, rewards=label_rewards) if records else {}
     center = (mean_token_reward(rm, label_prompts, label_ids, exclude_eos=cfg.reward_eos == "zero",
                                 rewards=label_rewards) if cfg.reward_center == "mean" else 0.0)
-    length_norm = credit["mean_length"] if cfg.reward_length == "mean" and credit else None
     eos_mean = credit.get("mean_reward", {}).get("eos") if credit else None
     unfinished = float(eos_mean) if cfg.reward_unfinished == "eos" and eos_mean is not None else 0.0
+    shaping_temperature = _sum_spread(label_rewards) if cfg.reward_shaping == "potential" else None
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
     ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
@@ -414,8 +467,9 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           log_tensorboard=False, reuse_sampling_logprobs=True,
                           mixed_precision=cfg.mixed_precision),
                 policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
-                reward_fn=rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos, length_norm=length_norm,
-                                          unfinished=unfinished, repeats=cfg.reward_repeat),
+                reward_fn=(_shaped_reward_fn(rm, kind, shaping_temperature) if cfg.reward_shaping == "potential"
+                           else rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos, unfinished=unfinished,
+                                                repeats=cfg.reward_repeat)),
             ).train()
             del policy, critic
             release_free_memory()
@@ -436,13 +490,16 @@ def _run_demo(cfg: DemoConfig) -> dict:
     summary["labeler"] = (f"LLM judge {cfg.judge} ({cfg.judge_model}) marking good and bad words" if cfg.judge
                           else "reference-based (words supported by the true next query or clicked titles)")
     summary["labels"] = labels_stage.info()
+    summary["label_rules"] = {"label_repeats": cfg.label_repeats, "label_unit": cfg.label_unit,
+                              "label_end": cfg.label_end, "pair_rank": cfg.pair_rank}
     summary["reward_model_eval"] = rm_stage.info().get("eval", {})
     summary["reward_credit"] = {"labelled_samples": credit, **{
         name: generations[name]["credit"] for name in cfg.policies if "credit" in generations.get(name, {})}}
     summary["length_control"] = {"reward_center": cfg.reward_center, "center": center, "reward_eos": cfg.reward_eos,
-                                 "reward_length": cfg.reward_length, "length_norm": length_norm,
+                                 "reward_length": cfg.reward_length,
                                  "reward_unfinished": cfg.reward_unfinished, "unfinished": unfinished,
-                                 "reward_repeat": cfg.reward_repeat}
+                                 "reward_repeat": cfg.reward_repeat, "reward_shaping": cfg.reward_shaping,
+                                 "shaping_temperature": shaping_temperature}
     curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
     if any(curves.values()):
@@ -452,6 +509,31 @@ def _run_demo(cfg: DemoConfig) -> dict:
     _write_report(cfg, root, summary, generations, test, tokenizer)
     drop_replaced()  # a replaced run goes only once this one has finished
     return summary
+
+
+def _sum_spread(rewards: list[list[float]]) -> float:
+    """The standard deviation of the summed token rewards of some responses (1.0 when it cannot be measured):
+    the scale at which the shaping potential's sigmoid neither saturates nor stays linear."""
+    sums = [sum(row) for row in rewards]
+    if len(sums) < 2:
+        return 1.0
+    mean = sum(sums) / len(sums)
+    spread = (sum((x - mean) ** 2 for x in sums) / (len(sums) - 1)) ** 0.5
+    return spread if spread > 1e-6 else 1.0
+
+
+def _shaped_reward_fn(rm: object, kind: str, temperature: float) -> Callable:
+    """The potential-shaped reward of a token RM: per token for TPPO, its telescoped total for sequence PPO."""
+    from tokencredit.rewards.shaping import potential_reward_fn, token_rm_potentials
+
+    per_token = potential_reward_fn(token_rm_potentials(rm, bound="sigmoid", temperature=temperature))
+    if kind == "token":
+        return per_token
+
+    def total(prompts: list[str], responses: list[str], ids: list[list[int]]) -> list[float]:
+        return [sum(row) for row in per_token(prompts, responses, ids)]
+
+    return total
 
 
 def _clamp_layers(model_name: str, top_layers: int | None) -> int | None:
@@ -471,7 +553,7 @@ def _labeler(cfg: DemoConfig, folder: Path) -> object:
     from tokencredit.feedback.labelers import ReferenceLabeler
 
     if cfg.judge is None:
-        return ReferenceLabeler()
+        return ReferenceLabeler(repeats=cfg.label_repeats)
     from tokencredit.judges.backends import HFBackend, OpenAIBackend
     from tokencredit.judges.labelers import JudgeTokenLabeler
 
@@ -480,7 +562,7 @@ def _labeler(cfg: DemoConfig, folder: Path) -> object:
         backend = HFBackend.from_pretrained(cfg.judge[3:], cache=cache)
     else:
         backend = OpenAIBackend(cfg.judge, cfg.judge_model, api_key_env=cfg.judge_api_key_env, cache=cache)
-    return JudgeTokenLabeler(backend)
+    return JudgeTokenLabeler(backend, repeats=cfg.label_repeats)
 
 
 def _span(s: list[int]) -> object:
@@ -490,26 +572,72 @@ def _span(s: list[int]) -> object:
     return SpanLabel(int(s[0]), int(s[1]), int(s[2]))
 
 
-def _pairs_from_labels(records: list[dict]) -> list:
-    """Preference pairs between samples of one prompt whose share of good words differs."""
+def end_label(response: str, spans: list[SpanLabel], finished: bool) -> int:
+    """The label of where a sample ends: a finished one's end token +1 when it holds a +1 word, else -1 (an empty
+    or unsupported query should not be ended on); an unfinished one's last token -1 (the length limit never pays)."""
+    from tokencredit.rewards.labels import word_units
+
+    if not finished:
+        return -1
+    return 1 if any(u.label > 0 for u in word_units(response, spans)) else -1
+
+
+def _token_example(r: dict, label_end: bool) -> TokenExample:
+    """A labels record as the reward model trains on it; a record without ``finished`` / ``end_label`` (written
+    before they existed) is finished with an unlabelled end, as is every record when end labels are off."""
+    from tokencredit.rewards.records import TokenExample
+
+    spans = [_span(s) for s in r["spans"]]
+    if not label_end:
+        return TokenExample(r["prompt"], r["response"], spans)
+    return TokenExample(r["prompt"], r["response"], spans, finished=bool(r.get("finished", True)),
+                        end_label=int(r.get("end_label", 0)))
+
+
+def label_sum(example: TokenExample, tokenizer: object, unit: str) -> int:
+    """The sum of an example's token labels as the reward model's BCE sees them (word units, end label): the
+    additive quantity its summed token reward is fitted to."""
+    from tokencredit.rewards.labels import spans_to_token_labels
+
+    _, labels = spans_to_token_labels(example.response, example.spans, tokenizer, add_eos=example.finished,
+                                      unit=unit, end_label=example.end_label)
+    return sum(labels)
+
+
+def _pairs_from_labels(records: list[dict], rank: str = "share", score: Callable[[dict], float] | None = None
+                       ) -> list:
+    """Preference pairs between samples of one prompt, the better one first; equal samples form none.
+
+    ``rank="sum"``: finished samples only (a pair's texts are scored with an end token appended), ranked by
+    ``score`` (the demo: :func:`label_sum`), so pairs are ranked by the quantity the summed reward is fitted to.
+    ``rank="share"``: every sample, ranked by its share of good words (the demo before issue 29).
+    """
     from tokencredit.rewards.records import PreferencePair
 
-    by_session: dict[int, list[dict]] = {}
-    for r in records:
-        by_session.setdefault(r["session"], []).append(r)
+    if rank not in ("sum", "share"):
+        raise ValueError(f"rank must be sum or share (got {rank!r})")
+    if rank == "sum" and score is None:
+        raise ValueError("rank='sum' needs a score for each record")
 
-    def quality(r: dict) -> float:
+    def share(r: dict) -> float:
         labels = [s[2] for s in r["spans"]]
         return sum(1 for v in labels if v > 0) / len(labels) if labels else 0.0
+
+    quality = share if rank == "share" else score
+    by_session: dict[int, list[tuple[dict, float]]] = {}
+    for r in records:
+        if rank == "sum" and not r.get("finished", True):
+            continue
+        by_session.setdefault(r["session"], []).append((r, quality(r)))
 
     pairs = []
     for group in by_session.values():
         for i in range(len(group)):
             for j in range(i + 1, len(group)):
-                a, b = group[i], group[j]
-                if quality(a) == quality(b) or a["response"] == b["response"]:
+                (a, qa), (b, qb) = group[i], group[j]
+                if qa == qb or a["response"] == b["response"]:
                     continue
-                win, lose = (a, b) if quality(a) > quality(b) else (b, a)
+                win, lose = (a, b) if qa > qb else (b, a)
                 pairs.append(PreferencePair(win["prompt"], win["response"], lose["response"]))
     return pairs
 

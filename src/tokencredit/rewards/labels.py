@@ -41,12 +41,7 @@ def word_spans(text: str) -> list[tuple[int, int, str]]:
 
 def _label_of(text: str, start: int, end: int, spans: Sequence[SpanLabel]) -> int:
     """Label of the characters text[start:end]: -1 wins over +1; whitespace never counts as overlap."""
-    # Trim whitespace so that a BPE token " sort" (leading space) or a word-level join space only overlaps
-    # a span through its visible characters; a whitespace-only token then overlaps nothing.
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
+    start, end = _visible(text, start, end)
     if start >= end:
         return 0
     hits = [s.label for s in spans if s.start < end and start < s.end]
@@ -55,22 +50,89 @@ def _label_of(text: str, start: int, end: int, spans: Sequence[SpanLabel]) -> in
     return 1 if hits else 0
 
 
+def _visible(text: str, start: int, end: int) -> tuple[int, int]:
+    """text[start:end] without leading and trailing whitespace, as (start, end); start >= end when blank."""
+    # A BPE token " sort" (leading space) or a word-level join space must only overlap a span through its
+    # visible characters; a whitespace-only token then overlaps nothing.
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def word_units(text: str, spans: Sequence[SpanLabel]) -> list[SpanLabel]:
+    """The units of credit of some spans: each word of ``text`` a span reaches, from the first character a span
+    covers to the word's end, with the label of the spans on it (-1 wins); a span that reaches no word
+    (punctuation) is one unit of its own."""
+    units = []
+    reached = [False] * len(spans)
+    for start, end, _ in word_spans(text):
+        hits = [k for k, s in enumerate(spans) if s.start < end and start < s.end]
+        if not hits:
+            continue
+        for k in hits:
+            reached[k] = True
+        label = -1 if any(spans[k].label < 0 for k in hits) else 1
+        units.append(SpanLabel(max(start, min(spans[k].start for k in hits)), end, label))
+    for k, s in enumerate(spans):
+        a, b = _visible(text, s.start, min(s.end, len(text)))
+        if not reached[k] and a < b:
+            units.append(SpanLabel(a, b, s.label))
+    return sorted(units, key=lambda u: u.start)
+
+
+def _first_token_labels(text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[SpanLabel]) -> list[int]:
+    """One label per token where each word unit's label sits on the first token overlapping it (-1 wins where
+    two units start on one token); every other token 0."""
+    visible = [_visible(text, a, b) for a, b in offsets]
+    labels = [0] * len(offsets)
+    for unit in word_units(text, spans):
+        for i, (a, b) in enumerate(visible):
+            if a < b and a < unit.end and unit.start < b:
+                labels[i] = -1 if -1 in (labels[i], unit.label) else 1
+                break
+    return labels
+
+
+LABEL_UNITS = ("token", "word")
+"""How span labels reach tokens: "token" = every token of a labelled word; "word" = its first token only."""
+
+
 def spans_to_token_labels(
     response: str, spans: Sequence[SpanLabel], tokenizer: object, add_eos: bool = True,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, unit: str = "token", end_label: int = 0,
 ) -> tuple[list[int], list[int]]:
-    """Tokenize ``response`` (no special tokens) and label each token from the spans; EOS (label 0) appended;
-    with ``max_tokens``, only the first ``max_tokens`` (a huge response is cut before it is tokenized)."""
+    """Tokenize ``response`` (no special tokens) and label each token from the spans; EOS appended; with
+    ``max_tokens``, only the first ``max_tokens`` (a huge response is cut before it is tokenized).
+
+    ``unit="token"``: every token overlapping a span carries its label. ``unit="word"``: each word a span reaches
+    is one unit of credit, whatever its number of tokens: its label sits on the word's first token (where the
+    policy commits to the word) and its other tokens are 0, so a word split into k tokens is not paid k times.
+    ``end_label`` labels where the response ends: the appended EOS, or without ``add_eos`` (a response cut at a
+    length limit) its last token, replacing that token's word label; 0 = EOS unlabelled, last token as it was.
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("spans_to_token_labels needs a fast tokenizer (return_offsets_mapping)")
+    if unit not in LABEL_UNITS:
+        raise ValueError(f"unit must be one of {LABEL_UNITS} (got {unit!r})")
+    if end_label not in (-1, 0, 1):
+        raise ValueError(f"end_label must be -1, 0 or +1 (got {end_label!r})")
+    whole = response
     if max_tokens is not None:
         response = head_within(tokenizer, response, max_tokens)  # keeps the start, so offsets are unchanged
     enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = [_label_of(response, a, b, spans) for a, b in enc["offset_mapping"]]
+    if unit == "word":
+        labels = _first_token_labels(response, enc["offset_mapping"], spans)
+    else:
+        labels = [_label_of(response, a, b, spans) for a, b in enc["offset_mapping"]]
     if add_eos:
         ids.append(end_token_id(tokenizer))
-        labels.append(0)
+        labels.append(end_label)
+    elif end_label and labels and len(response) == len(whole):
+        # Only the true last token: a text cut by head_within ends mid-response.
+        labels[-1] = end_label
     if max_tokens is not None:
         ids, labels = ids[: max(max_tokens, 0)], labels[: max(max_tokens, 0)]
     return ids, labels
@@ -85,35 +147,36 @@ def end_token_id(tokenizer: object) -> int:
     raise ValueError("the tokenizer has neither an EOS nor a SEP token to close a response")
 
 
-def map_rewards_by_chars(
-    source_spans: Sequence[tuple[int, int]], source_rewards: Sequence[float], target_spans: Sequence[tuple[int, int]]
-) -> list[float]:
-    """Move per-token rewards from one tokenization of a text onto another, keeping their sum.
+def overlapping(spans: Sequence[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Indices of the ``spans`` sharing a character with ``span``; an empty span (a special token such as EOS or
+    [SEP]) meets only an empty span at the same place."""
+    start, end = span
+    if start >= end:
+        return [i for i, (a, b) in enumerate(spans) if a >= b and a == start]
+    return [i for i, (a, b) in enumerate(spans) if a < b and a < end and start < b]
 
-    Each source token's reward goes to the target token holding the source token's last character; a source
-    token with no characters (a special token such as EOS or [SEP]) goes to the last target token, where a
-    policy's EOS sits. Characters no target token covers (e.g. spaces between word-level tokens) go to the
-    nearest target token before them.
+
+def map_rewards_by_chars(
+    source_spans: Sequence[tuple[int, int]], source_rewards: Sequence[float], target_spans: Sequence[tuple[int, int]],
+    start: float = 0.0,
+) -> list[float]:
+    """Move per-token rewards from one tokenization of a text onto another, keeping their scale.
+
+    Each target token gets the mean reward of the source tokens that share a character with it
+    (:func:`overlapping`): a sum would pay a word once per piece the target tokenizer cuts it into, and a
+    bounded reward would leave its range. A target token that no source token reaches (a space between
+    word-level tokens, a byte piece of a character, an empty special token) carries the value of the target
+    token before it, ``start`` for the first, so a constant reward maps to the same constant everywhere.
     """
     if len(source_spans) != len(source_rewards):
         raise ValueError(f"{len(source_spans)} source spans but {len(source_rewards)} rewards")
-    out = [0.0] * len(target_spans)
-    if not target_spans:
-        return out
-    for (start, end), reward in zip(source_spans, source_rewards):
-        out[_holder(target_spans, end - 1) if end > start else len(target_spans) - 1] += float(reward)
+    out, value = [], float(start)
+    for span in target_spans:
+        hits = overlapping(source_spans, span)
+        if hits:
+            value = sum(float(source_rewards[i]) for i in hits) / len(hits)
+        out.append(value)
     return out
-
-
-def _holder(spans: Sequence[tuple[int, int]], char: int) -> int:
-    """Index of the span containing ``char``, else of the last span starting at or before it, else 0."""
-    before = 0
-    for i, (start, end) in enumerate(spans):
-        if start <= char < end:
-            return i
-        if start <= char and end > start:
-            before = i
-    return before
 
 
 def _decode_walk(
@@ -146,9 +209,37 @@ def _decode_walk(
 def token_char_spans(
     token_ids: Sequence[int], tokenizer: object, skip_special_tokens: bool = True
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Decoded text and each token's (start, end) characters in it; spans may share a multi-byte character."""
+    """Decoded text and each token's (start, end) characters in it; spans may share a multi-byte character.
+
+    Not causal: a token's span is placed in the text of the whole sequence; :func:`prefix_texts` reads y<=t only.
+    """
     text, walk = _decode_walk(token_ids, tokenizer, skip_special_tokens)
     return text, [(start, end) for start, _, end in walk]
+
+
+def prefix_texts(
+    token_ids: Sequence[int], tokenizer: object, skip_special_tokens: bool = True
+) -> list[tuple[str, int]]:
+    """Per token t, the text of y<=t decoded on its own and where the characters t adds to it start.
+
+    Causal, unlike :func:`token_char_spans`: nothing here reads a token after t. A prefix ending inside a
+    multi-byte character leaves that character out until the token completing it arrives, so a byte piece, like
+    a skipped special token, adds no characters (its start is the text's length).
+    """
+    ids = [int(i) for i in token_ids]
+    decoded = tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)],
+                                     skip_special_tokens=skip_special_tokens) if ids else []
+    out: list[tuple[str, int]] = []
+    before = ""
+    for text in decoded:
+        # A byte piece decodes to U+FFFD; the character it starts belongs to the token that completes it.
+        text = text.rstrip("\ufffd")
+        same, limit = 0, min(len(before), len(text))
+        while same < limit and before[same] == text[same]:
+            same += 1
+        out.append((text, same))
+        before = text
+    return out
 
 
 def token_pieces(tokenizer: object, token_ids: Sequence[int], skip_special_tokens: bool = False) -> list[str]:

@@ -18,11 +18,23 @@ from tokencredit.rewards.labels import SpanLabel
 
 @dataclass
 class TokenExample:
-    """A response with span labels over its characters (+1 good / -1 bad words)."""
+    """A response with span labels over its characters (+1 good / -1 bad words).
+
+    ``finished``: the response ended by itself (the reward model reads it with EOS appended); False for one cut
+    at a length limit, which is read without EOS. ``end_label`` labels where it ends: the EOS of a finished
+    response, the last token of an unfinished one (-1 / 0 = no label / +1).
+    """
 
     prompt: str
     response: str
     spans: list[SpanLabel] = field(default_factory=list)
+    finished: bool = True
+    end_label: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject an end label other than -1, 0 or +1."""
+        if self.end_label not in (-1, 0, 1):
+            raise ValueError(f"end_label must be -1, 0 or +1, got {self.end_label!r}")
 
 
 @dataclass

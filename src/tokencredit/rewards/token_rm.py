@@ -48,10 +48,12 @@ from tokencredit.models import (
 from tokencredit.rewards.edits import edit_token_labels, span_bt_loss
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.rewards.labels import (
+    LABEL_UNITS,
     end_token_id,
     map_rewards_by_chars,
+    overlapping,
+    prefix_texts,
     spans_to_token_labels,
-    token_char_spans,
     word_spans,
 )
 from tokencredit.rewards.records import PreferencePair, TokenExample, random_split
@@ -275,19 +277,63 @@ class TokenRewardModel:
         policy_tokenizer: object,
         batch_size: int = 16,
     ) -> list[list[float]]:
-        """Token rewards for another tokenizer's tokens: decode them, score the text with the RM's own tokens,
-        then move each RM token's reward onto the policy token holding its last character (sums are kept)."""
+        """Token rewards for another tokenizer's tokens, causal: policy token t's reward reads x and y<=t only.
+
+        The text of y<=t decoded on its own (:func:`~tokencredit.rewards.labels.prefix_texts`) is tokenized by the
+        RM and scored, and t gets the mean reward of the RM tokens holding characters that t adds
+        (:func:`~tokencredit.rewards.labels.map_rewards_by_chars`): neither a merge with characters after t nor
+        the number of pieces a word is cut into changes it. A token that adds no character an RM token holds (a
+        byte piece of a character, a skipped special token, whitespace a WordPiece RM drops) carries the reward
+        of the token before it; the first token of a response then gets the RM's reward at the prompt's last
+        token. The RM's end token is appended only when the response ends with one of the policy's end tokens
+        (:func:`end_ids`), whose reward it becomes. A bounded RM's rewards stay in (0, 1). Every prefix is one
+        more sequence to score, batched ``batch_size`` at a time; for a causal RM a prefix whose RM tokens begin
+        a longer scored sequence of the same prompt is read off that sequence.
+        """
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError("mapping rewards across tokenizers needs a fast reward-model tokenizer (offsets)")
-        rm_ids, rm_spans, policy_spans = [], [], []
-        for ids in policy_token_ids:
-            text, spans = token_char_spans(ids, policy_tokenizer)
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            rm_ids.append(list(enc["input_ids"]) + [end_token_id(self.tokenizer)])
-            rm_spans.append([tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text))])
-            policy_spans.append(spans)
-        rm_rewards = self.score_token_ids(prompts, rm_ids, batch_size)
-        return [map_rewards_by_chars(s, r, t) for s, r, t in zip(rm_spans, rm_rewards, policy_spans)]
+        if len(prompts) != len(policy_token_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(policy_token_ids)} responses")
+        policy_ends, rm_end = end_ids(policy_tokenizer), end_token_id(self.tokenizer)
+        views = []  # (row, t, text of y<=t, characters t adds, ended) of each token with something to score
+        for row, ids in enumerate(policy_token_ids):
+            ids = [int(i) for i in ids]
+            for t, (text, new) in enumerate(prefix_texts(ids, policy_tokenizer)):
+                if t == len(ids) - 1 and ids[t] in policy_ends:
+                    views.append((row, t, text, (len(text), len(text)), True))
+                elif new < len(text):
+                    views.append((row, t, text, (new, len(text)), False))
+        enc = (self.tokenizer([v[2] for v in views], add_special_tokens=False, return_offsets_mapping=True)
+               if views else {"input_ids": [], "offset_mapping": []})
+        jobs = {}  # (row, t) -> (prompt, RM ids to score, their spans, characters t adds)
+        for (row, t, _, target, ended), rm_ids, offsets in zip(views, enc["input_ids"], enc["offset_mapping"]):
+            rm_ids, spans = list(rm_ids), [tuple(o) for o in offsets]
+            if ended:
+                rm_ids.append(rm_end)
+                spans.append(target)  # empty, at the end of the text: it meets only the policy's end token
+            hits = overlapping(spans, target)
+            if hits:
+                # A causal RM's reward at RM token j reads RM tokens <= j only: what follows the last one needed is
+                # not scored, so the sequence can be the start of a longer one.
+                cut = max(hits) + 1 if self.LOOKS_BACK else len(rm_ids)
+                jobs[(row, t)] = (prompts[row], tuple(rm_ids[:cut]), spans[:cut], target)
+        sequences, serves = _sequences_to_score([(p, ids) for p, ids, _, _ in jobs.values()], self.LOOKS_BACK)
+        order = sorted(range(len(sequences)), key=lambda k: len(sequences[k][1]))  # like lengths batch together
+        scored = self.score_token_ids([sequences[k][0] for k in order], [list(sequences[k][1]) for k in order],
+                                      batch_size)
+        rewards = dict(zip(order, scored))
+        values = {key: map_rewards_by_chars(spans, rewards[k][: len(spans)], [target])[0]
+                  for (key, (_, _, spans, target)), k in zip(jobs.items(), serves)}
+        first = sorted({prompts[row] for row, ids in enumerate(policy_token_ids) if len(ids) and (row, 0) not in jobs})
+        starts = dict(zip(first, _prompt_end_rewards(self, first, batch_size)))
+        out = []
+        for row, ids in enumerate(policy_token_ids):
+            value, line = starts.get(prompts[row]), []
+            for t in range(len(ids)):
+                value = values.get((row, t), value)
+                line.append(value)
+            out.append(line)
+        return out
 
     def encode_response(self, response: str, max_tokens: int | None = None) -> list[int]:
         """Response token ids as the reward model reads a text response: no special tokens, then EOS; with
@@ -309,30 +355,38 @@ class TokenRewardModel:
         batch_size: int = 16,
         center: float = 0.0,
         eos: Literal["keep", "zero"] = "keep",
-        length_norm: float | None = None,
+        length_norm: None = None,
         unfinished: float = 0.0,
         repeats: Literal["keep", "clip", "clip_words"] = "keep",
     ) -> RewardFn:
         """A PPO reward_fn: per-token rewards ("token", TPPO) or their sum per response ("sequence").
 
+        Causal in every option and path (a policy with another tokenizer included, :meth:`score_for_policy`):
+        token t's reward reads the prompt and y<=t only, so tokens sampled after t never change it.
+
         Length control (docs/tppo.md): ``center`` is subtracted from every token's reward, so that a response
         earns or loses nothing merely by having more tokens (pass the mean token reward of samples from the
         starting policy, :func:`mean_token_reward`); ``eos="zero"`` gives the end-of-sequence token reward 0,
         because word labels never reach it and Bradley-Terry on summed rewards makes it carry the length
-        preference. A zeroed EOS is not centred. ``length_norm=L`` multiplies a response's token rewards by
-        L / its length, so its total is L times its mean token reward: a token above the response's mean raises
-        it, one below lowers it, and length itself earns nothing (pass the labelled samples' mean length to keep
-        the reward scale of a typical response). ``unfinished`` is added to the last token of a response cut at
+        preference. A zeroed EOS is not centred. ``unfinished`` is added to the last token of a response cut at
         the length limit without an end token: with a negative end-token reward, running to the limit otherwise
         escapes the cost of ending (pass the mean end-token reward of the samples, e.g. from ``credit_profile``).
+        Whether a response was cut is known only at its last step, but that is the step that ran into the limit,
+        so the charge lands on the action that incurred it and no earlier token's reward changes.
         ``repeats="clip"``: a token that repeats an earlier token of the same response gets at most 0 — summed
         token rewards are additive, so without it a word the model likes earns its reward again every time it is
         repeated (TREC and AOL: PPO queries became "hospital hospital hospital ..."). ``"clip_words"`` does the
-        same for every token of a word that repeats an earlier word of the response, compared as lower-case
-        text without surrounding punctuation, so "Civil" and " civil," repeat although their token ids differ.
+        same for a token whose word, as it stands in the text of y<=t, equals an earlier word of that text
+        (lower case, without surrounding punctuation, so "Civil" and " civil," repeat although their token ids
+        differ; :func:`repeated_words`). ``length_norm`` was removed: it multiplied every token's reward by
+        L / the final length, so a token's reward depended on how many tokens came after it; only None is taken.
         """
-        if length_norm is not None and not length_norm > 0:
-            raise ValueError(f"length_norm must be > 0 or None (got {length_norm})")
+        if length_norm is not None:
+            raise ValueError(
+                f"length_norm was removed (got {length_norm!r}): scaling every token's reward by L / the response's "
+                "final length made it depend on tokens sampled after it. Use center= (mean_token_reward) to make "
+                "length reward-neutral, and leave length_norm out"
+            )
         if kind not in ("token", "sequence"):
             raise ValueError(f"kind must be 'token' or 'sequence' (got {kind!r})")
         if eos not in ("keep", "zero"):
@@ -350,7 +404,7 @@ class TokenRewardModel:
                 rows = self.score_for_policy(prompts, response_token_ids, policy_tokenizer, batch_size)
             else:
                 rows = self.score_token_ids(prompts, response_token_ids, batch_size)
-            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, length_norm, unfinished,
+            rows = [adjust_token_rewards(row, ids, center, eos == "zero", ends, unfinished,
                                          clip_repeats=repeats != "keep",
                                          repeated=(repeated_words(ids, response_tokenizer, ends)
                                                    if repeats == "clip_words" else None))
@@ -362,6 +416,56 @@ class TokenRewardModel:
         return reward_fn
 
 
+def _sequences_to_score(
+    items: Sequence[tuple[str, tuple[int, ...]]], prefixes: bool
+) -> tuple[list[tuple[str, tuple[int, ...]]], list[int]]:
+    """The (prompt, ids) sequences to score for these and, per item, the one serving it: equal items share one,
+    and with ``prefixes`` (a causal RM) an item that begins a longer sequence of the same prompt is read off it."""
+    chosen: list[tuple[str, tuple[int, ...]]] = []
+    serves = [0] * len(items)
+    found: dict = {}  # exact items, or with prefixes per prompt a trie of token ids whose nodes name a sequence
+    for i in sorted(range(len(items)), key=lambda i: -len(items[i][1])):
+        prompt, ids = items[i]
+        if not prefixes:
+            serves[i] = found.setdefault((prompt, ids), len(chosen))
+            if serves[i] == len(chosen):
+                chosen.append((prompt, ids))
+            continue
+        node, known = found.setdefault(prompt, {}), True
+        for token in ids:
+            known = known and token in node
+            node = node.setdefault(token, {})
+            node.setdefault(None, len(chosen))
+        serves[i] = node[None]
+        if not known:
+            chosen.append((prompt, ids))
+    return chosen, serves
+
+
+@torch.no_grad()
+def _prompt_end_rewards(rm: TokenRewardModel, prompts: Sequence[str], batch_size: int) -> list[float]:
+    """The RM's reward at each prompt's last token, before any response token (sigmoid for a bounded RM; the
+    neutral 0 or 0.5 for a prompt with no tokens)."""
+    neutral = 0.5 if rm.bounded else 0.0
+    limit = getattr(rm.model.backbone.config, "max_position_embeddings", None)
+    out: list[float] = []
+    was_training = rm.model.training
+    rm.model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = encode_prompts(rm.tokenizer, list(prompts[start : start + batch_size]), limit, rm.device)
+            if ids.size(1) == 0:
+                out.extend([neutral] * ids.size(0))
+                continue
+            scores = rm.model(ids, mask, position_ids_from_mask(mask))[:, -1]  # left-padded: the last prompt token
+            if rm.bounded:
+                scores = torch.sigmoid(scores)
+            out.extend(s if real else neutral for s, real in zip(scores.float().cpu().tolist(), mask[:, -1].tolist()))
+    finally:
+        rm.model.train(was_training)
+    return out
+
+
 def end_ids(tokenizer: object) -> frozenset[int]:
     """Token ids that end a response for this tokenizer (EOS, or SEP for encoders)."""
     ids = {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "sep_token_id", None)}
@@ -369,14 +473,14 @@ def end_ids(tokenizer: object) -> frozenset[int]:
 
 
 def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float = 0.0, zero_eos: bool = False,
-                         ends: frozenset[int] = frozenset(), length_norm: float | None = None,
-                         unfinished: float = 0.0, clip_repeats: bool = False,
+                         ends: frozenset[int] = frozenset(), unfinished: float = 0.0, clip_repeats: bool = False,
                          repeated: Sequence[bool] | None = None) -> list[float]:
     """One response's token rewards after length control: ``center`` subtracted from each, at most 0 for a token
     repeating an earlier one of the response when ``clip_repeats`` (end tokens aside; ``repeated`` marks the
     repeats instead when given, e.g. :func:`repeated_words`), a final end token's reward set to 0 when
-    ``zero_eos``, ``unfinished`` added to the last token of a response without a final end token (cut at the
-    length limit), then each multiplied by ``length_norm / len(row)`` when given."""
+    ``zero_eos``, and ``unfinished`` added to the last token of a response without a final end token (cut at the
+    length limit: known only at that last step, the one that ran into the limit). Token t's result reads
+    ``row[t]`` and ids up to t only, that last-step charge aside."""
     out = [r - center for r in row]
     if clip_repeats:
         if repeated is None:
@@ -389,8 +493,6 @@ def adjust_token_rewards(row: Sequence[float], ids: Sequence[int], center: float
         out[-1] = 0.0
     if unfinished and out and not finished:
         out[-1] += unfinished
-    if length_norm is not None and out:
-        out = [r * length_norm / len(out) for r in out]
     return out
 
 
@@ -405,18 +507,25 @@ def _repeated_ids(ids: Sequence[int], ends: frozenset[int]) -> list[bool]:
 
 
 def repeated_words(ids: Sequence[int], tokenizer: object, ends: frozenset[int] = frozenset()) -> list[bool]:
-    """Whether each token holds characters of a word that repeats an earlier word of the response: words as the
-    labelers see them (:func:`~tokencredit.rewards.labels.word_spans`, so punctuation alone is never a word),
-    compared in lower case; end tokens are never repeats."""
-    text, spans = token_char_spans(ids, tokenizer)
-    seen: set[str] = set()
-    repeats = []
-    for start, end, word in word_spans(text):
-        if word.lower() in seen:
-            repeats.append((start, end))
-        seen.add(word.lower())
-    return [int(token) not in ends and any(a < end and start < b for start, end in repeats)
-            for token, (a, b) in zip(ids, spans)]
+    """Whether each token adds characters to a word that repeats an earlier word, judged causally on the text of
+    y<=t alone (:func:`~tokencredit.rewards.labels.prefix_texts`): words as the labelers see them
+    (:func:`~tokencredit.rewards.labels.word_spans`, so punctuation alone is never a word), compared in lower
+    case, as they stand in that prefix. So a word split over tokens is marked from the token that makes it equal
+    an earlier word: "civil civ" does not repeat "civil" yet, "civil civil" does even if "ian" comes next, and a
+    longer word's first pieces ("Sco" of a second "Scooterama") are not marked. A token that adds no characters
+    (a byte piece, an end token) is never marked."""
+    marks = []
+    for token, (text, new) in zip(ids, prefix_texts(ids, tokenizer)):
+        again = False
+        if int(token) not in ends and new < len(text):
+            seen: set[str] = set()
+            for _, end, word in word_spans(text):
+                if end > new and word.lower() in seen:  # a word holding characters this token adds
+                    again = True
+                    break
+                seen.add(word.lower())
+        marks.append(again)
+    return marks
 
 
 def mean_token_reward(rm: TokenRewardModel, prompts: Sequence[str], response_token_ids: Sequence[Sequence[int]],
@@ -456,6 +565,18 @@ def token_bce_loss(
     return masked_mean(per_token, weight)
 
 
+def anchor_loss(rewards: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared reward over unlabelled (label 0), unmasked tokens; 0 when there are none.
+
+    BCE leaves these tokens untrained, so their rewards are whatever the head extrapolates, and a sum over a
+    response adds that noise once per token: anchoring them at 0 makes the sum count the labelled units.
+    """
+    weight = mask.float() * (labels == 0).float()
+    if weight.sum() == 0:
+        return rewards.sum() * 0.0  # keeps the graph (and the step) alive when a batch has no such token
+    return masked_mean(rewards.float() ** 2, weight)
+
+
 def summed_bt_loss(
     chosen_rewards: torch.Tensor,
     chosen_mask: torch.Tensor,
@@ -481,7 +602,14 @@ class TokenRMConfig:
     weight_decay: float = 0.0
     max_length: int = 512  # prompt + response tokens; responses keep their start, prompts their end
     bce_weight: float = 1.0  # weight of the per-token BCE on span labels
+    # Weight of the mean squared reward at the unlabelled tokens of labelled examples (label 0: stopwords, a word's
+    # later tokens, words no one judged): pulls them towards 0 so a response's summed reward counts its labelled
+    # units instead of whatever the head extrapolates to the rest (0 = off, the old behaviour)
+    anchor_weight: float = 0.0
     balance_labels: bool = False  # good and bad tokens weigh equally in the BCE, whatever their counts
+    # How span labels reach tokens: "token" = every token of a labelled word carries its label; "word" = only the
+    # word's first token does (the others are unlabelled), so a word split into k tokens is one unit of credit
+    label_unit: Literal["token", "word"] = "token"
     bt_weight: float = 1.0  # weight of Bradley-Terry on summed token rewards of preference pairs
     span_bt_weight: float = 0.0  # weight of span Bradley-Terry on minimal edits (FG)
     # Weight of sequence BT on each edit's (chosen, original) pair, chosen = the edit's chosen or else its
@@ -503,7 +631,11 @@ class TokenRMConfig:
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
         validate_fit_config(self)
+        if self.label_unit not in LABEL_UNITS:
+            raise ValueError(f"label_unit must be one of {LABEL_UNITS} (got {self.label_unit!r})")
         weights = (self.bce_weight, self.bt_weight, self.span_bt_weight, self.edit_bt_weight)
+        if not self.anchor_weight >= 0:
+            raise ValueError(f"anchor_weight must be >= 0 (got {self.anchor_weight})")
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError("bce_weight, bt_weight, span_bt_weight and edit_bt_weight must be >= 0 and not all 0")
 
@@ -536,10 +668,11 @@ class _EditRow(NamedTuple):
 
 
 def _token_rows(
-    rm: TokenRewardModel, examples: Sequence[TokenExample], max_tokens: int | None = None
+    rm: TokenRewardModel, examples: Sequence[TokenExample], max_tokens: int | None = None, unit: str = "token"
 ) -> list[_TokenRow]:
-    """Tokenize token examples and project their spans onto the tokens (EOS appended, label 0); with
-    ``max_tokens``, only the tokens training reads (the first max_tokens)."""
+    """Tokenize token examples and project their spans onto the tokens by ``unit`` (see spans_to_token_labels):
+    a finished example gets EOS with its end label, an unfinished one no EOS and its end label on its last token;
+    with ``max_tokens``, only the tokens training reads (the first max_tokens)."""
     rows = []
     for i, ex in enumerate(examples):
         bad = [s for s in ex.spans if s.end > len(ex.response)]
@@ -548,7 +681,10 @@ def _token_rows(
                 f"token example {i}: span ({bad[0].start}, {bad[0].end}) ends beyond the response "
                 f"({len(ex.response)} characters)"
             )
-        ids, labels = spans_to_token_labels(ex.response, ex.spans, rm.tokenizer, add_eos=True, max_tokens=max_tokens)
+        ids, labels = spans_to_token_labels(ex.response, ex.spans, rm.tokenizer, add_eos=ex.finished,
+                                            max_tokens=max_tokens, unit=unit, end_label=ex.end_label)
+        if not ids:
+            raise ValueError(f"token example {i}: an unfinished response with no tokens has nothing to score")
         rows.append(_TokenRow(ex.prompt, ids, labels))
     return rows
 
@@ -605,6 +741,10 @@ def _loss(
         labels = _pad_labels([r.labels for r in token_batch], rewards.size(1), rm.device)
         bce = token_bce_loss(rewards, labels, mask, config.balance_labels)
         loss = loss + config.bce_weight * bce
+        if config.anchor_weight > 0:
+            anchor = anchor_loss(rewards, labels, mask)
+            loss = loss + config.anchor_weight * anchor
+            stats["loss/anchor"] = anchor.item()
         labelled = (labels != 0) & mask.bool()
         correct = ((rewards > 0) == (labels > 0)) & labelled
         stats["loss/bce"] = bce.item()
@@ -675,16 +815,18 @@ def evaluate_token_reward_model(
     pairs: Sequence[PreferencePair] = (),
     batch_size: int = 16,
     edits: Sequence[object] = (),
+    label_unit: str = "token",
 ) -> dict:
     """Token accuracy/precision/recall (sign of r_t vs label, labelled tokens only), pairwise accuracy, and
     for minimal edits (:class:`~tokencredit.rewards.data.EditTriple`) the span accuracy.
 
     Precision and recall are for the "good" class (+1); ``token_bad_*`` for the "bad" class (-1). Span accuracy
     is the share of edits whose written tokens outscore their removed ones: sum_{E+} r > sum_{O-} r.
+    ``label_unit``: how span labels reach tokens, as the model was trained (:class:`TokenRMConfig`).
     """
     tp = fp = fn = tn = 0
     if token_examples:
-        rows = _token_rows(rm, token_examples)
+        rows = _token_rows(rm, token_examples, unit=label_unit)
         scores = rm.score_token_ids([r.prompt for r in rows], [r.ids for r in rows], batch_size)
         threshold = 0.5 if rm.bounded else 0.0  # a bounded reward calls a token good above sigmoid(0)
         pred = np.array([s > threshold for row in scores for s in row])
@@ -758,7 +900,7 @@ def train_token_reward_model(
     # Training reads the first max_length - 1 tokens of a response (_rewards_truncated): cut to that here, so a
     # huge response is cut before it is tokenized (same ids and labels).
     keep = config.max_length - 1
-    tok_rows, pair_rows = _token_rows(rm, tok_train, keep), _pair_rows(rm, pair_train, keep)
+    tok_rows, pair_rows = _token_rows(rm, tok_train, keep, config.label_unit), _pair_rows(rm, pair_train, keep)
     edit_rows = _edit_rows(rm, edit_train, keep)
     if tok_rows and not any(lab != 0 for r in tok_rows for lab in r.labels):
         log.warning("no token example has a labelled token; the BCE term will be 0")
@@ -780,7 +922,8 @@ def train_token_reward_model(
                   "token rm", settings=run_settings)
     step = history[-1]["step"] if history else 0
     out = Path(config.output_dir)
-    metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs, edits=edit_eval)
+    metrics = evaluate_token_reward_model(rm, tok_eval, pair_eval, batch_size=bs, edits=edit_eval,
+                                          label_unit=config.label_unit)
     history.append({"step": step, "eval": metrics})
     if is_main_process():  # rank 0 alone writes under accelerate launch
         atomic_write_json(out / "eval.json", metrics)
