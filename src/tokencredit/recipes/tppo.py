@@ -514,11 +514,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
 def _sum_spread(rewards: list[list[float]]) -> float:
     """The standard deviation of the summed token rewards of some responses (1.0 when it cannot be measured):
     the scale at which the shaping potential's sigmoid neither saturates nor stays linear."""
+    import statistics
+
     sums = [sum(row) for row in rewards]
-    if len(sums) < 2:
-        return 1.0
-    mean = sum(sums) / len(sums)
-    spread = (sum((x - mean) ** 2 for x in sums) / (len(sums) - 1)) ** 0.5
+    spread = statistics.stdev(sums) if len(sums) > 1 else 0.0
     return spread if spread > 1e-6 else 1.0
 
 

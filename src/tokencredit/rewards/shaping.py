@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from tokencredit.models import attends_only_back
-from tokencredit.rewards.labels import end_token_id
+from tokencredit.rewards.labels import end_token_id, prefix_texts
 from tokencredit.rewards.seq_rm import SequenceRewardModel
 from tokencredit.rewards.token_rm import TokenRewardModel, end_ids, same_tokenizer
 from tokencredit.rewards.tokens import RewardFn
@@ -100,11 +100,8 @@ def _policy_prefixes(ids: Sequence[int], policy_tokenizer: object, rm_tokenizer:
     after t is read) and re-tokenized, with the RM's end token where the prefix ends on a policy end token."""
     ends = end_ids(policy_tokenizer)
     rm_end = end_token_id(rm_tokenizer)
-    texts = policy_tokenizer.batch_decode([list(ids[:t]) for t in range(1, len(ids) + 1)], skip_special_tokens=True)
     out: list[list[int]] = [[]]
-    for t, text in enumerate(texts, 1):
-        # A character whose bytes are not all sampled yet decodes to U+FFFD; it is read once it is complete.
-        text = text.rstrip("\ufffd")
+    for t, (text, _) in enumerate(prefix_texts(ids, policy_tokenizer), 1):
         rm_ids = list(rm_tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
         out.append(rm_ids + [rm_end] if int(ids[t - 1]) in ends else rm_ids)
     return out
