@@ -21,6 +21,8 @@ copy of the base arm's finished SFT stage, whose settings are the same):
     v2         labels that pay for content once (repeats -1, one unit per word, end labels, no end token on
                truncated samples, pairs ranked by label sum), unlabelled tokens anchored at 0, repeats clipped
     v2_shaped  v2's stages, both PPO policies on the potential-shaped objective (reward_shaping=potential)
+    v2_online  v2's stages, and every 10 updates each PPO policy's own samples labelled and its reward model
+               refitted on them (online RLAIF, relabel_every=10), against v2's offline reward model
 
 The "mean" and "mean_unf" arms (token rewards scaled by mean length / the query's final length) are gone with the
 demo's reward_length=mean: that scaling made a token's reward depend on the tokens after it (not causal).
@@ -67,11 +69,11 @@ ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"
         "center_norepeat": ["reward_center=mean", "reward_repeat=clip"]}
 V2 = ["label_repeats=bad", "label_unit=word", "label_end=true", "pair_rank=sum", "rm_anchor_weight=1.0",
       "reward_repeat=clip"]
-ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"]})
+ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"], "v2_online": [*V2, "relabel_every=10"]})
 # Arms whose labels and reward model are their own (base's SFT stage is copied in), and arms that reuse the stages
 # of an arm other than base.
 OWN_STAGES = {"v2"}
-REUSE_FROM = {"v2_shaped": "v2"}
+REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2"}
 # TREC seed 0 (base) showed the failure at 30 updates is length *growth*: queries run to the 12-token cap without
 # an end token (finished share 0.9 -> 0.1), escaping its negative reward; the default set measures the options
 # aimed at that. center (which adds reward per token there) stays available.
@@ -152,6 +154,9 @@ def arm_result(folder: Path) -> dict:
         "reward_credit": summary.get("reward_credit", {}),
         "length_control": summary.get("length_control", {}),
         "learning_curves": summary.get("learning_curves", {}),
+        # online arms: per policy and round, the labeler's mean label sum of the policy's own samples and the
+        # refitted reward model's held-out accuracy
+        "reward_rounds": summary.get("reward_rounds", {}),
         "data": summary.get("data", {}),
         "timings_s": summary.get("timings_s", {}),
     }

@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,6 +150,11 @@ class DemoConfig:
     # token rewards with those options
     reward_shaping: Literal["none", "potential"] = "none"
     curve_every: int | None = None  # also evaluate both PPO policies on the test sessions every N updates
+    # Online RLAIF: before every N-th PPO update each PPO policy's own samples on label_prompts fresh train prompts
+    # are labelled (same labeler and label rules) and its reward model is refitted on them plus as many replayed
+    # earlier labels, starting from the previous round's model (rm_epochs passes); None = the offline reward model
+    # fitted once on SFT samples. Rounds are kept under <policy>/reward_rounds/ and resume like stages.
+    relabel_every: int | None = None
     # An earlier demo run folder (same data, seed, model and stage settings) whose finished sft, labels and
     # reward_model stages this run uses instead of training its own: for ablations of the PPO stages
     reuse_stages: str | None = None
@@ -184,6 +190,9 @@ class DemoConfig:
             raise ValueError(f"label_repeats must be bad or keep, label_unit word or token, label_end true or false "
                              f"and pair_rank sum or share (got {self.label_repeats!r}, {self.label_unit!r}, "
                              f"{self.label_end!r}, {self.pair_rank!r})")
+        if self.relabel_every is not None and not 1 <= self.relabel_every < self.ppo_updates:
+            raise ValueError(f"relabel_every must be in [1, ppo_updates={self.ppo_updates}) so that at least one "
+                             f"refit happens before the last update (got {self.relabel_every}); null = offline")
         if self.curve_every is not None and not 1 <= self.curve_every <= self.ppo_updates:
             raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
         if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():
@@ -310,17 +319,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _run_demo(cfg: DemoConfig) -> dict:
     """run_demo without the progress-bar settings."""
-    from tokencredit.feedback.labelers import ReferenceLabeler, label_stats
-    from tokencredit.rewards.credit import credit_profile
-    from tokencredit.rewards.token_rm import (
-        TokenRewardModel,
-        TokenRMConfig,
-        mean_token_reward,
-        train_token_reward_model,
-    )
+    from tokencredit.rewards.token_rm import TokenRewardModel
     from tokencredit.rl.ppo import PPOConfig, PPOTrainer
     from tokencredit.rl.sft import SFTConfig, SFTTrainer
-    from tokencredit.tasks.querygen import PromptTemplate, render_prompt, session_context
+    from tokencredit.tasks.querygen import PromptTemplate, render_prompt
 
     cfg.validate()
     root = Path(cfg.output)
@@ -369,39 +371,15 @@ def _run_demo(cfg: DemoConfig) -> dict:
     if not labels_stage.done:
         labels_stage.dir.mkdir(parents=True, exist_ok=True)
         policy = load_policy(sft_model)
-        rng = random.Random(cfg.seed)
-        chosen = rng.sample(range(len(train)), min(cfg.label_prompts, len(train)))
+        chosen = random.Random(cfg.seed).sample(range(len(train)), min(cfg.label_prompts, len(train)))
         labeler = _labeler(cfg, labels_stage.dir)
-        gen_rng = torch.Generator().manual_seed(cfg.seed)
-        records = []
-        skipped = 0  # samples the labeler gave no labels (an unreadable judge answer): no example, no pair
-        for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
-            idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
-            prompts = [train_prompts[i] for i in idx]
-            out = generate(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                           generator=gen_rng)
-            texts = [t.strip() for t in out.texts]
-            spans = labeler.label(prompts, texts, [session_context(train[i], template) for i in idx])
-            for i, text, sp, finished in zip(idx, texts, spans, out.finished.tolist()):
-                if sp is None:
-                    skipped += 1
-                    continue
-                records.append({"session": i, "prompt": train_prompts[i], "response": text,
-                                "spans": [[s.start, s.end, s.label] for s in sp], "finished": bool(finished),
-                                "end_label": end_label(text, sp, bool(finished))})
-        with labels_path.open("w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        stats = label_stats([[_span(s) for s in r["spans"]] for r in records])
-        if not isinstance(labeler, ReferenceLabeler):
-            stats["judge_unparseable"] = labeler.stats.unparseable
-            stats["judge_unparseable_examples"] = labeler.stats.examples
-        stats["skipped_no_labels"] = skipped
-        stats["unfinished"] = sum(not r["finished"] for r in records)
-        labels_stage.finish({"records": len(records), **stats})
+        records, skipped = _label_samples(cfg, policy, tokenizer, labeler, chosen, train, train_prompts, template,
+                                          torch.Generator().manual_seed(cfg.seed))
+        _write_records(labels_path, records)
+        labels_stage.finish(_records_stats(records, labeler, skipped))
         del policy
         release_free_memory()
-    records = [json.loads(line) for line in labels_path.read_text().splitlines() if line.strip()]
+    records = _read_records(labels_path)
     timings["labels"] = time.perf_counter() - t0
 
     # 3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
@@ -410,39 +388,17 @@ def _run_demo(cfg: DemoConfig) -> dict:
     rm_stage = _Stage.reused(root, "reward_model", cfg.resume, cfg.reuse_stages)
     rm_dir = rm_stage.dir / "model"
     if not rm_stage.done:
-        # With end labels an empty finished query is an example too: its end token alone, labelled -1.
-        examples = [_token_example(r, cfg.label_end) for r in records
-                    if r["response"] or (cfg.label_end and r.get("finished", True))]
-        pairs = _pairs_from_labels(records, cfg.pair_rank, lambda r: label_sum(
-            _token_example(r, cfg.label_end), tokenizer, cfg.label_unit))
-        rm = TokenRewardModel.from_pretrained(
-            sft_model, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers), seed=cfg.seed)
-        history = train_token_reward_model(
-            rm, TokenRMConfig(output_dir=str(rm_stage.dir), seed=cfg.seed, num_epochs=cfg.rm_epochs,
-                              batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, progress=True,
-                              balance_labels=True, mixed_precision=cfg.mixed_precision, label_unit=cfg.label_unit,
-                              anchor_weight=cfg.rm_anchor_weight),
-            token_examples=examples, pairs=pairs,
-        )
-        rm_stage.finish({"examples": len(examples), "pairs": len(pairs), "eval": history[-1].get("eval", {})})
-        del rm
+        history, examples, pairs = _fit_token_rm(cfg, sft_model, records, rm_stage.dir, tokenizer, top_layers,
+                                                 cfg.seed)
+        rm_stage.finish({"examples": examples, "pairs": pairs, "eval": history[-1].get("eval", {})})
         release_free_memory()
     rm = TokenRewardModel.from_pretrained(rm_dir)
     timings["reward_model"] = time.perf_counter() - t0
     # Where the reward model puts its credit on the SFT samples it was trained on (EOS, stopwords, position, and
     # how the summed reward moves with length), and the length control both PPO policies get.
-    label_ids = [rm.encode_response(r["response"]) for r in records]
-    if cfg.label_end:  # a sample cut at the length limit is read as the reward model was trained on it: no EOS
-        label_ids = [ids[:-1] if not r.get("finished", True) and len(ids) > 1 else ids
-                     for r, ids in zip(records, label_ids)]
-    label_prompts = [r["prompt"] for r in records]
-    label_rewards = rm.score_token_ids(label_prompts, label_ids) if records else []
-    credit = credit_profile(rm, label_prompts, label_ids, rewards=label_rewards) if records else {}
-    center = (mean_token_reward(rm, label_prompts, label_ids, exclude_eos=cfg.reward_eos == "zero",
-                                rewards=label_rewards) if cfg.reward_center == "mean" else 0.0)
-    eos_mean = credit.get("mean_reward", {}).get("eos") if credit else None
-    unfinished = float(eos_mean) if cfg.reward_unfinished == "eos" and eos_mean is not None else 0.0
-    shaping_temperature = _sum_spread(label_rewards) if cfg.reward_shaping == "potential" else None
+    controls = _reward_controls(cfg, rm, records)
+    credit, center, unfinished = controls.credit, controls.center, controls.unfinished
+    shaping_temperature = controls.shaping_temperature
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
     ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
@@ -467,13 +423,15 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           log_tensorboard=False, reuse_sampling_logprobs=True,
                           mixed_precision=cfg.mixed_precision),
                 policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
-                reward_fn=(_shaped_reward_fn(rm, kind, shaping_temperature) if cfg.reward_shaping == "potential"
-                           else rm.as_reward_fn(kind, center=center, eos=cfg.reward_eos, unfinished=unfinished,
-                                                repeats=cfg.reward_repeat)),
-            ).train()
+                reward_fn=_policy_reward_fn(cfg, rm, kind, controls),
+            ).train(before_update=None if cfg.relabel_every is None else _OnlineRefits(
+                cfg, stage.dir / "reward_rounds", kind, rm_dir, records, _LabelSource(
+                    train, train_prompts, template, tokenizer), top_layers))
             del policy, critic
             release_free_memory()
             info: dict = {"policy": str(stage.dir / "policy")}
+            if cfg.relabel_every is not None:
+                info["reward_rounds"] = _rounds_info(stage.dir / "reward_rounds")
             if curve:
                 info["curve"] = _learning_curve(cfg, stage.dir, sft_model, test, test_prompts, tokenizer, rm)
                 shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
@@ -502,6 +460,9 @@ def _run_demo(cfg: DemoConfig) -> dict:
                                  "shaping_temperature": shaping_temperature}
     curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
+    if cfg.relabel_every is not None:
+        summary["reward_rounds"] = {name: _Stage(root, name, True).info().get("reward_rounds", [])
+                                    for name in ("tppo", "ppo_sequence") if name in cfg.policies}
     if any(curves.values()):
         summary["learning_curves"] = {"sft": {k: summary["sft"][k] for k in CURVE_METRICS},
                                       **{k: v for k, v in curves.items() if v}}
@@ -511,11 +472,221 @@ def _run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
+def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: object, chosen: list[int],
+                   train: list, train_prompts: list[str], template: object, generator: torch.Generator
+                   ) -> tuple[list[dict], int]:
+    """Sample ``samples_per_prompt`` queries of ``policy`` for each chosen train session and label their words:
+    (records, samples the labeler gave no labels: an unreadable judge answer, no example and no pair)."""
+    from tokencredit.tasks.querygen import session_context
+
+    records = []
+    skipped = 0
+    for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
+        idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
+        prompts = [train_prompts[i] for i in idx]
+        out = generate(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                       generator=generator)
+        texts = [t.strip() for t in out.texts]
+        spans = labeler.label(prompts, texts, [session_context(train[i], template) for i in idx])
+        for i, text, sp, finished in zip(idx, texts, spans, out.finished.tolist()):
+            if sp is None:
+                skipped += 1
+                continue
+            records.append({"session": i, "prompt": train_prompts[i], "response": text,
+                            "spans": [[s.start, s.end, s.label] for s in sp], "finished": bool(finished),
+                            "end_label": end_label(text, sp, bool(finished))})
+    return records, skipped
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    """Labelled samples as JSON lines, written whole before the stage is marked done."""
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _read_records(path: Path) -> list[dict]:
+    """What :func:`_write_records` wrote."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _records_stats(records: list[dict], labeler: object, skipped: int) -> dict:
+    """Label counts of a labelling pass, with the judge's unreadable answers when a judge labelled."""
+    from tokencredit.feedback.labelers import ReferenceLabeler, label_stats
+
+    stats = label_stats([[_span(s) for s in r["spans"]] for r in records])
+    if not isinstance(labeler, ReferenceLabeler):
+        stats["judge_unparseable"] = labeler.stats.unparseable
+        stats["judge_unparseable_examples"] = labeler.stats.examples
+    stats["skipped_no_labels"] = skipped
+    stats["unfinished"] = sum(not r["finished"] for r in records)
+    return {"records": len(records), **stats}
+
+
+def _fit_token_rm(cfg: DemoConfig, start: Path, records: list[dict], folder: Path, tokenizer: object,
+                  top_layers: int | None, seed: int) -> tuple[list[dict], int, int]:
+    """Fit a token reward model from the model folder ``start`` (fresh LoRA adapters) on labelled samples: per-token
+    BCE on the word labels plus Bradley-Terry on the summed token rewards of pairs of samples of one prompt ranked
+    by the sum of their token labels. Saved to ``folder/model``; returns (history, examples, pairs)."""
+    from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
+
+    # With end labels an empty finished query is an example too: its end token alone, labelled -1.
+    examples = [_token_example(r, cfg.label_end) for r in records
+                if r["response"] or (cfg.label_end and r.get("finished", True))]
+    pairs = _pairs_from_labels(records, cfg.pair_rank, lambda r: label_sum(
+        _token_example(r, cfg.label_end), tokenizer, cfg.label_unit))
+    rm = TokenRewardModel.from_pretrained(
+        start, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers), seed=seed)
+    history = train_token_reward_model(
+        rm, TokenRMConfig(output_dir=str(folder), seed=seed, num_epochs=cfg.rm_epochs,
+                          batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, progress=True,
+                          balance_labels=True, mixed_precision=cfg.mixed_precision, label_unit=cfg.label_unit,
+                          anchor_weight=cfg.rm_anchor_weight),
+        token_examples=examples, pairs=pairs,
+    )
+    return history, len(examples), len(pairs)
+
+
+@dataclass
+class _RewardControls:
+    """What a reward model's PPO reward takes from its labelled samples (docs/tppo.md, "Length control")."""
+
+    center: float  # subtracted from every token reward (reward_center=mean), else 0
+    unfinished: float  # added to the last token of a query cut at the limit (reward_unfinished=eos), else 0
+    shaping_temperature: float | None  # the potential's scale (reward_shaping=potential), else None
+    credit: dict  # credit_profile of the labelled samples
+
+
+def _reward_controls(cfg: DemoConfig, rm: object, records: list[dict]) -> _RewardControls:
+    """Where the reward model puts its credit on labelled samples (EOS, stopwords, position, and how the summed
+    reward moves with length), and the length-control constants both PPO policies get from them."""
+    from tokencredit.rewards.credit import credit_profile
+    from tokencredit.rewards.token_rm import mean_token_reward
+
+    label_ids = [rm.encode_response(r["response"]) for r in records]
+    if cfg.label_end:  # a sample cut at the length limit is read as the reward model was trained on it: no EOS
+        label_ids = [ids[:-1] if not r.get("finished", True) and len(ids) > 1 else ids
+                     for r, ids in zip(records, label_ids)]
+    prompts = [r["prompt"] for r in records]
+    rewards = rm.score_token_ids(prompts, label_ids) if records else []
+    credit = credit_profile(rm, prompts, label_ids, rewards=rewards) if records else {}
+    center = (mean_token_reward(rm, prompts, label_ids, exclude_eos=cfg.reward_eos == "zero", rewards=rewards)
+              if cfg.reward_center == "mean" else 0.0)
+    eos_mean = credit.get("mean_reward", {}).get("eos") if credit else None
+    unfinished = float(eos_mean) if cfg.reward_unfinished == "eos" and eos_mean is not None else 0.0
+    temperature = _sum_spread(rewards) if cfg.reward_shaping == "potential" else None
+    return _RewardControls(center, unfinished, temperature, credit)
+
+
+def _policy_reward_fn(cfg: DemoConfig, rm: object, kind: str, controls: _RewardControls) -> Callable:
+    """The reward a PPO policy of the demo gets from a token reward model: per token ("token", TPPO) or summed
+    ("sequence"), with the demo's shaping or length and repeat options."""
+    if cfg.reward_shaping == "potential":
+        return _shaped_reward_fn(rm, kind, controls.shaping_temperature)
+    return rm.as_reward_fn(kind, center=controls.center, eos=cfg.reward_eos, unfinished=controls.unfinished,
+                           repeats=cfg.reward_repeat)
+
+
+@dataclass
+class _LabelSource:
+    """The train sessions and prompts online rounds draw fresh prompts from, and how prompts are written."""
+
+    train: list
+    prompts: list[str]
+    template: object
+    tokenizer: object
+
+
+class _OnlineRefits:
+    """``relabel_every``: the reward model a PPO policy is trained on, refitted on its own samples.
+
+    Called before every PPO update (:meth:`PPOTrainer.train`'s ``before_update``). Round k starts at update
+    k * relabel_every: the policy as it is then samples queries for ``label_prompts`` train prompts drawn afresh
+    for the round, the demo's labeler labels them, and round k-1's reward model (round 0: the offline one) is
+    fitted on them plus as many labels replayed from earlier rounds, then becomes the trainer's reward. Each round
+    is a folder with a done marker, so a resumed run loads the rounds it finished and rebuilds at most the one
+    that was interrupted, from the policy resumed at the same update.
+    """
+
+    def __init__(self, cfg: DemoConfig, root: Path, kind: str, offline_rm: Path, offline_records: list[dict],
+                 source: _LabelSource, top_layers: int | None) -> None:
+        """Rounds under ``root`` for a policy of ``kind`` ("token" or "sequence")."""
+        self.cfg, self.root, self.kind, self.source, self.top_layers = cfg, root, kind, source, top_layers
+        self.offline_rm, self.offline_records = offline_rm, offline_records
+        self.round = 0
+
+    def _dir(self, k: int) -> Path:
+        """Round k's folder."""
+        return self.root / f"round{k}"
+
+    def _model(self, k: int) -> Path:
+        """Round k's reward model folder (round 0: the offline reward model)."""
+        return self.offline_rm if k == 0 else self._dir(k) / "reward_model" / "model"
+
+    def _records(self, k: int) -> list[dict]:
+        """The labels of rounds 0..k (round 0: the offline labels of SFT samples)."""
+        out = list(self.offline_records)
+        for j in range(1, k + 1):
+            out += _read_records(self._dir(j) / "labels.jsonl")
+        return out
+
+    def __call__(self, trainer: object) -> None:
+        """Make the trainer's reward the one of the round its next update belongs to."""
+        from tokencredit.rewards.token_rm import TokenRewardModel
+
+        target = trainer.update_idx // self.cfg.relabel_every
+        if target == self.round:
+            return
+        for k in range(1, target + 1):
+            if not (self._dir(k) / "done.json").exists():
+                if k < target:
+                    log.warning("online round %d is missing under %s; building it from the policy at update %d",
+                                k, self.root, trainer.update_idx)
+                self._build(k, trainer.policy)
+        rm = TokenRewardModel.from_pretrained(self._model(target))
+        trainer.reward_fn = _policy_reward_fn(self.cfg, rm, self.kind,
+                                              _reward_controls(self.cfg, rm, self._records(target)))
+        self.round = target
+
+    def _build(self, k: int, policy: object) -> None:
+        """Round k: label the policy's samples on fresh prompts and refit round k-1's reward model on them."""
+        cfg, src = self.cfg, self.source
+        folder = self._dir(k)
+        folder.mkdir(parents=True, exist_ok=True)
+        # A round's prompts and samples are a function of (seed, round), so a rebuilt round is the same round.
+        rng = random.Random(cfg.seed * 1_000_003 + k)
+        chosen = rng.sample(range(len(src.train)), min(cfg.label_prompts, len(src.train)))
+        labeler = _labeler(cfg, folder)
+        records, skipped = _label_samples(cfg, policy, src.tokenizer, labeler, chosen, src.train, src.prompts,
+                                          src.template, torch.Generator().manual_seed(cfg.seed * 1_000_003 + k))
+        earlier = self._records(k - 1)
+        replay = rng.sample(earlier, min(len(earlier), len(records)))
+        # Replayed samples keep their own prompts, and pairs form within one session: mark them apart so a replayed
+        # sample never pairs with a new one of the same session.
+        fit_records = records + [{**r, "session": ("replay", r["session"])} for r in replay]
+        history, examples, pairs = _fit_token_rm(cfg, self._model(k - 1), fit_records, folder / "reward_model",
+                                                 src.tokenizer, self.top_layers, cfg.seed + k)
+        _write_records(folder / "labels.jsonl", records)
+        atomic_write_json(folder / "done.json", {
+            "round": k, "labels": _records_stats(records, labeler, skipped), "replayed": len(replay),
+            "examples": examples, "pairs": pairs, "eval": history[-1].get("eval", {}),
+            # The labeler's verdict on the policy's own samples, round by round: whether PPO improved what the
+            # labels measure (the offline reward model's view of it can drift from that).
+            "mean_label_sum": (statistics.fmean(label_sum(_token_example(r, cfg.label_end), src.tokenizer,
+                                                          cfg.label_unit) for r in records) if records else None),
+        })
+        release_free_memory()
+
+
+def _rounds_info(root: Path) -> list[dict]:
+    """What each finished online round recorded, in round order."""
+    folders = sorted(root.glob("round*/done.json"), key=lambda p: int(p.parent.name[len("round"):]))
+    return [json.loads(p.read_text()) for p in folders]
+
+
 def _sum_spread(rewards: list[list[float]]) -> float:
     """The standard deviation of the summed token rewards of some responses (1.0 when it cannot be measured):
     the scale at which the shaping potential's sigmoid neither saturates nor stays linear."""
-    import statistics
-
     sums = [sum(row) for row in rewards]
     spread = statistics.stdev(sums) if len(sums) > 1 else 0.0
     return spread if spread > 1e-6 else 1.0

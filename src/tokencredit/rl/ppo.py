@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -513,8 +513,14 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ main loop
     @releases_run_folders
-    def train(self) -> list[dict]:
-        """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update."""
+    def train(self, before_update: Callable[[PPOTrainer], None] | None = None) -> list[dict]:
+        """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update.
+
+        ``before_update`` is called with the trainer before every update (``update_idx`` is the number of
+        updates done, also right after a resume), e.g. to swap ``reward_fn`` for a refitted reward model
+        (online RLAIF, the demo's ``relabel_every``). It must derive what it does from ``update_idx`` and files
+        it wrote, not from calls it saw, so that a resumed run gets the same rewards as an uninterrupted one.
+        """
         cfg = self.config
         group = self.group
         # Before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 writes.
@@ -526,6 +532,8 @@ class PPOTrainer:
         try:
             with logger:
                 while self.update_idx < cfg.num_updates:
+                    if before_update is not None:
+                        before_update(self)
                     stats = self.step(self.batch_indices(self.update_idx))
                     self.update_idx += 1
                     stats = {"update": self.update_idx, **stats}
