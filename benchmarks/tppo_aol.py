@@ -257,6 +257,43 @@ def aggregate(result: dict) -> None:
             for pair in (with_matched[0]["length_matched_f1"] if with_matched else {})}
         agg[arm] = row
     result["aggregate"] = agg
+    result["criteria"] = criteria(result)
+
+
+def curve_drop(points: list[float]) -> float:
+    """How far a learning curve falls below its own running peak at worst (0 when it never falls)."""
+    peak, drop = float("-inf"), 0.0
+    for value in points:
+        peak = max(peak, value)
+        drop = max(drop, peak - value)
+    return drop
+
+
+def criteria(result: dict) -> dict:
+    """Issue 29's bar for an arm, checked on every arm with results: mean TPPO F1 >= SFT's and >= sequence PPO's;
+    in every seed the paired 95% interval of TPPO - SFT has its lower end above -0.01; TPPO's queries repeat a
+    word at most 5 points more often than SFT's; TPPO's mean length within +-30% of SFT's; no learning curve
+    (TPPO or sequence PPO, SFT as its first point) falls more than 0.02 F1 below its own peak."""
+    out = {}
+    for arm, row in result.get("aggregate", {}).items():
+        runs = [seed[arm] for seed in result["per_seed"].values() if arm in seed]
+        f1 = {p: row["metrics"][p]["token_f1"]["mean"] for p in POLICIES}
+        words = {p: row["metrics"][p]["mean_words"]["mean"] for p in POLICIES}
+        repeats = {p: row["repeat_share"][p]["mean"] for p in POLICIES}
+        lows = [r["paired"]["tppo - sft"]["token_f1"]["low"] for r in runs]
+        drops = [curve_drop([r["metrics"]["sft"]["token_f1"]] + [p["token_f1"] for p in r["learning_curves"][pol]])
+                 for r in runs for pol in ("tppo", "ppo_sequence") if r.get("learning_curves", {}).get(pol)]
+        checks = {
+            "tppo_f1_at_least_sft": f1["tppo"] >= f1["sft"],
+            "tppo_f1_at_least_sequence_ppo": f1["tppo"] >= f1["ppo_sequence"],
+            "every_seed_ci_low_above_-0.01": all(low > -0.01 for low in lows),
+            "repeats_within_sft_plus_5_points": repeats["tppo"] <= repeats["sft"] + 0.05,
+            "length_within_30pct_of_sft": abs(words["tppo"] - words["sft"]) <= 0.3 * words["sft"],
+            "no_curve_falls_over_0.02_below_its_peak": bool(drops) and max(drops) <= 0.02,
+        }
+        out[arm] = {"seeds": len(runs), "checks": checks, "ci_lows": lows,
+                    "worst_curve_drop": max(drops) if drops else None}
+    return out
 
 
 def refresh(result: dict, root: Path) -> None:
@@ -295,6 +332,16 @@ def markdown(result: dict) -> str:
                          f"{_ci(r['paired']['ppo_sequence - sft'])} | {words} | "
                          f"{r.get('repeat_share', {}).get('tppo', 0):.2f} | {_curve(curves.get('tppo', []))} | "
                          f"{_curve(curves.get('ppo_sequence', []))} |")
+    checks = result.get("criteria", {})
+    if checks:
+        names = list(next(iter(checks.values()))["checks"])
+        lines += ["", "Issue 29's bar per arm (over the seeds run so far; yes / no):", "",
+                  "| arm | seeds | " + " | ".join(n.replace("_", " ") for n in names) + " | worst curve drop |",
+                  "|---|---|" + "---|" * len(names) + "---|"]
+        for arm, c in checks.items():
+            drop = c["worst_curve_drop"]
+            lines.append(f"| {arm} | {c['seeds']} | " + " | ".join("yes" if c["checks"][n] else "no" for n in names)
+                         + f" | {'' if drop is None else f'{drop:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -327,6 +374,10 @@ def report(result: dict, out: Path) -> None:
             if m and m["mean"] is not None:
                 print(f"    length-matched ({'/'.join(map(str, m['sessions']))} sessions): F1 {m['mean']:+.3f}; CI "
                       f"above 0 in {m['seeds_ci_above_0']}, below 0 in {m['seeds_ci_below_0']}")
+    for arm, c in result.get("criteria", {}).items():
+        failed = [name for name, ok in c["checks"].items() if not ok]
+        print(f"issue 29's bar, arm {arm} ({c['seeds']} seed(s)): "
+              + ("every check passes" if not failed else "fails " + ", ".join(failed)))
     series = {}
     for arm in agg:
         curves = [seed[arm]["learning_curves"] for seed in result["per_seed"].values()
