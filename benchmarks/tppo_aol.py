@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> None:
             folder = Path(args.workdir) / args.data / f"seed{seed}" / arm
             overrides = [*scale, *PINNED, *ARMS[arm], f"output={folder}", f"data={data}", f"seed={seed}", "resume=true",
                          f"fast={str(args.fast).lower()}"]
+            if args.fast and any(o.startswith("relabel_every=") for o in ARMS[arm]):
+                overrides.append("relabel_every=1")  # fast mode runs 2 updates: a refit before the second
             if arm in OWN_STAGES:
                 _copy_sft_stage(base_dir, folder)
             elif arm != "base":
