@@ -190,6 +190,9 @@ def test_demo_length_control_learning_curves_and_reused_stages(tmp_path):
     assert [p["update"] for p in curves["tppo"]] == [1, 2] and [p["update"] for p in curves["ppo_sequence"]] == [1, 2]
     assert curves["sft"]["token_f1"] == out["sft"]["token_f1"]
     assert curves["tppo"][-1]["token_f1"] == pytest.approx(out["tppo"]["token_f1"])  # the last point = the final policy
+    # Each point keeps its queries, so a fall along the curve can be tested over the same sessions.
+    final = json.loads((variant / "generations_tppo.json").read_text())
+    assert curves["tppo"][-1]["predictions"] == [row["prediction"] for row in final]
     assert not (variant / "tppo" / "checkpoints").exists()  # measured, then dropped
     # Reusing an unfinished run is refused, naming the stage.
     assert main(["demo", "--fast", "--output", str(tmp_path / "v2"), f"reuse_stages={tmp_path / 'nothing'}"]) == 2

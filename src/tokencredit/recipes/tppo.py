@@ -871,8 +871,10 @@ def _learning_curve(cfg: DemoConfig, stage_dir: Path, sft_model: Path, test: lis
     references = [s.target_query for s in test]
     points = []
     for ckpt in _bar(CheckpointManager(stage_dir).candidates()[::-1], f"curve {stage_dir.name}", "checkpoint"):
-        metrics, _ = _greedy_eval(cfg, sft_model, ckpt / "policy", prompts, references, tokenizer, rm)
-        points.append({"update": CheckpointManager.step_of(ckpt), **{k: metrics[k] for k in CURVE_METRICS}})
+        metrics, generated = _greedy_eval(cfg, sft_model, ckpt / "policy", prompts, references, tokenizer, rm)
+        # The queries themselves, so that a fall along the curve can be tested pairwise over the same sessions.
+        points.append({"update": CheckpointManager.step_of(ckpt), **{k: metrics[k] for k in CURVE_METRICS},
+                       "predictions": generated["texts"]})
     return sorted(points, key=lambda p: p["update"])
 
 
