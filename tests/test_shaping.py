@@ -276,6 +276,24 @@ def test_policy_with_a_subword_tokenizer_scores_each_prefix_as_its_own_text():
     assert phi == pytest.approx(want, abs=1e-5)
 
 
+def test_tokens_that_add_no_text_earn_nothing_under_shaping_but_echo_a_summed_reward():
+    # Newlines and spaces are tokens of the policy that the RM's word tokenizer drops: the text the RM reads does
+    # not change, so the potential does not either. The summed cross-tokenizer reward instead gives such a token
+    # the reward before it (the mean mapping keeps a constant RM constant), which reward_repeat=clip bounds.
+    policy_tok = load_tokenizer("smollm2-135m-instruct")
+    rm = token_rm()
+    word = policy_tok(" a", add_special_tokens=False)["input_ids"]
+    blank = [i for i in policy_tok("\n\n", add_special_tokens=False)["input_ids"]]
+    ids = word + blank + blank + [policy_tok.eos_token_id]
+    shaped = potential_reward_fn(token_rm_potentials(rm, policy_tokenizer=policy_tok))(["c"], [""], [ids])[0]
+    assert shaped[len(word):-1] == [0.0] * (2 * len(blank))
+    summed = rm.as_reward_fn("token", policy_tokenizer=policy_tok)(["c"], [""], [ids])[0]
+    assert summed[len(word):-1] == pytest.approx([summed[len(word) - 1]] * (2 * len(blank)))
+    clipped = rm.as_reward_fn("token", policy_tokenizer=policy_tok, repeats="clip")(["c"], [""], [ids])[0]
+    repeats = clipped[len(word) + len(blank):-1]
+    assert all(r <= 0.0 for r in repeats) and len(repeats) == len(blank)
+
+
 def test_provider_errors():
     rm, srm, bert = token_rm(), seq_rm(), bert_seq_rm()
     other = tiny_word_tokenizer(["foo", "bar"])
