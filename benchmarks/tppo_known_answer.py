@@ -30,6 +30,8 @@ Arms (same seed, same PPO settings, same number of updates and samples):
                 OLD labels from that policy, which already says its topic's words (as an SFT policy does);
                 its evaluation starts (update 0) at the warm policy
     rm_new_clip    rm_new with a repeated token's reward clipped at 0 (the demo's reward_repeat=clip)
+    rm_new_shaped  rm_new's model as the demo's reward_shaping=potential uses it: Phi = sigmoid(summed token
+                   reward / its spread on the RM's training samples), r_t = Phi(y<=t) - Phi(y<t)
     rm_new_online  rm_new refitted every ``relabel_every`` = 50 updates on NEW labels of 256 samples of the
                    policy as it is then, plus as many replayed earlier examples (the demo's relabel_every)
 
@@ -52,8 +54,8 @@ Predictions (mean over seeds of the final sampled evaluation; checked and printe
                    repeat share >= 0.6 and finished share below the start's
     P5 rm_*        rm_new repeats less than rm_old (repeat share lower) and rm_new's repeat share <= 0.2
 
-Recorded run (3 seeds, see results/tppo_known_answer.md): P3, P4, P1w, P5a and P6 pass; P1, P2, P4b, P5 and P7
-fail. From the random start most words are -1, so ending at once is the first thing PPO learns; under OLD that
+Recorded run (3 seeds, see results/tppo_known_answer.md): P3, P4, P1w, P5a, P6 and P8 pass; P1, P2, P4b, P5 and
+P7 fail. From the random start most words are -1, so ending at once is the first thing PPO learns; under OLD that
 costs nothing (end unlabelled) and no seed ever finds the targets (two drift to <pad> x 6, which decodes to nothing
 and earns 0), so the gaming shows only from a policy that already says its targets (warm_old: repeat share 0.01 ->
 0.92). NEW's -1 on an empty answer keeps words worth trying: oracle_new finds the optimum on seed 0, 2 of 4 topics
@@ -61,6 +63,7 @@ stay at "<eos>" on seeds 1-2 (F1 0.81); shaping finds it on every seed (0.98); s
 0.43 vs 0.56). With LEARNED reward models the labels alone are not enough: rm_new (held-out accuracy 0.95, +1
 recall 0.97 on start samples) is gamed as much as rm_old (repeats 0.83 vs 0.67), because the start policy's samples
 almost never repeat a +1 word, so "the same good word again" is extrapolation; clipping repeats halves that (0.34);
+shaping the same model's rewards does not help (rm_new_shaped: 0.92, its potential rises with the repeats too);
 refitting on the policy's own samples removes it (rm_new_online: repeats 0.07, true label sum +1.86 vs -3.14).
 
 PPO settings were tuned on oracle_new seed 0 only, then fixed for every arm and seed (recorded in the JSON).
@@ -122,7 +125,7 @@ WORDS = ["topic", *TARGETS, *(w for ws in TARGETS.values() for w in ws), *DISTRA
 MAX_NEW_TOKENS = 6
 SHAPING_T = 1.5
 ARMS = ("oracle_old", "oracle_new", "seq_new", "shaped_new", "rm_old", "rm_new", "warm_old", "rm_new_clip",
-        "rm_new_online")
+        "rm_new_online", "rm_new_shaped")
 
 # Tuned on oracle_new seed 0 only, then fixed for every arm and seed. Tried there (F1 at the end): batch 32 /
 # mini 16 / 4 epochs at lr 2e-3 (0.37 after 200 updates), 5e-4 (0.41 / 300), 3e-4 (0.00 / 400), 1e-3 with kl 0.02
@@ -377,6 +380,14 @@ def run_arm(arm: str, seed: int, updates: int, on_eval: Callable[[dict], None]) 
         rm, record["rm_eval"], seen = train_rm(oracle, policy, arm.split("_")[1], seed)
         record["rm_time_s"] = time.perf_counter() - t0
         reward_fn = rm.as_reward_fn("token", repeats="clip" if arm == "rm_new_clip" else "keep")
+        if arm == "rm_new_shaped":
+            # The demo's shaping: Phi = sigmoid(summed token reward / its spread on the RM's training samples).
+            from tokencredit.rewards.shaping import token_rm_potentials
+
+            sums = [sum(r) for r in rm.score([e.prompt for e in seen], [e.response for e in seen])]
+            spread = statistics.stdev(sums) if len(sums) > 1 else 1.0
+            record["shaping_temperature"] = spread
+            reward_fn = potential_reward_fn(token_rm_potentials(rm, bound="sigmoid", temperature=max(spread, 1e-6)))
     elif arm == "warm_old":
         # A policy that already says on-topic words (as an SFT model does): oracle_new's run, then OLD labels.
         warm = make_trainer(RUN_ROOT / f"{arm}_warmup_s{seed}", seed, updates, policy, tok,
@@ -508,6 +519,9 @@ def predictions(summary: dict) -> list[dict]:
              and m("rm_new_online", "sampled_label_sum") > m("rm_new", "sampled_label_sum"),
              f"repeat rm_new {m('rm_new', 'sampled_repeat'):.2f} vs online {m('rm_new_online', 'sampled_repeat'):.2f}"
              f"; label sum {m('rm_new', 'sampled_label_sum'):+.2f} vs {m('rm_new_online', 'sampled_label_sum'):+.2f}")),
+        ("P8 rm_new_shaped: shaping bounds the total but reads the same model, so it does not undo the model's "
+         "extrapolation: repeat share >= 0.3 (written before its run)", ["rm_new_shaped"], lambda: (
+             m("rm_new_shaped", "sampled_repeat") >= 0.3, _line(summary, "rm_new_shaped"))),
         ("P7 rm_new_clip: clipping repeated tokens' reward at 0 (the demo's reward_repeat=clip): repeat share <= 0.2",
          ["rm_new_clip"], lambda: (m("rm_new_clip", "sampled_repeat") <= 0.2, _line(summary, "rm_new_clip"))),
     ]
