@@ -23,6 +23,8 @@ copy of the base arm's finished SFT stage, whose settings are the same):
     v2_shaped  v2's stages, both PPO policies on the potential-shaped objective (reward_shaping=potential)
     v2_online  v2's stages, and every 10 updates each PPO policy's own samples labelled and its reward model
                refitted on them (online RLAIF, relabel_every=10), against v2's offline reward model
+    v2_kl02    v2's stages, KL coefficient 0.2 (TREC seed 1's TPPO rose by 0.05 in 5 updates, then fell back)
+    v2_long    v2's stages, 60 PPO updates instead of 30 (issue 29's long-budget run)
 
 The "mean" and "mean_unf" arms (token rewards scaled by mean length / the query's final length) are gone with the
 demo's reward_length=mean: that scaling made a token's reward depend on the tokens after it (not causal).
@@ -69,11 +71,12 @@ ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"
         "center_norepeat": ["reward_center=mean", "reward_repeat=clip"]}
 V2 = ["label_repeats=bad", "label_unit=word", "label_end=true", "pair_rank=sum", "rm_anchor_weight=1.0",
       "reward_repeat=clip"]
-ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"], "v2_online": [*V2, "relabel_every=10"]})
+ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"], "v2_online": [*V2, "relabel_every=10"],
+             "v2_kl02": [*V2, "kl_coef=0.2"], "v2_long": [*V2, "ppo_updates=60"]})
 # Arms whose labels and reward model are their own (base's SFT stage is copied in), and arms that reuse the stages
 # of an arm other than base.
 OWN_STAGES = {"v2"}
-REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2"}
+REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2", "v2_kl02": "v2", "v2_long": "v2"}
 # TREC seed 0 (base) showed the failure at 30 updates is length *growth*: queries run to the 12-token cap without
 # an end token (finished share 0.9 -> 0.1), escaping its negative reward; the default set measures the options
 # aimed at that. center (which adds reward per token there) stays available.
