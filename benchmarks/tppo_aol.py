@@ -25,6 +25,9 @@ copy of the base arm's finished SFT stage, whose settings are the same):
                refitted on them (online RLAIF, relabel_every=10), against v2's offline reward model
     v2_kl02    v2's stages, KL coefficient 0.2 (TREC seed 1's TPPO rose by 0.05 in 5 updates, then fell back)
     v2_long    v2's stages, 60 PPO updates instead of 30 (issue 29's long-budget run)
+    v2_target  v2 with labels from the true next query alone (label_clicked=false): its own labels and reward
+               model on v2's SFT model. Clicked-title words are +1 in v2's labels but not in the test's token F1;
+               TREC seed 0's online arm raised the labels' own verdict on its samples while F1 fell
 
 The "mean" and "mean_unf" arms (token rewards scaled by mean length / the query's final length) are gone with the
 demo's reward_length=mean: that scaling made a token's reward depend on the tokens after it (not causal).
@@ -72,10 +75,11 @@ ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"
 V2 = ["label_repeats=bad", "label_unit=word", "label_end=true", "pair_rank=sum", "rm_anchor_weight=1.0",
       "reward_repeat=clip"]
 ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"], "v2_online": [*V2, "relabel_every=10"],
-             "v2_kl02": [*V2, "kl_coef=0.2"], "v2_long": [*V2, "ppo_updates=60"]})
+             "v2_kl02": [*V2, "kl_coef=0.2"], "v2_long": [*V2, "ppo_updates=60"],
+             "v2_target": [*V2, "label_clicked=false"]})
 # Arms whose labels and reward model are their own (base's SFT stage is copied in), and arms that reuse the stages
 # of an arm other than base.
-OWN_STAGES = {"v2"}
+OWN_STAGES = {"v2": "base", "v2_target": "v2"}  # arm -> the arm whose finished SFT stage it copies, if present
 REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2", "v2_kl02": "v2", "v2_long": "v2"}
 # TREC seed 0 (base) showed the failure at 30 updates is length *growth*: queries run to the 12-token cap without
 # an end token (finished share 0.9 -> 0.1), escaping its negative reward; the default set measures the options
@@ -206,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
             if args.fast and any(o.startswith("relabel_every=") for o in ARMS[arm]):
                 overrides.append("relabel_every=1")  # fast mode runs 2 updates: a refit before the second
             if arm in OWN_STAGES:
-                _copy_sft_stage(base_dir, folder)
+                _copy_sft_stage(base_dir.parent / OWN_STAGES[arm], folder)
             elif arm != "base":
                 source = base_dir.parent / REUSE_FROM.get(arm, "base")
                 overrides.append(f"reuse_stages={source}")
@@ -229,11 +233,12 @@ def run(args: argparse.Namespace) -> None:
     report(result, out)
 
 
-def _copy_sft_stage(base_dir: Path, folder: Path) -> None:
-    """Start an arm that trains its own labels and reward model from the base arm's finished SFT stage."""
+def _copy_sft_stage(source_arm: Path, folder: Path) -> None:
+    """Start an arm that trains its own labels and reward model from another arm's finished SFT stage (same SFT
+    settings, so the same model as training its own)."""
     import shutil
 
-    source, target = base_dir / "sft", folder / "sft"
+    source, target = source_arm / "sft", folder / "sft"
     if target.exists() or not (source / "done.json").exists():
         return
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints"))

@@ -211,3 +211,16 @@ def test_demo_defaults_are_the_new_rules_and_old_runs_resume_with_the_old_ones()
     for bad in ({"label_unit": "char"}, {"label_repeats": "clip"}, {"pair_rank": "mean"}, {"label_end": "yes"}):
         with pytest.raises(ValueError, match="label_repeats"):
             DemoConfig(**bad).validate()
+
+
+def test_demo_labels_only_next_query_words_when_clicked_titles_do_not_count(tmp_path):
+    from tokencredit.recipes.tppo import DemoConfig, _labeler
+
+    session = {"target": "boston globe", "clicked": ["Hospital rankings in Boston"]}
+    spans = {}
+    for clicked in (True, False):
+        labeler = _labeler(DemoConfig(fast=True, label_clicked=clicked), tmp_path)
+        spans[clicked] = [s.label for s in labeler.label(["p"], ["boston hospital rankings"], [session])[0]]
+    assert spans[True] == [1, 1, 1] and spans[False] == [1, -1, -1]
+    with pytest.raises(ValueError, match="label_clicked applies to the reference labeler"):
+        DemoConfig(fast=True, label_clicked=False, judge="http://127.0.0.1:9/v1").validate()

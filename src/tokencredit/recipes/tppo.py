@@ -93,6 +93,9 @@ class DemoConfig:
     # Labels that pay for content once (docs/tppo.md, "Labels"). "bad": a word repeating an earlier word of the same
     # sample is labelled -1 whatever its support (stopwords stay unlabelled); "keep": each occurrence on its own
     label_repeats: Literal["bad", "keep"] = "bad"
+    # Reference labeler only (no judge): whether a word of a clicked title counts as support (+1) besides the words
+    # of the true next query. False makes the labels measure what the test's token F1 measures (the next query)
+    label_clicked: bool = True
     # "word": a word's label sits on its first token only (its other tokens are unlabelled), so a word of k tokens
     # is one unit of credit; "token": every token of the word carries it
     label_unit: Literal["word", "token"] = "word"
@@ -197,6 +200,11 @@ class DemoConfig:
             raise ValueError(f"curve_every must be in [1, ppo_updates={self.ppo_updates}] (got {self.curve_every})")
         if self.reuse_stages is not None and Path(self.reuse_stages).resolve() == Path(self.output).resolve():
             raise ValueError("reuse_stages names this run's own folder; use resume=true to continue a run")
+        if not isinstance(self.label_clicked, bool):
+            raise ValueError(f"label_clicked must be true or false (got {self.label_clicked!r})")
+        if self.judge is not None and not self.label_clicked:
+            raise ValueError("label_clicked applies to the reference labeler; a judge decides support itself "
+                             "(drop label_clicked=false or the judge)")
         if self.judge is not None and not (self.judge.startswith(("http://", "https://", "hf:"))):
             raise ValueError(f"judge must be an http(s) base URL or 'hf:MODEL' (got {self.judge!r})")
 
@@ -723,7 +731,7 @@ def _labeler(cfg: DemoConfig, folder: Path) -> object:
     from tokencredit.feedback.labelers import ReferenceLabeler
 
     if cfg.judge is None:
-        return ReferenceLabeler(repeats=cfg.label_repeats)
+        return ReferenceLabeler(use_clicked=cfg.label_clicked, repeats=cfg.label_repeats)
     from tokencredit.judges.backends import HFBackend, OpenAIBackend
     from tokencredit.judges.labelers import JudgeTokenLabeler
 
