@@ -382,12 +382,12 @@ def run_arm(arm: str, seed: int, updates: int, on_eval: Callable[[dict], None]) 
         reward_fn = rm.as_reward_fn("token", repeats="clip" if arm == "rm_new_clip" else "keep")
         if arm == "rm_new_shaped":
             # The demo's shaping: Phi = sigmoid(summed token reward / its spread on the RM's training samples).
+            from tokencredit.recipes.tppo import _sum_spread
             from tokencredit.rewards.shaping import token_rm_potentials
 
-            sums = [sum(r) for r in rm.score([e.prompt for e in seen], [e.response for e in seen])]
-            spread = statistics.stdev(sums) if len(sums) > 1 else 1.0
+            spread = _sum_spread(rm.score([e.prompt for e in seen], [e.response for e in seen]))
             record["shaping_temperature"] = spread
-            reward_fn = potential_reward_fn(token_rm_potentials(rm, bound="sigmoid", temperature=max(spread, 1e-6)))
+            reward_fn = potential_reward_fn(token_rm_potentials(rm, bound="sigmoid", temperature=spread))
     elif arm == "warm_old":
         # A policy that already says on-topic words (as an SFT model does): oracle_new's run, then OLD labels.
         warm = make_trainer(RUN_ROOT / f"{arm}_warmup_s{seed}", seed, updates, policy, tok,

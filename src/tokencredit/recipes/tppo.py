@@ -405,8 +405,6 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # Where the reward model puts its credit on the SFT samples it was trained on (EOS, stopwords, position, and
     # how the summed reward moves with length), and the length control both PPO policies get.
     controls = _reward_controls(cfg, rm, records)
-    credit, center, unfinished = controls.credit, controls.center, controls.unfinished
-    shaping_temperature = controls.shaping_temperature
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
     ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
@@ -459,13 +457,13 @@ def _run_demo(cfg: DemoConfig) -> dict:
     summary["label_rules"] = {"label_repeats": cfg.label_repeats, "label_unit": cfg.label_unit,
                               "label_end": cfg.label_end, "pair_rank": cfg.pair_rank}
     summary["reward_model_eval"] = rm_stage.info().get("eval", {})
-    summary["reward_credit"] = {"labelled_samples": credit, **{
+    summary["reward_credit"] = {"labelled_samples": controls.credit, **{
         name: generations[name]["credit"] for name in cfg.policies if "credit" in generations.get(name, {})}}
-    summary["length_control"] = {"reward_center": cfg.reward_center, "center": center, "reward_eos": cfg.reward_eos,
-                                 "reward_length": cfg.reward_length,
-                                 "reward_unfinished": cfg.reward_unfinished, "unfinished": unfinished,
+    summary["length_control"] = {"reward_center": cfg.reward_center, "center": controls.center,
+                                 "reward_eos": cfg.reward_eos, "reward_length": cfg.reward_length,
+                                 "reward_unfinished": cfg.reward_unfinished, "unfinished": controls.unfinished,
                                  "reward_repeat": cfg.reward_repeat, "reward_shaping": cfg.reward_shaping,
-                                 "shaping_temperature": shaping_temperature}
+                                 "shaping_temperature": controls.shaping_temperature}
     curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
     if cfg.relabel_every is not None:
@@ -662,11 +660,12 @@ class _OnlineRefits:
         folder = self._dir(k)
         folder.mkdir(parents=True, exist_ok=True)
         # A round's prompts and samples are a function of (seed, round), so a rebuilt round is the same round.
-        rng = random.Random(cfg.seed * 1_000_003 + k)
+        round_seed = cfg.seed * 1_000_003 + k
+        rng = random.Random(round_seed)
         chosen = rng.sample(range(len(src.train)), min(cfg.label_prompts, len(src.train)))
         labeler = _labeler(cfg, folder)
         records, skipped = _label_samples(cfg, policy, src.tokenizer, labeler, chosen, src.train, src.prompts,
-                                          src.template, torch.Generator().manual_seed(cfg.seed * 1_000_003 + k))
+                                          src.template, torch.Generator().manual_seed(round_seed))
         earlier = self._records(k - 1)
         replay = rng.sample(earlier, min(len(earlier), len(records)))
         # Replayed samples keep their own prompts, and pairs form within one session: mark them apart so a replayed
