@@ -28,7 +28,11 @@ def test_fast_fewshot_trains_each_arm_and_picks_prompts_on_dev(tmp_path, monkeyp
         assert len(summary["score_curves"][arm]) == 3
     assert "ground/index" in read_metrics(root / "pgg-avg")[0]
     assert "ground/index" not in read_metrics(root / "sequence")[0]  # the baseline has no reward model
-    assert (root / "report.html").exists()
+    # Every grounding's held-out accuracy is reported (fast: num_steps 3, ground_every 2, ground_until 1 -> one)
+    fits = summary["results"]["pgg-avg"]["groundings"]
+    assert [g["before_step"] for g in fits] == [0] and fits[0]["rm_steps"] <= 4 and fits[0]["metric_calls"] > 0
+    assert summary["results"]["sequence"]["groundings"] == []
+    assert "held-out pair accuracy" in (root / "report.html").read_text()
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished arm ran again")

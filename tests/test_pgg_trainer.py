@@ -1,5 +1,6 @@
 """PGG's LM side: both objectives against hand-computed values, metric rankings, the alternating trainer."""
 
+import json
 import math
 
 import pytest
@@ -85,6 +86,7 @@ def make(tmp_path, name="run", rm_seed=0, references=None, **kw):
     rm = TokenRewardModel(tiny_scalar_model(len(tok), seed=rm_seed), tok, bounded=True)
     base = dict(output_dir=str(tmp_path / name), num_steps=4, batch_size=4, max_new_tokens=5, samples_per_prompt=3,
                 ground_prompts=4, ground_every=2, ground_until=3, rm_epochs=1, rm_batch_size=2, learning_rate=1e-2,
+                rm_max_steps=6, rm_eval_every=2, rm_patience=2, rm_eval_prompts=2,
                 rm_learning_rate=1e-2, progress=False, log_tensorboard=False, mixed_precision="no", save_every=2)
     base.update(kw)
     return PGGTrainer(PGGConfig(**base), policy, tok, PROMPTS, share_of_y, references=references, reward_model=rm)
@@ -104,8 +106,15 @@ def test_trainer_alternates_grounding_and_lm_steps_and_resumes_exactly(tmp_path)
     assert [h.get("ground/index") for h in history] == [1, None, 2, None]  # steps 0 and 2 (< ground_until 3)
     assert all(h["reward/token_mean"] > 0 and h["reward/token_mean"] < 1 for h in history)  # bounded reward
     run = tmp_path / "straight"
-    assert (run / "grounding" / "000" / "metrics.jsonl").exists() and (run / "grounding" / "001").is_dir()
-    assert not (run / "grounding" / "000" / "model").exists()
+    fits = [json.loads((run / "grounding" / f"00{i}" / "fit.json").read_text()) for i in (0, 1)]
+    for fit, row in zip(fits, [history[0], history[2]]):
+        # a check before the first step and every rm_eval_every=2 steps, up to rm_max_steps=6 or patience
+        assert [c["step"] for c in fit["curve"]][:2] == [0, 2] and fit["steps"] <= 6
+        assert row["ground/rm_steps"] == fit["steps"] and row["ground/rm_rank_accuracy"] == fit["best"][
+            "rank_pair_accuracy"]
+        # held-out (2 prompts x K=3) and training draws (4 prompts x 3 per draw) are all metric calls
+        assert row["ground/metric_calls"] == fit["metric_calls"] >= 2 * 3 + 4 * 3
+    assert history[-1]["metric/calls"] == sum(r["ground/metric_calls"] for r in history if "ground/index" in r) + 4 * 4
     assert (run / "policy").is_dir() and (run / "reward_model").is_dir()
     loaded = TokenRewardModel.from_pretrained(run / "reward_model")
     assert loaded.bounded
@@ -213,7 +222,8 @@ def test_guidance_grounded_in_the_metric_raises_the_metric(tmp_path, word):
     rm = TokenRewardModel(tiny_scalar_model(len(tok), seed=0), tok, bounded=True)
     config = PGGConfig(output_dir=str(tmp_path / word), num_steps=20, batch_size=8, max_new_tokens=5,
                        samples_per_prompt=3, ground_prompts=8, ground_every=5, ground_until=15, rm_epochs=3,
-                       rm_batch_size=2, learning_rate=1e-2, rm_learning_rate=1e-2, entropy_coef=0.0, progress=False,
+                       rm_batch_size=2, rm_max_steps=24, rm_eval_every=4, rm_patience=2, rm_eval_prompts=4,
+                       learning_rate=1e-2, rm_learning_rate=1e-2, entropy_coef=0.0, progress=False,
                        log_tensorboard=False, mixed_precision="no", save_every=100)
 
     def share(prompts, responses):

@@ -58,7 +58,9 @@ class PGGRecipeConfig:
     overwrite: bool = False  # replace a run already in the output folder (kept aside until this one finishes)
     allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     model: str = "smollm2-135m-instruct"  # the policy's start (fewshot: also the frozen classifier)
-    reward_backbone: str = "all-minilm-l6-v2"  # the token reward's backbone; "policy" = a copy of the policy's
+    # The token reward's backbone: "policy" = a copy of the start model, which reads the policy's own token ids (the
+    # paper's choice); a model name or folder with another tokenizer has its rewards mapped through characters.
+    reward_backbone: str = "policy"
     arms: list[str] | None = None  # None = every arm of the task
     aggregators: list[str] = field(default_factory=lambda: ["avg"])  # one pgg arm per aggregator
 
@@ -70,14 +72,20 @@ class PGGRecipeConfig:
     top_layers: int | None = None  # blocks with adapters, counted from the top (>= the model's blocks: all)
     max_new_tokens: int | None = None  # None = 4 for prompts, 48 for summaries
     samples_per_prompt: int = 4  # K responses sampled and ranked per prompt (at least 2)
-    ground_prompts: int = 8  # prompts sampled per grounding of the token reward
     ground_every: int = 10  # LM steps between groundings
     ground_until: int | None = None  # no grounding at or after this LM step; None = half of num_steps
-    rm_epochs: int = 2  # reward-model passes over each grounding's ranked lists
+    # Each grounding fits on fresh samples until its held-out pair accuracy stops improving (rl.pgg.PGGConfig):
+    ground_prompts: int = 16  # prompts per fresh draw of ranked lists
+    rm_epochs: int = 2  # passes over each draw before fresh samples replace it
+    rm_batch_size: int = 8  # ranked lists per reward-model step
+    rm_max_steps: int = 200  # reward-model steps per grounding at most
+    rm_eval_every: int = 10  # steps between held-out checks
+    rm_patience: int = 3  # checks without improvement that end a fit
+    rm_eval_prompts: int = 16  # held-out prompts (x K samples) per grounding
     rm_learning_rate: float = 1e-4  # reward-model learning rate
-    # fewshot (REINFORCE): weight of the entropy bonus. The paper's 0.125 pushed SmolLM2's per-token entropy from
-    # 4 to 6-7 nats within 30 steps and margins barely moved (docs/pgg.md); without it they rose within 10 steps.
-    entropy_coef: float = 0.0
+    # fewshot (REINFORCE): weight of the entropy bonus, the paper's 0.125. Without it PGG's all-positive weights make
+    # REINFORCE plain self-imitation; its effect on SmolLM2 is measured in docs/pgg.md.
+    entropy_coef: float = 0.125
 
     candidates: int = 16  # fewshot: prompts sampled from each trained policy to pick from on dev
     document_words: int = 200  # summarize: words of each document in the prompt
@@ -102,7 +110,8 @@ class PGGRecipeConfig:
         for name in ("learning_rate", "lora_r", "top_layers", "max_new_tokens"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 or null for the task's default (got {getattr(self, name)})")
-        for name in ("num_steps", "batch_size", "candidates", "eval_documents", "ground_prompts"):
+        for name in ("num_steps", "batch_size", "candidates", "eval_documents", "ground_prompts", "rm_epochs",
+                     "rm_batch_size", "rm_max_steps", "rm_eval_every", "rm_patience", "rm_eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not 0 < self.test_fraction < 1:
@@ -124,7 +133,8 @@ def task_setting(cfg: PGGRecipeConfig, name: str) -> Any:
 
 
 FAST_OVERRIDES = dict(num_steps=3, batch_size=2, samples_per_prompt=2, ground_prompts=2, ground_every=2,
-                      rm_epochs=1, candidates=3, eval_documents=3, max_records=12, top_layers=1000, lora_r=4,
+                      rm_epochs=1, rm_batch_size=2, rm_max_steps=4, rm_eval_every=2, rm_patience=1,
+                      rm_eval_prompts=2, candidates=3, eval_documents=3, max_records=12, top_layers=1000, lora_r=4,
                       reward_backbone="policy", document_words=12)
 _FAST_WORDS = "good bad film plot it was N/A the a cat sat dog ran mat far summary short".split()
 
@@ -204,12 +214,23 @@ def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, 
         entropy_coef=cfg.entropy_coef, max_new_tokens=_max_new_tokens(cfg),
         samples_per_prompt=cfg.samples_per_prompt, ground_prompts=cfg.ground_prompts, ground_every=cfg.ground_every,
         ground_until=cfg.ground_until, aggregator=arm.split("-", 1)[1] if arm.startswith("pgg-") else "avg",
-        rm_epochs=cfg.rm_epochs, rm_learning_rate=cfg.rm_learning_rate)
+        rm_epochs=cfg.rm_epochs, rm_batch_size=cfg.rm_batch_size, rm_max_steps=cfg.rm_max_steps,
+        rm_eval_every=cfg.rm_eval_every, rm_patience=cfg.rm_patience, rm_eval_prompts=cfg.rm_eval_prompts,
+        rm_learning_rate=cfg.rm_learning_rate)
     PGGTrainer(config, policy, tokenizer, prompts, score_fn, references=references, reward_model=rm).train()
     # A finished arm is never resumed; its checkpoints (reward model weights included) only take disk.
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     del policy, rm
     release_free_memory()
+
+
+def groundings(run_dir: Path) -> list[dict]:
+    """Each grounding of a PGG run: the LM step it preceded, the reward's held-out pair accuracy before and after
+    its fit, the fit's steps and the metric calls it spent (empty for arms without a reward model)."""
+    keys = {"rm_start_accuracy": "ground/rm_start_accuracy", "rm_rank_accuracy": "ground/rm_rank_accuracy",
+            "rm_steps": "ground/rm_steps", "metric_calls": "ground/metric_calls"}
+    return [{"before_step": row["step"] - 1, **{k: row.get(v) for k, v in keys.items()}}
+            for row in read_metrics(run_dir) if "ground/index" in row]
 
 
 def _max_new_tokens(cfg: PGGRecipeConfig) -> int:
@@ -286,6 +307,7 @@ def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> di
                         "candidates_dev_mean": sum(c["dev_accuracy"] for c in every) / len(every),
                         "candidates_margin_mean": sum(c["train_margin"] for c in every) / len(every)}
         curves[arm] = [m.get("score/mean") for m in read_metrics(stage.dir)]
+        results[arm]["groundings"] = groundings(stage.dir)
     # One pass over the test examples scores every kept prompt.
     tested = classifier.accuracy_many(test, [r["prompt"] for r in results.values()])
     for result, accuracy in zip(results.values(), tested):
@@ -336,7 +358,7 @@ def _summarize(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> 
         if not stage.done:
             _train_arm(cfg, arm, model_name, tokenizer, prompts, score_fn, references, stage.dir)
             stage.finish({"metrics": evaluate(stage.dir / "policy")})
-        results[arm] = stage.info()["metrics"]
+        results[arm] = {**stage.info()["metrics"], "groundings": groundings(stage.dir)}
         curves[arm] = [m.get("score/mean") for m in read_metrics(stage.dir)]
     return {"task": "summarize", "train_documents": len(train), "test_documents": len(test), "results": results,
             "score_curves": curves}
@@ -363,4 +385,8 @@ def _report(root: Path, summary: dict) -> None:
         sections.append(("Held-out ROUGE (greedy)", html_table(rows)))
         examples = [{"arm": arm, **e} for arm, r in summary["results"].items() for e in r["examples"]]
         sections.append(("Examples", html_table(examples)))
+    fits = [{"arm": arm, **g} for arm, r in summary["results"].items() for g in r.get("groundings", [])]
+    if fits:
+        sections.append(("Groundings: the token reward's held-out pair accuracy before and after each fit",
+                         html_table(fits)))
     write_html_report(root / "report.html", f"tokencredit pgg: {summary['task']}", sections)

@@ -14,7 +14,7 @@ PGG they are passed through :func:`bounded` (a sigmoid) before aggregation, and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -24,6 +24,7 @@ import torch
 
 from tokencredit.distributed import is_main_process
 from tokencredit.models import resolve_device
+from tokencredit.precision import autocast, make_adamw
 from tokencredit.rewards.fit import fit, validate_fit_config
 from tokencredit.runs import atomic_write_json
 
@@ -292,7 +293,7 @@ class PGGRMConfig:
             raise ValueError(f"beta must be > 0 (got {self.beta})")
 
 
-class _Group(NamedTuple):
+class RankedGroup(NamedTuple):
     """One ranked list as the model reads it: K response token-id lists and their true scores."""
 
     prompt: str
@@ -300,25 +301,25 @@ class _Group(NamedTuple):
     truth: list[float]
 
 
-def _groups(rm: TokenRewardModel, lists: Sequence[RankedList], max_length: int) -> list[_Group]:
+def _groups(rm: TokenRewardModel, lists: Sequence[RankedList], max_length: int) -> list[RankedGroup]:
     """Tokenize ranked lists (EOS appended, cut to max_length - 1); a ranking becomes scores -rank."""
     out = []
     for lst in lists:
         truth = list(lst.scores) if lst.scores is not None else [-float(r) for r in lst.ranking]
-        out.append(_Group(lst.prompt, [rm.encode_response(r, max_length - 1) for r in lst.responses], truth))
+        out.append(RankedGroup(lst.prompt, [rm.encode_response(r, max_length - 1) for r in lst.responses], truth))
     return out
 
 
-def _batches_by_k(groups: Sequence[_Group], order: Sequence[int], size: int) -> list[list[_Group]]:
+def _batches_by_k(groups: Sequence[RankedGroup], order: Sequence[int], size: int) -> list[list[RankedGroup]]:
     """Batches of up to ``size`` groups with the same K, in ``order`` within each K."""
-    by_k: dict[int, list[_Group]] = {}
+    by_k: dict[int, list[RankedGroup]] = {}
     for i in order:
         by_k.setdefault(len(groups[i].responses), []).append(groups[i])
     return [rows[b : b + size] for rows in by_k.values() for b in range(0, len(rows), size)]
 
 
 def _group_loss(
-    rm: TokenRewardModel, batch: Sequence[_Group], config: PGGRMConfig, generator: torch.Generator
+    rm: TokenRewardModel, batch: Sequence[RankedGroup], config: PGGRMConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """pgg_rm_loss of one batch of same-K groups, the prompt cut to what max_length leaves."""
     width = max(len(ids) for g in batch for ids in g.responses)
@@ -328,7 +329,33 @@ def _group_loss(
     return loss, {"loss/total": stats.pop("pgg/loss"), **stats}
 
 
-@torch.no_grad()
+def _evaluate_groups(rm: TokenRewardModel, groups: Sequence[RankedGroup], config: PGGRMConfig) -> dict:
+    """Pair accuracy (strictly ordered pairs whose aggregated scores agree) and mean ListMLE loss of ``groups``,
+    ties broken with a fixed seed, in eval mode and without gradients."""
+    generator = torch.Generator().manual_seed(0)
+    agree = total = 0
+    loss_sum = 0.0
+    was_training = rm.model.training
+    rm.model.eval()
+    try:
+        with torch.no_grad():
+            for batch in _batches_by_k(groups, range(len(groups)), config.batch_size):
+                loss, stats = _group_loss(rm, batch, config, generator)
+                loss_sum += loss.item() * len(batch)
+                n_pairs = sum(a > b for g in batch for a in g.truth for b in g.truth)
+                agree += round(stats["pgg/pair_accuracy"] * n_pairs)
+                total += n_pairs
+    finally:
+        rm.model.train(was_training)
+    return {
+        "lists": len(groups),
+        "rank_pairs": total,
+        "rank_pair_accuracy": agree / total if total else None,
+        "listmle_loss": loss_sum / len(groups) if groups else None,
+        "aggregator": config.aggregator,
+    }
+
+
 def evaluate_pgg_reward_model(
     rm: TokenRewardModel,
     lists: Sequence[RankedList],
@@ -339,29 +366,119 @@ def evaluate_pgg_reward_model(
 ) -> dict:
     """Held-out ranking quality: share of strictly ordered response pairs whose aggregated scores agree, and
     the mean ListMLE loss (ties broken with a fixed seed)."""
-    config = PGGRMConfig(aggregator=aggregator, beta=beta, max_length=max_length)
-    groups = _groups(rm, lists, max_length)
-    generator = torch.Generator().manual_seed(0)
-    agree = total = 0
-    loss_sum = 0.0
-    was_training = rm.model.training
-    rm.model.eval()
-    try:
-        for batch in _batches_by_k(groups, range(len(groups)), batch_size):
-            loss, stats = _group_loss(rm, batch, config, generator)
-            loss_sum += loss.item() * len(batch)
-            n_pairs = sum(a > b for g in batch for a in g.truth for b in g.truth)
-            agree += round(stats["pgg/pair_accuracy"] * n_pairs)
-            total += n_pairs
-    finally:
-        rm.model.train(was_training)
-    return {
-        "lists": len(groups),
-        "rank_pairs": total,
-        "rank_pair_accuracy": agree / total if total else None,
-        "listmle_loss": loss_sum / len(groups) if groups else None,
-        "aggregator": aggregator,
-    }
+    config = PGGRMConfig(aggregator=aggregator, beta=beta, max_length=max_length, batch_size=batch_size)
+    return _evaluate_groups(rm, _groups(rm, lists, max_length), config)
+
+
+# ---------------------------------------------------------------------- one grounding of the PGG trainer
+@dataclass
+class GroundingFitConfig:
+    """How one grounding fits the token reward: fresh ranked lists per step until held-out accuracy stalls."""
+
+    max_steps: int = 300  # reward-model steps at most
+    eval_every: int = 10  # steps between held-out checks
+    patience: int = 4  # held-out checks without improvement before the fit stops (best weights restored)
+    batch_size: int = 8  # ranked lists per step (the trainer's draw decides how many of them are fresh)
+    learning_rate: float = 1e-4
+    max_grad_norm: float | None = 1.0
+    aggregator: Aggregator = "avg"
+    beta: float = 2.0
+    max_length: int = 512
+
+    def validate(self) -> None:
+        """Check ranges; raise ValueError naming the field."""
+        for name in ("max_steps", "eval_every", "patience", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {AGGREGATORS} (got {self.aggregator!r})")
+
+
+def _better(check: dict, best: dict | None) -> bool:
+    """A held-out check beats the best so far: higher pair accuracy, or the same accuracy and a lower loss."""
+    if best is None:
+        return True
+    acc, best_acc = check["rank_pair_accuracy"], best["rank_pair_accuracy"]
+    if acc is not None and best_acc is not None and acc != best_acc:
+        return acc > best_acc
+    return check["listmle_loss"] < best["listmle_loss"] - 1e-6
+
+
+def fit_grounding(
+    rm: TokenRewardModel,
+    draw: Callable[[], Sequence[RankedGroup]],
+    held_out: Sequence[RankedGroup],
+    config: GroundingFitConfig,
+    generator: torch.Generator,
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
+    """Fit the bounded token reward with ListMLE on batches from ``draw()`` until held-out ranking stops improving.
+
+    ``draw()`` returns the next batch of ranked groups (the PGG trainer samples fresh ones from the current policy);
+    ``held_out`` are groups sampled for this grounding alone. The held-out pair accuracy (ties: ListMLE loss) is
+    checked before the first step and every ``eval_every`` steps; after ``patience`` checks without improvement,
+    or ``max_steps``, the trainable weights of the best check are restored (the start's, if no step helped).
+    Returns the start, best and final checks, the steps taken and the curve of checks. A fresh AdamW each call,
+    as the paper re-creates its optimiser per fit while the weights carry over.
+    """
+    config.validate()
+    if not held_out:
+        raise ValueError("a grounding needs held-out ranked lists to know when to stop")
+    params = [p for p in rm.model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the reward model has no trainable parameters")
+    rm.bounded = True
+    optimizer = make_adamw([{"params": params, "lr": config.learning_rate}], weight_decay=0.0, fused=True)
+    rm_config = PGGRMConfig(aggregator=config.aggregator, beta=config.beta, max_length=config.max_length,
+                            batch_size=config.batch_size)
+    device = params[0].device
+
+    def check(step: int, train_loss: float | None) -> dict:
+        with autocast(device, amp_dtype):
+            result = _evaluate_groups(rm, held_out, rm_config)
+        return {"step": step, "rank_pair_accuracy": result["rank_pair_accuracy"],
+                "listmle_loss": result["listmle_loss"], "train_loss": train_loss}
+
+    curve = [check(0, None)]
+    best, best_state, stale, step, losses = curve[0], _trainable_state(rm.model), 0, 0, []
+    stopped = "max_steps"
+    rm.model.train()
+    while step < config.max_steps:
+        batch = list(draw())
+        if not batch:
+            raise ValueError("draw() returned no ranked groups")
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp_dtype):
+            loss, _ = _group_loss(rm, batch, rm_config, generator)
+        step += 1
+        if torch.isfinite(loss):  # a non-finite step is skipped, as in every reward-model fit here
+            loss.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        if step % config.eval_every == 0 or step == config.max_steps:
+            curve.append(check(step, float(np.mean(losses)) if losses else None))
+            losses = []
+            if _better(curve[-1], best):
+                best, best_state, stale = curve[-1], _trainable_state(rm.model), 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    stopped = "patience"
+                    break
+    with torch.no_grad():
+        named = dict(rm.model.named_parameters())
+        for name, value in best_state.items():
+            named[name].copy_(value)
+    return {"steps": step, "stopped": stopped, "start": curve[0], "best": best, "curve": curve}
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters (what a fit changes), to restore the best check's weights."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Sequence[RankedList],
@@ -386,7 +503,7 @@ def train_pgg_reward_model(rm: TokenRewardModel, config: PGGRMConfig, lists: Seq
     rm.to(resolve_device(config.device))
     steps_per_epoch = len(_batches_by_k(groups, range(len(groups)), config.batch_size))
 
-    def epoch_batches(epoch: int) -> Iterator[list[_Group]]:
+    def epoch_batches(epoch: int) -> Iterator[list[RankedGroup]]:
         batches = _batches_by_k(groups, rng.permutation(len(groups)), config.batch_size)
         for b in rng.permutation(len(batches)):
             yield batches[b]

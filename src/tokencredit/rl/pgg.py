@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,15 +49,16 @@ from tokencredit.models import (
     save_hf_policy,
 )
 from tokencredit.precision import autocast, freeze_to, make_adamw, resolve_mixed_precision, validate_mixed_precision
-from tokencredit.rewards.pgg import AGGREGATORS, PGGRMConfig, ranking_order, train_pgg_reward_model
+from tokencredit.rewards.pgg import AGGREGATORS, GroundingFitConfig, RankedGroup, fit_grounding, ranking_order
 from tokencredit.rewards.records import RankedList
-from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rewards.token_rm import TokenRewardModel, end_ids, same_tokenizer
 from tokencredit.rl.losses import entropy_from_logits
 from tokencredit.rl.rollout import response_logits, token_logprobs
 from tokencredit.rl.sft import collate_examples, tokenize_examples
 from tokencredit.runs import (
     CheckpointError,
     CheckpointManager,
+    atomic_write_json,
     capture_rng_state,
     load_trainer_state,
     read_metrics,
@@ -207,21 +208,33 @@ class PGGConfig:
 
     # --- grounding the token reward in rankings ---
     samples_per_prompt: int = 4  # K responses ranked per prompt
-    ground_prompts: int = 16  # prompts sampled per grounding
     ground_every: int = 10  # LM steps between groundings
     ground_until: int | None = None  # no grounding at or after this LM step; None = half of num_steps
     aggregator: Literal["sum", "avg", "softmax", "softmin"] = "avg"  # C = mean group length; see rewards.pgg
     aggregator_beta: float = 2.0  # temperature of softmax / softmin
-    rm_epochs: int = 2  # passes over each grounding's ranked lists
+    # Each grounding fits on fresh samples of the current LM: it draws ground_prompts prompts x K samples, uses them
+    # for rm_epochs passes of rm_batch_size lists per step, then draws fresh ones, until the held-out pair accuracy
+    # (rm_eval_prompts x K samples drawn for the grounding alone, checked every rm_eval_every steps) has not improved
+    # for rm_patience checks, or rm_max_steps; the best check's weights are kept. ground_prompts = rm_batch_size and
+    # rm_epochs = 1 is the paper's scheme (fresh samples every step); reuse spends fewer metric calls per step.
+    ground_prompts: int = 16  # prompts per fresh draw of ranked lists
+    rm_epochs: int = 2  # passes over each draw before fresh samples replace it
     rm_batch_size: int = 8  # ranked lists per reward-model step
+    rm_max_steps: int = 300  # reward-model steps per grounding at most
+    rm_eval_every: int = 10  # reward-model steps between held-out checks
+    rm_patience: int = 4  # held-out checks without improvement that end a grounding's fit
+    rm_eval_prompts: int = 16  # prompts x K held-out samples drawn per grounding (to stop and to report)
     rm_learning_rate: float = 1e-4
     rm_max_length: int = 512
-    rm_eval_fraction: float = 0.2  # share of each grounding's lists held out to report the fit's rank accuracy
+    # Score the LM step's own samples with the metric only to log them (token and none guidance; sequence guidance
+    # needs the scores). false saves those metric calls (and, for weighted MLE, the sampling).
+    log_score: bool = True
 
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
         for name in ("num_steps", "save_every", "keep_checkpoints", "batch_size", "max_new_tokens",
-                     "ground_prompts", "ground_every", "rm_epochs", "rm_batch_size"):
+                     "ground_prompts", "ground_every", "rm_epochs", "rm_batch_size", "rm_max_steps", "rm_eval_every",
+                     "rm_patience", "rm_eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.objective not in OBJECTIVES:
@@ -241,8 +254,6 @@ class PGGConfig:
             raise ValueError(f"entropy_coef must be >= 0 (got {self.entropy_coef})")
         if self.learning_rate <= 0 or self.rm_learning_rate <= 0:
             raise ValueError("learning_rate and rm_learning_rate must be > 0")
-        if not 0 <= self.rm_eval_fraction < 1:
-            raise ValueError(f"rm_eval_fraction must be in [0, 1) (got {self.rm_eval_fraction})")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be > 0 and top_p in (0, 1]")
         validate_mixed_precision(self.mixed_precision)
@@ -318,6 +329,7 @@ class PGGTrainer:
             self.rm.bounded = True
             self.rm.to(self.device)
             self.reward_fn = self.rm.as_reward_fn("token", policy_tokenizer=tokenizer)
+            self._same_tokenizer = same_tokenizer(self.rm.tokenizer, tokenizer)
         elif reward_model is not None:
             raise ValueError(f"guidance={config.guidance!r} uses no reward model; do not pass reward_model=")
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -331,6 +343,8 @@ class PGGTrainer:
         self.rank_generator = torch.Generator().manual_seed(config.seed + 1)
         self.step_idx = 0
         self.groundings = 0
+        self.ground_draws = 0  # fresh draws of training lists so far (their prompts follow from the count)
+        self.metric_calls = 0  # samples scored by score_fn so far
         self.history: list[dict] = []
         self.run_dir = Path(config.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
@@ -375,7 +389,10 @@ class PGGTrainer:
                     self.history.append(stats)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(score=f"{stats['score/mean']:.3f}", loss=f"{stats['loss/total']:.3f}")
+                        shown = {"loss": f"{stats['loss/total']:.3f}"}
+                        if "score/mean" in stats:
+                            shown["score"] = f"{stats['score/mean']:.3f}"
+                        bar.set_postfix(shown)
                     if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.num_steps:
                         self.save_checkpoint()
                         self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
@@ -388,8 +405,8 @@ class PGGTrainer:
                 self.rm.save_pretrained(self.run_dir / "reward_model")
         return self.history
 
-    def _sample(self, prompts: list[str]) -> tuple[object, list[float]]:
-        """One sampled response per prompt from the current LM, and the metric's score of each."""
+    def _sample(self, prompts: list[str], score: bool = True) -> tuple[object, list[float] | None]:
+        """One sampled response per prompt from the current LM, and the metric's score of each (None: not scored)."""
         cfg = self.config
         was_training = self.policy.training
         self.policy.eval()
@@ -400,42 +417,89 @@ class PGGTrainer:
                                generator=self.generator)
         finally:
             self.policy.train(was_training)
+        if not score:
+            return gen, None
         scores = [float(s) for s in self.score_fn(list(prompts), list(gen.texts))]
         if len(scores) != len(prompts):
             raise ValueError(f"score_fn returned {len(scores)} scores for {len(prompts)} responses")
+        if any(math.isnan(s) for s in scores):
+            raise ValueError("score_fn returned NaN; a metric must give every sample a number")
+        self.metric_calls += len(prompts)
         return gen, scores
 
+    def _rm_ids(self, gen: object) -> list[list[int]]:
+        """Each sample as the reward model reads it at LM time: the sampled ids themselves (same tokenizer), or
+        the RM's tokens of the text with its end token only where the policy ended (another tokenizer)."""
+        rows = [row[: int(m.sum())].tolist() for row, m in zip(gen.response_ids, gen.response_mask)]
+        if self._same_tokenizer:
+            return rows
+        ends = end_ids(self.tokenizer)
+        return [self.rm.encode_response(text)[: None if ids and ids[-1] in ends else -1]
+                for text, ids in zip(gen.texts, rows)]
+
+    def _draw_groups(self, indices: Sequence[int]) -> tuple[list[RankedGroup], list[float]]:
+        """K fresh samples of each prompt at ``indices``, scored by the metric, as ranked groups of RM ids.
+
+        A group with a sample the RM reads as no tokens (a response of characters the RM tokenizer drops, cut
+        before its end) is left out: it has no token to reward. Returns the groups and every sample's score."""
+        k = self.config.samples_per_prompt
+        prompts = [self.prompts[i] for i in indices for _ in range(k)]
+        gen, scores = self._sample(prompts)
+        ids = self._rm_ids(gen)
+        groups = [RankedGroup(prompts[g], ids[g : g + k], scores[g : g + k]) for g in range(0, len(prompts), k)]
+        return [g for g in groups if all(g.responses)], scores
+
     def ground(self) -> dict:
-        """Sample K responses for ``ground_prompts`` prompts, rank them by the metric, refit the token reward."""
+        """Refit the token reward on fresh ranked samples of the current LM until held-out ranking stops improving.
+
+        Held-out lists (``rm_eval_prompts`` x K) are drawn first; training lists come ``ground_prompts`` x K at a
+        time, each draw used for ``rm_epochs`` passes of ``rm_batch_size`` lists before fresh ones replace it
+        (:func:`~tokencredit.rewards.pgg.fit_grounding`). The fit's checks go to ``grounding/NNN/fit.json``.
+        """
         cfg = self.config
         t0 = time.perf_counter()
-        chosen = self.batch_indices(self.groundings, cfg.ground_prompts, stream=1)
-        prompts = [self.prompts[i] for i in chosen for _ in range(cfg.samples_per_prompt)]
-        gen, scores = self._sample(prompts)
-        lists = ranked_lists(prompts, gen.texts, scores, cfg.samples_per_prompt, self.rank_generator)
+        calls_before = self.metric_calls
+        held_out, scores = self._draw_groups(self.batch_indices(self.groundings, cfg.rm_eval_prompts, stream=2))
+        queue: list[list[RankedGroup]] = []
+
+        def draw() -> list[RankedGroup]:
+            if not queue:
+                fresh, drawn = self._draw_groups(self.batch_indices(self.ground_draws, cfg.ground_prompts, stream=1))
+                self.ground_draws += 1
+                scores.extend(drawn)
+                rng = np.random.default_rng([cfg.seed, 3, self.ground_draws])
+                for _ in range(cfg.rm_epochs):
+                    order = rng.permutation(len(fresh))
+                    queue.extend([fresh[i] for i in order[b : b + cfg.rm_batch_size]]
+                                 for b in range(0, len(order), cfg.rm_batch_size))
+                queue[:] = [batch for batch in queue if batch]
+                if not queue:
+                    raise ValueError("no sample of a fresh draw could be read by the reward model")
+            return queue.pop(0)
+
+        result = fit_grounding(self.rm, draw, held_out, GroundingFitConfig(
+            max_steps=cfg.rm_max_steps, eval_every=cfg.rm_eval_every, patience=cfg.rm_patience,
+            batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, aggregator=cfg.aggregator,
+            beta=cfg.aggregator_beta, max_length=cfg.rm_max_length), self.rank_generator, self.amp_dtype)
         folder = self.run_dir / "grounding" / f"{self.groundings:03d}"
-        history = train_pgg_reward_model(self.rm, PGGRMConfig(
-            output_dir=str(folder), seed=cfg.seed + 1000 * (self.groundings + 1), num_epochs=cfg.rm_epochs,
-            batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, max_length=cfg.rm_max_length,
-            aggregator=cfg.aggregator, beta=cfg.aggregator_beta, eval_fraction=cfg.rm_eval_fraction,
-            mixed_precision=cfg.mixed_precision, progress=False, log_tensorboard=False, device=str(self.device)),
-            lists)
-        # Each grounding's model is in the checkpoints and the final reward_model/; a copy per grounding is waste.
-        shutil.rmtree(folder / "model", ignore_errors=True)
+        atomic_write_json(folder / "fit.json", {**result, "metric_calls": self.metric_calls - calls_before,
+                                                "held_out_lists": len(held_out)})
         self.groundings += 1
-        fit = [h for h in history if "eval" not in h]
-        evaluation = history[-1].get("eval", {})
         return {"ground/index": self.groundings, "ground/score_mean": float(np.mean(scores)),
-                "ground/rm_loss_last": float(fit[-1]["loss/total"]) if fit else float("nan"),
-                "ground/rm_rank_accuracy": evaluation.get("rank_pair_accuracy"),
-                "time/ground": time.perf_counter() - t0}
+                "ground/rm_rank_accuracy": result["best"]["rank_pair_accuracy"],
+                "ground/rm_start_accuracy": result["start"]["rank_pair_accuracy"],
+                "ground/rm_heldout_loss": result["best"]["listmle_loss"],
+                "ground/rm_steps": result["steps"], "ground/rm_best_step": result["best"]["step"],
+                "ground/metric_calls": self.metric_calls - calls_before, "time/ground": time.perf_counter() - t0}
 
     def lm_step(self, indices: Sequence[int]) -> dict:
         """One LM step on the prompts at ``indices`` with the configured objective."""
         cfg = self.config
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in indices]
-        gen, scores = self._sample(prompts)
+        scored = cfg.log_score or cfg.guidance == "sequence"
+        # Weighted MLE learns references: its samples exist only for the log.
+        gen, scores = (self._sample(prompts, scored) if cfg.objective == "reinforce" or scored else (None, None))
         t1 = time.perf_counter()
         if cfg.objective == "reinforce":
             prompt_ids, prompt_mask = gen.prompt_ids, gen.prompt_mask
@@ -463,6 +527,10 @@ class PGGTrainer:
         with autocast(self.device, self.amp_dtype):
             logits = response_logits(self.policy, torch.cat([prompt_ids, resp], 1),
                                      torch.cat([prompt_mask, resp_mask], 1), resp.size(1))
+        if cfg.objective == "reinforce":
+            # The samples came from softmax(logits / T): the log-probs and the entropy bonus are of that policy
+            # (top-p cuts the sampler, not these: the paper takes them from the un-truncated logits too).
+            logits = logits / cfg.temperature
         logprobs = token_logprobs(logits, resp)
         if cfg.objective == "reinforce":
             entropy = entropy_from_logits(logits) if cfg.entropy_coef > 0 else None
@@ -477,11 +545,13 @@ class PGGTrainer:
             stats["optim/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         self.optimizer.step()
         on = resp_mask.bool()
-        lengths = gen.response_mask.sum(-1).float()
+        if scores is not None:
+            stats.update({"score/mean": float(np.mean(scores)), "score/std": float(np.std(scores))})
+        if gen is not None:
+            stats["response/length_mean"] = float(gen.response_mask.sum(-1).float().mean())
         stats.update({
-            "score/mean": float(np.mean(scores)), "score/std": float(np.std(scores)),
             "reward/token_mean": float(rewards[on].mean()) if on.any() else 0.0,
-            "response/length_mean": float(lengths.mean()),
+            "metric/calls": self.metric_calls,
             "time/sample": t1 - t0, "time/reward": t2 - t1, "time/optimize": time.perf_counter() - t2,
         })
         return stats
@@ -513,6 +583,7 @@ class PGGTrainer:
             save_model(self.rm.model, str(tmp / "reward_model.safetensors"))
         save_trainer_state(tmp / "trainer_state.pt", {
             "step_idx": self.step_idx, "groundings": self.groundings, "num_prompts": len(self.prompts),
+            "ground_draws": self.ground_draws, "metric_calls": self.metric_calls,
             "optimizer": self.optimizer.state_dict(), "rng": capture_rng_state(),
             "generator": self.generator.get_state(), "rank_generator": self.rank_generator.get_state()})
         return self.checkpoints.commit(self.step_idx)
@@ -545,6 +616,8 @@ class PGGTrainer:
             self.rank_generator.set_state(state["rank_generator"])
             self.step_idx = int(state["step_idx"])
             self.groundings = int(state["groundings"])
+            self.ground_draws = int(state.get("ground_draws", 0))
+            self.metric_calls = int(state.get("metric_calls", 0))
 
     def _load_reward_model(self, path: Path) -> None:
         """The reward model's live state from a checkpoint."""
