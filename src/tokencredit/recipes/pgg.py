@@ -71,21 +71,21 @@ class PGGRecipeConfig:
     lora_r: int | None = None  # LoRA rank of the policy adapters (alpha = 2 * lora_r)
     top_layers: int | None = None  # blocks with adapters, counted from the top (>= the model's blocks: all)
     max_new_tokens: int | None = None  # None = 4 for prompts, 48 for summaries
-    samples_per_prompt: int = 4  # K responses sampled and ranked per prompt (at least 2)
+    samples_per_prompt: int = 8  # K responses sampled and ranked per prompt (at least 2)
     ground_every: int = 10  # LM steps between groundings
     ground_until: int | None = None  # no grounding at or after this LM step; None = half of num_steps
     # Each grounding fits on fresh samples until its held-out pair accuracy stops improving (rl.pgg.PGGConfig):
-    ground_prompts: int = 16  # prompts per fresh draw of ranked lists
-    rm_epochs: int = 2  # passes over each draw before fresh samples replace it
+    ground_prompts: int = 8  # prompts per fresh draw of ranked lists
+    rm_epochs: int = 4  # passes over each draw before fresh samples replace it
     rm_batch_size: int = 8  # ranked lists per reward-model step
     rm_max_steps: int = 200  # reward-model steps per grounding at most
-    rm_eval_every: int = 10  # steps between held-out checks
+    rm_eval_every: int = 5  # steps between held-out checks
     rm_patience: int = 3  # checks without improvement that end a fit
-    rm_eval_prompts: int = 16  # held-out prompts (x K samples) per grounding
+    rm_eval_prompts: int = 4  # held-out prompts (x K samples) per grounding
     rm_learning_rate: float = 1e-4  # reward-model learning rate
-    # fewshot (REINFORCE): weight of the entropy bonus, the paper's 0.125. Without it PGG's all-positive weights make
-    # REINFORCE plain self-imitation; its effect on SmolLM2 is measured in docs/pgg.md.
-    entropy_coef: float = 0.125
+    # fewshot (REINFORCE): weight of the entropy bonus. Not the paper's 0.125: measured too strong for a learned
+    # reward (docs/pgg.md); 0 would make PGG's all-positive weights plain self-imitation.
+    entropy_coef: float = 0.01
 
     candidates: int = 16  # fewshot: prompts sampled from each trained policy to pick from on dev
     document_words: int = 200  # summarize: words of each document in the prompt
