@@ -70,12 +70,15 @@ def run(args: argparse.Namespace) -> None:
                          learning_rate=args.lr, ground_every=args.ground_every, ground_until=args.ground_until,
                          arms=args.arms)
             optional = dict(ground_prompts=args.ground_prompts, rm_epochs=args.rm_epochs,
-                            rm_learning_rate=args.rm_lr, entropy_coef=args.entropy_coef)
+                            rm_learning_rate=args.rm_lr, entropy_coef=args.entropy_coef,
+                            reward_backbone=args.reward_backbone)
             extra.update({k: v for k, v in optional.items() if v is not None})
         else:
             data = DATA / "summarization" / "scitldr_train.jsonl"
             extra = dict(test_data=str(DATA / "summarization" / "scitldr_test.jsonl"),
                          eval_documents=args.eval_documents, aggregators=["avg"])
+            if args.reward_backbone is not None:
+                extra["reward_backbone"] = args.reward_backbone
         if not data.exists():
             print(f"skipped: {data} not found (../shared/data is not part of the product)")
             return
@@ -206,6 +209,7 @@ def main() -> int:
     parser.add_argument("--rm-epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--rm-lr", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--entropy-coef", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--reward-backbone", default=None, help="default: the recipe's (a copy of the policy)")
     parser.add_argument("--arms", nargs="+", default=None, help="pgg and/or sequence (fewshot); default both")
     parser.add_argument("--ground-every", type=int, default=10)
     parser.add_argument("--ground-until", type=int, default=20)
