@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -64,6 +63,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from seedstats import cpu_name  # noqa: E402 - a sibling module of this script
+
 RESULTS = HERE / "results"
 OUT_JSON = RESULTS / "pgg_known_answer.json"
 RUN_ROOT = Path("/tmp/pgg_known_answer")
@@ -312,14 +314,6 @@ def write_report(data: dict) -> None:
     lines += ["", "Settings: `" + json.dumps(data["settings"]) + "`", ""]
     (RESULTS / "pgg_known_answer.md").write_text("\n".join(lines))
 
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo."""
-    try:
-        out = subprocess.run(["grep", "-m1", "model name", "/proc/cpuinfo"], capture_output=True, text=True)
-        return out.stdout.split(":", 1)[1].strip()
-    except (OSError, IndexError):
-        return "unknown"
 
 
 def save(data: dict) -> None:

@@ -1,8 +1,9 @@
-"""Statistics over seeds that several benchmarks report the same way."""
+"""What several benchmarks report the same way: statistics over seeds, and the CPU they ran on."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
 from collections.abc import Sequence
 
 
@@ -21,3 +22,12 @@ def mean_curve(curves: Sequence[Sequence[float] | None]) -> list[float] | None:
         return None
     width = min(len(c) for c in curves)
     return [statistics.fmean(c[i] for c in curves) for i in range(width)]
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (results depend on it: see the README's note on CPU kinds)."""
+    try:
+        out = subprocess.run(["grep", "-m1", "model name", "/proc/cpuinfo"], capture_output=True, text=True)
+        return out.stdout.split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        return "unknown"

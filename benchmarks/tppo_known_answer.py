@@ -86,7 +86,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +107,9 @@ from tokencredit.rl.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from seedstats import cpu_name  # noqa: E402 - a sibling module of this script
+
 RESULTS = HERE / "results"
 OUT_JSON = RESULTS / "tppo_known_answer.json"
 RUN_ROOT = Path("/tmp/known_answer")
@@ -603,14 +605,6 @@ def write_report(data: dict) -> None:
     lines += ["", "Settings: `" + json.dumps(data["settings"]) + "`", ""]
     (RESULTS / "tppo_known_answer.md").write_text("\n".join(lines))
 
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo."""
-    try:
-        out = subprocess.run(["grep", "-m1", "model name", "/proc/cpuinfo"], capture_output=True, text=True)
-        return out.stdout.split(":", 1)[1].strip()
-    except (OSError, IndexError):
-        return "unknown"
 
 
 def save(data: dict) -> None:
