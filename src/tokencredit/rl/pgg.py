@@ -2,7 +2,8 @@
 
 The loop alternates two things. **Grounding**: sample K responses per prompt from the current LM, rank them
 with a metric (``score_fn``), and (re)fit a bounded token reward r_phi(s_t, a_t) in (0, 1) so that its
-aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tokencredit.rewards.pgg`).
+aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tokencredit.rewards.pgg`), on
+fresh samples until its pair accuracy on held-out samples stops improving (:meth:`PGGTrainer.ground`).
 **LM training**: a set number of steps with one of two objectives that use r_t as a per-token weight:
 
 - ``"reinforce"`` (no supervised data; e.g. discrete prompt generation): on the LM's own samples,
