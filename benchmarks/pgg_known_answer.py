@@ -74,7 +74,8 @@ SETTINGS = {
     "vocab_words": 64, "lexicon_words": 8, "num_steps": 400, "batch_size": 16, "max_new_tokens": 16,
     "learning_rate": 2e-3, "entropy_coef": 0.01, "paper_entropy_coef": 0.125, "samples_per_prompt": 8,
     "ground_every": 100, "ground_until": 200, "rm_learning_rate": 1e-2, "ground_prompts": 8, "rm_epochs": 4,
-    "rm_batch_size": 8, "rm_max_steps": 300, "rm_eval_every": 5, "rm_patience": 3, "rm_eval_prompts": 4,
+    "rm_batch_size": 8, "rm_max_steps": 300, "rm_eval_every": 5, "rm_patience": 3, "rm_min_steps": 0,
+    "rm_eval_prompts": 4,
     "eval_every": 20, "eval_samples": 128, "grid_calls": 200,
 }
 WORDS: list[str] = []
@@ -140,6 +141,7 @@ def run_arm(arm: str, seed: int, on_eval) -> dict:
         rm_learning_rate=SETTINGS["rm_learning_rate"], ground_prompts=SETTINGS["ground_prompts"],
         rm_epochs=SETTINGS["rm_epochs"], rm_batch_size=SETTINGS["rm_batch_size"], rm_max_steps=SETTINGS["rm_max_steps"],
         rm_eval_every=SETTINGS["rm_eval_every"], rm_patience=SETTINGS["rm_patience"],
+        rm_min_steps=SETTINGS["rm_min_steps"],
         rm_eval_prompts=SETTINGS["rm_eval_prompts"], log_score=False, save_every=10_000, progress=False,
         log_tensorboard=False, mixed_precision="no")
     rm = TokenRewardModel(tiny_scalar_model(len(tok), seed=seed), tok, bounded=True) if guidance == "token" else None

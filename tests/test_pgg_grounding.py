@@ -113,6 +113,24 @@ def test_fit_grounding_stops_when_held_out_accuracy_stalls_and_keeps_the_best_we
     assert again["listmle_loss"] == pytest.approx(result["best"]["listmle_loss"], rel=1e-5)
 
 
+def test_no_patience_stop_before_min_steps():
+    # A reward model that never improves on its start: patience alone stops it at the 3rd check, min_steps holds it.
+    tok = tiny_word_tokenizer(WORDS)
+    rm = TokenRewardModel(tiny_scalar_model(len(tok), seed=0), tok, bounded=True)
+    import random
+
+    rng = random.Random(0)
+    held_out = _toy_groups(tok, rng, 4)
+    fixed = _toy_groups(tok, rng, 8)
+    settings = dict(learning_rate=1e-12, eval_every=5, patience=3)
+    early = fit_grounding(rm, lambda: fixed, held_out, GroundingFitConfig(**settings), torch.Generator())
+    held = fit_grounding(rm, lambda: fixed, held_out, GroundingFitConfig(**settings, min_steps=40), torch.Generator())
+    assert early["stopped"] == held["stopped"] == "patience"
+    assert early["steps"] == 15 and held["steps"] == 40
+    with pytest.raises(ValueError, match="min_steps"):
+        GroundingFitConfig(min_steps=400).validate()
+
+
 @pytest.mark.parametrize("field", ["max_steps", "eval_every", "patience", "batch_size"])
 def test_bad_fit_settings_name_the_field(field):
     with pytest.raises(ValueError, match=field):

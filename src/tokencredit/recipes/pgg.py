@@ -81,6 +81,7 @@ class PGGRecipeConfig:
     rm_max_steps: int = 200  # reward-model steps per grounding at most
     rm_eval_every: int = 5  # steps between held-out checks
     rm_patience: int = 3  # checks without improvement that end a fit
+    rm_min_steps: int = 60  # ...but not before this many steps
     rm_eval_prompts: int = 4  # held-out prompts (x K samples) per grounding
     rm_learning_rate: float = 1e-4  # reward-model learning rate
     # fewshot (REINFORCE): weight of the entropy bonus. Not the paper's 0.125: measured too strong for a learned
@@ -133,7 +134,7 @@ def task_setting(cfg: PGGRecipeConfig, name: str) -> Any:
 
 
 FAST_OVERRIDES = dict(num_steps=3, batch_size=2, samples_per_prompt=2, ground_prompts=2, ground_every=2,
-                      rm_epochs=1, rm_batch_size=2, rm_max_steps=4, rm_eval_every=2, rm_patience=1,
+                      rm_epochs=1, rm_batch_size=2, rm_max_steps=4, rm_eval_every=2, rm_patience=1, rm_min_steps=0,
                       rm_eval_prompts=2, candidates=3, eval_documents=3, max_records=12, top_layers=1000, lora_r=4,
                       reward_backbone="policy", document_words=12)
 _FAST_WORDS = "good bad film plot it was N/A the a cat sat dog ran mat far summary short".split()
@@ -215,7 +216,8 @@ def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, 
         samples_per_prompt=cfg.samples_per_prompt, ground_prompts=cfg.ground_prompts, ground_every=cfg.ground_every,
         ground_until=cfg.ground_until, aggregator=arm.split("-", 1)[1] if arm.startswith("pgg-") else "avg",
         rm_epochs=cfg.rm_epochs, rm_batch_size=cfg.rm_batch_size, rm_max_steps=cfg.rm_max_steps,
-        rm_eval_every=cfg.rm_eval_every, rm_patience=cfg.rm_patience, rm_eval_prompts=cfg.rm_eval_prompts,
+        rm_eval_every=cfg.rm_eval_every, rm_patience=cfg.rm_patience, rm_min_steps=cfg.rm_min_steps,
+        rm_eval_prompts=cfg.rm_eval_prompts,
         rm_learning_rate=cfg.rm_learning_rate)
     PGGTrainer(config, policy, tokenizer, prompts, score_fn, references=references, reward_model=rm).train()
     # A finished arm is never resumed; its checkpoints (reward model weights included) only take disk.

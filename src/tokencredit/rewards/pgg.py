@@ -378,6 +378,7 @@ class GroundingFitConfig:
     max_steps: int = 300  # reward-model steps at most
     eval_every: int = 10  # steps between held-out checks
     patience: int = 4  # held-out checks without improvement before the fit stops (best weights restored)
+    min_steps: int = 0  # no stop for patience before this many steps (a real backbone learns slowly at first)
     batch_size: int = 8  # ranked lists per step (the trainer's draw decides how many of them are fresh)
     learning_rate: float = 1e-4
     max_grad_norm: float | None = 1.0
@@ -390,6 +391,8 @@ class GroundingFitConfig:
         for name in ("max_steps", "eval_every", "patience", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"min_steps must be in [0, max_steps={self.max_steps}] (got {self.min_steps})")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate})")
         if self.aggregator not in AGGREGATORS:
@@ -419,8 +422,9 @@ def fit_grounding(
 
     ``draw()`` returns the next batch of ranked groups (the PGG trainer samples fresh ones from the current policy);
     ``held_out`` are groups sampled for this grounding alone. The held-out pair accuracy (ties: ListMLE loss) is
-    checked before the first step and every ``eval_every`` steps; after ``patience`` checks without improvement,
-    or ``max_steps``, the trainable weights of the best check are restored (the start's, if no step helped).
+    checked before the first step and every ``eval_every`` steps; after ``patience`` checks without improvement
+    (counted only once ``min_steps`` are done), or ``max_steps``, the trainable weights of the best check are
+    restored (the start's, if no step helped).
     Returns the start, best and final checks, the steps taken and the curve of checks. A fresh AdamW each call,
     as the paper re-creates its optimiser per fit while the weights carry over.
     """
@@ -467,7 +471,7 @@ def fit_grounding(
                 best, best_state, stale = curve[-1], _trainable_state(rm.model), 0
             else:
                 stale += 1
-                if stale >= config.patience:
+                if stale >= config.patience and step >= config.min_steps:
                     stopped = "patience"
                     break
     with torch.no_grad():

@@ -228,6 +228,9 @@ class PGGConfig:
     rm_max_steps: int = 300  # reward-model steps per grounding at most
     rm_eval_every: int = 5  # reward-model steps between held-out checks
     rm_patience: int = 3  # held-out checks without improvement that end a grounding's fit
+    # ...but not before this many steps: on SST-2 with a MiniLM reward at 1e-4, 3 checks of 5 steps stopped the fit at
+    # 20 steps with held-out accuracy 0.61 and token rewards all about 0.50 (the tiny known-answer model needs 0)
+    rm_min_steps: int = 60
     rm_eval_prompts: int = 4  # prompts x K held-out samples drawn per grounding (to stop and to report)
     rm_learning_rate: float = 1e-4
     rm_max_length: int = 512
@@ -253,6 +256,8 @@ class PGGConfig:
                              f"(got {self.samples_per_prompt})")
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"aggregator must be one of {AGGREGATORS} (got {self.aggregator!r})")
+        if self.rm_min_steps < 0:
+            raise ValueError(f"rm_min_steps must be >= 0 (got {self.rm_min_steps})")
         if self.ground_until is not None and self.ground_until < 1:
             raise ValueError(f"ground_until must be >= 1 or None (got {self.ground_until})")
         if self.entropy_coef < 0:
@@ -485,6 +490,7 @@ class PGGTrainer:
 
         result = fit_grounding(self.rm, draw, held_out, GroundingFitConfig(
             max_steps=cfg.rm_max_steps, eval_every=cfg.rm_eval_every, patience=cfg.rm_patience,
+            min_steps=min(cfg.rm_min_steps, cfg.rm_max_steps),
             batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, aggregator=cfg.aggregator,
             beta=cfg.aggregator_beta, max_length=cfg.rm_max_length), self.rank_generator, self.amp_dtype)
         folder = self.run_dir / "grounding" / f"{self.groundings:03d}"
