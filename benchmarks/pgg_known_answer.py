@@ -322,10 +322,9 @@ def save(data: dict) -> None:
     """Summary, predictions and the JSON file, written atomically (a cut run leaves what it measured)."""
     data["summary"] = summarize(data["runs"])
     data["predictions"] = predictions(data)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = OUT_JSON.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(OUT_JSON)
+    from tokencredit.runs import atomic_write_json
+
+    atomic_write_json(OUT_JSON, data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

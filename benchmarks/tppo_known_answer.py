@@ -104,6 +104,7 @@ from tokencredit.recipes.tppo import end_label  # noqa: E402
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels  # noqa: E402
 from tokencredit.rewards.shaping import bounded, potential_reward_fn  # noqa: E402
 from tokencredit.rl.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from tokencredit.runs import atomic_write_json  # noqa: E402
 from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -611,10 +612,7 @@ def save(data: dict) -> None:
     """Summary, predictions and the JSON file, written atomically."""
     data["summary"] = summarize(data["runs"])
     data["predictions"] = predictions(data["summary"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = OUT_JSON.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(OUT_JSON)
+    atomic_write_json(OUT_JSON, data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

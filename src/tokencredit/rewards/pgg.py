@@ -399,11 +399,9 @@ class GroundingFitConfig:
             raise ValueError(f"aggregator must be one of {AGGREGATORS} (got {self.aggregator!r})")
 
 
-def _better(check: dict, best: dict | None) -> bool:
+def _better(check: dict, best: dict) -> bool:
     """A held-out check beats the best so far: higher pair accuracy, or the same accuracy and a ListMLE loss at
     least 1% lower (sharper margins make sharper token weights; smaller gains are not worth more metric calls)."""
-    if best is None:
-        return True
     acc, best_acc = check["rank_pair_accuracy"], best["rank_pair_accuracy"]
     if acc is not None and best_acc is not None and acc != best_acc:
         return acc > best_acc
@@ -425,7 +423,7 @@ def fit_grounding(
     checked before the first step and every ``eval_every`` steps; after ``patience`` checks without improvement
     (counted only once ``min_steps`` are done), or ``max_steps``, the trainable weights of the best check are
     restored (the start's, if no step helped).
-    Returns the start, best and final checks, the steps taken and the curve of checks. A fresh AdamW each call,
+    Returns the start and best checks, the steps taken, why it stopped and the curve of checks. A fresh AdamW each call,
     as the paper re-creates its optimiser per fit while the weights carry over.
     """
     config.validate()

@@ -483,7 +483,6 @@ class PGGTrainer:
                     order = rng.permutation(len(fresh))
                     queue.extend([fresh[i] for i in order[b : b + cfg.rm_batch_size]]
                                  for b in range(0, len(order), cfg.rm_batch_size))
-                queue[:] = [batch for batch in queue if batch]
                 if not queue:
                     raise ValueError("no sample of a fresh draw could be read by the reward model")
             return queue.pop(0)
