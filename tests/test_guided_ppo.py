@@ -60,8 +60,9 @@ def test_guide_tokens_are_context_not_actions(tmp_path, algorithm):
     if algorithm == "ppo_pp":  # the guide rolls in: every (switched) row starts with its words
         assert bool((first == h).all()) and not bool(train[:, 0].any())
     else:  # the learner rolls in: rows start with the learner's tokens and the guide's words end them
-        assert bool(train[:, 0].all()) and batch.guide_value_mask is not None
-        assert torch.equal(batch.guide_value_mask.bool(), guide_tokens)
+        # (a row whose roll-in was too short to switch is a whole guide answer, with no learner token)
+        assert bool((train[:, 0] | ~train.any(-1)).all()) and bool(train[:, 0].any())
+        assert batch.guide_value_mask is not None and torch.equal(batch.guide_value_mask.bool(), guide_tokens)
 
     # Exactly zero policy gradient from guide tokens: changing their advantages changes no gradient.
     t.config.vf_coef, t.config.entropy_coef = 0.0, 0.0
@@ -79,16 +80,67 @@ def test_guide_tokens_are_context_not_actions(tmp_path, algorithm):
     assert any(x.abs().sum() > 0 for x in before)
 
 
-def test_beta_zero_reproduces_plain_ppo(tmp_path):
+def test_beta_zero_reproduces_plain_ppo_and_gives_aggrevated_whole_guide_answers(tmp_path):
     model, tok = make()
     plain = PPOTrainer(cfg(tmp_path, "plain"), model, tok, PROMPTS, count_a(tok)).train()
-    for algorithm in ("ppo_pp", "aggrevated"):
-        guide = WordGuide()
-        guided = trainer(tmp_path, guide, name=algorithm, algorithm=algorithm, guide_beta=0.0).train()
-        assert guide.calls == 0
-        for x, y in zip(plain, guided):
-            for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/approx_kl"):
-                assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (algorithm, key)
+    guide = WordGuide()
+    guided = trainer(tmp_path, guide, name="ppo_pp", algorithm="ppo_pp", guide_beta=0.0).train()
+    assert guide.calls == 0
+    for x, y in zip(plain, guided):
+        for key in ("reward/mean", "kl/mean", "loss/policy", "loss/value", "policy/approx_kl"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), key
+    # AggreVaTeD's unswitched rows are the guide's own answers (the paper's code): they train only the guide critic.
+    t = trainer(tmp_path, name="aggrevated", algorithm="aggrevated", guide_beta=0.0)
+    batch, stats = t.make_batch(PROMPTS, t.rollout(PROMPTS), torch.arange(8))
+    h = t.tokenizer.convert_tokens_to_ids("h")
+    assert stats["guide/learner_token_frac"] == 0.0 and not batch.train_mask.any()
+    assert bool((batch.response_ids[batch.response_mask.bool()] == h).all())
+    assert torch.equal(batch.guide_value_mask, batch.response_mask.long())
+
+
+def count_h(tok):
+    h = tok.convert_tokens_to_ids("h")
+    return lambda prompts, responses, ids: [[1.0 if t == h else 0.0 for t in row] for row in ids]
+
+
+def test_the_guide_critic_learns_the_value_of_guide_answers(tmp_path):
+    model, tok = make()
+    t = PPOTrainer(cfg(tmp_path, algorithm="aggrevated", guide_beta=0.5, num_updates=8, vf_coef=1.0,
+                       learning_rate=1e-2), model, tok, PROMPTS, count_h(tok), guide=WordGuide())
+    batch, _ = t.make_batch(PROMPTS, t.rollout(PROMPTS), torch.arange(8))
+    guide_tokens = batch.guide_value_mask.float()
+    assert guide_tokens.sum() > 0
+
+    def error():
+        from tokencredit.rl.ppo import response_values
+        with torch.no_grad():
+            values = response_values(t.guide_critic, batch.input_ids(), batch.attention_mask(),
+                                     batch.response_ids.size(1))
+        return float((((values - batch.returns) ** 2) * guide_tokens).sum() / guide_tokens.sum())
+
+    before = error()
+    logs = t.train()
+    assert error() < 0.5 * before
+    assert all(m["loss/guide_value"] > 0 for m in logs)
+
+
+def test_learner_advantages_bootstrap_from_the_guide_critic_at_the_switch(tmp_path):
+    t = trainer(tmp_path, algorithm="aggrevated", lam=0.0, gamma=1.0, whiten_advantages=False)
+    with torch.no_grad():
+        t.guide_critic.head.bias.fill_(5.0)  # the guide critic says every state the guide continues is worth 5
+    batch, _ = t.make_batch(PROMPTS, t.rollout(PROMPTS), torch.arange(8))
+    train, resp = batch.train_mask.bool(), batch.response_mask.bool()
+    checked = 0
+    for i in range(8):
+        h = int(train[i].sum())
+        if h == 0 or h == int(resp[i].sum()):
+            continue
+        assert batch.values[i, h] == pytest.approx(5.0)  # guide tokens are valued by the guide critic
+        # one-step TD at the learner's last token: r + V_guide(switch) - V_learner
+        expected = batch.rewards[i, h - 1] + 5.0 - batch.values[i, h - 1]
+        assert float(batch.advantages[i, h - 1]) == pytest.approx(float(expected), abs=1e-5)
+        checked += 1
+    assert checked > 0
 
 
 def test_schedules_of_lols_and_d2lols_in_the_trainer(tmp_path):
@@ -134,4 +186,5 @@ def test_a_model_guide_writes_tokens_the_policy_then_continues(tmp_path):
     batch, stats = t.make_batch(PROMPTS, t.rollout(PROMPTS), torch.arange(8))
     assert 0 < stats["guide/learner_token_frac"] < 1
     switch = (~batch.train_mask.bool() & batch.response_mask.bool()).sum(-1)
-    assert bool(((switch >= 1) & (switch <= 2)).all())  # h ~ U{1 .. L-1} with L = 3
+    # h ~ U{1 .. m-1} with m = min(the guide's answer length, L = 3); 0 where the guide's answer was too short
+    assert bool((switch <= 2).all()) and bool((switch >= 1).any())

@@ -8,9 +8,13 @@ A guided row is written by two policies: the *roll-in* policy writes its first `
 - LOLS — each update PPO++ with probability ``tau``, else AggreVaTeD.
 - D2LOLS — AggreVaTeD until the switch update, PPO++ from then on.
 
-Per row, with probability ``beta`` a switch point ``h`` is drawn uniformly from {1 .. L-1} (L = the roll-in
-length, ``max_new_tokens`` by default); otherwise ``h = 0`` and the learner writes the whole row as in plain
-PPO. :func:`guided_rollout` records who wrote every token, so the trainer can keep guide tokens out of every
+Per row, with probability ``beta`` the row switches writers: the roll-in policy writes a whole answer first,
+and the switch point ``h`` is drawn uniformly from {1 .. m-1}, m = the length of that answer (its EOS not
+counted), capped at ``rollin_length``; the roll-in keeps its first ``h`` tokens and the roll-out policy writes the
+rest. Drawing ``h`` inside the roll-in's actual length (as the paper's code does) means every switched row really
+switches; a roll-in shorter than 2 tokens leaves no switch point. Every other row is written by the roll-out policy
+alone: a plain learner row under PPO++, a whole guide answer under AggreVaTeD (whose value the guide critic
+learns). :func:`guided_rollout` records who wrote every token, so the trainer can keep guide tokens out of every
 ratio (they are context, not actions of the learner).
 
 A guide is a :class:`Writer`: :class:`ModelWriter` for a causal LM sharing the policy's tokenizer (token level),
@@ -20,6 +24,7 @@ endpoint), whose text is re-tokenised by the policy's tokenizer.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,28 +81,44 @@ class ModelWriter:
 class TextWriter:
     """A text-completion function as a writer: ``complete(texts, max_new_tokens) -> continuations``.
 
-    The context is decoded to text, the continuation re-tokenised with the policy's tokenizer and cut to the
-    row's budget; a continuation that fits before the budget is taken as finished (EOS appended).
+    The context is decoded to text and the continuation re-tokenised with the policy's tokenizer and cut to the
+    row's budget. Each continuation is a string or a ``(text, finished)`` pair, ``finished`` saying whether the
+    guide stopped on its own (an OpenAI-compatible endpoint's ``finish_reason == "stop"``). A row ends (EOS
+    appended) only when the guide stopped and its text fits the budget. The guide's own token count differs from
+    the policy's, so it is asked for ``headroom`` times the largest budget: a bare string that re-tokenises shorter
+    than the budget was then not cut by the guide's limit and is taken as finished. A guide that can tell should
+    return pairs; that is exact.
     """
 
-    complete: Callable[[list[str], int], list[str]]
+    complete: Callable[[list[str], int], Sequence[str | tuple[str, bool]]]
     tokenizer: object
+    headroom: float = 2.0
 
     def write(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, budgets: Sequence[int]) -> list[
             tuple[list[int], bool]]:
         """Ask for the continuation of every row that has a budget."""
+        if self.headroom < 1.0:
+            raise ValueError(f"headroom must be >= 1 (got {self.headroom})")
         out, rows = _rows_with_budget(budgets)
         if not rows:
             return out
         contexts = [self.tokenizer.decode(prompt_ids[i][prompt_mask[i].bool()].tolist(), skip_special_tokens=False)
                     for i in rows]
-        texts = self.complete(contexts, max(budgets[i] for i in rows))
+        asked = math.ceil(self.headroom * max(budgets[i] for i in rows))
+        texts = list(self.complete(contexts, asked))
         if len(texts) != len(rows):
             raise ValueError(f"the guide returned {len(texts)} continuations for {len(rows)} requests")
         eos = self.tokenizer.eos_token_id
-        for i, text in zip(rows, texts):
+        for i, item in zip(rows, texts):
+            if isinstance(item, str):
+                text, stopped = item, True
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+                text, stopped = item[0], bool(item[1])
+            else:
+                raise ValueError("a guide continuation must be a string or a (text, finished) pair "
+                                 f"(got {type(item).__name__})")
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if len(ids) < budgets[i] and eos is not None:
+            if stopped and len(ids) < budgets[i] and eos is not None:
                 out[i] = ([*ids, eos], True)
             else:
                 out[i] = (ids[: budgets[i]], False)
@@ -109,13 +130,23 @@ def _rows_with_budget(budgets: Sequence[int]) -> tuple[list[tuple[list[int], boo
     return [([], False) for _ in budgets], [i for i, b in enumerate(budgets) if b > 0]
 
 
-def draw_switches(n: int, beta: float, rollin_length: int, rng: random.Random) -> list[int]:
-    """Per row: with probability beta a switch point h ~ U{1 .. L-1}, else 0 (no guide)."""
+def draw_switches(n: int, beta: float, rng: random.Random) -> list[float | None]:
+    """Per row: with probability beta a uniform u in [0, 1) that places the switch in the roll-in, else None."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"guide_beta must be in [0, 1] (got {beta})")
-    if rollin_length < 2:
-        raise ValueError(f"the roll-in length must be >= 2 to leave a switch point (got {rollin_length})")
-    return [rng.randint(1, rollin_length - 1) if rng.random() < beta else 0 for _ in range(n)]
+    # u, not h: h depends on the roll-in's length, known only after it is written (and, in a multi-process run,
+    # only on the rank that owns the row), while the stream must advance alike on every rank.
+    return [rng.random() if rng.random() < beta else None for _ in range(n)]
+
+
+def switch_point(u: float | None, rollin_tokens: Sequence[int], finished: bool, limit: int) -> int:
+    """h ~ U{1 .. m-1} from u, m = the roll-in's length without its EOS, capped at limit; 0 = no switch."""
+    if u is None:
+        return 0
+    if not 0.0 <= u < 1.0:
+        raise ValueError(f"a switch draw must be in [0, 1) (got {u})")
+    m = min(len(rollin_tokens) - int(bool(finished) and len(rollin_tokens) > 0), limit)
+    return 1 + int(u * (m - 1)) if m >= 2 else 0
 
 
 def rollin_of(algorithm: Algorithm, update_idx: int, tau: float, switch_update: int | None,
@@ -147,7 +178,7 @@ class GuidedRollout:
     token_ids: list[list[int]]
     learner_wrote: list[list[bool]]  # per token: True = the learner sampled it, False = the guide
     finished: list[bool]
-    switches: list[int]
+    switches: list[int]  # h per row; 0 = written by the roll-out policy alone
 
 
 def guided_rollout(
@@ -156,41 +187,34 @@ def guided_rollout(
     rollin: RollIn,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
-    switches: Sequence[int],
+    draws: Sequence[float | None],
     max_new_tokens: int,
     pad_id: int,
+    rollin_length: int | None = None,
 ) -> GuidedRollout:
-    """Roll in for ``switches[i]`` tokens, then roll out to EOS or ``max_new_tokens``; h = 0 rows are all learner."""
+    """Roll in and out per ``draws`` (from :func:`draw_switches`); rows without a switch are the roll-out's alone."""
     if rollin not in ("guide", "learner"):
         raise ValueError(f"rollin must be 'guide' or 'learner' (got {rollin!r})")
     n = prompt_ids.size(0)
+    if len(draws) != n:
+        raise ValueError(f"{len(draws)} switch draws for {n} rows")
+    limit = max_new_tokens if rollin_length is None else min(rollin_length, max_new_tokens)
     first, second = (guide, learner) if rollin == "guide" else (learner, guide)
-    # Roll-in: switched rows only, h tokens each (a row may end sooner, at its EOS).
-    head = first.write(prompt_ids, prompt_mask, [min(h, max_new_tokens) for h in switches])
-    # Roll-out: switched rows continue from prompt + roll-in; unswitched rows are written by the learner alone.
-    contexts = [prompt_ids[i][prompt_mask[i].bool()].tolist() + head[i][0] for i in range(n)]
+    # The roll-in writes whole answers for the rows that switch, so h can be drawn inside their real length.
+    head = first.write(prompt_ids, prompt_mask, [0 if u is None else max_new_tokens for u in draws])
+    switches = [switch_point(u, head[i][0], head[i][1], limit) for i, u in enumerate(draws)]
+    # h < the roll-in's length, so a kept roll-in never holds its EOS: the roll-out always continues.
+    contexts = [prompt_ids[i][prompt_mask[i].bool()].tolist() + head[i][0][: switches[i]] for i in range(n)]
     ctx_ids, ctx_mask = _left_pad(contexts, pad_id, prompt_ids.device)
-    budgets = [0 if head[i][1] else max_new_tokens - len(head[i][0]) for i in range(n)]
-    switched = [h > 0 for h in switches]
-    if second is learner:
-        # PPO++: the learner writes every row's remainder, switched or not, in one pass.
-        tail_second = tail_learner = learner.write(ctx_ids, ctx_mask, budgets)
-    else:
-        tail_second = second.write(ctx_ids, ctx_mask, [b if s else 0 for b, s in zip(budgets, switched)])
-        tail_learner = learner.write(ctx_ids, ctx_mask, [0 if s else b for b, s in zip(budgets, switched)])
+    tail = second.write(ctx_ids, ctx_mask, [max_new_tokens - h for h in switches])
     token_ids, learner_wrote, finished = [], [], []
     for i in range(n):
-        if switched[i]:
-            tail, done = tail_second[i] if not head[i][1] else ([], True)
-            ids = head[i][0] + tail
-            wrote = [rollin == "learner"] * len(head[i][0]) + [rollin == "guide"] * len(tail)
-        else:
-            ids, done = tail_learner[i]
-            wrote = [True] * len(ids)
+        h = switches[i]
+        ids, done = head[i][0][:h] + tail[i][0], tail[i][1]
         token_ids.append(ids)
-        learner_wrote.append(wrote)
+        learner_wrote.append([rollin == "learner"] * h + [rollin == "guide"] * len(tail[i][0]))
         finished.append(bool(done))
-    return GuidedRollout(token_ids, learner_wrote, finished, list(switches))
+    return GuidedRollout(token_ids, learner_wrote, finished, switches)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

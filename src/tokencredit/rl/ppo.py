@@ -169,12 +169,15 @@ class PPOConfig:
     # guide critic learns the guide's cost-to-go on its continuation). "lols": each update ppo_pp with probability
     # lols_tau, else aggrevated. "d2lols": aggrevated until d2lols_switch_update, then ppo_pp.
     algorithm: Literal["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"] = "ppo"
-    guide_beta: float = 0.5  # share of rows that switch writer at h ~ U{1..L-1}; the rest are plain learner rows
-    guide_rollin_length: int | None = None  # L; None = max_new_tokens
+    # share of rows that switch writer at h ~ U{1..m-1}, m = the roll-in's own length; the other rows are the
+    # roll-out policy's alone (plain learner rows under PPO++, whole guide answers under AggreVaTeD)
+    guide_beta: float = 0.5
+    guide_rollin_length: int | None = None  # cap on m; None = max_new_tokens
     lols_tau: float = 0.8  # LOLS: probability of a PPO++ update
     d2lols_switch_update: int | None = None  # D2LOLS: first update (0-based) that is PPO++
     guide_temperature: float = 1.0  # the guide's sampling (token-level guides)
     guide_top_p: float = 1.0  # nucleus sampling for the guide (token-level guides); 1.0 = off
+    guide_top_k: int = 0  # top-k sampling for the guide (token-level guides); 0 = off (TRIL's guides: 50)
     guide_kl: bool = False  # also count guide-written tokens in the KL penalty (TRIL: off, they are not the policy's)
 
     def validate(self) -> None:
@@ -237,8 +240,8 @@ class PPOConfig:
         if self.algorithm != "ppo":
             if not 2 <= rollin_length <= self.max_new_tokens:
                 raise ValueError(f"guide_rollin_length must be in [2, max_new_tokens] (got {rollin_length})")
-            if self.guide_temperature <= 0 or not 0 < self.guide_top_p <= 1:
-                raise ValueError("guide_temperature must be > 0 and guide_top_p in (0, 1]")
+            if self.guide_temperature <= 0 or not 0 < self.guide_top_p <= 1 or self.guide_top_k < 0:
+                raise ValueError("guide_temperature must be > 0, guide_top_p in (0, 1] and guide_top_k >= 0")
             for name, bad in (("reuse_sampling_logprobs", self.reuse_sampling_logprobs),
                               ("stop_strings", bool(self.stop_strings)),
                               ("rollout_backend='vllm'", self.rollout_backend == "vllm")):
@@ -486,7 +489,7 @@ class PPOTrainer:
             guide = guide.to(self.device).eval().requires_grad_(False)
             # Sampling from the trainer's generator (set once it exists), so a guided run is reproducible.
             writer: object = ModelWriter(guide, self.tokenizer, temperature=cfg.guide_temperature,
-                                         top_p=cfg.guide_top_p)
+                                         top_k=cfg.guide_top_k, top_p=cfg.guide_top_p)
         elif callable(getattr(guide, "complete", None)):
             writer = TextWriter(guide.complete, self.tokenizer)
         else:
@@ -600,16 +603,16 @@ class PPOTrainer:
 
         cfg = self.config
         rollin = rollin_of(cfg.algorithm, self.update_idx, cfg.lols_tau, cfg.d2lols_switch_update, self.guide_rng)
-        # Drawn for the global batch on every rank (same stream), each rank keeping its rows' switch points.
-        switches = self.group.share(draw_switches(
-            len(prompts) * self.group.world_size, cfg.guide_beta, cfg.guide_rollin_length or cfg.max_new_tokens,
-            self.guide_rng))
+        # Drawn for the global batch on every rank (same stream), each rank keeping its rows' draws.
+        draws = self.group.share(draw_switches(len(prompts) * self.group.world_size, cfg.guide_beta,
+                                               self.guide_rng))
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
         learner = ModelWriter(self.policy, self.tokenizer, temperature=cfg.temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, generator=self.generator)
         with self._amp():
-            rows = guided_rollout(learner, self.guide_writer, rollin, prompt_ids, prompt_mask, switches,
-                                  cfg.max_new_tokens, self.tokenizer.pad_token_id)
+            rows = guided_rollout(learner, self.guide_writer, rollin, prompt_ids, prompt_mask, draws,
+                                  cfg.max_new_tokens, self.tokenizer.pad_token_id,
+                                  rollin_length=cfg.guide_rollin_length)
         gen, learner_mask = as_generation_output(rows, prompt_ids, prompt_mask, self.tokenizer,
                                                  self.tokenizer.pad_token_id)
         self._guided = (rollin, learner_mask)
@@ -900,6 +903,9 @@ class PPOTrainer:
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, train_mask, cfg.cliprange)
         # The learner's critic learns the value of the learner's own tokens (all of them in plain PPO).
         vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, train_mask, cfg.cliprange_value)
+        # Terms over other token sets than the learner's (the guide's roll-outs, reference answers) carry their own
+        # weight: a micro-batch of whole guide answers has no learner token, and its guide critic still learns.
+        extra, extra_stats = [], {}
         if self.guide_critic is not None and mb.guide_value_mask is not None:
             # The guide critic learns the guide's cost-to-go on the tokens the guide wrote (AggreVaTeD roll-outs;
             # PPO++ roll-ins are context and are never valued, their returns are the learner's).
@@ -909,9 +915,9 @@ class PPOTrainer:
                                                mb.response_ids.size(1))
             guide_vf, _ = value_loss(guide_values, mb.values, mb.returns, mb.guide_value_mask.float(),
                                      cfg.cliprange_value)
-            # Over the guide's tokens: their own share of the global count, relative to the learner tokens'.
             guide_weight = self.group.token_weight(mb.guide_value_mask.sum())
-            vf_loss = vf_loss + guide_vf * (guide_weight / weight if weight else 0.0)
+            extra.append(cfg.vf_coef * guide_vf * guide_weight)
+            extra_stats["loss/guide_value"] = guide_vf.detach() * guide_weight
         if cfg.entropy_coef > 0:
             entropy = masked_mean(entropy_from_logits(logits), train_mask)
         else:
@@ -935,12 +941,15 @@ class PPOTrainer:
             # Reference tokens have their own global count; rows without a reference add none.
             nll_weight = self.group.token_weight(nll_tokens)
             if nll is not None:
-                loss = loss + cfg.target_coef * nll * (nll_weight / weight if weight else 0.0)
-                stats["loss/target_nll"] = nll.detach()
-        stats["loss/total"] = loss.detach()
+                extra.append(cfg.target_coef * nll * nll_weight)
+                extra_stats["loss/target_nll"] = nll.detach() * nll_weight
         if weight != 1.0:
             loss = loss * weight
             stats = {k: v * weight for k, v in stats.items()}
+        for term in extra:
+            loss = loss + term
+        stats.update(extra_stats)
+        stats["loss/total"] = loss.detach()
         return loss, stats
 
     def _tokenize_references(self) -> list[list[int] | None]:
