@@ -127,20 +127,28 @@ def test_the_guide_critic_learns_the_value_of_guide_answers(tmp_path):
 def test_learner_advantages_bootstrap_from_the_guide_critic_at_the_switch(tmp_path):
     t = trainer(tmp_path, algorithm="aggrevated", lam=0.0, gamma=1.0, whiten_advantages=False)
     with torch.no_grad():
-        t.guide_critic.head.bias.fill_(5.0)  # the guide critic says every state the guide continues is worth 5
+        t.guide_critic.head.bias.fill_(5.0)  # the guide critic says every state is worth 5
+        t.critic.head.bias.fill_(-3.0)  # and the learner critic something else, which AggreVaTeD must not use
     batch, _ = t.make_batch(PROMPTS, t.rollout(PROMPTS), torch.arange(8))
     train, resp = batch.train_mask.bool(), batch.response_mask.bool()
+    assert torch.allclose(batch.values[resp], torch.full_like(batch.values[resp], 5.0))
     checked = 0
     for i in range(8):
         h = int(train[i].sum())
         if h == 0 or h == int(resp[i].sum()):
             continue
-        assert batch.values[i, h] == pytest.approx(5.0)  # guide tokens are valued by the guide critic
-        # one-step TD at the learner's last token: r + V_guide(switch) - V_learner
-        expected = batch.rewards[i, h - 1] + 5.0 - batch.values[i, h - 1]
+        # one-step TD at the learner's last token: r + V_guide(switch) - V_guide(before it)
+        expected = batch.rewards[i, h - 1] + batch.values[i, h] - batch.values[i, h - 1]
         assert float(batch.advantages[i, h - 1]) == pytest.approx(float(expected), abs=1e-5)
         checked += 1
     assert checked > 0
+    # The learner critic sits AggreVaTeD updates out: its loss has no gradient from these rows.
+    t.optimizer.zero_grad(set_to_none=True)
+    t.config.entropy_coef = 0.0
+    loss, _ = t._loss(batch)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in t.critic.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in t.guide_critic.parameters())
 
 
 def test_schedules_of_lols_and_d2lols_in_the_trainer(tmp_path):

@@ -725,7 +725,11 @@ class PPOTrainer:
             clock.lap("time/values")
 
         # Guided rows: only the learner's tokens are its actions (train mask); guide tokens are context, kept out
-        # of the KL unless guide_kl, and valued by the guide critic where the guide rolled out.
+        # of the KL unless guide_kl. When the guide rolls out (AggreVaTeD), every position is valued by the guide
+        # critic, so a learner token's advantage is the guide's: how much better the guide expects to finish
+        # after it (AggreVaTeD's cost-to-go of the expert; TRIL values these rows with its guide critic alone).
+        # The learner critic sits such updates out: its values are those of the learner's own roll-outs, and
+        # states judged by the guide's finish would make it optimistic when PPO++ updates follow (D2LOLS).
         train_mask, kl_mask, guide_value_mask = mask, mask, None
         if self._guided is not None:
             rollin, learner_tokens = self._guided
@@ -736,7 +740,7 @@ class PPOTrainer:
                 with torch.no_grad(), self._amp():
                     guide_values = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
                                               for rows in self._row_chunks(len(prompts))]) * mask
-                values_t = torch.where(train_mask.bool(), values_t, guide_values)
+                values_t = guide_values
                 guide_value_mask = (mask - train_mask).long()
             learner_tokens_all = float(group.sum(train_mask.sum().double().reshape(1))[0])
             stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
@@ -901,8 +905,10 @@ class PPOTrainer:
         train_mask = mb.train_mask.float()
         weight = self.group.token_weight(train_mask.sum())
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, train_mask, cfg.cliprange)
-        # The learner's critic learns the value of the learner's own tokens (all of them in plain PPO).
-        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, train_mask, cfg.cliprange_value)
+        # The learner's critic learns the value of the learner's own roll-outs (all tokens in plain PPO, the
+        # learner's continuations under PPO++); under AggreVaTeD the guide critic values the rows (see make_batch).
+        learner_value_mask = train_mask if mb.guide_value_mask is None else torch.zeros_like(train_mask)
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, learner_value_mask, cfg.cliprange_value)
         # Terms over other token sets than the learner's (the guide's roll-outs, reference answers) carry their own
         # weight: a micro-batch of whole guide answers has no learner token, and its guide critic still learns.
         extra, extra_stats = [], {}
