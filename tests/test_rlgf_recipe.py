@@ -53,10 +53,13 @@ def test_bad_settings_are_refused_with_the_field_named(tmp_path, capsys):
 
 def test_task_defaults_are_the_papers_and_explicit_values_win():
     imdb = RLGFConfig(task="imdb").resolved()
-    assert (imdb.kl_coef, imdb.guide_beta, imdb.start) == (0.001, 0.6, "sft")
+    assert (imdb.kl_coef, imdb.start, imdb.whiten_advantages) == (0.001, "sft", False)
+    # TRIL: beta .6 for PPO++ on IMDB, .8 for the others and for every CommonGen algorithm
+    assert [imdb.beta(a) for a in ("ppo_pp", "aggrevated", "lols", "d2lols")] == [0.6, 0.8, 0.8, 0.8]
     cg = RLGFConfig(task="commongen").resolved()
-    assert (cg.kl_coef, cg.guide_beta, cg.start) == (0.0, 0.8, "base")
-    assert RLGFConfig(task="commongen", guide_beta=0.3, kl_coef=0.01).resolved().guide_beta == 0.3
+    assert (cg.kl_coef, cg.start) == (0.0, "base") and {cg.beta(a) for a in ("ppo_pp", "d2lols")} == {0.8}
+    explicit = RLGFConfig(task="commongen", guide_beta=0.3, kl_coef=0.01).resolved()
+    assert (explicit.beta("ppo_pp"), explicit.beta("d2lols"), explicit.kl_coef) == (0.3, 0.3, 0.01)
 
 
 def test_fast_commongen_scores_concepts_and_reuses_a_given_start_and_guide(tmp_path, monkeypatch):

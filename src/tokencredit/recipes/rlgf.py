@@ -41,9 +41,15 @@ log = logging.getLogger(__name__)
 
 ALL_ALGORITHMS = ["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"]
 TASKS = ("imdb", "commongen")
-# The paper's per-task settings (arXiv 2306.11816): KL .001 and beta .6 on IMDB, no KL and beta .8 on CommonGen.
-TASK_DEFAULTS = {"imdb": {"kl_coef": 0.001, "guide_beta": 0.6, "start": "sft"},
-                 "commongen": {"kl_coef": 0.0, "guide_beta": 0.8, "start": "base"}}
+# The paper's per-task settings (arXiv 2306.11816 and its code, TRIL's cfgs/alg/*.yaml): KL .001 on IMDB, none on
+# CommonGen; beta .6 for PPO++ on IMDB and .8 for every other algorithm and for CommonGen; the guide samples with
+# top-p .92 and top-k 50 (IMDB) or none (CommonGen).
+TASK_DEFAULTS = {"imdb": {"kl_coef": 0.001, "start": "sft"},
+                 "commongen": {"kl_coef": 0.0, "start": "base"}}
+TASK_BETAS = {"imdb": {"ppo_pp": 0.6, "aggrevated": 0.8, "lols": 0.8, "d2lols": 0.8},
+              "commongen": {"ppo_pp": 0.8, "aggrevated": 0.8, "lols": 0.8, "d2lols": 0.8}}
+TASK_GUIDE_SAMPLING = {"imdb": {"guide_top_k": 50, "guide_top_p": 0.92},
+                       "commongen": {"guide_top_k": 0, "guide_top_p": 0.92}}
 
 
 @dataclass
@@ -80,7 +86,10 @@ class RLGFConfig:
     ppo_batch_size: int = 16  # prompts (= sampled responses) per update, one optimiser step per epoch
     ppo_learning_rate: float = 1e-3  # policy (LoRA) learning rate
     kl_coef: float | None = None  # None = the task's default
-    guide_beta: float | None = None  # None = the task's default
+    guide_beta: float | None = None  # None = the paper's per task and algorithm (TASK_BETAS)
+    # TRIL normalises no advantages. Whitening shifts their mean to 0, so under a sparse reward every token of
+    # every unrewarded row is pushed down (benchmarks/rlgf_known_answer.py: PPO++ learns the task without it only).
+    whiten_advantages: bool = False
     lols_tau: float = 0.8  # LOLS: probability that an update is PPO++ (else AggreVaTeD)
     d2lols_switch_update: int | None = None  # None = half of ppo_updates
     eval_prompts: int = 64  # held-out prompts every policy answers in the evaluation (the first N)
@@ -105,6 +114,10 @@ class RLGFConfig:
         for name in ("ppo_updates", "ppo_batch_size", "max_new_tokens", "eval_prompts", "sft_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
+
+    def beta(self, algorithm: str) -> float:
+        """The share of switched rows for one algorithm: guide_beta if set, else the paper's for the task."""
+        return self.guide_beta if self.guide_beta is not None else TASK_BETAS[self.task][algorithm]
 
     def resolved(self) -> RLGFConfig:
         """A copy with the task's defaults filled in where a field is None."""
@@ -315,8 +328,9 @@ def _run_rlgf(cfg: RLGFConfig) -> dict:
     results = {name: _evaluate(cfg, start, model, adapter, tokenizer, task)
                for name, (model, adapter) in policies.items()}
     summary = {"task": cfg.task, "test_prompts": len(task.test_prompts), **task.facts,
-               "settings": {k: getattr(cfg, k) for k in ("kl_coef", "guide_beta", "ppo_updates", "ppo_batch_size",
-                                                         "max_new_tokens", "seed", "start")},
+               "settings": {**{k: getattr(cfg, k) for k in ("kl_coef", "ppo_updates", "ppo_batch_size",
+                                                            "max_new_tokens", "seed", "start", "whiten_advantages")},
+                            "guide_beta": {a: cfg.beta(a) for a in cfg.algorithms if a != "ppo"}},
                "policies": results, "reward_curves": curves}
     atomic_write_json(root / "summary.json", summary)
     _report(root, summary)
@@ -359,7 +373,9 @@ def _rl(cfg: RLGFConfig, algorithm: str, start: str, guide_model: str, tokenizer
     config = PPOConfig(output_dir=str(folder), seed=cfg.seed, num_updates=cfg.ppo_updates,
                        batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_batch_size, ppo_epochs=2,
                        learning_rate=cfg.ppo_learning_rate, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
-                       algorithm=algorithm, guide_beta=cfg.guide_beta, lols_tau=cfg.lols_tau,
+                       algorithm=algorithm, guide_beta=0.5 if algorithm == "ppo" else cfg.beta(algorithm),
+                       whiten_advantages=cfg.whiten_advantages, lols_tau=cfg.lols_tau,
+                       **TASK_GUIDE_SAMPLING[cfg.task],
                        d2lols_switch_update=(cfg.d2lols_switch_update if cfg.d2lols_switch_update is not None
                                              else cfg.ppo_updates // 2),
                        resume=cfg.resume, save_every=max(1, cfg.ppo_updates // 2), log_tensorboard=False,
