@@ -184,7 +184,7 @@ def test_misconfiguration_is_a_value_error_naming_the_field(tmp_path):
                       ("guide critic", dict(algorithm="aggrevated", shared_critic=True))):
         with pytest.raises(ValueError, match=field):
             cfg(tmp_path, **kw).validate()
-    with pytest.raises(ValueError, match="causal LM .* or have complete"):
+    with pytest.raises(ValueError, match="causal LM .* or have complete"):  # names every kind it takes
         PPOTrainer(cfg(tmp_path, algorithm="ppo_pp"), model, tok, PROMPTS, count_a(tok), guide=object())
 
 
@@ -196,3 +196,32 @@ def test_a_model_guide_writes_tokens_the_policy_then_continues(tmp_path):
     switch = (~batch.train_mask.bool() & batch.response_mask.bool()).sum(-1)
     # h ~ U{1 .. m-1} with m = min(the guide's answer length, L = 3); 0 where the guide's answer was too short
     assert bool((switch <= 2).all()) and bool((switch >= 1).any())
+
+
+def test_a_best_of_n_guide_keeps_its_best_sample_and_runs_in_the_trainer(tmp_path):
+    from tokencredit.rl.guided import BestOfNWriter
+
+    guide_model, tok = make(seed=5)
+    h = tok.convert_tokens_to_ids("h")
+    ids = torch.tensor([[tok.convert_tokens_to_ids("a")] * 2] * 3)
+    mask = torch.ones_like(ids)
+    seen = []
+
+    def score(contexts, texts):
+        seen.extend(contexts)
+        return [t.split().count("h") for t in texts]
+
+    def mean_h(n):
+        writer = BestOfNWriter(guide_model, tok, score, n=n, generator=torch.Generator().manual_seed(0))
+        rows = writer.write(ids, mask, [6, 0, 6])
+        assert rows[1] == ([], False) and all(len(r[0]) <= 6 for r in rows)
+        return sum(r[0].count(h) for r in rows) / 2
+
+    one, best = mean_h(1), mean_h(32)
+    assert best > one and best >= 2  # keeping the best of 32 by the score finds far more of its word
+    assert seen[0] == "a a" and len(seen) == 2 * 1 + 2 * 32  # contexts as text; only rows with a budget
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        BestOfNWriter(guide_model, tok, score, n=0).write(ids, mask, [6, 6, 6])
+    t = trainer(tmp_path, guide=BestOfNWriter(guide_model, tok, score, n=4), algorithm="ppo_pp")
+    batch, stats = t.make_batch(PROMPTS, t.rollout(PROMPTS), torch.arange(8))
+    assert 0 < stats["guide/learner_token_frac"] < 1 and t.guide_writer.generator is t.generator

@@ -84,3 +84,23 @@ def test_fast_commongen_scores_concepts_and_reuses_a_given_start_and_guide(tmp_p
     assert second["settings"]["start"] == str(start)
     # Same start, guide and seed -> the same run.
     assert second["reward_curves"] == first["reward_curves"]
+
+
+def test_a_best_of_n_guide_is_what_the_learner_and_the_evaluation_see(tmp_path, monkeypatch):
+    from tokencredit.rl.guided import BestOfNWriter
+
+    seen = []
+    real = rlgf._guide_writer
+
+    def spy(cfg, model, tokenizer, task):
+        writer = real(cfg, model, tokenizer, task)
+        seen.append(writer)
+        return writer
+
+    monkeypatch.setattr(rlgf, "_guide_writer", spy)
+    summary = run_rlgf(RLGFConfig(output=str(tmp_path / "bon"), fast=True, algorithms=["ppo_pp"], guide_best_of=4))
+    assert summary["settings"]["guide_best_of"] == 4 and summary["settings"]["guide_beta"] == {"ppo_pp": 0.6}
+    assert len(seen) == 2 and all(isinstance(w, BestOfNWriter) and w.n == 4 for w in seen)  # training, evaluation
+    assert (seen[0].top_k, seen[0].top_p) == (50, 0.92)  # TRIL's IMDB guide sampling
+    with pytest.raises(ValueError, match="guide_best_of must be at least 1"):
+        RLGFConfig(fast=True, guide_best_of=0).validate()

@@ -87,6 +87,9 @@ class RLGFConfig:
     ppo_learning_rate: float = 1e-3  # policy (LoRA) learning rate
     kl_coef: float | None = None  # None = the task's default
     guide_beta: float | None = None  # None = the paper's per task and algorithm (TASK_BETAS)
+    # >1: the guide keeps the best of this many samples by the training reward (rl.guided.BestOfNWriter), a guide
+    # better than the model it samples from; the "guide" row of the evaluation is that writer too
+    guide_best_of: int = 1
     # TRIL normalises no advantages. Whitening shifts their mean to 0, so under a sparse reward every token of
     # every unrewarded row is pushed down (benchmarks/rlgf_known_answer.py: PPO++ learns the task without it only).
     whiten_advantages: bool = False
@@ -111,7 +114,8 @@ class RLGFConfig:
             raise ValueError(f"start must be 'sft', 'base' or a model folder (got {self.start!r}: no such folder)")
         if self.guide is not None and not Path(self.guide).is_dir():
             raise ValueError(f"guide must be a model folder (got {self.guide!r}: no such folder)")
-        for name in ("ppo_updates", "ppo_batch_size", "max_new_tokens", "eval_prompts", "sft_examples"):
+        for name in ("ppo_updates", "ppo_batch_size", "max_new_tokens", "eval_prompts", "sft_examples",
+                     "guide_best_of"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
 
@@ -325,11 +329,12 @@ def _run_rlgf(cfg: RLGFConfig) -> dict:
     # 4. Held-out prompts: the training reward, the held-out scorer, fluency under the start model.
     policies: dict[str, tuple[str, Path | None]] = {"start": (start, None), "guide": (guide_model, None)}
     policies.update({a: (start, root / a / "policy") for a in cfg.algorithms})
-    results = {name: _evaluate(cfg, start, model, adapter, tokenizer, task)
+    results = {name: _evaluate(cfg, start, model, adapter, tokenizer, task, best_of=name == "guide")
                for name, (model, adapter) in policies.items()}
     summary = {"task": cfg.task, "test_prompts": len(task.test_prompts), **task.facts,
                "settings": {**{k: getattr(cfg, k) for k in ("kl_coef", "ppo_updates", "ppo_batch_size",
-                                                            "max_new_tokens", "seed", "start", "whiten_advantages")},
+                                                            "max_new_tokens", "seed", "start", "whiten_advantages",
+                                                            "guide_best_of")},
                             "guide_beta": {a: cfg.beta(a) for a in cfg.algorithms if a != "ppo"}},
                "policies": results, "reward_curves": curves}
     atomic_write_json(root / "summary.json", summary)
@@ -369,7 +374,7 @@ def _rl(cfg: RLGFConfig, algorithm: str, start: str, guide_model: str, tokenizer
     top = _clamp_layers(start, cfg.top_layers)  # a smaller model than the default has fewer blocks
     policy = load_policy(start, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, top_layers=top),
                          seed=cfg.seed)
-    guide = None if algorithm == "ppo" else load_policy(guide_model)
+    guide = None if algorithm == "ppo" else _guide_writer(cfg, load_policy(guide_model), tokenizer, task)
     config = PPOConfig(output_dir=str(folder), seed=cfg.seed, num_updates=cfg.ppo_updates,
                        batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_batch_size, ppo_epochs=2,
                        learning_rate=cfg.ppo_learning_rate, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
@@ -390,8 +395,27 @@ def _rl(cfg: RLGFConfig, algorithm: str, start: str, guide_model: str, tokenizer
 
 
 @torch.no_grad()
+def _reward_score(reward_fn: Any, tokenizer: object) -> Any:
+    """The task's reward as a BestOfNWriter score: (contexts, continuations) -> one float each."""
+    def score(contexts: list[str], texts: list[str]) -> list[float]:
+        ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return [float(sum(r)) if isinstance(r, (list, tuple)) else float(r) for r in reward_fn(contexts, texts, ids)]
+    return score
+
+
+def _guide_writer(cfg: RLGFConfig, model: torch.nn.Module, tokenizer: object, task: _TaskData) -> object:
+    """The guide as the trainer gets it: the model itself, or the best of guide_best_of of its samples."""
+    if cfg.guide_best_of <= 1:
+        return model
+    from tokencredit.rl.guided import BestOfNWriter
+
+    sampling = TASK_GUIDE_SAMPLING[cfg.task]
+    return BestOfNWriter(model, tokenizer, _reward_score(task.reward_fn, tokenizer), n=cfg.guide_best_of,
+                         top_k=sampling["guide_top_k"], top_p=sampling["guide_top_p"])
+
+
 def _evaluate(cfg: RLGFConfig, start: str, model: str, adapter: Path | None, tokenizer: object,
-              task: _TaskData) -> dict:
+              task: _TaskData, best_of: bool = False) -> dict:
     """Sampled responses (seeded) to the held-out prompts and their metrics; fluency is under the start model."""
     from peft import PeftModel
 
@@ -405,9 +429,18 @@ def _evaluate(cfg: RLGFConfig, start: str, model: str, adapter: Path | None, tok
     generator = torch.Generator().manual_seed(cfg.seed)
     prompts = task.test_prompts
     texts: list[str] = []
+    writer = _guide_writer(cfg, policy, tokenizer, task) if best_of else None
     for begin in range(0, len(prompts), 16):
-        texts += generate(policy, tokenizer, prompts[begin : begin + 16], max_new_tokens=cfg.max_new_tokens,
-                          generator=generator).texts
+        chunk = prompts[begin : begin + 16]
+        if writer is None or writer is policy:
+            texts += generate(policy, tokenizer, chunk, max_new_tokens=cfg.max_new_tokens, generator=generator).texts
+        else:
+            from tokencredit.generation import encode_prompts
+
+            writer.generator = generator
+            ids, mask = encode_prompts(tokenizer, chunk)
+            rows = writer.write(ids, mask, [cfg.max_new_tokens] * len(chunk))
+            texts += tokenizer.batch_decode([r[0] for r in rows], skip_special_tokens=True)
     metrics = task.evaluate(prompts, texts, base, tokenizer)
     metrics["examples"] = [{"prompt": p[-120:], "response": t} for p, t in list(zip(prompts, texts))[:4]]
     del policy, base

@@ -18,8 +18,9 @@ learns). :func:`guided_rollout` records who wrote every token, so the trainer ca
 ratio (they are context, not actions of the learner).
 
 A guide is a :class:`Writer`: :class:`ModelWriter` for a causal LM sharing the policy's tokenizer (token level),
-or :class:`TextWriter` for any text-completion function (a black-box guide such as an OpenAI-compatible
-endpoint), whose text is re-tokenised by the policy's tokenizer.
+:class:`BestOfNWriter` for such an LM made better by keeping the best of n samples under a score, or
+:class:`TextWriter` for any text-completion function (a black-box guide such as an OpenAI-compatible endpoint),
+whose text is re-tokenised by the policy's tokenizer.
 """
 
 from __future__ import annotations
@@ -73,6 +74,53 @@ class ModelWriter:
         stop = set(eos_ids(self.model, self.tokenizer))
         for i, ids in zip(rows, gen.token_ids()):
             kept = ids[: budgets[i]]
+            out[i] = (kept, bool(kept) and kept[-1] in stop)
+        return out
+
+
+@dataclass
+class BestOfNWriter:
+    """A guide that knows more than its model: ``n`` samples per row, the one ``score`` rates highest is kept.
+
+    ``score(contexts, continuations) -> floats`` rates each continuation of its context (the text before it, special
+    tokens dropped); the training reward is the natural choice, which makes a guide better than the model it
+    samples from without any fine-tuning. A continuation is judged on its own: where the context already holds a
+    learner's prefix (AggreVaTeD), the guide picks the best finish it can see, not the best whole answer.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    score: Callable[[list[str], list[str]], Sequence[float]]
+    n: int = 4
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def write(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, budgets: Sequence[int]) -> list[
+            tuple[list[int], bool]]:
+        """Sample n continuations of every row that has a budget and keep each row's best."""
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1 (got {self.n})")
+        out, rows = _rows_with_budget(budgets)
+        if not rows:
+            return out
+        index = torch.tensor(rows, device=prompt_ids.device).repeat_interleave(self.n)
+        gen = generate(self.model, self.tokenizer, prompt_ids=prompt_ids[index], prompt_mask=prompt_mask[index],
+                       max_new_tokens=max(budgets[i] for i in rows), temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p, generator=self.generator)
+        stop = set(eos_ids(self.model, self.tokenizer))
+        candidates = [ids[: budgets[i]] for i, ids in zip(index.tolist(), gen.token_ids())]
+        contexts = [self.tokenizer.decode(prompt_ids[i][prompt_mask[i].bool()].tolist(), skip_special_tokens=True)
+                    for i in index.tolist()]
+        texts = self.tokenizer.batch_decode(candidates, skip_special_tokens=True)
+        scores = [float(x) for x in self.score(contexts, texts)]
+        if len(scores) != len(candidates):
+            raise ValueError(f"score returned {len(scores)} values for {len(candidates)} continuations")
+        for k, i in enumerate(rows):
+            group = range(k * self.n, (k + 1) * self.n)
+            best = max(group, key=lambda j: scores[j])  # the first of equals: deterministic
+            kept = candidates[best]
             out[i] = (kept, bool(kept) and kept[-1] in stop)
         return out
 

@@ -356,8 +356,9 @@ class PPOTrainer:
     ) -> None:
         """Set up models, optimiser and KL controller; `train()` runs (or resumes) the run.
 
-        ``guide`` (RLGF algorithms): a causal LM sharing the policy's tokenizer, or any object with
-        ``complete(texts, max_new_tokens) -> list[str]`` (a black-box guide; its text is re-tokenised).
+        ``guide`` (RLGF algorithms): a causal LM sharing the policy's tokenizer, a writer such as
+        ``rl.guided.BestOfNWriter``, or any object with ``complete(texts, max_new_tokens)`` returning strings or
+        ``(text, finished)`` pairs (a black-box guide; its text is re-tokenised).
         """
         config.validate()
         if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
@@ -490,10 +491,18 @@ class PPOTrainer:
             # Sampling from the trainer's generator (set once it exists), so a guided run is reproducible.
             writer: object = ModelWriter(guide, self.tokenizer, temperature=cfg.guide_temperature,
                                          top_k=cfg.guide_top_k, top_p=cfg.guide_top_p)
+        elif callable(getattr(guide, "write", None)):
+            # A writer of our own kind (e.g. BestOfNWriter): its model moves with the trainer, its sampling draws
+            # from the trainer's generator, like a model guide's.
+            model = getattr(guide, "model", None)
+            if isinstance(model, nn.Module):
+                guide.model = model.to(self.device).eval().requires_grad_(False)
+            writer = guide
         elif callable(getattr(guide, "complete", None)):
             writer = TextWriter(guide.complete, self.tokenizer)
         else:
-            raise ValueError("guide must be a causal LM (nn.Module) or have complete(texts, max_new_tokens)")
+            raise ValueError("guide must be a causal LM (nn.Module), a writer (write(prompt_ids, prompt_mask, "
+                             "budgets)) or have complete(texts, max_new_tokens)")
         guide_critic = copy.deepcopy(self.critic) if cfg.uses_guide_critic() else None
         return writer, guide_critic
 
