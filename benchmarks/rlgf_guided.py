@@ -21,7 +21,9 @@ Reward per sample = the mean training reward over all updates (the area under th
     python benchmarks/rlgf_guided.py --task commongen --seeds 0 1 2
     python benchmarks/rlgf_guided.py --report                            # tables + chart from the results
 
-Results go to benchmarks/results/rlgf_<task>.json after every seed; the chart to rlgf_<task>.svg.
+Results go to benchmarks/results/rlgf_<task>.json after every seed; the chart to rlgf_<task>.svg. The runs measured
+before issue 31's fixes (switch points, AggreVaTeD's rows and values, beta, whitening) are kept as
+rlgf_<task>_before_issue31.*.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> dict:
                          max_records=args.records, seed=seed, resume=True, ppo_updates=args.updates,
                          ppo_batch_size=args.batch, eval_prompts=args.eval_prompts, sft_examples=args.sft_examples,
                          max_new_tokens=args.max_new_tokens, algorithms=args.algorithms,
+                         guide_best_of=args.guide_best_of,
                          **{k: v for k, v in shared.items() if v is not None})
         began = time.time()
         summary = run_rlgf(cfg)
@@ -159,6 +162,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--sft-examples", type=int, default=512)
     parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--guide-best-of", type=int, default=1,
+                        help="the guide keeps the best of N samples by the training reward")
     parser.add_argument("--workdir", default="runs/bench-rlgf")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the results file")
     parser.add_argument("--report", action="store_true", help="only redo the table and chart from the results")
