@@ -178,7 +178,9 @@ class PPOConfig:
     guide_temperature: float = 1.0  # the guide's sampling (token-level guides)
     guide_top_p: float = 1.0  # nucleus sampling for the guide (token-level guides); 1.0 = off
     guide_top_k: int = 0  # top-k sampling for the guide (token-level guides); 0 = off (TRIL's guides: 50)
-    guide_kl: bool = False  # also count guide-written tokens in the KL penalty (TRIL: off, they are not the policy's)
+    # also count guide-written tokens in the KL penalty (they are not the policy's actions); TRIL's PPO++ and
+    # AggreVaTeD train on the task reward alone, with no KL term on any token
+    guide_kl: bool = False
 
     def validate(self) -> None:
         """Check ranges and divisibility; raise ValueError naming the field."""
