@@ -92,8 +92,8 @@ def test_a_best_of_n_guide_is_what_the_learner_and_the_evaluation_see(tmp_path, 
     seen = []
     real = rlgf._guide_writer
 
-    def spy(cfg, model, tokenizer, task):
-        writer = real(cfg, model, tokenizer, task)
+    def spy(cfg, model, tokenizer, task, heldout=False):
+        writer = real(cfg, model, tokenizer, task, heldout)
         seen.append(writer)
         return writer
 
@@ -102,5 +102,15 @@ def test_a_best_of_n_guide_is_what_the_learner_and_the_evaluation_see(tmp_path, 
     assert summary["settings"]["guide_best_of"] == 4 and summary["settings"]["guide_beta"] == {"ppo_pp": 0.6}
     assert len(seen) == 2 and all(isinstance(w, BestOfNWriter) and w.n == 4 for w in seen)  # training, evaluation
     assert (seen[0].top_k, seen[0].top_p) == (50, 0.92)  # TRIL's IMDB guide sampling
+    # CommonGen's reward looks the record up by prompt: the score finds the prompt inside the guide's context
+    # (training prompts in training, held-out ones in the evaluation) and rates the whole answer.
+    seen.clear()
+    cg = run_rlgf(RLGFConfig(output=str(tmp_path / "cg"), task="commongen", fast=True, algorithms=["aggrevated"],
+                             guide_best_of=3))
+    assert len(seen) == 2 and 0 <= cg["policies"]["guide"]["reward"] <= 1
+    score = seen[0].score
+    assert score(["nowhere"] * 0, []) == []
+    with pytest.raises(ValueError, match="matches no training prompt"):
+        score(["not a prompt"], ["dog"])
     with pytest.raises(ValueError, match="guide_best_of must be at least 1"):
         RLGFConfig(fast=True, guide_best_of=0).validate()

@@ -177,6 +177,7 @@ class _TaskData:
     reward_fn: Any
     evaluate: Any  # (prompts, texts, fluency_model, tokenizer) -> metrics
     facts: dict
+    test_reward_fn: Any = None  # the reward on the held-out prompts, where it depends on the prompt; None = reward_fn
 
 
 def _split_records(cfg: RLGFConfig, records: list, load: Any) -> tuple[list, list]:
@@ -263,7 +264,8 @@ def _commongen_data(cfg: RLGFConfig, data: str, tokenizer: Any) -> _TaskData:
     return _TaskData(start_pairs=pairs[: cfg.sft_examples], guide_pairs=pairs[: cfg.sft_examples],
                      train_prompts=train_prompts, test_prompts=test_prompts,
                      reward_fn=commongen_reward_fn(train, train_prompts), evaluate=evaluate,
-                     facts={"train_records": len(train), **_commongen_references(test)})
+                     facts={"train_records": len(train), **_commongen_references(test)},
+                     test_reward_fn=commongen_reward_fn(test, test_prompts))
 
 
 def _corpus_chrf(sentences: list[str], records: list) -> float:
@@ -395,22 +397,47 @@ def _rl(cfg: RLGFConfig, algorithm: str, start: str, guide_model: str, tokenizer
 
 
 @torch.no_grad()
-def _reward_score(reward_fn: Any, tokenizer: object) -> Any:
-    """The task's reward as a BestOfNWriter score: (contexts, continuations) -> one float each."""
+def _reward_score(reward_fn: Any, tokenizer: object, prompts: list[str]) -> Any:
+    """The task's reward as a BestOfNWriter score: each continuation is scored as part of its whole answer.
+
+    A guide's context is a training prompt plus what the row holds already (a learner's prefix under AggreVaTeD):
+    the prompt is found as the longest known prompt the context starts with, and the reward sees the prompt and
+    the answer so far plus the continuation, as it will in training.
+    """
+    # A prompt as the guide sees it is its token ids decoded (special tokens kept), which need not be the prompt's
+    # own text (a word tokenizer writes unknown words as <unk>): match that form, hand the reward the original.
+    rendered = {tokenizer.decode(tokenizer(p)["input_ids"], skip_special_tokens=False): p for p in prompts}
+    known = sorted(rendered, key=len, reverse=True)
+
+    def prompt_of(context: str) -> tuple[str, str]:
+        for form in known:
+            if context.startswith(form):
+                return form, rendered[form]
+        raise ValueError(f"a guide context matches no training prompt: {context[:80]!r}")
+
     def score(contexts: list[str], texts: list[str]) -> list[float]:
-        ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        return [float(sum(r)) if isinstance(r, (list, tuple)) else float(r) for r in reward_fn(contexts, texts, ids)]
+        forms, found = zip(*[prompt_of(c) for c in contexts]) if contexts else ((), ())
+        answers = [c[len(f):] + t for c, f, t in zip(contexts, forms, texts)]
+        found = list(found)
+        ids = [list(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+        return [float(sum(r)) if isinstance(r, (list, tuple)) else float(r) for r in reward_fn(found, answers, ids)]
     return score
 
 
-def _guide_writer(cfg: RLGFConfig, model: torch.nn.Module, tokenizer: object, task: _TaskData) -> object:
-    """The guide as the trainer gets it: the model itself, or the best of guide_best_of of its samples."""
+def _guide_writer(cfg: RLGFConfig, model: torch.nn.Module, tokenizer: object, task: _TaskData,
+                  heldout: bool = False) -> object:
+    """The guide as the trainer gets it: the model itself, or the best of guide_best_of of its samples.
+
+    ``heldout``: scored on the held-out prompts (the guide's row of the evaluation) instead of the training ones.
+    """
     if cfg.guide_best_of <= 1:
         return model
     from tokencredit.rl.guided import BestOfNWriter
 
+    reward_fn, prompts = ((task.test_reward_fn or task.reward_fn, task.test_prompts) if heldout
+                          else (task.reward_fn, task.train_prompts))
     sampling = TASK_GUIDE_SAMPLING[cfg.task]
-    return BestOfNWriter(model, tokenizer, _reward_score(task.reward_fn, tokenizer), n=cfg.guide_best_of,
+    return BestOfNWriter(model, tokenizer, _reward_score(reward_fn, tokenizer, prompts), n=cfg.guide_best_of,
                          top_k=sampling["guide_top_k"], top_p=sampling["guide_top_p"])
 
 
@@ -429,7 +456,7 @@ def _evaluate(cfg: RLGFConfig, start: str, model: str, adapter: Path | None, tok
     generator = torch.Generator().manual_seed(cfg.seed)
     prompts = task.test_prompts
     texts: list[str] = []
-    writer = _guide_writer(cfg, policy, tokenizer, task) if best_of else None
+    writer = _guide_writer(cfg, policy, tokenizer, task, heldout=True) if best_of else None
     for begin in range(0, len(prompts), 16):
         chunk = prompts[begin : begin + 16]
         if writer is None or writer is policy:

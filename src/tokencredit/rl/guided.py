@@ -82,10 +82,11 @@ class ModelWriter:
 class BestOfNWriter:
     """A guide that knows more than its model: ``n`` samples per row, the one ``score`` rates highest is kept.
 
-    ``score(contexts, continuations) -> floats`` rates each continuation of its context (the text before it, special
-    tokens dropped); the training reward is the natural choice, which makes a guide better than the model it
-    samples from without any fine-tuning. A continuation is judged on its own: where the context already holds a
-    learner's prefix (AggreVaTeD), the guide picks the best finish it can see, not the best whole answer.
+    ``score(contexts, continuations) -> floats`` rates each continuation of its context: the text before it,
+    special tokens kept, so a chat prompt reads as it was rendered. The context is the prompt plus whatever the
+    row holds already (a learner's prefix under AggreVaTeD); a score that finds the prompt in it can rate the whole
+    answer (the RLGF recipe's does). The training reward is the natural score: it makes a guide better than the
+    model it samples from without any fine-tuning.
     """
 
     model: nn.Module
@@ -111,7 +112,7 @@ class BestOfNWriter:
                        top_p=self.top_p, generator=self.generator)
         stop = set(eos_ids(self.model, self.tokenizer))
         candidates = [ids[: budgets[i]] for i, ids in zip(index.tolist(), gen.token_ids())]
-        contexts = [self.tokenizer.decode(prompt_ids[i][prompt_mask[i].bool()].tolist(), skip_special_tokens=True)
+        contexts = [self.tokenizer.decode(prompt_ids[i][prompt_mask[i].bool()].tolist(), skip_special_tokens=False)
                     for i in index.tolist()]
         texts = self.tokenizer.batch_decode(candidates, skip_special_tokens=True)
         scores = [float(x) for x in self.score(contexts, texts)]
