@@ -20,6 +20,7 @@ Reward per sample = the mean training reward over all updates (the area under th
     python benchmarks/rlgf_guided.py --task imdb --seeds 0 1 2          # ~70 min on 2 cores
     python benchmarks/rlgf_guided.py --task commongen --seeds 0 1 2
     python benchmarks/rlgf_guided.py --report                            # tables + chart from the results
+    python benchmarks/rlgf_guided.py --task commongen --check-guide 8 --eval-prompts 32   # is best-of-8 a guide?
 
 Results go to benchmarks/results/rlgf_<task>.json after every seed; the chart to rlgf_<task>.svg. The runs measured
 before issue 31's fixes (switch points, AggreVaTeD's rows and values, beta, whitening) are kept as
@@ -150,6 +151,51 @@ def markdown(result: dict, task: str) -> str:
     return "\n".join(lines)
 
 
+def check_guide(args: argparse.Namespace) -> dict:
+    """Is a best-of-N guide better than the start? The base model alone and as a best-of-N writer on the held-out
+    prompts, same metrics as the recipe's evaluation; written to results/rlgf_guide_check_<task>.json."""
+    import torch
+
+    from tokencredit.generation import encode_prompts, generate
+    from tokencredit.models import load_policy, load_tokenizer
+    from tokencredit.recipes.rlgf import RLGFConfig, _commongen_data, _guide_writer, _imdb_data
+
+    train, test = paths(args.task)
+    if not train.exists():
+        print(f"skipped: {train} not found (../shared/data is not part of the product)")
+        sys.exit(0)
+    torch.set_num_threads(1)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_policy("smollm2-135m-instruct")
+    out: dict = {"task": args.task, "eval_prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens,
+                 "model": "smollm2-135m-instruct (as shipped, no fine-tuning)", "rows": {}}
+    for n in sorted({1, args.check_guide}):
+        cfg = RLGFConfig(task=args.task, data=str(train), test_data=str(test), max_records=args.records,
+                         eval_prompts=args.eval_prompts, guide_best_of=n, output=str(Path(args.workdir) / "check"))
+        cfg = cfg.resolved()
+        task = (_imdb_data(cfg, str(train), Path(cfg.output)) if args.task == "imdb"
+                else _commongen_data(cfg, str(train), tok))
+        writer = _guide_writer(cfg, model, tok, task, heldout=True)
+        began, texts = time.time(), []
+        for b in range(0, len(task.test_prompts), 8):
+            chunk, gen = task.test_prompts[b:b + 8], torch.Generator().manual_seed(b)
+            if writer is model:
+                texts += generate(model, tok, chunk, max_new_tokens=args.max_new_tokens, generator=gen).texts
+            else:
+                writer.generator = gen
+                ids, mask = encode_prompts(tok, chunk)
+                rows = writer.write(ids, mask, [args.max_new_tokens] * len(chunk))
+                texts += tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
+        metrics = task.evaluate(task.test_prompts, texts, model, tok)
+        out["rows"][f"best_of_{n}"] = {**{k: v for k, v in metrics.items() if isinstance(v, float)},
+                                       "seconds": round(time.time() - began, 1), "examples": texts[:3]}
+        print(f"best of {n}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+              flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"rlgf_guide_check_{args.task}.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def main() -> int:
     """Parse arguments and run or report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -168,7 +214,12 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the results file")
     parser.add_argument("--report", action="store_true", help="only redo the table and chart from the results")
     parser.add_argument("--markdown", action="store_true", help="with --report: also print a markdown table")
+    parser.add_argument("--check-guide", type=int, default=0, metavar="N",
+                        help="only compare the base model with its best-of-N writer on the held-out prompts")
     args = parser.parse_args()
+    if args.check_guide:
+        check_guide(args)
+        return 0
     if args.report:
         result = json.loads((RESULTS / f"rlgf_{args.task}.json").read_text())
         aggregate(result, args.task)
