@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> dict:
         shared = {} if seed == args.seeds[0] else {
             "start": (str(first / "learner_sft" / "merged") if args.task == "imdb" else None),
             "guide": str(first / "guide_sft" / "merged")}
+        if args.guide is not None:
+            shared["guide"] = args.guide
         cfg = RLGFConfig(output=str(work / f"seed{seed}"), task=args.task, data=str(train), test_data=str(test),
                          max_records=args.records, seed=seed, resume=True, ppo_updates=args.updates,
                          ppo_batch_size=args.batch, eval_prompts=args.eval_prompts, sft_examples=args.sft_examples,
@@ -208,6 +210,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--sft-examples", type=int, default=512)
     parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--guide", default=None, help="'base' = the model as it is as the guide (else SFT)")
     parser.add_argument("--guide-best-of", type=int, default=1,
                         help="the guide keeps the best of N samples by the training reward")
     parser.add_argument("--workdir", default="runs/bench-rlgf")

@@ -45,7 +45,7 @@ def test_bad_settings_are_refused_with_the_field_named(tmp_path, capsys):
         RLGFConfig(task="commongen").validate()
     with pytest.raises(ValueError, match="start must be"):
         RLGFConfig(fast=True, start=str(tmp_path / "nowhere")).validate()
-    with pytest.raises(ValueError, match="guide must be a model folder"):
+    with pytest.raises(ValueError, match="guide must be .base. or a model folder"):
         RLGFConfig(fast=True, guide=str(tmp_path / "nowhere")).validate()
     with pytest.raises(ValueError, match="ppo_updates must be at least 1"):
         RLGFConfig(fast=True, ppo_updates=0).validate()
@@ -98,7 +98,9 @@ def test_a_best_of_n_guide_is_what_the_learner_and_the_evaluation_see(tmp_path, 
         return writer
 
     monkeypatch.setattr(rlgf, "_guide_writer", spy)
-    summary = run_rlgf(RLGFConfig(output=str(tmp_path / "bon"), fast=True, algorithms=["ppo_pp"], guide_best_of=4))
+    summary = run_rlgf(RLGFConfig(output=str(tmp_path / "bon"), fast=True, algorithms=["ppo_pp"], guide_best_of=4,
+                                  guide="base"))
+    assert not (tmp_path / "bon" / "guide_sft").exists()  # guide=base: the model as it is, no fine-tuning
     assert summary["settings"]["guide_best_of"] == 4 and summary["settings"]["guide_beta"] == {"ppo_pp": 0.6}
     assert len(seen) == 2 and all(isinstance(w, BestOfNWriter) and w.n == 4 for w in seen)  # training, evaluation
     assert (seen[0].top_k, seen[0].top_p) == (50, 0.92)  # TRIL's IMDB guide sampling

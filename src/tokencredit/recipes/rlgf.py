@@ -69,7 +69,9 @@ class RLGFConfig:
     allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     model: str = "smollm2-135m-instruct"  # base of the start and the guide (built-in name, folder or hub id)
     start: str | None = None  # "sft" | "base" | a model folder to reuse; None = the task's default
-    guide: str | None = None  # a model folder to reuse as the guide; None = fine-tune one here
+    # a model folder to reuse as the guide; "base" = the model as it is (with guide_best_of: a guide made better by
+    # selection alone); None = fine-tune one here
+    guide: str | None = None
     prompt_words: int = 12  # imdb: words of the review shown
     target_words: int = 24  # imdb: words of the SFT target
     max_new_tokens: int = 24  # longest response, in tokens, in RL and in the evaluation
@@ -112,8 +114,8 @@ class RLGFConfig:
             raise ValueError(f"test_fraction must be in (0, 1) (got {self.test_fraction})")
         if self.start is not None and self.start not in ("sft", "base") and not Path(self.start).is_dir():
             raise ValueError(f"start must be 'sft', 'base' or a model folder (got {self.start!r}: no such folder)")
-        if self.guide is not None and not Path(self.guide).is_dir():
-            raise ValueError(f"guide must be a model folder (got {self.guide!r}: no such folder)")
+        if self.guide is not None and self.guide != "base" and not Path(self.guide).is_dir():
+            raise ValueError(f"guide must be 'base' or a model folder (got {self.guide!r}: no such folder)")
         for name in ("ppo_updates", "ppo_batch_size", "max_new_tokens", "eval_prompts", "sft_examples",
                      "guide_best_of"):
             if getattr(self, name) < 1:
@@ -317,7 +319,8 @@ def _run_rlgf(cfg: RLGFConfig) -> dict:
         start = _sft(cfg, model_name, tokenizer, task.start_pairs, root / "learner_sft")
     else:
         start = model_name if cfg.start == "base" else cfg.start
-    guide_model = cfg.guide or _sft(cfg, model_name, tokenizer, task.guide_pairs, root / "guide_sft")
+    guide_model = (model_name if cfg.guide == "base" else
+                   cfg.guide or _sft(cfg, model_name, tokenizer, task.guide_pairs, root / "guide_sft"))
 
     # 3. Every algorithm from the same start with the same seed and budget.
     curves = {}
