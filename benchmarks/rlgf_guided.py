@@ -158,9 +158,8 @@ def check_guide(args: argparse.Namespace) -> dict:
     prompts, same metrics as the recipe's evaluation; written to results/rlgf_guide_check_<task>.json."""
     import torch
 
-    from tokencredit.generation import encode_prompts, generate
     from tokencredit.models import load_policy, load_tokenizer
-    from tokencredit.recipes.rlgf import RLGFConfig, _commongen_data, _guide_writer, _imdb_data
+    from tokencredit.recipes.rlgf import RLGFConfig, _answers, _commongen_data, _guide_writer, _imdb_data
 
     train, test = paths(args.task)
     if not train.exists():
@@ -178,16 +177,9 @@ def check_guide(args: argparse.Namespace) -> dict:
         task = (_imdb_data(cfg, str(train), Path(cfg.output)) if args.task == "imdb"
                 else _commongen_data(cfg, str(train), tok))
         writer = _guide_writer(cfg, model, tok, task, heldout=True)
-        began, texts = time.time(), []
-        for b in range(0, len(task.test_prompts), 8):
-            chunk, gen = task.test_prompts[b:b + 8], torch.Generator().manual_seed(b)
-            if writer is model:
-                texts += generate(model, tok, chunk, max_new_tokens=args.max_new_tokens, generator=gen).texts
-            else:
-                writer.generator = gen
-                ids, mask = encode_prompts(tok, chunk)
-                rows = writer.write(ids, mask, [args.max_new_tokens] * len(chunk))
-                texts += tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
+        began = time.time()
+        texts = _answers(model, writer, tok, task.test_prompts, args.max_new_tokens,
+                         lambda begin: torch.Generator().manual_seed(begin), chunk=8)
         metrics = task.evaluate(task.test_prompts, texts, model, tok)
         out["rows"][f"best_of_{n}"] = {**{k: v for k, v in metrics.items() if isinstance(v, float)},
                                        "seconds": round(time.time() - began, 1), "examples": texts[:3]}

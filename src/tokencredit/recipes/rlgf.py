@@ -444,12 +444,30 @@ def _guide_writer(cfg: RLGFConfig, model: torch.nn.Module, tokenizer: object, ta
                          top_k=sampling["guide_top_k"], top_p=sampling["guide_top_p"])
 
 
+def _answers(policy: torch.nn.Module, writer: object, tokenizer: object, prompts: list[str], max_new_tokens: int,
+             generator_for: Any, chunk: int = 16) -> list[str]:
+    """One sampled answer per prompt, ``chunk`` prompts at a time: from the policy itself, or through a writer (a
+    best-of-n guide) when one is given; ``generator_for(first index of the chunk)`` gives each chunk's stream."""
+    from tokencredit.generation import encode_prompts, generate
+
+    texts: list[str] = []
+    for begin in range(0, len(prompts), chunk):
+        part, generator = prompts[begin : begin + chunk], generator_for(begin)
+        if writer is policy:
+            texts += generate(policy, tokenizer, part, max_new_tokens=max_new_tokens, generator=generator).texts
+            continue
+        writer.generator = generator
+        ids, mask = encode_prompts(tokenizer, part)
+        rows = writer.write(ids, mask, [max_new_tokens] * len(part))
+        texts += tokenizer.batch_decode([r[0] for r in rows], skip_special_tokens=True)
+    return texts
+
+
 def _evaluate(cfg: RLGFConfig, start: str, model: str, adapter: Path | None, tokenizer: object,
               task: _TaskData, best_of: bool = False) -> dict:
     """Sampled responses (seeded) to the held-out prompts and their metrics; fluency is under the start model."""
     from peft import PeftModel
 
-    from tokencredit.generation import generate
 
     base = load_policy(start)
     if adapter is not None:
@@ -458,19 +476,8 @@ def _evaluate(cfg: RLGFConfig, start: str, model: str, adapter: Path | None, tok
         policy = base if model == start else load_policy(model)
     generator = torch.Generator().manual_seed(cfg.seed)
     prompts = task.test_prompts
-    texts: list[str] = []
-    writer = _guide_writer(cfg, policy, tokenizer, task, heldout=True) if best_of else None
-    for begin in range(0, len(prompts), 16):
-        chunk = prompts[begin : begin + 16]
-        if writer is None or writer is policy:
-            texts += generate(policy, tokenizer, chunk, max_new_tokens=cfg.max_new_tokens, generator=generator).texts
-        else:
-            from tokencredit.generation import encode_prompts
-
-            writer.generator = generator
-            ids, mask = encode_prompts(tokenizer, chunk)
-            rows = writer.write(ids, mask, [cfg.max_new_tokens] * len(chunk))
-            texts += tokenizer.batch_decode([r[0] for r in rows], skip_special_tokens=True)
+    writer = _guide_writer(cfg, policy, tokenizer, task, heldout=True) if best_of else policy
+    texts = _answers(policy, writer, tokenizer, prompts, cfg.max_new_tokens, lambda begin: generator)
     metrics = task.evaluate(prompts, texts, base, tokenizer)
     metrics["examples"] = [{"prompt": p[-120:], "response": t} for p, t in list(zip(prompts, texts))[:4]]
     del policy, base
