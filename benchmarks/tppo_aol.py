@@ -73,7 +73,7 @@ ARMS = {"base": [], "center": ["reward_center=mean"], "eos0": ["reward_eos=zero"
         "norepeat": ["reward_repeat=clip"], "nowords": ["reward_repeat=clip_words"],
         "center_norepeat": ["reward_center=mean", "reward_repeat=clip"]}
 V2 = ["label_repeats=bad", "label_unit=word", "label_end=true", "pair_rank=sum", "rm_anchor_weight=1.0",
-      "reward_repeat=clip"]
+      "reward_repeat=clip", "label_clicked=true"]  # as measured (the demo's default is now label_clicked=false)
 ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"], "v2_online": [*V2, "relabel_every=10"],
              "v2_kl02": [*V2, "kl_coef=0.2"], "v2_long": [*V2, "ppo_updates=60"],
              "v2_target": [*V2, "label_clicked=false"], "v2_center": [*V2, "reward_center=mean"]})
@@ -93,7 +93,7 @@ REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2", "v2_kl02": "v2", "v2_long": 
 # The benchmark's base is the demo as it was before its defaults moved (the demo now clips repeats): pinned, so
 # that every arm stays "base plus one change" whatever the demo's defaults become. An arm's own settings win.
 PINNED = ["reward_repeat=keep", "kl_coef=0.05", "label_repeats=keep", "label_unit=token", "label_end=false",
-          "pair_rank=share", "rm_anchor_weight=0"]
+          "pair_rank=share", "rm_anchor_weight=0", "label_clicked=true"]
 DEFAULT_ARMS = ["base", "norepeat", "kl02", "unfinished", "eos0"]
 MIN_MATCHED = 10  # fewer length-matched test sessions than this give no interval
 METRICS = ("token_f1", "token_precision", "token_recall", "bleu", "rouge_l", "mean_words", "mean_length_tokens",
