@@ -223,4 +223,5 @@ def test_demo_labels_only_next_query_words_when_clicked_titles_do_not_count(tmp_
         spans[clicked] = [s.label for s in labeler.label(["p"], ["boston hospital rankings"], [session])[0]]
     assert spans[True] == [1, 1, 1] and spans[False] == [1, -1, -1]
     with pytest.raises(ValueError, match="label_clicked applies to the reference labeler"):
-        DemoConfig(fast=True, label_clicked=False, judge="http://127.0.0.1:9/v1").validate()
+        DemoConfig(fast=True, label_clicked=True, judge="http://127.0.0.1:9/v1").validate()
+    DemoConfig(fast=True, judge="http://127.0.0.1:9/v1").validate()  # the default is unused with a judge

@@ -204,9 +204,10 @@ class DemoConfig:
             raise ValueError("reuse_stages names this run's own folder; use resume=true to continue a run")
         if not isinstance(self.label_clicked, bool):
             raise ValueError(f"label_clicked must be true or false (got {self.label_clicked!r})")
-        if self.judge is not None and not self.label_clicked:
+        if self.judge is not None and self.label_clicked:
+            # the default (false) is simply unused with a judge; asking for clicked titles is a mistake worth naming
             raise ValueError("label_clicked applies to the reference labeler; a judge decides support itself "
-                             "(drop label_clicked=false or the judge)")
+                             "(drop label_clicked=true or the judge)")
         if self.judge is not None and not (self.judge.startswith(("http://", "https://", "hf:"))):
             raise ValueError(f"judge must be an http(s) base URL or 'hf:MODEL' (got {self.judge!r})")
 
