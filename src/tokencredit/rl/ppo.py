@@ -701,6 +701,10 @@ class PPOTrainer:
         ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
         attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
         T = gen.response_ids.size(1)
+        # AggreVaTeD rows are valued by the guide critic alone (see below): the learner critic's pass is skipped
+        # where the values come from their own pass, and only the fused first epoch computes them anyway.
+        guide_valued = self._guided is not None and self.guide_critic is not None and self._guided[0] == "learner"
+        values_from_guide = False
         ref_model, ref_ctx = self._reference()
         with ref_ctx, self._amp():
             ref_t = torch.cat([self._logprobs(ref_model, ids[rows], attn[rows], gen.response_ids[rows])
@@ -731,8 +735,10 @@ class PPOTrainer:
                                             for rows in self._row_chunks(len(prompts))])
                 logprobs_t = logprobs_t * mask
                 clock.lap("time/logprobs")
-                values_t = torch.cat([response_values(self.critic, ids[rows], attn[rows], T)
+                critic = self.guide_critic if guide_valued else self.critic
+                values_t = torch.cat([response_values(critic, ids[rows], attn[rows], T)
                                       for rows in self._row_chunks(len(prompts))]) * mask
+                values_from_guide = guide_valued
             clock.lap("time/values")
 
         # Guided rows: only the learner's tokens are its actions (train mask); guide tokens are context, kept out
@@ -747,11 +753,11 @@ class PPOTrainer:
             self._guided = None
             train_mask = learner_tokens.float() * mask
             kl_mask = mask if cfg.guide_kl else train_mask
-            if self.guide_critic is not None and rollin == "learner":
-                with torch.no_grad(), self._amp():
-                    guide_values = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
+            if guide_valued:
+                if not values_from_guide:
+                    with torch.no_grad(), self._amp():
+                        values_t = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
                                               for rows in self._row_chunks(len(prompts))]) * mask
-                values_t = guide_values
                 guide_value_mask = (mask - train_mask).long()
             learner_tokens_all = float(group.sum(train_mask.sum().double().reshape(1))[0])
             stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
