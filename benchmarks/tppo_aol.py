@@ -28,6 +28,10 @@ copy of the base arm's finished SFT stage, whose settings are the same):
     v2_target  v2 with labels from the true next query alone (label_clicked=false): its own labels and reward
                model on v2's SFT model. Clicked-title words are +1 in v2's labels but not in the test's token F1;
                TREC seed 0's online arm raised the labels' own verdict on its samples while F1 fell
+    v2_target_long    v2_target (the demo's labels) with 60 PPO updates: issue 29's long-budget run
+    v2_target_online  v2_target with online relabelling every 10 updates (relabel_every=10)
+    (these two train their own labels and reward model from v2_target's SFT stage, so a workdir that has lost
+    v2_target's stages still runs them; same settings and seed, so the same stages up to float noise)
 
 The "mean" and "mean_unf" arms (token rewards scaled by mean length / the query's final length) are gone with the
 demo's reward_length=mean: that scaling made a token's reward depend on the tokens after it (not causal).
@@ -77,9 +81,12 @@ V2 = ["label_repeats=bad", "label_unit=word", "label_end=true", "pair_rank=sum",
 ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"], "v2_online": [*V2, "relabel_every=10"],
              "v2_kl02": [*V2, "kl_coef=0.2"], "v2_long": [*V2, "ppo_updates=60"],
              "v2_target": [*V2, "label_clicked=false"], "v2_center": [*V2, "reward_center=mean"]})
+ARMS.update({"v2_target_long": [*ARMS["v2_target"], "ppo_updates=60"],
+             "v2_target_online": [*ARMS["v2_target"], "relabel_every=10"]})
 # Arms whose labels and reward model are their own (base's SFT stage is copied in), and arms that reuse the stages
 # of an arm other than base.
-OWN_STAGES = {"v2": "base", "v2_target": "v2"}  # arm -> the arm whose finished SFT stage it copies, if present
+# arm -> the arm whose finished SFT stage it copies, if present
+OWN_STAGES = {"v2": "base", "v2_target": "v2", "v2_target_long": "v2_target", "v2_target_online": "v2_target"}
 REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2", "v2_kl02": "v2", "v2_long": "v2", "v2_center": "v2"}
 # v2_center: on AOL seed 0 the v2 reward model gave content words -0.18 each on average (the next query shares few
 # words with a sample, so most words are labelled bad) and TPPO shortened its queries (4.1 vs SFT's 5.2 tokens,

@@ -88,13 +88,13 @@ def test_calibration_lets_small_scores_pass_the_thresholds():
     class TinyScores:
         """Scores that never leave (-0.01, 0.01): sigma of them stays inside the 0.45-0.55 band."""
 
-        def score_sequences(self, prompts, responses, batch_size):
+        def score_sequences(self, prompts, responses, batch_size, max_length):
             return [0.01 if r == "good" else -0.01 for r in responses]
 
     shown = [PreferencePair("q", "good", "bad"), PreferencePair("q", "bad", "good")]
-    raw_a, raw_b = _pool_probabilities(TinyScores(), shown, 8, calibrate=False)
+    raw_a, raw_b = _pool_probabilities(TinyScores(), shown, 8, calibrate=False, max_length=64)
     assert all(0.49 < p < 0.51 for p in raw_a + raw_b)
-    cal_a, cal_b = _pool_probabilities(TinyScores(), shown, 8, calibrate=True)
+    cal_a, cal_b = _pool_probabilities(TinyScores(), shown, 8, calibrate=True, max_length=64)
     assert cal_a[0] > 0.7 and cal_b[0] < 0.3 and cal_a[1] < 0.3 and cal_b[1] > 0.7
 
 

@@ -110,3 +110,42 @@ def test_reward_fn_for_ppo_and_input_errors(tmp_path):
         train_sequence_reward_model(rm, config, toy_pairs(2), margins=[1.0])
     with pytest.raises(ValueError, match="batch_size"):
         SeqRMConfig(batch_size=0).validate()
+
+
+def test_a_cut_response_keeps_its_end_token_where_the_score_is_read():
+    rm = make_rm()
+    eos = rm.tokenizer.eos_token_id
+    short = rm.encode_scored("x y", 8)
+    assert short == rm.encode_response("x y") and short[-1] == eos
+    cut = rm.encode_scored("x y x y x y x y", 4)
+    assert len(cut) == 4 and cut[-1] == eos and cut[:3] == rm.encode_response("x y x y x y x y")[:3]
+    with pytest.raises(ValueError, match="end token is always kept"):
+        rm.encode_scored("x", 0)
+
+
+def test_training_and_scoring_read_a_long_response_at_the_same_token():
+    from tokencredit.rewards.seq_rm import _pair_scores
+
+    rm = make_rm()
+    long_text = " ".join("xy"[i % 2] for i in range(40))
+    pair = PreferencePair(prompt="a b c", chosen=long_text, rejected="y")
+    with torch.no_grad():
+        trained_chosen, trained_rejected = _pair_scores(rm, [pair], max_length=12)
+    scored = rm.score_sequences(["a b c", "a b c"], [long_text, "y"], max_length=12)
+    assert scored == pytest.approx([trained_chosen.item(), trained_rejected.item()], abs=1e-5)
+    # The cut changes the score (the model reads a different text), and the end token is where it is read.
+    rewards, mask = rm.token_rewards(["a b c"], [rm.encode_scored(long_text, 11)], max_prompt_length=1)
+    assert scored[0] == pytest.approx(rewards[0, int(mask.sum()) - 1].item(), abs=1e-5)
+    metrics = evaluate_sequence_reward_model(rm, [pair], max_length=12)
+    assert metrics["pair_accuracy"] == float(scored[0] > scored[1])
+
+
+def test_a_response_past_the_backbone_positions_is_cut_not_an_error():
+    rm = make_rm()
+    limit = rm.model.backbone.config.max_position_embeddings
+    huge = " ".join("x" for _ in range(limit + 20))
+    [score] = rm.score_sequences(["a"], [huge])
+    [same] = rm.score_sequences(["a"], [huge], max_length=limit)
+    assert math.isfinite(score) and score == pytest.approx(same, abs=1e-5)
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        rm.score_sequences(["a"], ["x"], max_length=1)

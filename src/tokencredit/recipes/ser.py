@@ -193,7 +193,7 @@ def _evaluate(cfg: SERRecipeConfig, policy_path: str, base_model: str, scorer: s
         answers += generate(model, tokenizer, rendered[start : start + 16], max_new_tokens=cfg.max_new_tokens,
                             greedy=True).texts
     rm = load_saved_reward_model(scorer)
-    scores = rm.score_sequences(prompts, answers)
+    scores = rm.score_sequences(prompts, answers, max_length=cfg.rm_max_length)
     probs = [1.0 / (1.0 + math.exp(-s)) for s in scores]
     return {"scorer_mean_sigma": sum(probs) / len(probs), "mean_words": sum(len(a.split()) for a in answers)
             / len(answers), "examples": [{"prompt": p, "answer": a, "sigma": q}

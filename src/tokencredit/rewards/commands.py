@@ -232,7 +232,7 @@ def reward_eval(cfg: RewardRunConfig) -> dict:
     data = _records(cfg)
     if cfg.kind == "sequence":
         metrics = evaluate_sequence_reward_model(SequenceRewardModel.from_pretrained(cfg.model), data.pairs,
-                                                 cfg.batch_size)
+                                                 cfg.batch_size, max_length=cfg.max_length)
     else:
         rm = TokenRewardModel.from_pretrained(cfg.model)
         metrics = evaluate_token_reward_model(rm, data.token_examples, data.pairs, batch_size=cfg.batch_size,

@@ -136,7 +136,7 @@ def run_evolve(cfg: EvolveConfig) -> dict:
         rm = _train(cfg, seed_pairs + pseudo, held, out / f"loop-{loop}")
         accuracy = json.loads((out / f"loop-{loop}" / "eval.json").read_text())["pair_accuracy"]
         shown = [_shown(train[i], flip[i]) for i in state.pool]
-        p_a, p_b = _pool_probabilities(rm, shown, cfg.batch_size, cfg.calibrate)
+        p_a, p_b = _pool_probabilities(rm, shown, cfg.batch_size, cfg.calibrate, cfg.max_length)
         picked = select_pairs(p_a, p_b, rule).selected if state.pool else []
         ids = list(state.pool)
         right = sum((s.chosen == "a") != flip[ids[s.index]] for s in picked)
@@ -202,12 +202,13 @@ def _write_loops(out: Path, state: SERState, flip: dict[int, bool], n_seed: int)
 
 
 def _pool_probabilities(
-    rm: object, shown: list[PreferencePair], batch_size: int, calibrate: bool
+    rm: object, shown: list[PreferencePair], batch_size: int, calibrate: bool, max_length: int
 ) -> tuple[list[float], list[float]]:
-    """p = sigma(r) of both sides of every pool pair; with ``calibrate``, of the pool-standardised r."""
+    """p = sigma(r) of both sides of every pool pair (read within max_length tokens, as in training); with
+    ``calibrate``, of the pool-standardised r."""
     prompts = [p.prompt for p in shown]
-    r_a = rm.score_sequences(prompts, [p.chosen for p in shown], batch_size)
-    r_b = rm.score_sequences(prompts, [p.rejected for p in shown], batch_size)
+    r_a = rm.score_sequences(prompts, [p.chosen for p in shown], batch_size, max_length)
+    r_b = rm.score_sequences(prompts, [p.rejected for p in shown], batch_size, max_length)
     mean, std = 0.0, 1.0
     if calibrate and len(r_a) + len(r_b) > 1:
         everything = r_a + r_b

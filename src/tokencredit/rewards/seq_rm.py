@@ -20,6 +20,7 @@ from tokencredit.distributed import is_main_process
 from tokencredit.generation import encode_prompts, position_ids_from_mask
 from tokencredit.models import attends_only_back, resolve_device
 from tokencredit.rewards.fit import fit, validate_fit_config
+from tokencredit.rewards.labels import end_token_id
 from tokencredit.rewards.records import PreferencePair, random_split
 from tokencredit.rewards.token_rm import TokenRewardModel
 from tokencredit.rewards.tokens import RewardFn
@@ -50,18 +51,52 @@ class SequenceRewardModel(TokenRewardModel):
         last = (mask.sum(-1) - 1).clamp(min=0)
         return rewards.gather(1, last[:, None]).squeeze(1)
 
+    def encode_scored(self, response: str, max_tokens: int | None = None) -> list[int]:
+        """Response token ids as the score reads them: the response's start, then always the end token.
+
+        The score sits at the end token, so a response cut to ``max_tokens`` keeps it (its first max_tokens - 1
+        tokens, then EOS): training and scoring read the score at the same kind of token, however long the text.
+        """
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1: the end token is always kept (got {max_tokens})")
+        ids = self.encode_response(response, None if max_tokens is None else max_tokens)
+        if max_tokens is not None and len(ids) == max_tokens and ids[-1] != end_token_id(self.tokenizer):
+            ids[-1] = end_token_id(self.tokenizer)
+        return ids
+
+    def _length_limit(self, max_length: int | None) -> int | None:
+        """prompt + response tokens a scoring pass may use: ``max_length``, never past the backbone's positions."""
+        limit = getattr(self.model.backbone.config, "max_position_embeddings", None)
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be >= 2: one prompt token and the end token (got {max_length})")
+        if limit is None:
+            return max_length
+        return limit if max_length is None else min(max_length, limit)
+
     @torch.no_grad()
-    def score_sequences(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
-        """Score of each text response (tokenized by the RM, EOS appended)."""
+    def score_sequences(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16, max_length: int | None = None
+    ) -> list[float]:
+        """Score of each text response (tokenized by the RM, EOS appended), read as training reads it.
+
+        ``max_length`` bounds prompt + response tokens as in training (responses keep their start and the end
+        token, prompts their end); None = the backbone's position limit, so a long text is cut, not an error.
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        limit = self._length_limit(max_length)
         out: list[float] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(prompts), batch_size):
-                ids = [self.encode_response(r) for r in responses[start : start + batch_size]]
-                out.extend(self.sequence_scores(list(prompts[start : start + batch_size]), ids).float().tolist())
+                ids = [self.encode_scored(r, None if limit is None else limit - 1)
+                       for r in responses[start : start + batch_size]]
+                room = None if limit is None else limit - max(len(r) for r in ids)
+                out.extend(self.sequence_scores(list(prompts[start : start + batch_size]), ids, room)
+                           .float().tolist())
         finally:
             self.model.train(was_training)
         return out
@@ -125,9 +160,11 @@ class SequenceRewardModel(TokenRewardModel):
             self.model.train(was_training)
         return out
 
-    def probabilities(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+    def probabilities(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16, max_length: int | None = None
+    ) -> list[float]:
         """sigma(r) of each response: the probabilities SER's selection rules compare."""
-        return [1.0 / (1.0 + math.exp(-s)) for s in self.score_sequences(prompts, responses, batch_size)]
+        return [1.0 / (1.0 + math.exp(-s)) for s in self.score_sequences(prompts, responses, batch_size, max_length)]
 
     def as_reward_fn(
         self,
@@ -186,8 +223,9 @@ def _pair_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable (chosen, rejected) scores of a batch of pairs, in one forward pass."""
     n = len(pairs)
-    ids = [rm.encode_response(p.chosen, max_length - 1) for p in pairs]
-    ids += [rm.encode_response(p.rejected, max_length - 1) for p in pairs]
+    # The score is read at the end token, so a cut response keeps it (as score_sequences reads it).
+    ids = [rm.encode_scored(p.chosen, max_length - 1) for p in pairs]
+    ids += [rm.encode_scored(p.rejected, max_length - 1) for p in pairs]
     width = max(len(r) for r in ids)
     scores = rm.sequence_scores([p.prompt for p in pairs] * 2, ids, max_prompt_length=max_length - width)
     return scores[:n], scores[n:]
@@ -234,14 +272,15 @@ def score_shift_parameters(
 
 @torch.no_grad()
 def evaluate_sequence_reward_model(
-    rm: SequenceRewardModel, pairs: Sequence[PreferencePair], batch_size: int = 16
+    rm: SequenceRewardModel, pairs: Sequence[PreferencePair], batch_size: int = 16, max_length: int | None = None
 ) -> dict:
-    """Pairwise accuracy (chosen scored above rejected) and the mean score gap on the given pairs."""
+    """Pairwise accuracy (chosen scored above rejected) and the mean score gap on the given pairs, each text read
+    within ``max_length`` prompt + response tokens as training reads it (None = the backbone's limit)."""
     if not pairs:
         return {"pairs": 0, "pair_accuracy": None, "mean_margin": None}
     prompts = [p.prompt for p in pairs]
-    chosen = rm.score_sequences(prompts, [p.chosen for p in pairs], batch_size)
-    rejected = rm.score_sequences(prompts, [p.rejected for p in pairs], batch_size)
+    chosen = rm.score_sequences(prompts, [p.chosen for p in pairs], batch_size, max_length)
+    rejected = rm.score_sequences(prompts, [p.rejected for p in pairs], batch_size, max_length)
     gaps = [c - r for c, r in zip(chosen, rejected)]
     return {"pairs": len(pairs), "pair_accuracy": sum(g > 0 for g in gaps) / len(gaps),
             "mean_margin": sum(gaps) / len(gaps)}
@@ -295,7 +334,7 @@ def train_sequence_reward_model(
     shifts = score_shift_parameters(rm, rows[0][0], config.max_length)
     history = fit(rm.model, config, epoch_batches, loss_fn, steps_per_epoch, "sequence rm", invariant=shifts,
                   settings=run_settings)
-    metrics = evaluate_sequence_reward_model(rm, eval_pairs, batch_size=bs)
+    metrics = evaluate_sequence_reward_model(rm, eval_pairs, batch_size=bs, max_length=config.max_length)
     out = config.output_dir
     history.append({"step": history[-1]["step"] if history else 0, "eval": metrics})
     if is_main_process():  # rank 0 alone writes under accelerate launch

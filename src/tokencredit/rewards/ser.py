@@ -1,6 +1,6 @@
 """SER self-evolved reward learning: pick confident pairs to pseudo-label, and keep the pool across loops.
 
-The reward model scores both responses of every unlabelled pair; p = sigmoid(r) per response (arXiv 2406.02756).
+The reward model scores both responses of every unlabelled pair; p = sigmoid(r) per response (arXiv 2411.00418).
 
 - Status 1, "tell good from bad": keep (a, b) when p_a > high and p_b < low, or the other way round.
 - Status 2, "amplify difference": keep (a, b) when |p_a - p_b| > min_gap.
