@@ -5,8 +5,18 @@ This benchmark first checks the upper reference (the RM on 100% of the training 
 same splits per seed:
 
 - ``seed RM``: SER loop 0, trained on the ``--labelled`` share (15% by default) of the training labels;
-- ``SER best`` / ``SER last``: the best held-out loop (chosen on the held-out pairs, so optimistic) and the last;
+- ``seed RM, steps matched``: the same seed pairs trained for as many optimiser steps as the 100% reference (more
+  epochs): SER's loops and the reference train more steps than the seed RM, so without this control "more labels"
+  and "more steps" are one variable;
+- ``SER best`` / ``SER last``: the loop chosen on validation pairs (``--val-fraction`` of the training pairs, never
+  trained on and never reported) and the last loop, both measured on the held-out test pairs;
 - ``100% labels``: the same RM recipe on every training label.
+
+Selection uses the paper's thresholds on raw sigma(r) unless ``--calibrate``. ``--recipe paper`` trains every RM
+with the public SER code's settings (LoRA r = 8, AdamW 2e-5, 2 epochs, linear decay; results in
+``ser_preferences_paper.json``) instead of ours (full fine-tuning, 2e-4 constant). Per dataset the gap
+"100% labels - seed RM" gets a paired bootstrap 95% interval over the test pairs of all seeds: a data set only
+shows SER when that gap is clearly above 0.
 
 Data (read from ../shared/data, "skipped" when absent; not part of the product). Every split is by group
 (article / question / dialogue; IMDB: train vs test file), so no text is shared between training and held-out pairs:
@@ -42,9 +52,10 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("seed RM", "SER best", "SER last", "100% labels")
-ARM_KEYS = {"seed RM": "seed_accuracy", "SER best": "best_accuracy", "SER last": "last_accuracy",
-            "100% labels": "full_label_accuracy"}
+ARMS = ("seed RM", "seed RM, steps matched", "SER best", "SER last", "100% labels")
+ARM_KEYS = {"seed RM": "seed_accuracy", "seed RM, steps matched": "seed_steps_matched_accuracy",
+            "SER best": "best_accuracy", "SER last": "last_accuracy", "100% labels": "full_label_accuracy"}
+RECIPES = {"ours": {}, "paper": {"lr": 2e-5, "epochs": 2, "lr_schedule": "linear", "lora_r": 8}}
 
 Pair = dict[str, str]
 Builder = Callable[[argparse.Namespace, int], tuple[list[Pair], list[Pair]]]
@@ -183,6 +194,7 @@ def _write_pairs(path: Path, pairs: list[Pair]) -> None:
 
 def run_seed(args: argparse.Namespace, name: str, seed: int) -> dict:
     """One seed of one dataset: SER from the labelled share, plus the 100%-label RM on the same split."""
+    from tokencredit.rewards.data import load_pairs
     from tokencredit.rewards.evolve import EvolveConfig, run_evolve
 
     a = _dataset_args(args, name)
@@ -192,24 +204,57 @@ def run_seed(args: argparse.Namespace, name: str, seed: int) -> dict:
     _write_pairs(out / "held.jsonl", held)
     # patience = max_loops: every loop runs (unless nothing is selected), so "last loop" is a fixed budget and
     # "best loop" shows what held-out early stopping could at most pick.
+    from tokencredit.models import LoraSettings
+
+    lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r) if args.lora_r else None
     cfg = EvolveConfig(output_dir=str(out / "ser"), model=args.model, data=str(out / "train.jsonl"),
                        eval_data=str(out / "held.jsonl"), seed=seed, labelled_fraction=args.labelled,
-                       max_loops=args.max_loops, patience=max(1, args.max_loops), num_epochs=args.epochs,
-                       batch_size=args.batch_size, learning_rate=args.lr, max_length=a.max_length,
-                       full_baseline=True, progress=False, calibrate=args.calibrate)
+                       val_fraction=args.val_fraction, max_loops=args.max_loops, patience=max(1, args.max_loops),
+                       num_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                       lr_schedule=args.lr_schedule, lora=lora, max_length=a.max_length, full_baseline=True,
+                       steps_matched_baseline=True, progress=False, calibrate=args.calibrate)
     started = time.perf_counter()
     summary = run_evolve(cfg)
     loops = []
     for r in summary["loops"]:
         right = None if r["pseudo_label_accuracy"] is None else round(r["pseudo_label_accuracy"] * r["selected"])
-        loops.append({"loop": r["loop"], "train_pairs": r["train_pairs"], "heldout_accuracy": r["heldout_accuracy"],
-                      "selected": r["selected"], "selected_right": right,
+        loops.append({"loop": r["loop"], "train_pairs": r["train_pairs"], "val_accuracy": r["heldout_accuracy"],
+                      "test_accuracy": r["test_accuracy"], "selected": r["selected"], "selected_right": right,
                       "pseudo_label_accuracy": r["pseudo_label_accuracy"]})
-    return {"train_pairs": len(train), "heldout_pairs": len(held), "seed_pairs": summary["seed_pairs"],
-            "pool_pairs": summary["pool_pairs"], "seed_accuracy": summary["seed_accuracy"],
-            "best_accuracy": summary["best_accuracy"], "last_accuracy": loops[-1]["heldout_accuracy"],
-            "full_label_accuracy": summary["full_label_accuracy"], "stop_reason": summary["stop_reason"],
-            "loops": loops, "wall_s": round(time.perf_counter() - started, 1)}
+    # Per test pair, whether the seed RM and the 100% reference order it right: the paired interval of their gap.
+    held_pairs = load_pairs(out / "held.jsonl")
+    right = {key: _pair_right(out / "ser" / folder / "model", held_pairs, a.max_length)
+             for key, folder in (("seed", "loop-0"), ("full", "full-labels"))}
+    return {"train_pairs": len(train), "heldout_pairs": len(held), "val_pairs": summary["val_pairs"],
+            "seed_pairs": summary["seed_pairs"], "pool_pairs": summary["pool_pairs"],
+            **{key: summary[key] for key in ARM_KEYS.values()}, "best_loop": summary["best_loop"],
+            "seed_steps_matched": summary["seed_steps_matched"], "stop_reason": summary["stop_reason"],
+            "loops": loops, "pair_right": right, "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def _pair_right(model: Path, pairs: list, max_length: int) -> list[int]:
+    """1 where the saved sequence RM scores a pair's chosen response above its rejected one, else 0."""
+    from tokencredit.rewards.seq_rm import SequenceRewardModel
+
+    rm = SequenceRewardModel.from_pretrained(str(model))
+    prompts = [p.prompt for p in pairs]
+    chosen = rm.score_sequences(prompts, [p.chosen for p in pairs], 16, max_length)
+    rejected = rm.score_sequences(prompts, [p.rejected for p in pairs], 16, max_length)
+    return [int(c > r) for c, r in zip(chosen, rejected)]
+
+
+def paired_gap(runs: list[dict], resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Mean of (100% reference right - seed RM right) over the test pairs of every run, with a percentile 95%
+    interval from resampling the pairs within each run (None when no run kept its per-pair results)."""
+    rows = [(f, s) for r in runs if "pair_right" in r for f, s in zip(r["pair_right"]["full"], r["pair_right"]["seed"])]
+    if not rows:
+        return None
+    diffs = [f - s for f, s in rows]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return {"mean": sum(diffs) / n, "low": means[int(0.025 * resamples)], "high": means[int(0.975 * resamples) - 1],
+            "pairs": n}
 
 
 def probe(args: argparse.Namespace, name: str, seed: int) -> dict:
@@ -249,7 +294,8 @@ def _settings(args: argparse.Namespace) -> dict:
     """The settings that make results of different calls comparable."""
     return {"model": args.model, "threads": args.threads, "labelled_fraction": args.labelled,
             "max_loops": args.max_loops, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
-            "calibrate": args.calibrate, "frank_gap": args.frank_gap,
+            "lr_schedule": args.lr_schedule, "lora_r": args.lora_r, "recipe": args.recipe,
+            "val_fraction": args.val_fraction, "calibrate": args.calibrate, "frank_gap": args.frank_gap,
             "sizes": {name: {k: v for k, v in vars(_dataset_args(args, name)).items() if k in DEFAULTS[name]}
                       for name in BUILDERS}}
 
@@ -261,9 +307,9 @@ def aggregate(per_seed: dict[str, dict[int, dict]]) -> dict:
         if not seeds:
             continue
         runs = list(seeds.values())
-        arms = {arm: _stat([r[key] for r in runs]) for arm, key in ARM_KEYS.items()}
+        arms = {arm: _stat([r[key] for r in runs]) for arm, key in ARM_KEYS.items() if all(key in r for r in runs)}
         full = arms["100% labels"]["mean"]
-        for arm in ARMS:
+        for arm in arms:
             vals = [r[ARM_KEYS[arm]] - r["full_label_accuracy"] for r in runs]
             arms[arm]["minus_full"] = _stat(vals)["mean"]
             arms[arm]["ratio_to_full"] = arms[arm]["mean"] / full if full else None
@@ -272,14 +318,14 @@ def aggregate(per_seed: dict[str, dict[int, dict]]) -> dict:
             for row in r["loops"]:
                 agg = loops.setdefault(row["loop"], {"runs": 0, "heldout": [], "selected": 0, "right": 0})
                 agg["runs"] += 1
-                agg["heldout"].append(row["heldout_accuracy"])
+                agg["heldout"].append(row.get("test_accuracy", row.get("heldout_accuracy")))
                 agg["selected"] += row["selected"]
                 agg["right"] += row["selected_right"] or 0
         per_loop = [{"loop": k, "runs": v["runs"], "heldout_accuracy": _stat(v["heldout"]),
                      "selected_total": v["selected"], "right_total": v["right"],
                      "pseudo_label_accuracy": v["right"] / v["selected"] if v["selected"] else None}
                     for k, v in sorted(loops.items())]
-        out[name] = {"seeds": sorted(seeds), "arms": arms, "per_loop": per_loop}
+        out[name] = {"seeds": sorted(seeds), "arms": arms, "per_loop": per_loop, "full_minus_seed": paired_gap(runs)}
     return out
 
 
@@ -289,6 +335,8 @@ def table(agg: dict) -> str:
     lines = ["| arm | " + " | ".join(f"{n} (n={len(agg[n]['seeds'])})" for n in names) + " |",
              "|---|" + "---|" * len(names)]
     for arm in ARMS:
+        if not all(arm in agg[n]["arms"] for n in names):
+            continue
         cells = []
         for n in names:
             s = agg[n]["arms"][arm]
@@ -297,12 +345,16 @@ def table(agg: dict) -> str:
                 cell += f" ({s['minus_full']:+.3f}, ×{s['ratio_to_full']:.2f})"
             cells.append(cell)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    gaps = [agg[n].get("full_minus_seed") for n in names]
+    if any(gaps):
+        lines.append("| 100% − seed, paired 95% CI over test pairs | " + " | ".join(
+            "—" if g is None else f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" for g in gaps) + " |")
     return "\n".join(lines)
 
 
 def loop_table(agg: dict) -> str:
     """Markdown table: per dataset and loop, held-out accuracy and pseudo-labels selected / right (all seeds)."""
-    lines = ["| dataset | loop | held-out acc. | pseudo-labels selected | right | pseudo-label acc. |",
+    lines = ["| dataset | loop | test acc. | pseudo-labels selected | right | pseudo-label acc. |",
              "|---|---|---|---|---|---|"]
     for n, a in agg.items():
         for row in a["per_loop"]:
@@ -316,9 +368,10 @@ def loop_table(agg: dict) -> str:
 
 def bar_chart(agg: dict, title: str) -> str:
     """A grouped bar chart (SVG) of held-out accuracy per arm and dataset, with ±std whiskers and a chance line."""
-    colours = {"seed RM": "#9ecae1", "SER best": "#3182bd", "SER last": "#08519c", "100% labels": "#e6550d"}
+    colours = {"seed RM": "#9ecae1", "seed RM, steps matched": "#c6dbef", "SER best": "#3182bd",
+               "SER last": "#08519c", "100% labels": "#e6550d"}
     names = list(agg)
-    width, height, pad_l, pad_b, pad_t = 140 + 170 * max(1, len(names)), 300, 50, 40, 40
+    width, height, pad_l, pad_b, pad_t = 190 + 200 * max(1, len(names)), 300, 50, 40, 40
     plot_h = height - pad_t - pad_b
     lo, hi = 0.3, 1.0
 
@@ -330,13 +383,13 @@ def bar_chart(agg: dict, title: str) -> str:
              f'{html.escape(title)}</text>']
     for tick in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
         dash = ' stroke-dasharray="4,3"' if tick == 0.5 else ""
-        parts.append(f'<line x1="{pad_l}" x2="{width - 120}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
+        parts.append(f'<line x1="{pad_l}" x2="{width - 170}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
                      f'stroke="{"#888" if tick == 0.5 else "#eee"}"{dash}/>')
         parts.append(f'<text x="{pad_l - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.1f}</text>')
     bar = 30
     for i, n in enumerate(names):
-        x0 = pad_l + 20 + i * 170
-        for j, arm in enumerate(ARMS):
+        x0 = pad_l + 20 + i * 200
+        for j, arm in enumerate(a for a in ARMS if a in agg[n]["arms"]):
             s = agg[n]["arms"][arm]
             x = x0 + j * (bar + 4)
             parts.append(f'<rect x="{x}" y="{y(s["mean"]):.1f}" width="{bar}" height="{y(lo) - y(s["mean"]):.1f}" '
@@ -349,9 +402,9 @@ def bar_chart(agg: dict, title: str) -> str:
                      f'{html.escape(n)} (n={len(agg[n]["seeds"])})</text>')
     for j, arm in enumerate(ARMS):
         ly = pad_t + 10 + j * 18
-        parts.append(f'<rect x="{width - 112}" y="{ly - 9}" width="10" height="10" fill="{colours[arm]}"/>')
-        parts.append(f'<text x="{width - 98}" y="{ly}">{html.escape(arm)}</text>')
-    parts.append(f'<text x="{width - 112}" y="{pad_t + 90}" fill="#888">dashed: chance</text>')
+        parts.append(f'<rect x="{width - 162}" y="{ly - 9}" width="10" height="10" fill="{colours[arm]}"/>')
+        parts.append(f'<text x="{width - 148}" y="{ly}">{html.escape(arm)}</text>')
+    parts.append(f'<text x="{width - 162}" y="{pad_t + 108}" fill="#888">dashed: chance</text>')
     parts.append(f'<text x="14" y="{pad_t + plot_h / 2}" transform="rotate(-90 14 {pad_t + plot_h / 2})" '
                  f'text-anchor="middle">held-out pair accuracy</text></svg>')
     return "".join(parts)
@@ -419,8 +472,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                        help="threshold raw sigma(r) (the paper's rule); by default the pool's scores are standardised")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="standardise the pool's scores before the thresholds (default: the paper's raw sigma(r))")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the training pairs that chooses the best loop (never trained on)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="ours",
+                        help="ours: full fine-tuning at --lr; paper: the public SER code's LoRA r=8, 2e-5, linear")
     parser.add_argument("--frank-gap", type=float, default=0.5, help="min chosen - rejected factuality score")
     parser.add_argument("--train-pairs", type=int, default=None, help="override the dataset's default")
     parser.add_argument("--heldout-pairs", type=int, default=None, help="override the dataset's default")
@@ -436,6 +493,12 @@ def main() -> int:
     parser.add_argument("--report", action="store_true",
                         help="only redo the aggregate, tables and chart from --results")
     args = parser.parse_args()
+    args.lr_schedule, args.lora_r = "constant", None
+    for key, value in RECIPES[args.recipe].items():
+        setattr(args, key, value)
+    if args.recipe != "ours" and args.results is None:
+        args.results = str(RESULTS / f"ser_preferences_{args.recipe}.json")
+        args.svg = str(RESULTS / f"ser_preferences_{args.recipe}.svg")
     if args.report:
         return report(Path(args.results or RESULTS / "ser_preferences.json"), Path(args.svg))
     missing = [n for n in args.datasets if not BUILDERS[n][2].exists()]
@@ -463,10 +526,12 @@ def main() -> int:
         for name in args.datasets:
             row = run_seed(args, name, seed)
             per_seed.setdefault(name, {})[seed] = row
-            print(json.dumps({"dataset": name, "seed": seed, **{k: v for k, v in row.items() if k != "loops"}}),
+            print(json.dumps({"dataset": name, "seed": seed, **{k: v for k, v in row.items()
+                                                                 if k not in ("loops", "pair_right")}}),
                   flush=True)
             for r in row["loops"]:
-                print(f"  loop {r['loop']}: held-out {r['heldout_accuracy']:.3f}, train {r['train_pairs']}, "
+                print(f"  loop {r['loop']}: val {r['val_accuracy']:.3f}, test {r['test_accuracy']:.3f}, "
+                      f"train {r['train_pairs']}, "
                       f"selected {r['selected']} ({r['selected_right']} right)", flush=True)
             _write(args, per_seed, started)
     agg = _write(args, per_seed, started)

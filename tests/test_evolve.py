@@ -30,15 +30,25 @@ def test_loops_grow_the_labelled_set_from_the_pool(setup, capsys):
     assert main(args(setup, "max_loops=2", "patience=3", "full_baseline=true")) == 0
     run = setup / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["seed_pairs"] == 19 and summary["pool_pairs"] == 77 and summary["heldout_pairs"] == 24
+    # 120 pairs: 24 test, then 10 of the 96 left kept aside as validation, 17 labelled seed pairs and a pool of 69.
+    assert summary["seed_pairs"] == 17 and summary["pool_pairs"] == 69 and summary["heldout_pairs"] == 24
+    assert summary["val_pairs"] == 10 and summary["chosen_on"] == "validation pairs"
     loops = summary["loops"]
     assert [r["loop"] for r in loops] == [0, 1, 2] and summary["stop_reason"] == "reached max_loops=2"
     state = SERState.load(run / "ser_state.json")
-    assert len(state.labels) + len(state.pool) == 77  # every pool pair is either still pooled or labelled once
+    assert len(state.labels) + len(state.pool) == 69  # every pool pair is either still pooled or labelled once
     assert len({lab.pair_id for lab in state.labels}) == len(state.labels)
     assert sum(r["selected"] for r in loops) == len(state.labels) > 0
-    assert [r["train_pairs"] for r in loops] == [19, 19 + loops[0]["selected"],
-                                                 19 + loops[0]["selected"] + loops[1]["selected"]]
+    assert [r["train_pairs"] for r in loops] == [17, 17 + loops[0]["selected"],
+                                                 17 + loops[0]["selected"] + loops[1]["selected"]]
+    # The best loop is the validation pairs' choice; what is reported for it is its test accuracy.
+    best = max(loops, key=lambda r: r["heldout_accuracy"])
+    assert summary["best_loop"] == best["loop"] and summary["best_accuracy"] == best["test_accuracy"]
+    assert summary["seed_accuracy"] == loops[0]["test_accuracy"] and summary["last_accuracy"] == loops[-1][
+        "test_accuracy"]
+    for k, line in enumerate(loops):
+        assert json.loads((run / f"loop-{k}" / "val.json").read_text())["pair_accuracy"] == line["heldout_accuracy"]
+        assert json.loads((run / f"loop-{k}" / "eval.json").read_text())["pair_accuracy"] == line["test_accuracy"]
     picked = [r for r in loops if r["selected"]]
     # The toy preference is learnable, so the seed RM's confident picks are mostly right.
     assert picked[0]["pseudo_label_accuracy"] >= 0.7
@@ -119,7 +129,7 @@ def test_a_crash_between_the_state_and_the_log_loses_no_loop_line(setup, monkeyp
     loops = [r["loop"] for r in lines]
     assert loops == list(range(len(loops))) and loops == [r["loop"] for r in summary["loops"]]
     assert len(loops) >= 3
-    assert [r["train_pairs"] for r in lines][1] == 19 + lines[0]["selected"]
+    assert [r["train_pairs"] for r in lines][1] == 17 + lines[0]["selected"]
     best = max(lines, key=lambda r: r["heldout_accuracy"])
     assert summary["best_loop"] == best["loop"] and summary["best_model"].endswith(f"loop-{best['loop']}/model")
 
@@ -137,3 +147,43 @@ def test_a_state_naming_pairs_outside_the_pool_is_refused_clearly(setup, capsys)
     path.write_text("{not json")
     assert main(args(setup, "max_loops=1", "patience=5", "resume=true")) == 2
     assert "ser_state.json cannot be read" in capsys.readouterr().err
+
+
+def test_without_validation_pairs_the_choice_reads_the_test_pairs_and_says_so(setup):
+    assert main(args(setup, "max_loops=1", "patience=3", "val_fraction=0")) == 0
+    summary = json.loads((setup / "run" / "summary.json").read_text())
+    assert summary["val_pairs"] == 0 and "optimistic" in summary["chosen_on"]
+    assert summary["seed_pairs"] == 19 and summary["pool_pairs"] == 77
+    assert all(r["heldout_accuracy"] == r["test_accuracy"] for r in summary["loops"])
+
+
+def test_long_responses_are_cut_in_pool_scoring_too(setup):
+    """A response far past max_length (and past the backbone's positions) neither crashes nor loses its EOS."""
+    pairs = [json.loads(line) for line in (setup / "pairs.jsonl").read_text().splitlines()]
+    for p in pairs[::7]:
+        p["chosen"] = " ".join(["y"] * 3000)
+    (setup / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    assert main(args(setup, "max_loops=1", "patience=3", "max_length=16")) == 0
+    summary = json.loads((setup / "run" / "summary.json").read_text())
+    assert len(summary["loops"]) == 2
+
+
+def test_the_papers_schedule_reaches_every_loop(setup):
+    assert main(args(setup, "max_loops=0", "lr_schedule=linear", "warmup_ratio=0.1")) == 0
+    lrs = [json.loads(line).get("lr") for line in (setup / "run" / "loop-0" / "metrics.jsonl").read_text()
+           .splitlines() if '"lr"' in line]
+    assert lrs[0] < lrs[1] and lrs[-1] < max(lrs) and lrs == sorted(lrs[:2]) + lrs[2:]
+
+
+def test_the_steps_matched_control_trains_the_seed_share_as_long_as_the_full_reference(setup):
+    assert main(args(setup, "max_loops=0", "full_baseline=true", "steps_matched_baseline=true")) == 0
+    run = setup / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    matched = summary["seed_steps_matched"]
+    # 86 training pairs in batches of 8 for 2 epochs = 22 steps; the 17 seed pairs take 3 steps an epoch.
+    assert matched["full_label_steps"] == 22 and matched["epochs"] == 8 and matched["steps"] == 24
+    steps = [json.loads(line)["step"] for line in (run / "seed-steps-matched" / "metrics.jsonl").read_text()
+             .splitlines()]
+    full = [json.loads(line)["step"] for line in (run / "full-labels" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 24 and max(full) == 22
+    assert 0 <= summary["seed_steps_matched_accuracy"] <= 1

@@ -149,3 +149,29 @@ def test_a_response_past_the_backbone_positions_is_cut_not_an_error():
     assert math.isfinite(score) and score == pytest.approx(same, abs=1e-5)
     with pytest.raises(ValueError, match="max_length must be >= 2"):
         rm.score_sequences(["a"], ["x"], max_length=1)
+
+
+def test_learning_rate_schedules():
+    from tokencredit.rewards.fit import lr_at
+
+    assert [lr_at(s, 4, 1.0) for s in range(4)] == [1.0] * 4
+    assert [lr_at(s, 4, 1.0, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    warm = [lr_at(s, 10, 1.0, "linear", 0.2) for s in range(10)]
+    assert warm[:2] == pytest.approx([1 / 3, 2 / 3]) and warm[2] == 1.0 and warm[-1] == pytest.approx(1 / 8)
+    assert all(a > b for a, b in zip(warm[2:], warm[3:]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_at(0, 4, 1.0, "cosine")
+
+
+def test_a_linear_schedule_reaches_the_optimiser(tmp_path):
+    pairs = toy_pairs(32)
+    rm = make_rm()
+    config = SeqRMConfig(output_dir=str(tmp_path / "a"), num_epochs=2, batch_size=8, learning_rate=1e-3,
+                         lr_schedule="linear", eval_fraction=0.0, progress=False)
+    history = train_sequence_reward_model(rm, config, pairs)
+    lrs = [h["lr"] for h in history if "lr" in h]
+    assert lrs == pytest.approx([1e-3 * (8 - s) / 8 for s in range(8)])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SeqRMConfig(lr_schedule="cosine").validate()
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        SeqRMConfig(warmup_ratio=1.0).validate()

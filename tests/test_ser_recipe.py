@@ -14,7 +14,17 @@ def test_fast_recipe_runs_end_to_end_and_resumes_without_redoing_stages(tmp_path
     summary = run_ser(SERRecipeConfig(output=str(tmp_path / "ser"), fast=True))
     root = tmp_path / "ser"
     assert set(summary["policies"]) == {"start", "ppo_seed", "ppo_ser"}
-    assert 0.5 < summary["evolve"]["full_label_accuracy"] <= 1.0  # the scorer learnt the toy preference
+    assert 0.5 < summary["evolve"]["full_label_accuracy"] <= 1.0  # the reference learnt the toy preference
+    # The judge trained on other prompts' pairs than the SER arms, and neither on the test prompts'.
+    def prompts(name):
+        return {json.loads(line)["prompt"] for line in (root / name).read_text().splitlines()}
+
+    judge_prompts, ser_prompts = prompts("judge_pairs.jsonl"), prompts("ser_pairs.jsonl")
+    assert judge_prompts and ser_prompts and not judge_prompts & ser_prompts
+    test_prompts = {ex["prompt"] for ex in summary["policies"]["start"]["examples"]}
+    assert not test_prompts & (judge_prompts | ser_prompts)
+    assert summary["scorer"] == str(root / "judge" / "model") and summary["judge"]["pairs"] > 0
+    assert summary["evolve"]["chosen_on"] == "validation pairs"
     for policy in summary["policies"].values():
         assert 0 < policy["scorer_mean_sigma"] < 1 and policy["examples"]
     seed_rm = json.loads((root / "ppo_seed" / "done.json").read_text())["reward_model"]
@@ -32,6 +42,7 @@ def test_fast_recipe_runs_end_to_end_and_resumes_without_redoing_stages(tmp_path
 
     monkeypatch.setattr(evolve_module, "run_evolve", refuse)
     monkeypatch.setattr("tokencredit.recipes.ser._ppo", refuse)
+    monkeypatch.setattr("tokencredit.recipes.ser._train_judge", refuse)
     again = run_ser(SERRecipeConfig(output=str(tmp_path / "ser"), fast=True, resume=True))
     assert again["evolve"] == summary["evolve"]
 
@@ -41,3 +52,5 @@ def test_the_command_needs_data_and_names_the_field(tmp_path, capsys):
     assert "data=PAIRS.jsonl" in capsys.readouterr().err
     with pytest.raises(ValueError, match="test_prompts"):
         SERRecipeConfig(data="x.jsonl", test_prompts=0).validate()
+    with pytest.raises(ValueError, match="judge_fraction"):
+        SERRecipeConfig(data="x.jsonl", judge_fraction=1.0).validate()

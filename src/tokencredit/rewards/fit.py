@@ -62,6 +62,10 @@ def validate_fit_config(config: object) -> None:
         raise ValueError(f"max_grad_norm must be > 0 or None (got {config.max_grad_norm})")
     if not 0 <= config.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1) (got {config.eval_fraction})")
+    if getattr(config, "lr_schedule", "constant") not in ("constant", "linear"):
+        raise ValueError(f"lr_schedule must be constant or linear (got {config.lr_schedule!r})")
+    if not 0 <= getattr(config, "warmup_ratio", 0.0) < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1) (got {config.warmup_ratio})")
     save_every = getattr(config, "save_every", None)
     if save_every is not None and save_every < 1:
         raise ValueError(f"save_every must be >= 1 or None (got {save_every})")
@@ -89,6 +93,10 @@ def fit(
     metrics.jsonl, fresh unless resuming. ``epochs(e)`` must draw its order from a generator that starts from the
     same seed in every run (see the module docstring). ``streams``: the loss's own random generators, saved and
     restored with the checkpoints.
+
+    ``lr_schedule`` ("constant", the default, or "linear": decay to 0 at the last step) and ``warmup_ratio`` (the
+    share of steps with a linear rise from 0) are read when present; the rate is a function of the step alone,
+    so a resumed run continues on the same curve.
 
     ``invariant``: parameters the loss does not depend on at all, such as the head's bias under Bradley-Terry.
     They are held fixed (still copied from rank 0) and their ``requires_grad`` is restored afterwards.
@@ -170,6 +178,10 @@ def _fit(
                     next(batches, None)
                 for batch in batches:
                     model.train()
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr_at(step, config.num_epochs * steps_per_epoch, config.learning_rate,
+                                        getattr(config, "lr_schedule", "constant"),
+                                        getattr(config, "warmup_ratio", 0.0))
                     optimizer.zero_grad(set_to_none=True)
                     local, weight = _share(batch, group)
                     loss, stats = None, {}
@@ -194,7 +206,7 @@ def _fit(
                         # Never step on a non-finite loss (on any rank): the weights and Adam state stay as they were.
                         stats["optim/skipped_nonfinite"] = 1
                     step += 1
-                    stats = {"epoch": epoch + 1, **stats}
+                    stats = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
                     if group.is_main:
                         logger.log(step, stats)
                     history.append({"step": step, **stats})
@@ -210,6 +222,20 @@ def _fit(
             bar.close()
         model.eval()
     return history
+
+
+def lr_at(step: int, total: int, peak: float, schedule: str = "constant", warmup_ratio: float = 0.0) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``: a linear rise over the first
+    ``warmup_ratio`` of the steps, then ``peak`` ("constant") or a linear decay that reaches 0 after the last step
+    ("linear")."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return peak
+    if schedule != "linear":
+        raise ValueError(f"lr_schedule must be constant or linear (got {schedule!r})")
+    return peak * max(total - step, 0) / max(total - warmup, 1)
 
 
 class _FitState:

@@ -199,6 +199,8 @@ class SeqRMConfig:
     num_epochs: int = 1
     batch_size: int = 8  # pairs per step
     learning_rate: float = 1e-4
+    lr_schedule: Literal["constant", "linear"] = "constant"  # "linear": decay to 0 at the last step
+    warmup_ratio: float = 0.0  # share of the steps with a linear rise of the learning rate from 0
     weight_decay: float = 0.0
     max_length: int = 512  # prompt + response tokens; responses keep their start, prompts their end
     max_grad_norm: float | None = 1.0  # None = no clipping

@@ -151,7 +151,12 @@ class PseudoLabel:
 
 @dataclass(frozen=True)
 class LoopRecord:
-    """What one loop did: how many pairs it pseudo-labelled (per rule) and its held-out accuracy."""
+    """What one loop did: how many pairs it pseudo-labelled (per rule) and its accuracies.
+
+    ``heldout_accuracy`` is the accuracy the stop rule and the choice of the best loop read (on validation pairs
+    that are neither trained on nor reported); ``test_accuracy`` is for the report only, so the loop chosen is
+    not also the one measured best on the pairs that report it.
+    """
 
     loop: int
     selected: int
@@ -160,6 +165,7 @@ class LoopRecord:
     pool_left: int
     labelled_total: int
     heldout_accuracy: float | None
+    test_accuracy: float | None = None
 
 
 def stop_reason(history: Sequence[LoopRecord], patience: int = 1, min_delta: float = 0.0) -> str | None:
@@ -228,11 +234,13 @@ class SERState:
         selections: Sequence[Selection],
         pair_ids: Sequence[PairId] | None = None,
         heldout_accuracy: float | None = None,
+        test_accuracy: float | None = None,
     ) -> LoopRecord:
         """End a loop: move the selected pairs out of the pool with their pseudo-labels, and record the loop.
 
         ``selections`` index into ``pair_ids``, the ids of the pairs given to :func:`select_pairs` in that
-        order (default: the whole current pool, in order). ``heldout_accuracy`` is this loop's RM accuracy.
+        order (default: the whole current pool, in order). ``heldout_accuracy`` is this loop's RM accuracy on the
+        pairs that steer the loop (stop rule, best loop), ``test_accuracy`` its accuracy on reporting pairs.
         """
         ids = list(self.pool) if pair_ids is None else list(pair_ids)
         in_pool = set(self.pool)
@@ -249,8 +257,9 @@ class SERState:
             if pair_id in chosen_ids:
                 raise ValueError(f"pair {pair_id!r} is selected twice")
             chosen_ids[pair_id] = sel
-        if heldout_accuracy is not None and not math.isfinite(heldout_accuracy):
-            raise ValueError(f"heldout_accuracy must be finite or None (got {heldout_accuracy})")
+        for name, value in (("heldout_accuracy", heldout_accuracy), ("test_accuracy", test_accuracy)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite or None (got {value})")
         loop = self.loop
         self.labels.extend(
             PseudoLabel(pid, s.chosen, loop, s.rules, s.p_chosen, s.p_rejected) for pid, s in chosen_ids.items()
@@ -264,6 +273,7 @@ class SERState:
             pool_left=len(self.pool),
             labelled_total=len(self.labels),
             heldout_accuracy=None if heldout_accuracy is None else float(heldout_accuracy),
+            test_accuracy=None if test_accuracy is None else float(test_accuracy),
         )
         self.history.append(record)
         return record
