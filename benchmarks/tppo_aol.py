@@ -28,10 +28,14 @@ copy of the base arm's finished SFT stage, whose settings are the same):
     v2_target  v2 with labels from the true next query alone (label_clicked=false): its own labels and reward
                model on v2's SFT model. Clicked-title words are +1 in v2's labels but not in the test's token F1;
                TREC seed 0's online arm raised the labels' own verdict on its samples while F1 fell
-    v2_target_long    v2_target (the demo's labels) with 60 PPO updates: issue 29's long-budget run
-    v2_target_online  v2_target with online relabelling every 10 updates (relabel_every=10)
-    (these two train their own labels and reward model from v2_target's SFT stage, so a workdir that has lost
-    v2_target's stages still runs them; same settings and seed, so the same stages up to float noise)
+    v3         v2_target with misses priced at token F1's break-even (label_miss_cost=auto): the demo's defaults.
+               On AOL v2_target's reward model made every word cost (95% of the labels are misses, and a miss
+               cost as much as a hit paid), so the empty query was its optimum
+    v3_long    v3 with 60 PPO updates: issue 29's long-budget run
+    v3_online  v3 with online relabelling every 10 updates (relabel_every=10)
+    (v3_long and v3_online train their own labels and reward model from the SFT stage of v3 or an earlier arm,
+    so a workdir that has lost v3's stages still runs them; same settings and seed, so the same stages up to
+    float noise)
 
 The "mean" and "mean_unf" arms (token rewards scaled by mean length / the query's final length) are gone with the
 demo's reward_length=mean: that scaling made a token's reward depend on the tokens after it (not causal).
@@ -81,12 +85,13 @@ V2 = ["label_repeats=bad", "label_unit=word", "label_end=true", "pair_rank=sum",
 ARMS.update({"v2": V2, "v2_shaped": [*V2, "reward_shaping=potential"], "v2_online": [*V2, "relabel_every=10"],
              "v2_kl02": [*V2, "kl_coef=0.2"], "v2_long": [*V2, "ppo_updates=60"],
              "v2_target": [*V2, "label_clicked=false"], "v2_center": [*V2, "reward_center=mean"]})
-ARMS.update({"v2_target_long": [*ARMS["v2_target"], "ppo_updates=60"],
-             "v2_target_online": [*ARMS["v2_target"], "relabel_every=10"]})
+V3 = [*V2, "label_clicked=false", "label_miss_cost=auto"]  # the demo's defaults since the miss cost
+ARMS.update({"v3": V3, "v3_long": [*V3, "ppo_updates=60"], "v3_online": [*V3, "relabel_every=10"]})
 # Arms whose labels and reward model are their own (base's SFT stage is copied in), and arms that reuse the stages
 # of an arm other than base.
-# arm -> the arm whose finished SFT stage it copies, if present
-OWN_STAGES = {"v2": "base", "v2_target": "v2", "v2_target_long": "v2_target", "v2_target_online": "v2_target"}
+# arm -> the arms whose finished SFT stage it copies, the first present (the SFT settings are the same)
+OWN_STAGES = {"v2": ("base",), "v2_target": ("v2", "base"), "v3": ("v2_target", "v2", "base"),
+              "v3_long": ("v3", "v2_target", "v2", "base"), "v3_online": ("v3", "v2_target", "v2", "base")}
 REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2", "v2_kl02": "v2", "v2_long": "v2", "v2_center": "v2"}
 # v2_center: on AOL seed 0 the v2 reward model gave content words -0.18 each on average (the next query shares few
 # words with a sample, so most words are labelled bad) and TPPO shortened its queries (4.1 vs SFT's 5.2 tokens,
@@ -100,7 +105,7 @@ REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2", "v2_kl02": "v2", "v2_long": 
 # The benchmark's base is the demo as it was before its defaults moved (the demo now clips repeats): pinned, so
 # that every arm stays "base plus one change" whatever the demo's defaults become. An arm's own settings win.
 PINNED = ["reward_repeat=keep", "kl_coef=0.05", "label_repeats=keep", "label_unit=token", "label_end=false",
-          "pair_rank=share", "rm_anchor_weight=0", "label_clicked=true"]
+          "pair_rank=share", "rm_anchor_weight=0", "label_clicked=true", "label_miss_cost=balanced"]
 DEFAULT_ARMS = ["base", "norepeat", "kl02", "unfinished", "eos0"]
 MIN_MATCHED = 10  # fewer length-matched test sessions than this give no interval
 METRICS = ("token_f1", "token_precision", "token_recall", "bleu", "rouge_l", "mean_words", "mean_length_tokens",
@@ -222,7 +227,9 @@ def run(args: argparse.Namespace) -> None:
             if args.fast and any(o.startswith("relabel_every=") for o in ARMS[arm]):
                 overrides.append("relabel_every=1")  # fast mode runs 2 updates: a refit before the second
             if arm in OWN_STAGES:
-                _copy_sft_stage(base_dir.parent / OWN_STAGES[arm], folder)
+                for source in OWN_STAGES[arm]:
+                    if _copy_sft_stage(base_dir.parent / source, folder):
+                        break
             elif arm != "base":
                 source = base_dir.parent / REUSE_FROM.get(arm, "base")
                 overrides.append(f"reuse_stages={source}")
@@ -245,18 +252,21 @@ def run(args: argparse.Namespace) -> None:
     report(result, out)
 
 
-def _copy_sft_stage(source_arm: Path, folder: Path) -> None:
+def _copy_sft_stage(source_arm: Path, folder: Path) -> bool:
     """Start an arm that trains its own labels and reward model from another arm's finished SFT stage (same SFT
-    settings, so the same model as training its own)."""
+    settings, so the same model as training its own); True when the arm has an SFT stage from it or before."""
     import shutil
 
     source, target = source_arm / "sft", folder / "sft"
-    if target.exists() or not (source / "done.json").exists():
-        return
+    if target.exists():
+        return True
+    if not (source / "done.json").exists():
+        return False
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints"))
     info = json.loads((target / "done.json").read_text())
     info["model"] = str(target / "merged")  # the copy's own merged model, not the base arm's
     (target / "done.json").write_text(json.dumps(info))
+    return True
 
 
 def aggregate(result: dict) -> None:

@@ -48,6 +48,11 @@ def test_each_stage_left_its_run_folder(fast_run):
         assert rec["finished"] or rec["end_label"] == -1
     info = json.loads((fast_run / "labels" / "done.json").read_text())
     assert info["skipped_no_labels"] == 0 and info["unfinished"] == sum(not r["finished"] for r in labels)
+    # The reference's verdict on each sample prices a miss (label_miss_cost=auto): the F1 break-even F / (2 - F).
+    assert all(0 <= r["f1"] <= 1 for r in labels)
+    mean_f1 = sum(r["f1"] for r in labels) / len(labels)
+    rm_info = json.loads((fast_run / "reward_model" / "done.json").read_text())
+    assert rm_info["miss_cost"] == pytest.approx(max(mean_f1 / (2 - mean_f1), 0.01))
     gens = json.loads((fast_run / "generations_tppo.json").read_text())
     targets = [s.target_query for s in builtin_sessions("test")[:12]]
     assert [g["target"] for g in gens] == targets
@@ -163,6 +168,8 @@ def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
     two_words = [r for r in records if len(r["response"].split()) >= 2]
     assert two_words and all(sorted(s[2] for s in r["spans"]) == [-1, 1] for r in two_words)
     assert "LLM judge" in (tmp_path / "run" / "report.html").read_text()
+    assert not any("f1" in r for r in records)  # a judge sees no reference: its misses cost 1
+    assert json.loads((tmp_path / "run" / "reward_model" / "done.json").read_text())["miss_cost"] == 1.0
     # The real factory picks the backend from the judge setting.
     monkeypatch.undo()
     url = demo._labeler(DemoConfig(judge="http://127.0.0.1:9/v1", judge_model="m"), tmp_path)

@@ -225,3 +225,73 @@ def test_demo_labels_only_next_query_words_when_clicked_titles_do_not_count(tmp_
     with pytest.raises(ValueError, match="label_clicked applies to the reference labeler"):
         DemoConfig(fast=True, label_clicked=True, judge="http://127.0.0.1:9/v1").validate()
     DemoConfig(fast=True, judge="http://127.0.0.1:9/v1").validate()  # the default is unused with a judge
+
+
+# ---------------------------------------------------------------------- the price of a miss
+def test_a_miss_weight_puts_the_rewards_zero_where_a_unit_is_right_that_often():
+    import math
+
+    import torch
+
+    from tokencredit.rewards.token_rm import token_bce_loss
+
+    # 3 good and 7 bad tokens behind one shared logit r: the weighted BCE is minimal at
+    # r* = log(p / (w (1 - p))), i.e. r* > 0 exactly when p = 0.3 exceeds w / (1 + w).
+    labels = torch.tensor([[1, 1, 1, -1, -1, -1, -1, -1, -1, -1]])
+    mask = torch.ones_like(labels)
+    for w in (1.0, 0.25, 0.5):
+        r = torch.zeros((), requires_grad=True)
+        opt = torch.optim.LBFGS([r], max_iter=50)
+
+        def closure():
+            opt.zero_grad()
+            loss = token_bce_loss(r.expand(1, 10), labels, mask, bad_weight=w)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert r.item() == pytest.approx(math.log(0.3 / (w * 0.7)), abs=1e-3)
+    # Small weights: a unit right 30% of the time earns; w = 1 (a miss as bad as a hit is good) makes it cost.
+    assert math.log(0.3 / (0.25 * 0.7)) > 0 > math.log(0.3 / 0.7)
+    with pytest.raises(ValueError, match="pass one"):
+        token_bce_loss(torch.zeros(1, 10), labels, mask, balanced=True, bad_weight=0.5)
+    with pytest.raises(ValueError, match="bad_weight"):
+        TokenRMConfig(bad_weight=0.0).validate()
+    with pytest.raises(ValueError, match="set one"):
+        TokenRMConfig(bad_weight=0.5, balance_labels=True).validate()
+
+
+def test_the_miss_cost_is_the_f1_break_even_of_the_labelled_samples():
+    from tokencredit.recipes.tppo import MIN_MISS_COST, miss_cost
+
+    records = [{"f1": 0.1}, {"f1": 0.3}]  # mean 0.2: a word pays when right more than 0.1 of the time
+    assert miss_cost(DemoConfig(), records) == pytest.approx(0.2 / 1.8)
+    assert miss_cost(DemoConfig(), [{"f1": 0.0}]) == MIN_MISS_COST
+    assert miss_cost(DemoConfig(label_miss_cost=0.5), records) == 0.5
+    assert miss_cost(DemoConfig(label_miss_cost="balanced"), records) is None
+    assert miss_cost(DemoConfig(judge="http://127.0.0.1:9/v1"), [{}]) == 1.0  # a judge sees no reference
+    with pytest.raises(ValueError, match="label them again"):
+        miss_cost(DemoConfig(), [{"f1": 0.2}, {}])
+    for bad in (0.0, -1.0, "half"):
+        with pytest.raises(ValueError, match="label_miss_cost"):
+            DemoConfig(label_miss_cost=bad).validate()
+    # Runs saved before the option resume with the labels as they were trained then.
+    assert config_defaults(DemoConfig)["label_miss_cost"] == "balanced"
+
+
+def test_cheap_misses_rank_pairs_only_where_the_hits_differ(smol):
+    def score(cost):
+        return lambda r: label_sum(_token_example(r, True), smol, "word", cost)
+
+    short = record(0, "globe", [[0, 5, -1]])
+    long = record(0, "globe tavern harbor", [[0, 5, -1], [6, 12, -1], [13, 19, -1]])
+    hit = record(0, "boston tavern", [[0, 6, 1], [7, 13, -1]])
+    # At a miss cost of 1 the shorter of two samples without a hit wins: the pressure towards empty queries.
+    assert score(1.0)(short) == -2 and score(1.0)(long) == -4
+    assert ("globe", "globe tavern harbor") in [(p.chosen, p.rejected)
+                                                for p in _pairs_from_labels([short, long], "sum", score(1.0), 1.0)]
+    # At 0.1 they differ by 0.2, less than a hit's worth: no pair; a sample with a hit still beats both.
+    assert score(0.1)(long) == pytest.approx(-0.4) and score(0.1)(hit) == pytest.approx(1 - 0.1 + 1)
+    pairs = _pairs_from_labels([short, long, hit], "sum", score(0.1), 1.0)
+    assert sorted((p.chosen, p.rejected) for p in pairs) == [("boston tavern", "globe"),
+                                                             ("boston tavern", "globe tavern harbor")]

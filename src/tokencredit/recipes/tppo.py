@@ -54,7 +54,8 @@ class DemoConfig:
     # resuming such a run must ask for it explicitly (see runs.changed_settings).
     BEHAVIOUR_BEFORE_ADDED: ClassVar[dict] = {"reward_repeat": "keep", "label_repeats": "keep", "label_unit": "token",
                                               "label_end": False, "pair_rank": "share",
-                                              "rm_anchor_weight": 0.0}
+                                              "rm_anchor_weight": 0.0, "label_clicked": True,
+                                              "label_miss_cost": "balanced"}
 
     output: str = "runs/demo"  # folder for every stage, summary.json and report.html
     model: str = "smollm2-135m-instruct"  # policy (and reward-model backbone)
@@ -106,8 +107,19 @@ class DemoConfig:
     # end token, unlabelled
     label_end: bool = True
     # "sum": pairs of finished samples ranked by the sum of their token labels (what the summed reward is fitted
-    # to); "share": every sample ranked by its share of good words
+    # to), a miss counting label_miss_cost against a hit's 1, paired only when the sums differ by a hit's worth
+    # or more; "share": every sample ranked by its share of good words
     pair_rank: Literal["sum", "share"] = "sum"
+    # What a miss (a -1 word or end) costs against a hit (+1). The token BCE weighs -1 units by it and pairs are
+    # ranked by hits - cost * misses, so a word's reward crosses 0 where its chance of being right is
+    # cost / (1 + cost). "auto": the break-even of token F1 on the labelled samples (adding a word whose chance of
+    # being right is p raises a query's expected F1 only when p > F1 / 2, so cost = F / (2 - F), F their mean
+    # token F1 against the true next query, at least 0.01; a judge, which sees no reference, gets 1.0). At a cost
+    # of 1 every word whose chance is under one half costs reward: on AOL (samples' F1 ~0.05, words copied from
+    # the history right ~30% of the time, others ~0.5%) every word then lost reward and the empty query was
+    # the optimum. "balanced": good and bad labels weigh equally in the BCE and a miss costs 1 (as measured
+    # before this option). A number: that cost
+    label_miss_cost: float | Literal["auto", "balanced"] = "auto"
     # Weight of the pull towards 0 of the reward at unlabelled tokens (stopwords, a word's later tokens), so that a
     # query's summed reward counts its labelled units instead of the head's extrapolation (0 = off)
     rm_anchor_weight: float = 1.0
@@ -195,6 +207,9 @@ class DemoConfig:
             raise ValueError(f"label_repeats must be bad or keep, label_unit word or token, label_end true or false "
                              f"and pair_rank sum or share (got {self.label_repeats!r}, {self.label_unit!r}, "
                              f"{self.label_end!r}, {self.pair_rank!r})")
+        cost = self.label_miss_cost
+        if cost not in ("auto", "balanced") and not (isinstance(cost, float) and 0 < cost < float("inf")):
+            raise ValueError(f"label_miss_cost must be auto, balanced or a number > 0 (got {cost!r})")
         if self.relabel_every is not None and not 1 <= self.relabel_every < self.ppo_updates:
             raise ValueError(f"relabel_every must be in [1, ppo_updates={self.ppo_updates}) so that at least one "
                              f"refit happens before the last update (got {self.relabel_every}); null = offline")
@@ -401,7 +416,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
     if not rm_stage.done:
         history, examples, pairs = _fit_token_rm(cfg, sft_model, records, rm_stage.dir, tokenizer, top_layers,
                                                  cfg.seed)
-        rm_stage.finish({"examples": examples, "pairs": pairs, "eval": history[-1].get("eval", {})})
+        rm_stage.finish({"examples": examples, "pairs": pairs, "miss_cost": history[-1].get("miss_cost"),
+                         "eval": history[-1].get("eval", {})})
         release_free_memory()
     rm = TokenRewardModel.from_pretrained(rm_dir)
     timings["reward_model"] = time.perf_counter() - t0
@@ -486,10 +502,12 @@ def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: 
                    ) -> tuple[list[dict], int]:
     """Sample ``samples_per_prompt`` queries of ``policy`` for each chosen train session and label their words:
     (records, samples the labeler gave no labels: an unreadable judge answer, no example and no pair)."""
-    from tokencredit.tasks.querygen import session_context
+    from tokencredit.feedback.labelers import ReferenceLabeler
+    from tokencredit.tasks.querygen import per_example_metrics, session_context
 
     records = []
     skipped = 0
+    with_f1 = isinstance(labeler, ReferenceLabeler)
     for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
         idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
         prompts = [train_prompts[i] for i in idx]
@@ -501,9 +519,12 @@ def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: 
             if sp is None:
                 skipped += 1
                 continue
-            records.append({"session": i, "prompt": train_prompts[i], "response": text,
-                            "spans": [[s.start, s.end, s.label] for s in sp], "finished": bool(finished),
-                            "end_label": end_label(text, sp, bool(finished))})
+            record = {"session": i, "prompt": train_prompts[i], "response": text,
+                      "spans": [[s.start, s.end, s.label] for s in sp], "finished": bool(finished),
+                      "end_label": end_label(text, sp, bool(finished))}
+            if with_f1:  # the reference's verdict on the whole sample: label_miss_cost=auto prices misses by it
+                record["f1"] = per_example_metrics(text, train[i].target_query)["f1"]
+            records.append(record)
     return records, skipped
 
 
@@ -542,18 +563,43 @@ def _fit_token_rm(cfg: DemoConfig, start: Path, records: list[dict], folder: Pat
     # With end labels an empty finished query is an example too: its end token alone, labelled -1.
     examples = [_token_example(r, cfg.label_end) for r in records
                 if r["response"] or (cfg.label_end and r.get("finished", True))]
+    cost = miss_cost(cfg, records)
     pairs = _pairs_from_labels(records, cfg.pair_rank, lambda r: label_sum(
-        _token_example(r, cfg.label_end), tokenizer, cfg.label_unit))
+        _token_example(r, cfg.label_end), tokenizer, cfg.label_unit, 1.0 if cost is None else cost),
+        min_gap=1.0)
     rm = TokenRewardModel.from_pretrained(
         start, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers), seed=seed)
     history = train_token_reward_model(
         rm, TokenRMConfig(output_dir=str(folder), seed=seed, num_epochs=cfg.rm_epochs,
                           batch_size=cfg.rm_batch_size, learning_rate=cfg.rm_learning_rate, progress=True,
-                          balance_labels=True, mixed_precision=cfg.mixed_precision, label_unit=cfg.label_unit,
-                          anchor_weight=cfg.rm_anchor_weight),
+                          balance_labels=cost is None, bad_weight=cost, mixed_precision=cfg.mixed_precision,
+                          label_unit=cfg.label_unit, anchor_weight=cfg.rm_anchor_weight),
         token_examples=examples, pairs=pairs,
     )
+    history[-1]["miss_cost"] = cost
     return history, len(examples), len(pairs)
+
+
+MIN_MISS_COST = 0.01  # label_miss_cost=auto never prices a miss below a hundredth of a hit
+
+
+def miss_cost(cfg: DemoConfig, records: list[dict]) -> float | None:
+    """What a -1 label costs against a +1 for these labelled samples (see DemoConfig.label_miss_cost); None for
+    "balanced" (equal class weights in the BCE, a miss costing 1 in the pair ranking)."""
+    value = cfg.label_miss_cost
+    if value == "balanced":
+        return None
+    if value != "auto":
+        return float(value)
+    if cfg.judge is not None:
+        return 1.0
+    scores = [r.get("f1") for r in records]
+    if not scores or any(f is None for f in scores):
+        raise ValueError("label_miss_cost=auto prices a miss by the labelled samples' token F1, and these labels "
+                         "have none (written before the option, or not by the reference labeler): label them "
+                         "again (resume=false, or a run without reuse_stages) or set label_miss_cost to a number")
+    f1 = statistics.fmean(scores)
+    return max(f1 / (2.0 - f1), MIN_MISS_COST)
 
 
 @dataclass
@@ -679,7 +725,10 @@ class _OnlineRefits:
         _write_records(folder / "labels.jsonl", records)
         atomic_write_json(folder / "done.json", {
             "round": k, "labels": _records_stats(records, labeler, skipped), "replayed": len(replay),
-            "examples": examples, "pairs": pairs, "eval": history[-1].get("eval", {}),
+            "examples": examples, "pairs": pairs, "miss_cost": history[-1].get("miss_cost"),
+            "eval": history[-1].get("eval", {}),
+            "mean_f1": (statistics.fmean(r["f1"] for r in records)
+                        if records and all("f1" in r for r in records) else None),
             # The labeler's verdict on the policy's own samples, round by round: whether PPO improved what the
             # labels measure (the offline reward model's view of it can drift from that).
             "mean_label_sum": (statistics.fmean(label_sum(_token_example(r, cfg.label_end), src.tokenizer,
@@ -774,22 +823,24 @@ def _token_example(r: dict, label_end: bool) -> TokenExample:
                         end_label=int(r.get("end_label", 0)))
 
 
-def label_sum(example: TokenExample, tokenizer: object, unit: str) -> int:
-    """The sum of an example's token labels as the reward model's BCE sees them (word units, end label): the
-    additive quantity its summed token reward is fitted to."""
+def label_sum(example: TokenExample, tokenizer: object, unit: str, miss_cost: float = 1.0) -> float:
+    """The sum of an example's token labels as the reward model's BCE sees them (word units, end label), a -1
+    counting ``miss_cost``: the additive quantity its summed token reward is fitted to."""
     from tokencredit.rewards.labels import spans_to_token_labels
 
     _, labels = spans_to_token_labels(example.response, example.spans, tokenizer, add_eos=example.finished,
                                       unit=unit, end_label=example.end_label)
-    return sum(labels)
+    return float(sum(v if v > 0 else miss_cost * v for v in labels))
 
 
-def _pairs_from_labels(records: list[dict], rank: str = "share", score: Callable[[dict], float] | None = None
-                       ) -> list:
+def _pairs_from_labels(records: list[dict], rank: str = "share", score: Callable[[dict], float] | None = None,
+                       min_gap: float = 0.0) -> list:
     """Preference pairs between samples of one prompt, the better one first; equal samples form none.
 
     ``rank="sum"``: finished samples only (a pair's texts are scored with an end token appended), ranked by
-    ``score`` (the demo: :func:`label_sum`), so pairs are ranked by the quantity the summed reward is fitted to.
+    ``score`` (the demo: :func:`label_sum`), so pairs are ranked by the quantity the summed reward is fitted to;
+    with ``min_gap``, only samples whose scores differ by at least that much pair (the demo: 1, a hit's worth, so
+    that two samples with no hit, which token F1 scores alike, are not ranked by their count of cheap misses).
     ``rank="share"``: every sample, ranked by its share of good words (the demo before issue 29).
     """
     from tokencredit.rewards.records import PreferencePair
@@ -815,7 +866,7 @@ def _pairs_from_labels(records: list[dict], rank: str = "share", score: Callable
         for i in range(len(group)):
             for j in range(i + 1, len(group)):
                 (a, qa), (b, qb) = group[i], group[j]
-                if qa == qb or a["response"] == b["response"]:
+                if qa == qb or a["response"] == b["response"] or abs(qa - qb) < min_gap - 1e-9:
                     continue
                 win, lose = (a, b) if qa > qb else (b, a)
                 pairs.append(PreferencePair(win["prompt"], win["response"], lose["response"]))

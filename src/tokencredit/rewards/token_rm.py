@@ -548,16 +548,26 @@ def mean_token_reward(rm: TokenRewardModel, prompts: Sequence[str], response_tok
 
 # ---------------------------------------------------------------------- losses
 def token_bce_loss(
-    rewards: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, balanced: bool = False
+    rewards: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, balanced: bool = False,
+    bad_weight: float | None = None,
 ) -> torch.Tensor:
     """Mean BCE of sigmoid(r_t) against 1 (label +1) / 0 (label -1) over labelled, unmasked tokens.
 
     ``balanced``: the mean over good tokens and the mean over bad tokens count equally (when both occur), so
     a label set that is mostly bad cannot be fit by calling every token bad.
+    ``bad_weight`` (instead of ``balanced``): a bad token's BCE weighs ``bad_weight`` times a good token's. The
+    fitted reward then crosses 0 where the chance of being good is bad_weight / (1 + bad_weight): a unit whose
+    chance is above that earns, below it costs (the price of a miss against a hit).
     """
     weight = mask.float() * (labels != 0).float()
     targets = (labels > 0).to(rewards.dtype)
     per_token = F.binary_cross_entropy_with_logits(rewards, targets, reduction="none")
+    if bad_weight is not None:
+        if balanced:
+            raise ValueError("balanced and bad_weight are two ways to weigh bad tokens: pass one")
+        # A weighted mean over the batch's labelled tokens (not clamped at 1: weights below 1 are the point).
+        weighted = weight * torch.where(labels > 0, 1.0, float(bad_weight))
+        return (per_token * weighted).sum() / weighted.sum().clamp(min=1e-12)
     if balanced:
         good, bad = weight * (labels > 0).float(), weight * (labels < 0).float()
         if good.sum() > 0 and bad.sum() > 0:
@@ -607,6 +617,9 @@ class TokenRMConfig:
     # units instead of whatever the head extrapolates to the rest (0 = off, the old behaviour)
     anchor_weight: float = 0.0
     balance_labels: bool = False  # good and bad tokens weigh equally in the BCE, whatever their counts
+    # A bad token's BCE weight relative to a good one's (instead of balance_labels): the reward crosses 0 where a
+    # unit's chance of being good is bad_weight / (1 + bad_weight); None = balance_labels decides
+    bad_weight: float | None = None
     # How span labels reach tokens: "token" = every token of a labelled word carries its label; "word" = only the
     # word's first token does (the others are unlabelled), so a word split into k tokens is one unit of credit
     label_unit: Literal["token", "word"] = "token"
@@ -636,6 +649,10 @@ class TokenRMConfig:
         weights = (self.bce_weight, self.bt_weight, self.span_bt_weight, self.edit_bt_weight)
         if not self.anchor_weight >= 0:
             raise ValueError(f"anchor_weight must be >= 0 (got {self.anchor_weight})")
+        if self.bad_weight is not None and not (self.bad_weight > 0 and math.isfinite(self.bad_weight)):
+            raise ValueError(f"bad_weight must be > 0 and finite, or None (got {self.bad_weight})")
+        if self.bad_weight is not None and self.balance_labels:
+            raise ValueError("balance_labels and bad_weight are two ways to weigh bad tokens: set one")
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError("bce_weight, bt_weight, span_bt_weight and edit_bt_weight must be >= 0 and not all 0")
 
@@ -739,7 +756,7 @@ def _loss(
         rewards, mask = _rewards_truncated(rm, [r.prompt for r in token_batch], [r.ids for r in token_batch],
                                            config.max_length)
         labels = _pad_labels([r.labels for r in token_batch], rewards.size(1), rm.device)
-        bce = token_bce_loss(rewards, labels, mask, config.balance_labels)
+        bce = token_bce_loss(rewards, labels, mask, config.balance_labels, config.bad_weight)
         loss = loss + config.bce_weight * bce
         if config.anchor_weight > 0:
             anchor = anchor_loss(rewards, labels, mask)
