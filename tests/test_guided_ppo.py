@@ -145,10 +145,22 @@ def test_learner_advantages_bootstrap_from_the_guide_critic_at_the_switch(tmp_pa
     # The learner critic sits AggreVaTeD updates out: its loss has no gradient from these rows.
     t.optimizer.zero_grad(set_to_none=True)
     t.config.entropy_coef = 0.0
+    calls = []
+    hook = t.critic.register_forward_hook(lambda *args: calls.append(1))
     loss, _ = t._loss(batch)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in t.critic.parameters())
     assert any(p.grad is not None and p.grad.any() for p in t.guide_critic.parameters())
+    # ... and its forward pass is not even run (a separate critic costs a whole model pass per mini-batch).
+    assert not t.config.shared_critic and calls == []
+    model, tok = make()
+    plain = PPOTrainer(cfg(tmp_path, "plain"), model, tok, PROMPTS, count_a(tok))
+    plain_batch, _ = plain.make_batch(PROMPTS, plain.rollout(PROMPTS), torch.arange(8))
+    plain_calls = []
+    plain.critic.register_forward_hook(lambda *args: plain_calls.append(1))
+    plain._loss(plain_batch)
+    assert plain_calls
+    hook.remove()
 
 
 def test_schedules_of_lols_and_d2lols_in_the_trainer(tmp_path):

@@ -887,14 +887,23 @@ class PPOTrainer:
         stats["optim/early_stopped"] = early_stopped
         return stats
 
-    def _forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Policy logits (at the sampling temperature), log-probs and critic values [b, T] of the response tokens."""
+    def _forward(
+        self, inputs: tuple[torch.Tensor, ...], with_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Policy logits (at the sampling temperature), log-probs and critic values [b, T] of the response tokens.
+
+        ``with_values=False``: rows the learner critic does not value (AggreVaTeD's, valued by the guide critic);
+        a separate critic's pass is skipped and the values are zeros without gradient.
+        """
         ids, attn, resp = inputs
         T = resp.size(1)
         self.policy.train()
         self.critic.train()
         with self._amp():
-            if self.config.shared_critic:
+            if not with_values and not self.config.shared_critic:
+                logits = response_logits(self.policy, ids, attn, T)
+                values = torch.zeros(resp.shape, device=logits.device, dtype=logits.dtype)
+            elif self.config.shared_critic:
                 with capture_lm_head_input(self.policy) as hidden:
                     logits = response_logits(self.policy, ids, attn, T)
                 # the LM head saw the final hidden states of the T + 1 positions response_logits keeps
@@ -917,7 +926,9 @@ class PPOTrainer:
         """
         cfg = self.config
         if forward is None:
-            forward = self._forward((mb.input_ids(), mb.attention_mask(), mb.response_ids))
+            # AggreVaTeD rows train the guide critic, not the learner's: its pass would only be discarded.
+            forward = self._forward((mb.input_ids(), mb.attention_mask(), mb.response_ids),
+                                    with_values=mb.guide_value_mask is None)
         logits, logprobs, values = forward
         train_mask = mb.train_mask.float()
         weight = self.group.token_weight(train_mask.sum())
