@@ -62,10 +62,16 @@ def check(folder: Path) -> dict:
     prompts, queries, targets = ([r[k] for r in rows] for k in ("prompt", "prediction", "target"))
     rewards = word_rewards(rm, prompts, queries)
     hits, misses = [], []
-    for query, per_word, target in zip(queries, rewards, targets):
+    # Words the query copies from the prompt (the search history) against new ones: on AOL the former are right
+    # far more often, the one signal a reward model can learn there.
+    copied: dict[str, list[tuple[bool, float]]] = {"copied": [], "new": []}
+    for prompt, query, per_word, target in zip(prompts, queries, rewards, targets):
         wanted = set(query_tokens(target))
+        seen = set(query_tokens(prompt.split("Searches so far:", 1)[-1]))  # the history, not the instruction
         for word, score in zip(query.split(), per_word):
             (hits if word.lower() in wanted else misses).append(score)
+            kind = "copied" if set(query_tokens(word)) & seen else "new"
+            copied[kind].append((word.lower() in wanted, score))
     filtered = {}
     for c in THRESHOLDS:
         kept = [" ".join(w for w, s in zip(q.split(), ws) if c is None or s > c) for q, ws in zip(queries, rewards)]
@@ -79,6 +85,9 @@ def check(folder: Path) -> dict:
             "share_in_target": len(hits) / max(1, len(hits) + len(misses)),
             "mean_reward_in_target": statistics.fmean(hits) if hits else None,
             "mean_reward_not_in_target": statistics.fmean(misses) if misses else None,
+            "by_origin": {kind: {"words": len(rows), "share_in_target": statistics.fmean(h for h, _ in rows),
+                                 "mean_reward": statistics.fmean(r for _, r in rows)}
+                          for kind, rows in copied.items() if rows},
             "filtered": filtered}
 
 
@@ -90,12 +99,18 @@ def write_markdown(data: dict) -> None:
              "reward of words in the target vs not. Then token F1 (and words per query) when only words with "
              "reward above c are kept; c = 0 is what maximising summed token rewards pulls towards. "
              f"CPU: {data.get('cpu', '?')}.", "",
-             "| run | words | in target | word AUC | reward in / not | " + " | ".join(f"F1 c={c}" for c in cols)
-             + " |", "|---" * (5 + len(cols)) + "|"]
+             "| run | words | in target | word AUC | reward in / not | copied: share, right, reward | "
+             "new: right, reward | " + " | ".join(f"F1 c={c}" for c in cols) + " |", "|---" * (7 + len(cols)) + "|"]
     for name, r in data["runs"].items():
         f1 = " | ".join(f"{r['filtered'][c]['token_f1']:.3f} ({r['filtered'][c]['words']:.1f})" for c in cols)
+        origin = r.get("by_origin", {})
+        cop, new = origin.get("copied"), origin.get("new")
+        share = cop["words"] / max(1, r["words"]) if cop else 0.0
+        cop_cell = f"{share:.2f}, {cop['share_in_target']:.2f}, {cop['mean_reward']:+.3f}" if cop else "—"
+        new_cell = f"{new['share_in_target']:.2f}, {new['mean_reward']:+.3f}" if new else "—"
         lines.append(f"| {name} | {r['words']} | {r['share_in_target']:.2f} | {r['word_auc']:.2f} | "
-                     f"{r['mean_reward_in_target']:.3f} / {r['mean_reward_not_in_target']:.3f} | {f1} |")
+                     f"{r['mean_reward_in_target']:.3f} / {r['mean_reward_not_in_target']:.3f} | {cop_cell} | "
+                     f"{new_cell} | {f1} |")
     (RESULTS / "tppo_word_filter.md").write_text("\n".join(lines) + "\n")
 
 
@@ -113,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = "/".join(folder.parts[-3:])  # data / seed / arm
         data["runs"][name] = check(folder)
         r = data["runs"][name]
+        for kind, row in r["by_origin"].items():
+            print(f"  {kind} words: {row['words']}, right {row['share_in_target']:.2f}, mean reward "
+                  f"{row['mean_reward']:+.3f}")
         print(f"{name}: word AUC {r['word_auc']:.2f}, in-target {r['mean_reward_in_target']:.3f} vs "
               f"{r['mean_reward_not_in_target']:.3f}; F1 all "
               f"{r['filtered']['all']['token_f1']:.3f}, above 0 {r['filtered']['+0.0']['token_f1']:.3f}", flush=True)
