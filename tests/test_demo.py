@@ -48,9 +48,13 @@ def test_each_stage_left_its_run_folder(fast_run):
         assert rec["finished"] or rec["end_label"] == -1
     info = json.loads((fast_run / "labels" / "done.json").read_text())
     assert info["skipped_no_labels"] == 0 and info["unfinished"] == sum(not r["finished"] for r in labels)
-    # The reference's verdict on each sample prices a miss (label_miss_cost=auto): the F1 break-even F / (2 - F).
-    assert all(0 <= r["f1"] <= 1 for r in labels)
-    mean_f1 = sum(r["f1"] for r in labels) / len(labels)
+    # The reference's verdict on each sample and on the SFT policy's greedy query for its prompt (the same for the
+    # samples of one prompt) prices a miss (label_miss_cost=auto): the F1 break-even F / (2 - F) of the latter.
+    assert all(0 <= r["f1"] <= 1 and 0 <= r["greedy_f1"] <= 1 for r in labels)
+    by_session = {}
+    for r in labels:
+        assert by_session.setdefault(r["session"], r["greedy_f1"]) == r["greedy_f1"]
+    mean_f1 = sum(r["greedy_f1"] for r in labels) / len(labels)
     rm_info = json.loads((fast_run / "reward_model" / "done.json").read_text())
     assert rm_info["miss_cost"] == pytest.approx(max(mean_f1 / (2 - mean_f1), 0.01))
     gens = json.loads((fast_run / "generations_tppo.json").read_text())

@@ -264,14 +264,16 @@ def test_a_miss_weight_puts_the_rewards_zero_where_a_unit_is_right_that_often():
 def test_the_miss_cost_is_the_f1_break_even_of_the_labelled_samples():
     from tokencredit.recipes.tppo import MIN_MISS_COST, miss_cost
 
-    records = [{"f1": 0.1}, {"f1": 0.3}]  # mean 0.2: a word pays when right more than 0.1 of the time
+    # The greedy queries' mean F1 is 0.2: a word pays when right more than 0.1 of the time (the samples' own F1,
+    # lower at temperature 1, does not set it).
+    records = [{"greedy_f1": 0.1, "f1": 0.0}, {"greedy_f1": 0.3, "f1": 0.0}]
     assert miss_cost(DemoConfig(), records) == pytest.approx(0.2 / 1.8)
-    assert miss_cost(DemoConfig(), [{"f1": 0.0}]) == MIN_MISS_COST
+    assert miss_cost(DemoConfig(), [{"greedy_f1": 0.0}]) == MIN_MISS_COST
     assert miss_cost(DemoConfig(label_miss_cost=0.5), records) == 0.5
     assert miss_cost(DemoConfig(label_miss_cost="balanced"), records) is None
     assert miss_cost(DemoConfig(judge="http://127.0.0.1:9/v1"), [{}]) == 1.0  # a judge sees no reference
     with pytest.raises(ValueError, match="label them again"):
-        miss_cost(DemoConfig(), [{"f1": 0.2}, {}])
+        miss_cost(DemoConfig(), [{"greedy_f1": 0.2}, {"f1": 0.2}])
     for bad in (0.0, -1.0, "half"):
         with pytest.raises(ValueError, match="label_miss_cost"):
             DemoConfig(label_miss_cost=bad).validate()

@@ -112,9 +112,10 @@ class DemoConfig:
     pair_rank: Literal["sum", "share"] = "sum"
     # What a miss (a -1 word or end) costs against a hit (+1). The token BCE weighs -1 units by it and pairs are
     # ranked by hits - cost * misses, so a word's reward crosses 0 where its chance of being right is
-    # cost / (1 + cost). "auto": the break-even of token F1 on the labelled samples (adding a word whose chance of
-    # being right is p raises a query's expected F1 only when p > F1 / 2, so cost = F / (2 - F), F their mean
-    # token F1 against the true next query, at least 0.01; a judge, which sees no reference, gets 1.0). At a cost
+    # cost / (1 + cost). "auto": the break-even of token F1 (adding a word whose chance of being right is p raises
+    # a query's expected F1 only when p > F1 / 2, so cost = F / (2 - F)), F the mean token F1 of the labelling
+    # policy's greedy queries on the labelled prompts (what the test measures), at least 0.01; a judge, which sees
+    # no reference, gets 1.0. At a cost
     # of 1 every word whose chance is under one half costs reward: on AOL (samples' F1 ~0.05, words copied from
     # the history right ~30% of the time, others ~0.5%) every word then lost reward and the empty query was
     # the optimum. "balanced": good and bad labels weigh equally in the BCE and a miss costs 1 (as measured
@@ -511,6 +512,15 @@ def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: 
     for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
         idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
         prompts = [train_prompts[i] for i in idx]
+        greedy_f1 = {}
+        if with_f1:
+            # The policy's own greedy query on each prompt, scored like the test scores it: the F1 the miss cost's
+            # break-even is taken at (label_miss_cost=auto).
+            sessions = chosen[start : start + 16]
+            greedy = generate(policy, tokenizer, [train_prompts[i] for i in sessions],
+                              max_new_tokens=cfg.max_new_tokens, greedy=True)
+            greedy_f1 = {i: per_example_metrics(t.strip(), train[i].target_query)["f1"]
+                         for i, t in zip(sessions, greedy.texts)}
         out = generate(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                        generator=generator)
         texts = [t.strip() for t in out.texts]
@@ -522,8 +532,9 @@ def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: 
             record = {"session": i, "prompt": train_prompts[i], "response": text,
                       "spans": [[s.start, s.end, s.label] for s in sp], "finished": bool(finished),
                       "end_label": end_label(text, sp, bool(finished))}
-            if with_f1:  # the reference's verdict on the whole sample: label_miss_cost=auto prices misses by it
+            if with_f1:  # the reference's verdict on the sample and on the policy's greedy query for its prompt
                 record["f1"] = per_example_metrics(text, train[i].target_query)["f1"]
+                record["greedy_f1"] = greedy_f1[i]
             records.append(record)
     return records, skipped
 
@@ -593,11 +604,12 @@ def miss_cost(cfg: DemoConfig, records: list[dict]) -> float | None:
         return float(value)
     if cfg.judge is not None:
         return 1.0
-    scores = [r.get("f1") for r in records]
+    scores = [r.get("greedy_f1") for r in records]
     if not scores or any(f is None for f in scores):
-        raise ValueError("label_miss_cost=auto prices a miss by the labelled samples' token F1, and these labels "
-                         "have none (written before the option, or not by the reference labeler): label them "
-                         "again (resume=false, or a run without reuse_stages) or set label_miss_cost to a number")
+        raise ValueError("label_miss_cost=auto prices a miss by the token F1 of the labelling policy's greedy "
+                         "queries, and these labels have none (written before the option, or not by the reference "
+                         "labeler): label them again (resume=false, or a run without reuse_stages) or set "
+                         "label_miss_cost to a number")
     f1 = statistics.fmean(scores)
     return max(f1 / (2.0 - f1), MIN_MISS_COST)
 
