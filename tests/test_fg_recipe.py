@@ -69,6 +69,50 @@ def test_pipeline_writes_summary_report_and_both_reward_models(fast_run):
         assert len(gens["texts"]) == len(gens["ids"]) == summary["data"]["eval_answers"]
 
 
+def test_rewards_are_normalised_so_one_kl_coefficient_is_one_trade_off(fast_run):
+    import statistics
+
+    from tokencredit.models import load_tokenizer
+    from tokencredit.recipes.fg import _token_scores
+    from tokencredit.rewards.saved import load_saved_reward_model
+
+    spreads = json.loads((fast_run / "reward_spread.json").read_text())
+    assert set(spreads) == {"token_rm", "sequence_rm"} and all(v > 0 for v in spreads.values())
+    for arm, stage in (("fine_grained", "token_rm"), ("sequence", "sequence_rm")):
+        assert json.loads((fast_run / arm / "done.json").read_text())["reward_scale"] == pytest.approx(
+            1 / spreads[stage])
+    # The scaled reward of a response is the RM's score divided by that RM's spread on start-policy samples.
+    tok = load_tokenizer(fast_run / "tiny-model")
+    ids = [tok("the plot was bad", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    rm = load_saved_reward_model(fast_run / "token_rm" / "model")
+    raw = _token_scores(rm, ["review 1"], ids, tok)[0]
+    scaled = _reward_fn(fast_run / "token_rm" / "model", tok, {}, 1 / spreads["token_rm"])(
+        ["review 1"], ["the plot was bad"], ids)[0]
+    assert scaled == pytest.approx([r / spreads["token_rm"] for r in raw], rel=1e-4, abs=1e-6)
+    summary = json.loads((fast_run / "summary.json").read_text())
+    assert summary["reward_spread"] == spreads
+    # Text quality beside the gold score: the start model's perplexity of every policy's answers.
+    for name in POLICIES:
+        m = summary["policies"][name]
+        assert m["start_perplexity"] == pytest.approx(2.718281828 ** m["start_nll"], rel=1e-6)
+        assert m["start_nll"] > 0
+    # Gold win rate of each arm against the start policy, answer by answer, with its interval.
+    for arm in ("fine_grained", "sequence"):
+        w = summary["gold_win_rate_vs_sft"][arm]
+        assert 0 <= w["ci95"][0] <= w["win_rate"] <= w["ci95"][1] <= 1 and w["judged"] == summary["data"][
+            "eval_answers"]
+    assert statistics.fmean([1.0, 0.0]) == 0.5
+
+
+def test_gold_win_rate_counts_ties_half():
+    from tokencredit.recipes.fg import gold_win_rate
+
+    w = gold_win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 5.0, -1.0])
+    assert w["win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4) and (w["wins"], w["ties"], w["losses"]) == (2, 1, 1)
+    with pytest.raises(ValueError, match="base answers"):
+        gold_win_rate([1.0], [1.0, 2.0])
+
+
 def test_both_arms_start_from_the_same_sft_weights_with_the_same_budget(fast_run):
     sft = json.loads((fast_run / "sft" / "done.json").read_text())
     assert sft["trained"] and sft["model"].endswith("merged")
@@ -77,7 +121,7 @@ def test_both_arms_start_from_the_same_sft_weights_with_the_same_budget(fast_run
     assert arms["fine_grained"]["reward_model"] == "token_rm" and arms["sequence"]["reward_model"] == "sequence_rm"
     for key in ("updates", "samples", "seed", "kl_coef"):
         assert arms["fine_grained"][key] == arms["sequence"][key]
-    # The PPO runs' resolved configs differ only in where they write.
+    # The PPO runs' resolved configs differ only in where they write (the reward scale lives in the reward).
     configs = {arm: yaml.safe_load((fast_run / arm / "config.yaml").read_text()) for arm in arms}
     for cfg in configs.values():
         cfg.pop("output_dir")
@@ -142,6 +186,8 @@ def test_judge_win_rate_and_gold_callable(tmp_path, data, monkeypatch):
     (["gold_scorer=no_colon"], "gold_scorer must look like"),
     (["ppo_batch_size=6", "ppo_mini_batch_size=4"], "multiple of ppo_mini_batch_size"),
     (["eval_samples=3"], "greedy evaluation"),
+    (["reward_normalize=mean"], "'reward_normalize' from the command line must be one of"),
+    (["normalize_samples=1"], "normalize_samples must be"),
 ])
 def test_bad_config_gives_a_clear_error(tmp_path, data, capsys, overrides, message):
     edits = [] if any(o.startswith("edits=") for o in overrides) or not overrides else [f"edits={data['edits']}"]

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -101,6 +102,11 @@ class FGConfig:
     ppo_learning_rate: float = 5e-4  # policy (LoRA) learning rate
     critic_learning_rate: float = 5e-5  # value model learning rate
     kl_coef: float = 0.05  # beta: weight of the per-token KL to the start policy, subtracted from the reward
+    # "std": each arm's reward divided by the spread (standard deviation) of its reward model's total reward over
+    # the start policy's samples, so that one kl_coef is one trade-off for both arms (the token RM's sums and the
+    # sequence RM's scores differ about tenfold in scale); "none": as the reward models give them
+    reward_normalize: Literal["none", "std"] = "std"
+    normalize_samples: int = 32  # start-policy samples (train prompts, temperature 1) that measure the spread
     max_new_tokens: int = 24  # response length of PPO samples and of the evaluation
     temperature: float = 1.0  # PPO sampling temperature
     # Value head on the policy's own trunk (one backbone, cheaper on a CPU); False = a separate critic started
@@ -137,6 +143,11 @@ class FGConfig:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.sft_epochs < 0:
             raise ConfigError(f"sft_epochs must be >= 0 (got {self.sft_epochs})")
+        if self.reward_normalize not in ("none", "std"):
+            raise ConfigError(f"reward_normalize must be none or std (got {self.reward_normalize!r})")
+        if self.normalize_samples < 2:
+            raise ConfigError(f"normalize_samples must be >= 2: a spread needs two samples "
+                              f"(got {self.normalize_samples})")
         if self.ppo_batch_size % self.ppo_mini_batch_size:
             raise ConfigError(f"ppo_batch_size ({self.ppo_batch_size}) must be a multiple of ppo_mini_batch_size "
                               f"({self.ppo_mini_batch_size})")
@@ -262,11 +273,12 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     # 4. Fine-grained PPO (token RM at every token) and sequence-level PPO (sequence RM on the last token):
     #    the same start, adapters drawn from the same seed, the same critic start, budget and KL.
     rl_prompts = render(train_prompts)
+    spreads = _reward_spreads(cfg, root, start, tokenizer, train_prompts, render)
     for arm, rm_stage in ARMS.items():
         t0 = time.perf_counter()
         stage = _Stage(root, arm, cfg.resume)
         if not stage.done:
-            reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of)
+            reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, 1.0 / spreads.get(rm_stage, 1.0))
             policy = load_policy(start, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
             critic = None if cfg.shared_critic else _train_top(load_critic(start), top_layers)
             history = PPOTrainer(
@@ -281,7 +293,8 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
             ).train()
             stage.finish({"policy": str(stage.dir / "policy"), "start": start, "reward_model": rm_stage,
                           "updates": cfg.ppo_updates, "samples": cfg.ppo_updates * cfg.ppo_batch_size,
-                          "seed": cfg.seed, "kl_coef": cfg.kl_coef, "final_train_reward":
+                          "seed": cfg.seed, "kl_coef": cfg.kl_coef, "reward_scale": 1.0 / spreads.get(rm_stage, 1.0),
+                          "final_train_reward":
                           history[-1].get("reward/mean") if history else None})
             del policy, critic
             release_free_memory()
@@ -292,11 +305,15 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     t0 = time.perf_counter()
     generations = {name: _generate(cfg, root, name, start, tokenizer, eval_prompts, render)
                    for name in ("sft", *ARMS)}
-    summary: dict = {"policies": {}}
+    summary: dict = {"policies": {}, "reward_spread": spreads}
     for name, gen in generations.items():
         summary["policies"][name] = _policy_metrics(root, gen, tokenizer, gold_fn)
+    _start_perplexity(start, generations, summary["policies"])
     if gold_fn is not None:
         summary["gold_on_heldout_edits"] = _gold_edit_check(gold_fn, test_edits)
+        # Per held-out answer, does the arm's gold score beat the start policy's? (ties half, bootstrap CI)
+        summary["gold_win_rate_vs_sft"] = {arm: gold_win_rate(generations[arm]["gold"], generations["sft"]["gold"],
+                                                              cfg.seed) for arm in ARMS}
     if cfg.judge is not None:
         summary["judge"] = _judge(cfg, root, generations)
     timings["evaluate"] = time.perf_counter() - t0
@@ -405,14 +422,15 @@ def _train_top(model: torch.nn.Module, top_layers: int | None) -> torch.nn.Modul
     return train_top_layers(model, top_layers)
 
 
-def _reward_fn(rm_dir: Path, policy_tokenizer: object, raw_of: dict[str, str]) -> Callable:
-    """A saved RM as a PPO reward: a token RM at every token, a sequence RM's score on the last token."""
+def _reward_fn(rm_dir: Path, policy_tokenizer: object, raw_of: dict[str, str], scale: float = 1.0) -> Callable:
+    """A saved RM as a PPO reward, times ``scale``: a token RM at every token, a sequence RM's score on the last
+    token."""
     from tokencredit.rewards.saved import SavedRewardSettings, reward_from_saved_rm
     from tokencredit.rewards.token_rm import read_reward_info
 
     # A sequence RM reads the answer's text in its own tokens, so any policy tokenizer works.
     placement = "token" if read_reward_info(rm_dir).get("kind") == "token" else "last"
-    return reward_from_saved_rm(rm_dir, policy_tokenizer, SavedRewardSettings(placement=placement),
+    return reward_from_saved_rm(rm_dir, policy_tokenizer, SavedRewardSettings(placement=placement, scale=scale),
                                 raw_prompt=lambda p: raw_of.get(p, p))
 
 
@@ -440,7 +458,7 @@ def _generate(cfg: FGConfig, root: Path, name: str, start: str, tokenizer: objec
                            generator=gen)
             texts.extend(out.texts)
             ids.extend(out.token_ids())
-    result = {"prompts": rows, "texts": texts, "ids": ids}
+    result = {"prompts": rows, "rendered": rendered, "texts": texts, "ids": ids}
     atomic_write_json(path, result)
     del policy
     release_free_memory()
@@ -455,6 +473,7 @@ def _policy_metrics(root: Path, gen: dict, tokenizer: object, gold_fn: GoldScore
     out: dict = {}
     if gold_fn is not None:
         gold = _gold(gold_fn, gen["prompts"], texts)
+        gen["gold"] = gold
         out["gold"] = statistics.fmean(gold)
         out["gold_std"] = statistics.pstdev(gold)
     token_rm = load_saved_reward_model(root / "token_rm" / "model")
@@ -466,6 +485,90 @@ def _policy_metrics(root: Path, gen: dict, tokenizer: object, gold_fn: GoldScore
     out["distinct_1"], out["distinct_2"] = distinct_n(texts, 1), distinct_n(texts, 2)
     out["empty_share"] = sum(not t for t in texts) / len(texts)
     return out
+
+
+def gold_win_rate(arm: Sequence[float], base: Sequence[float], seed: int = 0) -> dict:
+    """Share of paired answers (same prompt, same draw) where the arm's gold score beats the base's, a tie
+    counting half, with a 95% percentile-bootstrap interval over the answers."""
+    from tokencredit.judges.commands import win_rate
+
+    if len(arm) != len(base):
+        raise ValueError(f"{len(arm)} arm answers but {len(base)} base answers")
+    return win_rate(["a" if x > y else "b" if x < y else "tie" for x, y in zip(arm, base)], seed=seed)
+
+
+def _reward_spreads(cfg: FGConfig, root: Path, start: str, tokenizer: object, prompts: list[str],
+                    render: Callable) -> dict[str, float]:
+    """Per reward-model stage, the standard deviation of its total reward over start-policy samples (1.0 each
+    with reward_normalize=none), written to reward_spread.json so a resumed run scales exactly as before."""
+    path = root / "reward_spread.json"
+    if cfg.reward_normalize == "none":
+        return {}
+    if path.exists():
+        return json.loads(path.read_text())
+    from tokencredit.rewards.saved import load_saved_reward_model
+
+    rows = [prompts[i % len(prompts)] for i in range(cfg.normalize_samples)]
+    policy = load_policy(start)
+    policy.eval()
+    texts, ids = [], []
+    gen = torch.Generator().manual_seed(cfg.seed + 4321)
+    with torch.no_grad():
+        for begin in range(0, len(rows), 16):
+            out = generate(policy, tokenizer, render(rows[begin : begin + 16]), max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, generator=gen)
+            texts += [t.strip() for t in out.texts]
+            ids += out.token_ids()
+    del policy
+    spreads = {}
+    for stage in ARMS.values():
+        rm = load_saved_reward_model(root / stage / "model")
+        totals = ([sum(r) for r in _token_scores(rm, rows, ids, tokenizer)] if stage == "token_rm"
+                  else rm.score_sequences(rows, texts))
+        # A reward model that scores every sample alike has no spread to divide by: leave its scale alone.
+        spread = statistics.pstdev(totals)
+        spreads[stage] = spread if spread > 1e-6 else 1.0
+    atomic_write_json(path, spreads)
+    release_free_memory()
+    return spreads
+
+
+def _start_perplexity(start: str, generations: dict, metrics: dict) -> None:
+    """Each policy's answers scored by the start model: mean NLL per answer token and its exp (perplexity), the
+    text-quality reading beside the gold score (degenerate text scores high)."""
+    from tokencredit.generation import encode_prompts, position_ids_from_mask
+
+    model = load_policy(start)
+    model.eval()
+    tok = load_tokenizer(start)
+    for name, gen in generations.items():
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for begin in range(0, len(gen["ids"]), 16):
+                chunk = gen["ids"][begin : begin + 16]
+                # The prompts as the policies saw them (generations cached before "rendered" was kept: raw)
+                prompts = gen.get("rendered", gen["prompts"])[begin : begin + 16]
+                keep = [k for k, i in enumerate(chunk) if i]
+                if not keep:
+                    continue
+                p_ids, p_mask = encode_prompts(tok, [prompts[k] for k in keep], None, "cpu")
+                width = max(len(chunk[k]) for k in keep)
+                resp = torch.full((len(keep), width), tok.pad_token_id, dtype=torch.long)
+                r_mask = torch.zeros(len(keep), width, dtype=torch.long)
+                for row, k in enumerate(keep):
+                    resp[row, : len(chunk[k])] = torch.tensor(chunk[k])
+                    r_mask[row, : len(chunk[k])] = 1
+                ids, attn = torch.cat([p_ids, resp], 1), torch.cat([p_mask, r_mask], 1)
+                logits = model(input_ids=ids, attention_mask=attn,
+                               position_ids=position_ids_from_mask(attn)).logits[:, p_ids.size(1) - 1 : -1]
+                logp = torch.log_softmax(logits.float(), -1).gather(-1, resp[..., None]).squeeze(-1)
+                nll -= float((logp * r_mask).sum())
+                count += int(r_mask.sum())
+        mean = nll / count if count else float("nan")
+        metrics[name]["start_nll"] = mean
+        metrics[name]["start_perplexity"] = float(np.exp(mean)) if count else float("nan")
+    del model
+    release_free_memory()
 
 
 def _token_scores(rm: object, prompts: list[str], ids: list[list[int]], policy_tokenizer: object) -> list:
