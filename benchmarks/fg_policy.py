@@ -214,6 +214,10 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random models and budgets: checks plumbing")
     parser.add_argument("--stages-from", help="an earlier --output: reuse its SFT and reward-model stages (linked) "
                         "so that only PPO and the evaluation run again, e.g. with another kl_coef")
+    parser.add_argument("--kl", type=float, nargs="+", default=None,
+                        help="a gold-vs-KL frontier: run both arms at each kl_coef (rewards normalised by their "
+                             "spread, so one coefficient is one trade-off); the SFT and reward-model stages of a "
+                             "seed are trained once and shared by its kl runs")
     parser.add_argument("overrides", nargs="*", help="FGConfig key=value settings for every seed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -249,15 +253,13 @@ def main() -> int:
     results_path = Path(args.results)
     from tokencredit.config import load_config
 
+    if args.kl:
+        return frontier(args, settings, gold, result, results_path, out, started)
     for seed in args.seeds:
         cfg = load_config(FGConfig, None, [*(f"{k}={v}" for k, v in settings.items()), *args.overrides,
                                            f"seed={seed}", f"output={out / f'seed{seed}'}", "resume=true"])
         if args.stages_from:
-            for stage in ("sft", "token_rm", "sequence_rm"):
-                link = Path(cfg.output) / stage
-                if not link.exists():
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    link.symlink_to((Path(args.stages_from) / f"seed{seed}" / stage).resolve(), True)
+            _link_stages(Path(args.stages_from) / f"seed{seed}", Path(cfg.output))
         t0 = time.time()
         summary = run_fg(cfg, gold_scorer=gold)
         result["per_seed"][str(seed)] = {**{k: summary[k] for k in ("policies", "reward_models",
@@ -272,6 +274,92 @@ def main() -> int:
     write_chart(result, results_path.with_suffix(".svg"))
     print_table(result)
     return 0
+
+
+def _link_stages(source: Path, target: Path) -> None:
+    """Give target another run's SFT and reward-model stages, so that only PPO and evaluation run. Hard links
+    (run folders refuse symbolic ones; these take no space); the done markers name the target's own copies."""
+    import os
+    import shutil
+
+    for stage in ("sft", "token_rm", "sequence_rm"):
+        if (target / stage).exists():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source / stage, target / stage, copy_function=os.link,
+                        ignore=shutil.ignore_patterns("checkpoints"))
+        marker = target / stage / "done.json"
+        info = json.loads(marker.read_text())
+        if isinstance(info.get("model"), str) and info["model"].startswith(str(source)):
+            info["model"] = str(target) + info["model"][len(str(source)):]
+        marker.unlink()  # a new file, not a write through the link into the source's marker
+        marker.write_text(json.dumps(info))
+
+
+def _final_kl(run: Path, arm: str, last: int = 3) -> float | None:
+    """An arm's KL to the start at the end of PPO: the mean of its last updates' kl/mean."""
+    from tokencredit.runs import read_metrics
+
+    rows = [r["kl/mean"] for r in read_metrics(run / arm) if "kl/mean" in r]
+    return statistics.fmean(rows[-last:]) if rows else None
+
+
+def frontier(args: argparse.Namespace, settings: dict, gold: object, result: dict, results_path: Path, out: Path,
+             started: float) -> int:
+    """Both arms at every kl_coef of every seed; per point the gold score, its win rate against SFT, the final
+    KL and text quality; written after every run, charted as gold against KL."""
+    from tokencredit.config import load_config
+
+    result["frontier"] = result.get("frontier", {})
+    for seed in args.seeds:
+        first = out / f"seed{seed}" / f"kl{args.kl[0]}"
+        for kl in args.kl:
+            folder = out / f"seed{seed}" / f"kl{kl}"
+            cfg = load_config(FGConfig, None, [*(f"{k}={v}" for k, v in settings.items()), *args.overrides,
+                                               f"kl_coef={kl}", f"seed={seed}", f"output={folder}", "resume=true"])
+            if folder != first:
+                _link_stages(first, folder)
+            t0 = time.time()
+            summary = run_fg(cfg, gold_scorer=gold)
+            point = {"policies": summary["policies"], "reward_models": summary["reward_models"],
+                     "gold_on_heldout_edits": summary.get("gold_on_heldout_edits"),
+                     "gold_win_rate_vs_sft": summary.get("gold_win_rate_vs_sft"),
+                     "reward_spread": summary.get("reward_spread"),
+                     "final_kl": {arm: _final_kl(folder, arm) for arm in POLICIES[1:]},
+                     "minutes": round((time.time() - t0) / 60, 1)}
+            result["frontier"].setdefault(str(seed), {})[str(kl)] = point
+            result["minutes"] = round((time.time() - started) / 60, 1)
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"seed {seed} kl {kl}: " + json.dumps({arm: {"gold": round(point["policies"][arm]["gold"], 4),
+                                                              "kl": point["final_kl"].get(arm),
+                                                              "distinct_1": round(point["policies"][arm]["distinct_1"],
+                                                                                  3)}
+                                                        for arm in POLICIES}), flush=True)
+    write_frontier_chart(result, results_path.with_suffix(".svg"))
+    return 0
+
+
+def write_frontier_chart(result: dict, path: Path) -> None:
+    """Gold score against final KL, one line per arm through its kl_coef points (mean over seeds)."""
+    from tokencredit.evaluate import svg_scatter_lines
+
+    series = {}
+    for arm in POLICIES[1:]:
+        points = []
+        kls = sorted({float(k) for runs in result["frontier"].values() for k in runs})
+        for kl in kls:
+            runs = [r[str(kl)] for r in result["frontier"].values() if str(kl) in r]
+            xs = [r["final_kl"][arm] for r in runs if r["final_kl"].get(arm) is not None]
+            ys = [r["policies"][arm]["gold"] for r in runs]
+            if xs and ys:
+                points.append((statistics.fmean(xs), statistics.fmean(ys)))
+        series[arm] = points
+    sft = [r["policies"]["sft"]["gold"] for runs in result["frontier"].values() for r in runs.values()]
+    if sft:
+        series["sft (KL 0)"] = [(0.0, statistics.fmean(sft))]
+    path.write_text(svg_scatter_lines(series, "FG frontier: gold P(positive) against KL to the start (mean over "
+                                              "seeds, one point per kl_coef)", "KL to the start", "gold") + "\n")
 
 
 if __name__ == "__main__":

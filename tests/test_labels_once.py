@@ -243,7 +243,7 @@ def test_a_miss_weight_puts_the_rewards_zero_where_a_unit_is_right_that_often():
         r = torch.zeros((), requires_grad=True)
         opt = torch.optim.LBFGS([r], max_iter=50)
 
-        def closure():
+        def closure(opt=opt, r=r, w=w):
             opt.zero_grad()
             loss = token_bce_loss(r.expand(1, 10), labels, mask, bad_weight=w)
             loss.backward()

@@ -13,7 +13,8 @@ from pathlib import Path
 from tokencredit.rewards.labels import token_pieces
 from tokencredit.runs import atomic_write_text
 
-__all__ = ["html_table", "reward_color", "svg_line_chart", "token_heatmap_html", "token_pieces", "write_html_report"]
+__all__ = ["html_table", "reward_color", "svg_line_chart", "svg_scatter_lines", "token_heatmap_html", "token_pieces",
+           "write_html_report"]
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -27,11 +28,32 @@ def svg_line_chart(
     height: int = 260,
 ) -> str:
     """An inline SVG line chart of one or more series (x = 1..n); None/NaN points are left out."""
-    pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 40
     points = {
         name: [(i + 1, float(v)) for i, v in enumerate(vals) if v is not None and math.isfinite(float(v))]
         for name, vals in series.items()
     }
+    return _svg_chart(points, title, xlabel, ylabel, width, height, markers=False)
+
+
+def svg_scatter_lines(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    title: str,
+    xlabel: str = "",
+    ylabel: str = "",
+    width: int = 560,
+    height: int = 260,
+) -> str:
+    """An inline SVG chart of (x, y) points per series, each series' points joined in the order given and marked
+    with dots (a frontier, a trade-off curve); non-finite points are left out."""
+    points = {name: [(float(x), float(y)) for x, y in pts if math.isfinite(float(x)) and math.isfinite(float(y))]
+              for name, pts in series.items()}
+    return _svg_chart(points, title, xlabel, ylabel, width, height, markers=True)
+
+
+def _svg_chart(points: Mapping[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str, width: int,
+               height: int, markers: bool) -> str:
+    """The drawing both chart kinds share."""
+    pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 40
     xs = [x for pts in points.values() for x, _ in pts]
     ys = [y for pts in points.values() for _, y in pts]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -40,7 +62,8 @@ def svg_line_chart(
     if not xs:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
         return "".join(parts)
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    # A line chart's x are update numbers (at least 1 apart); a scatter's x can be any span.
+    x0, x1 = min(xs), max(xs) if markers and max(xs) - min(xs) > 1e-12 else max(max(xs), min(xs) + 1)
     y0, y1 = min(ys), max(ys)
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 1, y1 + 1
@@ -71,6 +94,8 @@ def svg_line_chart(
         if pts:
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
+            if markers:
+                parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in pts)
         lx, ly = pad_l + 8 + cell * (i % per_row), pad_t + 6 + 14 * (i // per_row)
         parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{color}"/>'
                      f'<text x="{lx + 14}" y="{ly + 9}">{html.escape(name)}</text>')
