@@ -187,3 +187,13 @@ def test_the_steps_matched_control_trains_the_seed_share_as_long_as_the_full_ref
     full = [json.loads(line)["step"] for line in (run / "full-labels" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 24 and max(full) == 22
     assert 0 <= summary["seed_steps_matched_accuracy"] <= 1
+
+
+def test_a_small_set_still_keeps_one_validation_pair(setup):
+    from tokencredit.rewards.evolve import EvolveConfig, _load
+
+    pairs = [json.loads(line) for line in (setup / "pairs.jsonl").read_text().splitlines()][:6]
+    (setup / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    train, val, test = _load(EvolveConfig(data=str(setup / "few.jsonl")))
+    # 6 pairs: 1 test, and 10% of the 5 left rounds to 0, so one pair is kept aside anyway.
+    assert (len(train), len(val), len(test)) == (4, 1, 1)

@@ -107,6 +107,9 @@ def _load(cfg: EvolveConfig) -> tuple[list[PreferencePair], list[PreferencePair]
         raise ConfigError("no held-out test pairs: raise eval_fraction or pass eval_data")
     # Its own stream: the validation draw must not move the seed / pool draw of runs with other val_fraction.
     train, val = split_records(train, cfg.val_fraction, cfg.seed + 7919)
+    if cfg.val_fraction > 0 and not val and len(train) >= 3:
+        # A small set rounds its share down to nothing: one validation pair still keeps the choice off the test.
+        train, val = split_records(train, 1 / len(train), cfg.seed + 7919)
     if cfg.val_fraction > 0 and not val:
         raise ConfigError(f"val_fraction={cfg.val_fraction} of {len(train)} training pairs leaves no validation "
                           "pair: raise val_fraction, add data, or val_fraction=0 to choose on the test pairs")
