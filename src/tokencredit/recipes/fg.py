@@ -278,7 +278,8 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
         t0 = time.perf_counter()
         stage = _Stage(root, arm, cfg.resume)
         if not stage.done:
-            reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, 1.0 / spreads.get(rm_stage, 1.0))
+            scale = 1.0 / spreads.get(rm_stage, 1.0)
+            reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, scale)
             policy = load_policy(start, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
             critic = None if cfg.shared_critic else _train_top(load_critic(start), top_layers)
             history = PPOTrainer(
@@ -293,7 +294,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
             ).train()
             stage.finish({"policy": str(stage.dir / "policy"), "start": start, "reward_model": rm_stage,
                           "updates": cfg.ppo_updates, "samples": cfg.ppo_updates * cfg.ppo_batch_size,
-                          "seed": cfg.seed, "kl_coef": cfg.kl_coef, "reward_scale": 1.0 / spreads.get(rm_stage, 1.0),
+                          "seed": cfg.seed, "kl_coef": cfg.kl_coef, "reward_scale": scale,
                           "final_train_reward":
                           history[-1].get("reward/mean") if history else None})
             del policy, critic
@@ -536,7 +537,8 @@ def _reward_spreads(cfg: FGConfig, root: Path, start: str, tokenizer: object, pr
 def _start_perplexity(start: str, generations: dict, metrics: dict) -> None:
     """Each policy's answers scored by the start model: mean NLL per answer token and its exp (perplexity), the
     text-quality reading beside the gold score (degenerate text scores high)."""
-    from tokencredit.generation import encode_prompts, position_ids_from_mask
+    from tokencredit.generation import encode_prompts
+    from tokencredit.rl.rollout import response_logits, token_logprobs
 
     model = load_policy(start)
     model.eval()
@@ -559,9 +561,8 @@ def _start_perplexity(start: str, generations: dict, metrics: dict) -> None:
                     resp[row, : len(chunk[k])] = torch.tensor(chunk[k])
                     r_mask[row, : len(chunk[k])] = 1
                 ids, attn = torch.cat([p_ids, resp], 1), torch.cat([p_mask, r_mask], 1)
-                logits = model(input_ids=ids, attention_mask=attn,
-                               position_ids=position_ids_from_mask(attn)).logits[:, p_ids.size(1) - 1 : -1]
-                logp = torch.log_softmax(logits.float(), -1).gather(-1, resp[..., None]).squeeze(-1)
+                # Only the positions that predict answer tokens, in row chunks: no full-vocabulary copy of the prompt.
+                logp = token_logprobs(response_logits(model, ids, attn, width), resp)
                 nll -= float((logp * r_mask).sum())
                 count += int(r_mask.sum())
         mean = nll / count if count else float("nan")

@@ -156,14 +156,14 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
         judge_stage.finish(judge)
     scorer = judge["model"]
 
-    # 2. The same start, budget and seed for both arms; only the reward model differs.
+    # 3. The same start, budget and seed for both arms; only the reward model differs.
     for arm, rm_folder in models.items():
         stage = _Stage(root, arm, cfg.resume)
         if not stage.done:
             history = _ppo(cfg, arm, root, policy_model, rm_folder, train_prompts)
             stage.finish({"updates": len(history), "reward_model": rm_folder})
 
-    # 3. Greedy answers on held-out prompts, scored by the 100%-label RM.
+    # 4. Greedy answers on the test prompts, scored by the judge.
     results = {name: _evaluate(cfg, policy, policy_model, scorer, test_prompts)
                for name, policy in (("start", policy_model), ("ppo_seed", str(root / "ppo_seed" / "policy")),
                                     ("ppo_ser", str(root / "ppo_ser" / "policy")))}
