@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import re
 import statistics
 import sys
@@ -40,6 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tokencredit.recipes.fg import FGConfig, run_fg
 
@@ -94,6 +96,142 @@ class BagOfWordsSentiment:
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         """The gold score of an answer: P(positive) of the answer alone."""
         return self.proba(responses)
+
+
+class ContextualSentiment:
+    """A MiniLM encoder fine-tuned on IMDB *train* labels: P(positive) of a short text, words read in context.
+
+    It learns from human review labels, not from the lexicon that makes the edits, and it reads whole snippets
+    (so "not bad" or a positive word dropped into a negative sentence is judged as a reader would), unlike the
+    bag-of-words scorer, which sums per-word weights and so rewards exactly what a lexicon-driven edit inserts.
+    Trained on windows of the length of the policy's answers, labelled by their review's label (noisy: a window
+    of a positive review can be negative, which caps its window accuracy below its review accuracy).
+    """
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Linear, tokenizer: object, max_tokens: int) -> None:
+        """A fitted encoder and head (see `fit` and `load`)."""
+        self.model, self.head, self.tokenizer, self.max_tokens = model.eval(), head.eval(), tokenizer, max_tokens
+
+    @staticmethod
+    def windows(reviews: list[dict], words: int, per_review: int, seed: int) -> list[tuple[str, int]]:
+        """(snippet, label): `per_review` random windows of `words` words from each review."""
+        rng = random.Random(seed)
+        out = []
+        for r in reviews:
+            tokens = clean(r["text"]).split()
+            for _ in range(per_review):
+                start = rng.randrange(max(len(tokens) - words, 0) + 1)
+                out.append((" ".join(tokens[start : start + words]), int(r["label"])))
+        return out
+
+    @classmethod
+    def fit(cls, reviews: list[dict], words: int, epochs: int = 2, per_review: int = 2, lr: float = 5e-5,
+            batch: int = 32, seed: int = 0, max_tokens: int = 64) -> ContextualSentiment:
+        """Fine-tune all-MiniLM-L6-v2 (mean-pooled, one linear head) on review windows with BCE."""
+        from transformers import AutoModel, AutoTokenizer
+
+        from tokencredit.models import resolve_model
+
+        torch.manual_seed(seed)
+        folder = resolve_model("all-minilm-l6-v2")
+        tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
+        head = torch.nn.Linear(model.config.hidden_size, 1)
+        rows = cls.windows(reviews, words, per_review, seed)
+        params = [*model.parameters(), *head.parameters()]
+        optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        steps = epochs * ((len(rows) + batch - 1) // batch)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: min(1.0, (i + 1) / (0.1 * steps))
+                                                  * max(0.0, (steps - i) / steps))
+        rng = random.Random(seed)
+        scorer = cls(model, head, tokenizer, max_tokens)
+        model.train()
+        for epoch in range(epochs):
+            rng.shuffle(rows)
+            for i in range(0, len(rows), batch):
+                part = rows[i : i + batch]
+                logits = scorer._logits([t for t, _ in part])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, torch.tensor([float(y) for _, y in part]))
+                optim.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optim.step()
+                sched.step()
+            print(f"contextual gold: epoch {epoch + 1}/{epochs} done (last loss {loss.item():.3f})", flush=True)
+        model.eval()
+        return scorer
+
+    def _logits(self, texts: list[str]) -> torch.Tensor:
+        """Mean-pooled encoder states through the head, one logit per text."""
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        states = self.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
+        return self.head((states * mask).sum(1) / mask.sum(1).clamp(min=1)).squeeze(-1)
+
+    def proba(self, texts: list[str], batch: int = 64) -> list[float]:
+        """P(positive) of each text."""
+        out: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch):
+                out += torch.sigmoid(self._logits([t if t.strip() else "." for t in texts[i : i + batch]])).tolist()
+        return out
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """The gold score of an answer: P(positive) of the answer alone."""
+        return self.proba(responses)
+
+    def save(self, path: Path) -> None:
+        """Weights as safetensors (loading them runs no code)."""
+        from safetensors.torch import save_file
+
+        state = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+        state.update({f"head.{k}": v.contiguous() for k, v in self.head.state_dict().items()})
+        save_file(state, str(path), metadata={"max_tokens": str(self.max_tokens)})
+
+    @classmethod
+    def load(cls, path: Path) -> ContextualSentiment:
+        """A scorer saved by `save`, on the installed MiniLM's config and tokenizer."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from tokencredit.models import resolve_model
+
+        folder = resolve_model("all-minilm-l6-v2")
+        model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+        head = torch.nn.Linear(model.config.hidden_size, 1)
+        state = load_file(str(path))
+        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        with safe_open(str(path), "pt") as f:
+            max_tokens = int(f.metadata()["max_tokens"])
+        return cls(model, head, AutoTokenizer.from_pretrained(folder), max_tokens)
+
+
+def contextual_gold(train: list[dict], test: list[dict], words: int, cache: Path, smoke: bool = False) -> tuple[
+        ContextualSentiment, dict]:
+    """The contextual gold scorer, fitted once and cached in `cache` (its accuracy beside it)."""
+    info_path = cache.with_suffix(".json")
+    if cache.exists() and info_path.exists():
+        return ContextualSentiment.load(cache), json.loads(info_path.read_text())
+    t0 = time.time()
+    reviews = train[:64] if smoke else train
+    gold = ContextualSentiment.fit(reviews, words, epochs=1 if smoke else 2)
+    held = test[:64] if smoke else test
+    snippets = ContextualSentiment.windows(held, words, 1, seed=1)
+    p_snip = gold.proba([t for t, _ in snippets])
+    # a whole review is judged by the mean over its windows (the scorer reads at most max_tokens)
+    review_windows = ContextualSentiment.windows(held, words, 4, seed=2)
+    p_rev = np.array(gold.proba([t for t, _ in review_windows])).reshape(len(held), 4).mean(1)
+    info = {"kind": "all-MiniLM-L6-v2 fine-tuned on windows of imdb/train reviews (their review labels)",
+            "train_reviews": len(reviews), "window_words": words,
+            "window_accuracy": float(np.mean([(p > 0.5) == bool(y) for p, (_, y) in zip(p_snip, snippets)])),
+            "review_accuracy": float(np.mean([(p > 0.5) == bool(r["label"]) for p, r in zip(p_rev, held)])),
+            "fit_minutes": round((time.time() - t0) / 60, 1)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    gold.save(cache)
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    return gold, info
 
 
 # ---------------------------------------------------------------------------------------------- edit maker
@@ -192,7 +330,9 @@ def print_table(result: dict) -> None:
         cells = [f"{agg[name][c]['mean']:.3f} ± {agg[name][c]['std']:.3f}" for c in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
     s = result["summary"]
-    print(f"gold classifier accuracy on IMDB test reviews: {result['gold_classifier']['test_accuracy']:.3f}; "
+    info = result["gold_classifier"]
+    accuracy = info.get("test_accuracy", info.get("review_accuracy"))
+    print(f"gold classifier accuracy on IMDB test reviews: {accuracy:.3f}; "
           f"prefers edited over original on held-out edits: {s['gold_edited_preferred']['mean']:.3f}")
     for rm in ("token_rm", "sequence_rm"):
         acc = s["reward_models"][rm]
@@ -218,6 +358,9 @@ def main() -> int:
                         help="a gold-vs-KL frontier: run both arms at each kl_coef (rewards normalised by their "
                              "spread, so one coefficient is one trade-off); the SFT and reward-model stages of a "
                              "seed are trained once and shared by its kl runs")
+    parser.add_argument("--gold", choices=("contextual", "lexical"), default="contextual",
+                        help="the gold scorer: a MiniLM classifier fine-tuned on IMDB train labels (contextual; the "
+                             "bag-of-words one is then reported beside it) or the bag-of-words one alone (lexical)")
     parser.add_argument("overrides", nargs="*", help="FGConfig key=value settings for every seed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -229,13 +372,23 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     train, test = read_reviews("train"), read_reviews("test")
-    gold = BagOfWordsSentiment(train)
-    test_acc = float(np.mean([(p > 0.5) == bool(r["label"]) for p, r in zip(gold.proba([r["text"] for r in test]),
-                                                                            test)]))
+    lexical = BagOfWordsSentiment(train)
+    test_acc = float(np.mean([(p > 0.5) == bool(r["label"]) for p, r in zip(
+        lexical.proba([r["text"] for r in test]), test)]))
+    lexical_info = {"kind": "bag-of-words logistic regression on imdb/train labels", "train_reviews": len(train),
+                    "test_accuracy": test_acc}
     edits = make_edits(test, args.prompt_words, args.answer_words, negative_words())[: args.edits]
     edits_path = out / "edits.jsonl"
     edits_path.write_text("".join(json.dumps(e) + "\n" for e in edits))
-    print(f"gold classifier: test accuracy {test_acc:.3f}; {len(edits)} edits -> {edits_path}", flush=True)
+    if args.gold == "contextual":
+        gold, gold_info = contextual_gold(train, test, args.answer_words, out / "gold_contextual.safetensors",
+                                          args.smoke)
+        others = {"lexical_gold": lexical}
+        print(f"gold (contextual): window accuracy {gold_info['window_accuracy']:.3f}, review accuracy "
+              f"{gold_info['review_accuracy']:.3f}; lexical gold (reported beside it): {test_acc:.3f}", flush=True)
+    else:
+        gold, gold_info, others = lexical, lexical_info, {}
+    print(f"gold classifier: {gold_info['kind']}; {len(edits)} edits -> {edits_path}", flush=True)
 
     settings = dict(
         edits=str(edits_path), chat_template=False, sft_epochs=1, rm_epochs=2, rm_learning_rate=3e-4,
@@ -247,14 +400,13 @@ def main() -> int:
                         ppo_updates=2, ppo_batch_size=4, ppo_mini_batch_size=2, max_new_tokens=6, top_layers=1,
                         lora_r=4, rm_lora_r=4)
     result: dict = {"args": vars(args), "settings": settings, "edits": len(edits),
-                    "gold_classifier": {"kind": "bag-of-words logistic regression on imdb/train labels",
-                                        "train_reviews": len(train), "test_accuracy": test_acc},
+                    "gold_classifier": gold_info, "other_golds": {"lexical_gold": lexical_info} if others else {},
                     "per_seed": {}}
     results_path = Path(args.results)
     from tokencredit.config import load_config
 
     if args.kl:
-        return frontier(args, settings, gold, result, results_path, out, started)
+        return frontier(args, settings, gold, result, results_path, out, started, others)
     for seed in args.seeds:
         cfg = load_config(FGConfig, None, [*(f"{k}={v}" for k, v in settings.items()), *args.overrides,
                                            f"seed={seed}", f"output={out / f'seed{seed}'}", "resume=true"])
@@ -264,6 +416,7 @@ def main() -> int:
         summary = run_fg(cfg, gold_scorer=gold)
         result["per_seed"][str(seed)] = {**{k: summary[k] for k in ("policies", "reward_models",
                                                                     "gold_on_heldout_edits", "data", "timings_s")},
+                                         "other_golds": other_golds(Path(cfg.output), others, edits_path),
                                          "minutes": round((time.time() - t0) / 60, 1)}
         result["summary"] = summarize(result["per_seed"])
         result["minutes"] = round((time.time() - started) / 60, 1)
@@ -296,6 +449,23 @@ def _link_stages(source: Path, target: Path) -> None:
         marker.write_text(json.dumps(info))
 
 
+def other_golds(run: Path, scorers: dict, edits_path: Path) -> dict:
+    """Scorers besides the run's gold, applied afterwards to each policy's held-out answers
+    (generations_<policy>.json): mean score, win rate against SFT, and the share of all the edits (training and
+    held-out) whose edited answer it prefers."""
+    from tokencredit.recipes.fg import gold_win_rate
+
+    out: dict = {}
+    for name, scorer in scorers.items():
+        scores = {p: scorer.proba(json.loads((run / f"generations_{p}.json").read_text())["texts"]) for p in POLICIES}
+        edits = [json.loads(line) for line in edits_path.read_text().splitlines() if line.strip()]
+        edited, original = scorer.proba([e["edited"] for e in edits]), scorer.proba([e["original"] for e in edits])
+        out[name] = {"policies": {p: statistics.fmean(v) for p, v in scores.items()},
+                     "win_rate_vs_sft": {p: gold_win_rate(scores[p], scores["sft"]) for p in POLICIES[1:]},
+                     "edited_preferred": statistics.fmean(float(a > b) for a, b in zip(edited, original))}
+    return out
+
+
 def _final_kl(run: Path, arm: str, last: int = 3) -> float | None:
     """An arm's KL to the start at the end of PPO: the mean of its last updates' kl/mean."""
     from tokencredit.runs import read_metrics
@@ -305,7 +475,7 @@ def _final_kl(run: Path, arm: str, last: int = 3) -> float | None:
 
 
 def frontier(args: argparse.Namespace, settings: dict, gold: object, result: dict, results_path: Path, out: Path,
-             started: float) -> int:
+             started: float, others: dict | None = None) -> int:
     """Both arms at every kl_coef of every seed; per point the gold score, its win rate against SFT, the final
     KL and text quality; written after every run, charted as gold against KL."""
     from tokencredit.config import load_config
@@ -326,6 +496,7 @@ def frontier(args: argparse.Namespace, settings: dict, gold: object, result: dic
                      "gold_win_rate_vs_sft": summary.get("gold_win_rate_vs_sft"),
                      "reward_spread": summary.get("reward_spread"),
                      "final_kl": {arm: _final_kl(folder, arm) for arm in POLICIES[1:]},
+                     "other_golds": other_golds(folder, others or {}, out / "edits.jsonl"),
                      "minutes": round((time.time() - t0) / 60, 1)}
             result["frontier"].setdefault(str(seed), {})[str(kl)] = point
             result["minutes"] = round((time.time() - started) / 60, 1)

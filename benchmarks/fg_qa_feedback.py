@@ -19,6 +19,10 @@ questions we measure
   appended to the answer so far (sequence RM: S(y<=end of sentence) - S(y<=end of previous sentence));
 - for reference, how well the edit diff itself (the training signal) marks the human error spans.
 
+Upper references (variants ``human_pairs`` and ``human_spans``): the same backbone trained on the very labels each
+test reads, the human preference pairs and the human error spans of the training questions. When they are at
+chance, the design (backbone, length, size) cannot show anything and the edit-trained numbers are not read.
+
     python benchmarks/fg_qa_feedback.py --seeds 0 1 2
 """
 
@@ -38,6 +42,8 @@ import numpy as np
 from tokencredit.rewards.commands import TOKEN_LOSSES
 from tokencredit.rewards.data import EditTriple
 from tokencredit.rewards.edits import edit_examples, edit_spans
+from tokencredit.rewards.labels import SpanLabel
+from tokencredit.rewards.records import TokenExample
 from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
 from tokencredit.rewards.token_rm import PreferencePair, TokenRewardModel, TokenRMConfig, train_token_reward_model
 
@@ -149,6 +155,17 @@ def diff_agreement(rm: TokenRewardModel, edits: list[tuple[EditTriple, list]]) -
             "diff_recall": tp / (tp + fn) if tp + fn else None}
 
 
+def span_examples(items: list[tuple[str, str, list[tuple[int, int]]]]) -> list[TokenExample]:
+    """Token-labelled answers from human error spans: characters inside a span -1, the words outside +1."""
+    out = []
+    for prompt, text, spans in items:
+        labels = [SpanLabel(s, min(e, len(text)), -1) for s, e in spans if s < min(e, len(text))]
+        labels += [SpanLabel(m.start(), m.end(), 1) for m in re.finditer(r"\S+", text)
+                   if not in_spans(m.start(), m.end(), spans)]
+        out.append(TokenExample(prompt, text, sorted(labels, key=lambda x: x.start)))
+    return out
+
+
 def pair_accuracy(rm: TokenRewardModel | SequenceRewardModel, pairs: list[PreferencePair], bs: int) -> float:
     """Share of pairs whose chosen response scores higher (summed token rewards for a token RM)."""
     prompts = [p.prompt for p in pairs]
@@ -177,6 +194,8 @@ def run_seed(args: argparse.Namespace, seed: int, rows: list[dict], human_pairs:
     test_edit_pairs = [PreferencePair(e.prompt, e.edited, e.original) for e in test_edits]
     test_human = [PreferencePair(prompts[p["qid"]], p["chosen"], p["rejected"]) for p in human_pairs
                   if p["qid"] in test_q and p["qid"] in prompts]
+    train_human = [PreferencePair(prompts[p["qid"]], p["chosen"], p["rejected"]) for p in human_pairs
+                   if p["qid"] in prompts and p["qid"] not in test_q]
     spans = {q: [(e["start"], e["end"]) for e in r["feedback"]["errors"]] for q, r in by_q.items()}
     span_items = [(prompts[q], by_q[q]["prediction 1"], spans[q]) for q in sorted(test_q) if spans[q]]
     common = dict(seed=seed, num_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
@@ -192,6 +211,19 @@ def run_seed(args: argparse.Namespace, seed: int, rows: list[dict], human_pairs:
         if variant == "sequence":
             rm = SequenceRewardModel.from_pretrained(args.model)
             train_sequence_reward_model(rm, SeqRMConfig(output_dir=str(out / variant), **common), edit_pairs)
+        elif variant == "human_pairs":
+            # upper reference for human pair accuracy: a sequence RM trained on the training questions' own human
+            # preference pairs (what the edit-trained RMs are asked to generalise to)
+            rm = SequenceRewardModel.from_pretrained(args.model)
+            train_sequence_reward_model(rm, SeqRMConfig(output_dir=str(out / variant), **common), train_human)
+        elif variant == "human_spans":
+            # upper reference for span agreement: a token RM trained by per-token BCE on the human error spans of
+            # the training questions' prediction 1 (error characters -1, the rest +1), the label the AUC reads
+            rm = TokenRewardModel.from_pretrained(args.model)
+            config = TokenRMConfig(output_dir=str(out / variant), balance_labels=True, bce_weight=1.0, bt_weight=0.0,
+                                   **common)
+            train_token_reward_model(rm, config, token_examples=span_examples(
+                [(prompts[q], by_q[q]["prediction 1"], spans[q]) for q in by_q if q not in test_q and spans[q]]))
         else:
             weights = {"bce_weight": 0.0, "bt_weight": 0.0, **TOKEN_LOSSES[variant]}
             rm = TokenRewardModel.from_pretrained(args.model)
@@ -201,7 +233,7 @@ def run_seed(args: argparse.Namespace, seed: int, rows: list[dict], human_pairs:
         train_s = time.perf_counter() - started
         metrics = {"human_pair_accuracy": pair_accuracy(rm, test_human, args.batch_size),
                    "edit_pair_accuracy": pair_accuracy(rm, test_edit_pairs, args.batch_size)}
-        if variant == "sequence":
+        if variant in ("sequence", "human_pairs"):
             metrics.update(sequence_sentence_agreement(rm, span_items, args.batch_size))
         else:
             token_rows = []
@@ -222,7 +254,10 @@ def main() -> int:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["hybrid", "sequence"],
-                        choices=["hybrid", "bce", "span_bt", "sequence"])
+                        choices=["hybrid", "bce", "span_bt", "sequence", "human_pairs", "human_spans"],
+                        help="hybrid / bce / span_bt / sequence learn from the edits; human_pairs (a sequence RM on "
+                             "the human preference pairs) and human_spans (a token RM on the human error spans) are "
+                             "upper references: each learns the very label its test reads")
     parser.add_argument("--model", default="all-minilm-l6-v2")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
