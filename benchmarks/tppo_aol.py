@@ -107,6 +107,7 @@ REUSE_FROM = {"v2_shaped": "v2", "v2_online": "v2", "v2_kl02": "v2", "v2_long": 
 PINNED = ["reward_repeat=keep", "kl_coef=0.05", "label_repeats=keep", "label_unit=token", "label_end=false",
           "pair_rank=share", "rm_anchor_weight=0", "label_clicked=true", "label_miss_cost=balanced"]
 DEFAULT_ARMS = ["base", "norepeat", "kl02", "unfinished", "eos0"]
+BAR_ARMS = ("base", "v2", "v2_target", "v3", "v3_long", "v3_online")  # the arms the bar chart compares
 MIN_MATCHED = 10  # fewer length-matched test sessions than this give no interval
 METRICS = ("token_f1", "token_precision", "token_recall", "bleu", "rouge_l", "mean_words", "mean_length_tokens",
            "rm_reward")
@@ -406,7 +407,7 @@ def markdown(result: dict) -> str:
 
 def report(result: dict, out: Path) -> None:
     """Print the side-by-side tables and write the two charts and a Markdown table."""
-    from tokencredit.evaluate import svg_line_chart
+    from tokencredit.evaluate import svg_bar_chart, svg_line_chart
 
     agg = result.get("aggregate", {})
     print(f"\n{Path(result['data']).name}: the reward model on held-out labelled samples (chance: 0.5)")
@@ -447,6 +448,12 @@ def report(result: dict, out: Path) -> None:
                 series[f"{arm}: {policy}"] = [statistics.fmean(col) for col in zip(*points)]
     stem = out.with_suffix("").name
     (RESULTS / f"{stem}.md").write_text(markdown(result))
+    groups = {arm: {p: [seed[arm]["metrics"][p]["token_f1"] for seed in result["per_seed"].values() if arm in seed]
+                    for p in POLICIES} for arm in BAR_ARMS if arm in agg}
+    if groups:
+        (RESULTS / f"{stem}_bars.svg").write_text(svg_bar_chart(
+            groups, f"{Path(result['data']).name}: test token F1 per arm (bar = mean, dots = seeds)", "token F1")
+            + "\n")
     if series:
         chart = svg_line_chart(series, "test token F1 vs PPO checkpoints (x = 1: SFT; then every curve_every updates)",
                                xlabel="checkpoint", ylabel="token F1", width=720, height=320)

@@ -2,7 +2,7 @@
 
 import re
 
-from tokencredit.evaluate import svg_line_chart, svg_scatter_lines
+from tokencredit.evaluate import svg_bar_chart, svg_line_chart, svg_scatter_lines
 
 
 def coords(svg, tag="circle"):
@@ -24,3 +24,21 @@ def test_a_line_chart_has_no_markers_and_an_empty_one_says_so():
     svg = svg_line_chart({"a": [1.0, 2.0, None, 3.0]}, "curve")
     assert "<circle" not in svg and svg.count("<polyline") == 1
     assert "no data" in svg_scatter_lines({"a": []}, "empty")
+
+
+def bars(svg):
+    return [(float(x), float(y), float(h)) for x, y, h in
+            re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="[\d.]+" height="([\d.]+)" fill="#\w+" fill-opacity', svg)]
+
+
+def test_bars_stand_at_their_mean_with_a_dot_per_seed_and_groups_side_by_side():
+    svg = svg_bar_chart({"aol": {"sft": [0.17, 0.18, 0.16], "tppo": [0.19, 0.2, 0.18]},
+                         "trec": {"sft": [0.47], "tppo": [0.5, float("nan")]}}, "F1 over seeds", "token F1")
+    drawn = bars(svg)
+    assert len(drawn) == 4
+    (x_sft, y_sft, h_sft), (x_tppo, y_tppo, h_tppo), (x_sft2, y_sft2, _), (_, y_tppo2, _) = drawn
+    assert x_sft < x_tppo < x_sft2  # group order, then bar order
+    assert y_tppo < y_sft and h_tppo > h_sft  # the higher mean stands taller
+    assert y_tppo2 < y_sft2 < y_tppo  # 0.5 > 0.47 > 0.19 on one axis
+    assert len(coords(svg)) == 3 + 3 + 1 + 1  # one dot per finite seed value
+    assert "no data" in svg_bar_chart({"a": {"b": []}}, "empty")

@@ -13,8 +13,8 @@ from pathlib import Path
 from tokencredit.rewards.labels import token_pieces
 from tokencredit.runs import atomic_write_text
 
-__all__ = ["html_table", "reward_color", "svg_line_chart", "svg_scatter_lines", "token_heatmap_html", "token_pieces",
-           "write_html_report"]
+__all__ = ["html_table", "reward_color", "svg_bar_chart", "svg_line_chart", "svg_scatter_lines", "token_heatmap_html",
+           "token_pieces", "write_html_report"]
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -48,6 +48,67 @@ def svg_scatter_lines(
     points = {name: [(float(x), float(y)) for x, y in pts if math.isfinite(float(x)) and math.isfinite(float(y))]
               for name, pts in series.items()}
     return _svg_chart(points, title, xlabel, ylabel, width, height, markers=True)
+
+
+def svg_bar_chart(
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    title: str,
+    ylabel: str = "",
+    width: int = 640,
+    height: int = 300,
+) -> str:
+    """Grouped bars (group -> bar -> one value per seed): each bar is the mean, a whisker spans min to max and a
+    dot marks every seed. The axis starts just below the lowest value, so differences of a few hundredths show."""
+    bars = [(g, name, [float(v) for v in vals if math.isfinite(float(v))])
+            for g, row in groups.items() for name, vals in row.items()]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+    values = [v for _, _, vals in bars for v in vals]
+    if not values:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
+        return "".join(parts)
+    pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 56
+    span = max(values) - min(values) or 1.0
+    y0, y1 = min(values) - 0.15 * span, max(values) + 0.1 * span
+    plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
+    names = list(dict.fromkeys(name for _, name, _ in bars))
+
+    def sy(y: float) -> float:
+        return pad_t + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    parts.append(f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
+    for k in range(5):
+        yv = y0 + (y1 - y0) * k / 4
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+    parts.append(f'<text x="12" y="{pad_t + plot_h / 2}" transform="rotate(-90 12 {pad_t + plot_h / 2})" '
+                 f'text-anchor="middle">{html.escape(ylabel)}</text>')
+    group_w = plot_w / max(len(groups), 1)
+    for gi, (group, row) in enumerate(groups.items()):
+        bar_w = group_w * 0.8 / max(len(row), 1)
+        for bi, name in enumerate(row):
+            vals = [v for g, n, v in bars if g == group and n == name][0]
+            if not vals:
+                continue
+            x = pad_l + gi * group_w + group_w * 0.1 + bi * bar_w
+            mean = sum(vals) / len(vals)
+            color = PALETTE[names.index(name) % len(PALETTE)]
+            parts.append(f'<rect x="{x:.1f}" y="{sy(mean):.1f}" width="{bar_w * 0.9:.1f}" '
+                         f'height="{pad_t + plot_h - sy(mean):.1f}" fill="{color}" fill-opacity="0.75">'
+                         f'<title>{html.escape(f"{group} / {name}: {mean:.4g} over {len(vals)}")}</title></rect>')
+            cx = x + bar_w * 0.45
+            parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{sy(min(vals)):.1f}" y2="{sy(max(vals)):.1f}" '
+                         'stroke="black"/>')
+            parts.extend(f'<circle cx="{cx:.1f}" cy="{sy(v):.1f}" r="2.5" fill="black"/>' for v in vals)
+        parts.append(f'<text x="{pad_l + (gi + 0.5) * group_w:.1f}" y="{pad_t + plot_h + 16}" '
+                     f'text-anchor="middle">{html.escape(group)}</text>')
+    for i, name in enumerate(names):
+        lx = pad_l + 8 + 140 * i
+        parts.append(f'<rect x="{lx}" y="{height - 18}" width="10" height="10" '
+                     f'fill="{PALETTE[i % len(PALETTE)]}"/><text x="{lx + 14}" y="{height - 9}">'
+                     f'{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def _svg_chart(points: Mapping[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str, width: int,
