@@ -286,38 +286,13 @@ def summarize(per_seed: dict) -> dict:
 
 
 def write_chart(result: dict, path: Path) -> None:
-    """Bars of mean gold score per policy with a +-std whisker, one dot per seed."""
+    """Bars of mean gold score per policy, a dot per seed; distinct-1 (a degeneration check) beside the name."""
+    from tokencredit.evaluate import svg_bar_chart
+
     agg = result["summary"]["policies"]
-    values = [agg[p]["gold"] for p in POLICIES]
-    # The axis starts just below the lowest seed: the differences are a few hundredths of a probability.
-    low = max(0.0, min(min(v["values"]) for v in values) - 0.03)
-    top = max(max(v["values"]) for v in values) + 0.02
-    width, height, pad = 520, 300, 50
-    bar = (width - 2 * pad) / len(POLICIES)
-
-    def y(v: float) -> float:
-        return height - pad - (height - 2 * pad) * (v - low) / (top - low)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             'font-size="12">', f'<text x="{width / 2}" y="20" text-anchor="middle">IMDB continuation: gold '
-             'P(positive) on held-out prompts (mean over seeds, +-std, dots = seeds)</text>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>']
-    for tick in np.linspace(low, top, 5):
-        parts.append(f'<text x="{pad - 5}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
-    for i, (name, v) in enumerate(zip(POLICIES, values)):
-        x0 = pad + i * bar + bar * 0.2
-        parts.append(f'<rect x="{x0:.1f}" y="{y(v["mean"]):.1f}" width="{bar * 0.6:.1f}" '
-                     f'height="{height - pad - y(v["mean"]):.1f}" fill="{("#999", "#2ca02c", "#1f77b4")[i]}"/>')
-        cx = x0 + bar * 0.3
-        parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(v["mean"] - v["std"]):.1f}" '
-                     f'y2="{y(v["mean"] + v["std"]):.1f}" stroke="black"/>')
-        for s in v["values"]:
-            parts.append(f'<circle cx="{cx + 8:.1f}" cy="{y(s):.1f}" r="2.5" fill="black"/>')
-        parts.append(f'<text x="{cx:.1f}" y="{height - pad + 16}" text-anchor="middle">{name}</text>')
-        d1 = agg[name]["distinct_1"]["mean"]
-        parts.append(f'<text x="{cx:.1f}" y="{height - pad + 32}" text-anchor="middle">distinct-1 {d1:.2f}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
+    bars = {f"{p} (distinct-1 {agg[p]['distinct_1']['mean']:.2f})": agg[p]["gold"]["values"] for p in POLICIES}
+    path.write_text(svg_bar_chart({"IMDB continuation": bars}, "gold P(positive) on held-out prompts (mean over "
+                                  "seeds, dots = seeds)", "gold") + "\n")
 
 
 def print_table(result: dict) -> None:

@@ -102,8 +102,9 @@ def svg_bar_chart(
             parts.extend(f'<circle cx="{cx:.1f}" cy="{sy(v):.1f}" r="2.5" fill="black"/>' for v in vals)
         parts.append(f'<text x="{pad_l + (gi + 0.5) * group_w:.1f}" y="{pad_t + plot_h + 16}" '
                      f'text-anchor="middle">{html.escape(group)}</text>')
+    cell = max(110, int(6.5 * max(len(n) for n in names)) + 24)  # about 6.5 px per character at 11 px
     for i, name in enumerate(names):
-        lx = pad_l + 8 + 140 * i
+        lx = pad_l + 8 + cell * i
         parts.append(f'<rect x="{lx}" y="{height - 18}" width="10" height="10" '
                      f'fill="{PALETTE[i % len(PALETTE)]}"/><text x="{lx + 14}" y="{height - 9}">'
                      f'{html.escape(name)}</text>')
