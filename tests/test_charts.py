@@ -27,8 +27,9 @@ def test_a_line_chart_has_no_markers_and_an_empty_one_says_so():
 
 
 def bars(svg):
-    return [(float(x), float(y), float(h)) for x, y, h in
-            re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="[\d.]+" height="([\d.]+)" fill="#\w+" fill-opacity', svg)]
+    found = re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="[\d.]+" height="([\d.]+)" fill="#\w+" fill-opacity',
+                       svg)
+    return [(float(x), float(y), float(h)) for x, y, h in found]
 
 
 def test_bars_stand_at_their_mean_with_a_dot_per_seed_and_groups_side_by_side():
