@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokencredit.rewards.commands import TOKEN_LOSSES
+from tokencredit.commands.reward import TOKEN_LOSSES
 from tokencredit.rewards.data import EditTriple
 from tokencredit.rewards.edits import edit_examples, edit_spans
 from tokencredit.rewards.labels import SpanLabel

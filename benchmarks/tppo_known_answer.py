@@ -98,7 +98,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tokencredit.evaluate import svg_line_chart  # noqa: E402
-from tokencredit.feedback.labelers import ReferenceLabeler  # noqa: E402
+from tokencredit.feedback.reference_labeler import ReferenceLabeler  # noqa: E402
 from tokencredit.generation import generate  # noqa: E402
 from tokencredit.recipes.tppo import end_label  # noqa: E402
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels  # noqa: E402

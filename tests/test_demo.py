@@ -154,7 +154,7 @@ class WordJudge:
 def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
     import tokencredit.recipes.tppo as demo
     from tokencredit.judges.backends import HFBackend, OpenAIBackend
-    from tokencredit.judges.labelers import JudgeTokenLabeler
+    from tokencredit.judges.judge_labelers import JudgeTokenLabeler
 
     monkeypatch.setattr(demo, "_labeler", lambda cfg, folder: JudgeTokenLabeler(
         WordJudge(folder / "judge_cache.sqlite")))

@@ -156,7 +156,7 @@ def test_resume_skips_finished_stages_and_reruns_a_missing_one(fast_run, data):
 
 
 def test_judge_win_rate_and_gold_callable(tmp_path, data, monkeypatch):
-    from tokencredit.judges import commands
+    from tokencredit.commands import judge as commands
     from tokencredit.judges.backends import ChatResult, JudgeBackend
 
     class AlwaysA(JudgeBackend):

@@ -8,7 +8,7 @@ import tokencredit.rewards.token_rm as token_rm
 from tokencredit.config import config_defaults
 from tokencredit.feedback import ReferenceLabeler
 from tokencredit.judges.backends import ChatResult, JudgeBackend
-from tokencredit.judges.labelers import JudgeTokenLabeler
+from tokencredit.judges.judge_labelers import JudgeTokenLabeler
 from tokencredit.judges.templates import SPANS
 from tokencredit.models import load_tokenizer
 from tokencredit.recipes.tppo import DemoConfig, _pairs_from_labels, _token_example, end_label, label_sum

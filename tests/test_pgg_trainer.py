@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokencredit.rewards.token_rm import TokenRewardModel
-from tokencredit.rl.pgg import (
+from tokencredit.rl.pgg_trainer import (
     PGGConfig,
     PGGTrainer,
     pgg_reinforce_loss,
@@ -187,7 +187,7 @@ def test_sequence_weights_are_the_standardised_scores(tmp_path):
         seen["rewards"], seen["mask"] = rewards.clone(), mask.clone()
         return real(logprobs, rewards, mask, *args)
 
-    import tokencredit.rl.pgg as pgg_module
+    import tokencredit.rl.pgg_trainer as pgg_module
 
     pgg_module.pgg_reinforce_loss, saved = spy, pgg_module.pgg_reinforce_loss
     try:

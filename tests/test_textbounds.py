@@ -168,7 +168,7 @@ def test_helpers_leave_texts_that_may_fit_alone(smol):
 
 
 def test_reward_train_length_check_refuses_a_huge_response_without_tokenizing_it(tmp_path, smol, seen):
-    from tokencredit.rewards.commands import RewardRunConfig, check_lengths
+    from tokencredit.commands.reward import RewardRunConfig, check_lengths
     from tokencredit.rewards.data import RewardDataError
 
     data = tmp_path / "pairs.jsonl"

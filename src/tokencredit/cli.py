@@ -20,7 +20,7 @@ from tokencredit import __version__
 from tokencredit.config import ConfigError, import_object, load_config
 from tokencredit.judges.backends import JudgeError
 from tokencredit.models import LoraSettings, apply_chat
-from tokencredit.records import RecordError
+from tokencredit.record_files import RecordError
 from tokencredit.rl.ppo import PPOConfig
 from tokencredit.rl.sft import SFTRunConfig, run_sft
 from tokencredit.runs import CheckpointError
@@ -98,7 +98,7 @@ def saved_rm_reward(cfg: PPORunConfig, tokenizer: object, raw_of: dict[str, str]
 def run_ppo(cfg: PPORunConfig) -> list[dict]:
     """Load everything the config names and train."""
     from tokencredit.models import load_critic, load_policy, load_tokenizer
-    from tokencredit.records import load_prompts
+    from tokencredit.record_files import load_prompts
     from tokencredit.rl.ppo import PPOTrainer
 
     if cfg.prompts is None:
@@ -143,13 +143,13 @@ CONFIG_CLASSES = {
     "SFTRunConfig": "tokencredit.rl.sft:SFTRunConfig",
     "DemoConfig": "tokencredit.recipes.tppo:DemoConfig",
     "FGConfig": "tokencredit.recipes.fg:FGConfig",
-    "RewardRunConfig": "tokencredit.rewards.commands:RewardRunConfig",
+    "RewardRunConfig": "tokencredit.commands.reward:RewardRunConfig",
     "EvolveConfig": "tokencredit.rewards.evolve:EvolveConfig",
     "RLGFConfig": "tokencredit.recipes.rlgf:RLGFConfig",
     "PGGRecipeConfig": "tokencredit.recipes.pgg:PGGRecipeConfig",
     "SERRecipeConfig": "tokencredit.recipes.ser:SERRecipeConfig",
-    "JudgeRunConfig": "tokencredit.judges.commands:JudgeRunConfig",
-    "EvaluateConfig": "tokencredit.judges.commands:EvaluateConfig",
+    "JudgeRunConfig": "tokencredit.commands.judge:JudgeRunConfig",
+    "EvaluateConfig": "tokencredit.commands.judge:EvaluateConfig",
     "ServeConfig": "tokencredit.serve:ServeConfig",
 }
 
@@ -344,15 +344,15 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_evolve(load_config(EvolveConfig, args.config, args.overrides))
             print(json.dumps({k: v for k, v in summary.items() if k != "loops"}, indent=1))
         elif args.command == "reward":
-            from tokencredit.rewards.commands import RewardRunConfig, run_reward
+            from tokencredit.commands.reward import RewardRunConfig, run_reward
 
             run_reward(args.action, load_config(RewardRunConfig, args.config, args.overrides))
         elif args.command == "judge":
-            from tokencredit.judges.commands import JudgeRunConfig, run_judge
+            from tokencredit.commands.judge import JudgeRunConfig, run_judge
 
             print(json.dumps(run_judge(load_config(JudgeRunConfig, args.config, args.overrides)), indent=1))
         elif args.command == "evaluate":
-            from tokencredit.judges.commands import EvaluateConfig, run_evaluate
+            from tokencredit.commands.judge import EvaluateConfig, run_evaluate
 
             print(json.dumps(run_evaluate(load_config(EvaluateConfig, args.config, args.overrides)), indent=1))
         elif args.command == "serve":

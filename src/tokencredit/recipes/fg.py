@@ -30,14 +30,14 @@ from typing import Literal
 import numpy as np
 import torch
 
+from tokencredit.commands.judge import JudgeSettings
+from tokencredit.commands.reward import TOKEN_LOSSES
 from tokencredit.config import ConfigError, import_object
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
-from tokencredit.judges.commands import JudgeSettings
 from tokencredit.models import LoraSettings, apply_chat, load_critic, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory, validate_mixed_precision
 from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.rewards.commands import TOKEN_LOSSES
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
 from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
@@ -92,7 +92,7 @@ class FGConfig:
     rm_batch_size: int = 8  # examples (and pairs) per RM optimiser step; also the held-out scoring batch
     rm_learning_rate: float = 3e-4  # reward-model learning rate (AdamW)
     rm_lora_r: int | None = 8  # None = full fine-tuning of the RM backbone
-    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.rewards.commands.TOKEN_LOSSES name
+    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.commands.reward.TOKEN_LOSSES name
 
     # --- ppo: both arms use exactly these ---
     ppo_updates: int = 8  # PPO updates per arm (each = one rollout batch + ppo_epochs of optimisation)
@@ -360,7 +360,7 @@ def _token_weights(name: str) -> dict[str, float]:
 
 def _prompt_list(path: str, field: str) -> list[str]:
     """Prompts of a .txt / .jsonl file."""
-    from tokencredit.records import load_prompts
+    from tokencredit.record_files import load_prompts
 
     return load_prompts(path, field)[0]
 
@@ -491,7 +491,7 @@ def _policy_metrics(root: Path, gen: dict, tokenizer: object, gold_fn: GoldScore
 def gold_win_rate(arm: Sequence[float], base: Sequence[float], seed: int = 0) -> dict:
     """Share of paired answers (same prompt, same draw) where the arm's gold score beats the base's, a tie
     counting half, with a 95% percentile-bootstrap interval over the answers."""
-    from tokencredit.judges.commands import win_rate
+    from tokencredit.commands.judge import win_rate
 
     if len(arm) != len(base):
         raise ValueError(f"{len(arm)} arm answers but {len(base)} base answers")
@@ -600,8 +600,8 @@ def _gold_edit_check(gold_fn: GoldScorer, edits: Sequence[EditTriple]) -> dict:
 
 def _judge(cfg: FGConfig, root: Path, generations: dict) -> dict:
     """An LLM judge's win rate of fine-grained over sequence-level answers (both orders; ties count half)."""
-    from tokencredit.judges.commands import make_backend, win_rate
-    from tokencredit.judges.labelers import PairwiseLabeler
+    from tokencredit.commands.judge import make_backend, win_rate
+    from tokencredit.judges.judge_labelers import PairwiseLabeler
     from tokencredit.judges.templates import load_template
 
     settings = cfg.judge

@@ -13,7 +13,7 @@ reference token weighted by the grounded token reward (``pgg``, ROUGE-L ranks th
 uniformly (``mle``: plain MLE); both from the same start with the same steps. Greedy summaries of held-out
 documents are scored with ROUGE-1/2/L.
 
-Each arm is a :class:`~tokencredit.rl.pgg.PGGTrainer` run folder; ``summary.json`` and ``report.html`` (score
+Each arm is a :class:`~tokencredit.rl.pgg_trainer.PGGTrainer` run folder; ``summary.json`` and ``report.html`` (score
 curves, the discovered prompts or example summaries) land in ``output``. ``resume=true`` skips finished arms.
 ``fast=true`` uses toy data and a tiny random model, for tests.
 """
@@ -103,7 +103,7 @@ class PGGRecipeConfig:
         unknown = set(self.arms or []) - set(ARMS[self.task])
         if unknown or (self.arms is not None and not self.arms):
             raise ValueError(f"arms for task={self.task} must be among {list(ARMS[self.task])} (got {self.arms})")
-        from tokencredit.rewards.pgg import AGGREGATORS
+        from tokencredit.rewards.pgg_rm import AGGREGATORS
 
         bad = set(self.aggregators) - set(AGGREGATORS)
         if bad or not self.aggregators:
@@ -197,7 +197,7 @@ def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, 
                references: list[str] | None, folder: Path) -> None:
     """One PGGTrainer run from the start model with the arm's guidance."""
     from tokencredit.rewards.token_rm import TokenRewardModel
-    from tokencredit.rl.pgg import PGGConfig, PGGTrainer
+    from tokencredit.rl.pgg_trainer import PGGConfig, PGGTrainer
 
     top = _clamp_layers(model_name, task_setting(cfg, "top_layers"))  # a model with fewer blocks: all of them
     rank = task_setting(cfg, "lora_r")

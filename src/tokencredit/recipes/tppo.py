@@ -503,7 +503,7 @@ def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: 
                    ) -> tuple[list[dict], int]:
     """Sample ``samples_per_prompt`` queries of ``policy`` for each chosen train session and label their words:
     (records, samples the labeler gave no labels: an unreadable judge answer, no example and no pair)."""
-    from tokencredit.feedback.labelers import ReferenceLabeler
+    from tokencredit.feedback.reference_labeler import ReferenceLabeler
     from tokencredit.tasks.querygen import per_example_metrics, session_context
 
     records = []
@@ -553,7 +553,7 @@ def _read_records(path: Path) -> list[dict]:
 
 def _records_stats(records: list[dict], labeler: object, skipped: int) -> dict:
     """Label counts of a labelling pass, with the judge's unreadable answers when a judge labelled."""
-    from tokencredit.feedback.labelers import ReferenceLabeler, label_stats
+    from tokencredit.feedback.reference_labeler import ReferenceLabeler, label_stats
 
     stats = label_stats([[_span(s) for s in r["spans"]] for r in records])
     if not isinstance(labeler, ReferenceLabeler):
@@ -791,12 +791,12 @@ def _clamp_layers(model_name: str, top_layers: int | None) -> int | None:
 
 def _labeler(cfg: DemoConfig, folder: Path) -> object:
     """The demo's token labeler: the reference heuristic, or an LLM judge answering through a cache in folder."""
-    from tokencredit.feedback.labelers import ReferenceLabeler
+    from tokencredit.feedback.reference_labeler import ReferenceLabeler
 
     if cfg.judge is None:
         return ReferenceLabeler(use_clicked=cfg.label_clicked, repeats=cfg.label_repeats)
     from tokencredit.judges.backends import HFBackend, OpenAIBackend
-    from tokencredit.judges.labelers import JudgeTokenLabeler
+    from tokencredit.judges.judge_labelers import JudgeTokenLabeler
 
     cache = folder / "judge_cache.sqlite"
     if cfg.judge.startswith("hf:"):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from tokencredit.records import RecordError, read_jsonl
+from tokencredit.record_files import RecordError, read_jsonl
 from tokencredit.rewards.labels import SpanLabel
 from tokencredit.rewards.records import (
     EditTriple,

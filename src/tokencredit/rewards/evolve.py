@@ -27,7 +27,7 @@ from typing import Literal
 from tokencredit.config import ConfigError, claim_folder_for, save_config
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.records import PreferencePair
-from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
+from tokencredit.rewards.ser_selection import SelectionRule, SERState, select_pairs
 from tokencredit.runs import RunFolderError, atomic_write_json, atomic_write_text, releases_run_folders
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from tokencredit.precision import (
     tune_cpu_allocator,
     validate_mixed_precision,
 )
-from tokencredit.records import RecordError, read_jsonl
+from tokencredit.record_files import RecordError, read_jsonl
 from tokencredit.rl.rollout import response_logits, token_logprobs
 from tokencredit.runs import (
     CheckpointManager,

@@ -66,7 +66,7 @@ class RewardRunConfig:
     eval_fraction: float = 0.1  # train: share of the data held out for the final eval; 0 = none
     token_loss: str | None = None  # kind=token: a TOKEN_LOSSES name; None = hybrid on edits, bce on spans, else bt
     balance_labels: bool = True  # token RM BCE: good and bad tokens weigh equally
-    aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled; see rewards/pgg.py)
+    aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled; see rewards/pgg_rm.py)
     seed: int = 0  # train: seeds the new weights (head, LoRA), the eval split, data order and dropout
     progress: bool = True  # train: progress bar
     overwrite: bool = False  # train: replace a run already in output_dir (kept aside until the new model is saved)
@@ -137,7 +137,7 @@ _RESPONSE_FIELDS = {"pairs": ("chosen", "rejected"), "edits": ("original", "edit
 
 def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None) -> None:
     """Refuse (or, with long_records=truncate, warn about) responses that max_length would cut, by file:line."""
-    from tokencredit.records import read_jsonl
+    from tokencredit.record_files import read_jsonl
     from tokencredit.rewards.data import RewardDataError
     from tokencredit.textbounds import encode_within
 
@@ -181,7 +181,7 @@ def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None
 @releases_run_folders
 def reward_train(cfg: RewardRunConfig) -> dict:
     """Train the configured reward model; returns its held-out evaluation."""
-    from tokencredit.rewards.pgg import PGGRMConfig, train_pgg_reward_model
+    from tokencredit.rewards.pgg_rm import PGGRMConfig, train_pgg_reward_model
     from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
     from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
 
@@ -223,7 +223,7 @@ def reward_train(cfg: RewardRunConfig) -> dict:
 def reward_eval(cfg: RewardRunConfig) -> dict:
     """Pairwise accuracy (summed token rewards for a token RM); for a token RM on edits also token P/R and
     span accuracy; for a PGG RM also the ranking accuracy of its aggregated scores."""
-    from tokencredit.rewards.pgg import evaluate_pgg_reward_model
+    from tokencredit.rewards.pgg_rm import evaluate_pgg_reward_model
     from tokencredit.rewards.seq_rm import SequenceRewardModel, evaluate_sequence_reward_model
     from tokencredit.rewards.token_rm import TokenRewardModel, evaluate_token_reward_model
 
@@ -250,7 +250,7 @@ def reward_eval(cfg: RewardRunConfig) -> dict:
 def reward_show(cfg: RewardRunConfig) -> Path:
     """Write show.html: each text's tokens coloured by the token RM's reward (hover for values)."""
     from tokencredit.evaluate import html_table, token_heatmap_html, token_pieces, write_html_report
-    from tokencredit.records import read_jsonl
+    from tokencredit.record_files import read_jsonl
     from tokencredit.rewards.token_rm import TokenRewardModel
 
     items = list(cfg.texts)

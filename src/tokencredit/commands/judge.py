@@ -35,9 +35,9 @@ from tokencredit.judges.backends import (
     JudgeError,
     OpenAIBackend,
 )
-from tokencredit.judges.labelers import EditLabeler, LabelStats, PairwiseLabeler, RubricLabeler, SpanLabeler
+from tokencredit.judges.judge_labelers import EditLabeler, LabelStats, PairwiseLabeler, RubricLabeler, SpanLabeler
 from tokencredit.judges.templates import load_template
-from tokencredit.records import RecordError, load_prompts, read_jsonl
+from tokencredit.record_files import RecordError, load_prompts, read_jsonl
 from tokencredit.runs import atomic_write_json, atomic_write_text
 
 

@@ -2,7 +2,7 @@
 
 The loop alternates two things. **Grounding**: sample K responses per prompt from the current LM, rank them
 with a metric (``score_fn``), and (re)fit a bounded token reward r_phi(s_t, a_t) in (0, 1) so that its
-aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tokencredit.rewards.pgg`), on
+aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tokencredit.rewards.pgg_rm`), on
 fresh samples until its pair accuracy on held-out samples stops improving (:meth:`PGGTrainer.ground`).
 **LM training**: a set number of steps with one of two objectives that use r_t as a per-token weight:
 
@@ -50,7 +50,7 @@ from tokencredit.models import (
     save_hf_policy,
 )
 from tokencredit.precision import autocast, freeze_to, make_adamw, resolve_mixed_precision, validate_mixed_precision
-from tokencredit.rewards.pgg import AGGREGATORS, GroundingFitConfig, RankedGroup, fit_grounding, ranking_order
+from tokencredit.rewards.pgg_rm import AGGREGATORS, GroundingFitConfig, RankedGroup, fit_grounding, ranking_order
 from tokencredit.rewards.records import RankedList
 from tokencredit.rewards.token_rm import TokenRewardModel, end_ids, same_tokenizer
 from tokencredit.rl.losses import entropy_from_logits
@@ -465,7 +465,7 @@ class PGGTrainer:
 
         Held-out lists (``rm_eval_prompts`` x K) are drawn first; training lists come ``ground_prompts`` x K at a
         time, each draw used for ``rm_epochs`` passes of ``rm_batch_size`` lists before fresh ones replace it
-        (:func:`~tokencredit.rewards.pgg.fit_grounding`). The fit's checks go to ``grounding/NNN/fit.json``.
+        (:func:`~tokencredit.rewards.pgg_rm.fit_grounding`). The fit's checks go to ``grounding/NNN/fit.json``.
         """
         cfg = self.config
         t0 = time.perf_counter()

@@ -1,0 +1,1 @@
+"""The commands behind `tokencredit <name>`: each a config class and a run function."""
