@@ -10,11 +10,12 @@ from tokenizers import Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
+from tokencredit.commands.sft import SFTRunConfig, load_sft_data
 from tokencredit.generation import encode_prompts
 from tokencredit.models import load_tokenizer
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels
 from tokencredit.rewards.token_rm import TokenRewardModel
-from tokencredit.rl.sft import SFTRunConfig, load_sft_data, tokenize_examples
+from tokencredit.rl.sft import tokenize_examples
 from tokencredit.testing import tiny_scalar_model, tiny_word_tokenizer
 from tokencredit.textbounds import (
     _bound_from_json,

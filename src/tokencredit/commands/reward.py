@@ -287,7 +287,7 @@ def reward_show(cfg: RewardRunConfig) -> Path:
     return path
 
 
-def run_reward(action: str, cfg: RewardRunConfig) -> None:
+def run_reward(cfg: RewardRunConfig, action: str) -> None:
     """Dispatch `tokencredit reward ACTION` and print its result as JSON."""
     if action == "train":
         from tokencredit.distributed import is_main_process
