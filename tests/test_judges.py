@@ -295,7 +295,7 @@ def test_cache_keys_cover_the_whole_request(tmp_path):
 
 # ------------------------------------------------------------------ commands
 def test_win_rate_counts_ties_half_and_brackets_the_estimate():
-    from tokencredit.commands.judge import win_rate
+    from tokencredit.judges.settings import win_rate
 
     r = win_rate(["a", "a", "b", "tie", None, "a"])
     assert r["judged"] == 5 and r["win_rate"] == pytest.approx(3.5 / 5)

@@ -106,7 +106,7 @@ def _ends_with_stop(tokenizer: object, rows: torch.Tensor, lengths: torch.Tensor
     return out
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """Text before the first stop string."""
     cut = len(text)
     for s in stops:
@@ -296,7 +296,7 @@ def generate(
         skip_special_tokens=True,
     )
     if stops:
-        texts = [_cut_at_stop(t, stops) for t in texts]
+        texts = [cut_at_stop(t, stops) for t in texts]
     return GenerationOutput(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

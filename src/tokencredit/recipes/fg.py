@@ -30,15 +30,15 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tokencredit.commands.judge import JudgeSettings
-from tokencredit.commands.reward import TOKEN_LOSSES
 from tokencredit.config import ConfigError, import_object
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
+from tokencredit.judges.settings import JudgeSettings
 from tokencredit.models import LoraSettings, apply_chat, load_critic, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
+from tokencredit.rewards.token_rm import TOKEN_LOSSES
 from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class FGConfig:
     rm_batch_size: int = 8  # examples (and pairs) per RM optimiser step; also the held-out scoring batch
     rm_learning_rate: float = 3e-4  # reward-model learning rate (AdamW)
     rm_lora_r: int | None = 8  # None = full fine-tuning of the RM backbone
-    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.commands.reward.TOKEN_LOSSES name
+    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.rewards.token_rm.TOKEN_LOSSES name
 
     # --- ppo: both arms use exactly these ---
     ppo_updates: int = 8  # PPO updates per arm (each = one rollout batch + ppo_epochs of optimisation)
@@ -219,20 +219,20 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
 
     # 2. The start of both PPO arms: SFT on (prompt, edited), merged into a plain model, or a given policy.
     t0 = time.perf_counter()
-    sft = _Stage(root, "sft", cfg.resume)
+    sft = Stage(root, "sft", cfg.resume)
     if not sft.done:
         start = _start_model(cfg, model_name, sft.dir, train_edits, render, lora, tokenizer, SFTConfig, SFTTrainer)
         sft.finish({"model": start, "trained": cfg.policy is None and cfg.sft_epochs > 0})
         release_free_memory()
     start = sft.info()["model"]
-    top_layers = _clamp_layers(start, cfg.top_layers)
+    top_layers = clamp_layers(start, cfg.top_layers)
     timings["sft"] = time.perf_counter() - t0
 
     # 3. Two RMs on the same pairs, backbone, seed and epochs; scored on the same held-out pairs.
     # Fast mode has one tiny vocabulary, so the tiny start stands in for any other RM backbone.
     rm_backbone = start if cfg.rm_model is None or cfg.fast else cfg.rm_model
     rm_lora = (LoraSettings(r=cfg.rm_lora_r, alpha=2 * cfg.rm_lora_r, dropout=0.0,
-                            top_layers=_clamp_layers(rm_backbone, cfg.top_layers))
+                            top_layers=clamp_layers(rm_backbone, cfg.top_layers))
                if cfg.rm_lora_r else None)
     held_pairs = [PreferencePair(e.prompt, e.chosen or e.edited, e.original) for e in test_edits]
     train_pairs = [PreferencePair(e.prompt, e.chosen or e.edited, e.original) for e in train_edits]
@@ -240,7 +240,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
                   learning_rate=cfg.rm_learning_rate, eval_fraction=0.0, progress=True,
                   mixed_precision=cfg.mixed_precision)
     t0 = time.perf_counter()
-    token_stage = _Stage(root, "token_rm", cfg.resume)
+    token_stage = Stage(root, "token_rm", cfg.resume)
     if not token_stage.done:
         from tokencredit.rewards.edits import edit_examples
         from tokencredit.rewards.token_rm import evaluate_token_reward_model
@@ -259,7 +259,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
         release_free_memory()
     timings["token_rm"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    seq_stage = _Stage(root, "sequence_rm", cfg.resume)
+    seq_stage = Stage(root, "sequence_rm", cfg.resume)
     if not seq_stage.done:
         rm = SequenceRewardModel.from_pretrained(rm_backbone, lora=rm_lora, seed=cfg.seed)
         history = train_sequence_reward_model(rm, SeqRMConfig(output_dir=str(seq_stage.dir), **common),
@@ -276,7 +276,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     spreads = _reward_spreads(cfg, root, start, tokenizer, train_prompts, render)
     for arm, rm_stage in ARMS.items():
         t0 = time.perf_counter()
-        stage = _Stage(root, arm, cfg.resume)
+        stage = Stage(root, arm, cfg.resume)
         if not stage.done:
             scale = 1.0 / spreads.get(rm_stage, 1.0)
             reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, scale)
@@ -319,7 +319,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
         summary["judge"] = _judge(cfg, root, generations)
     timings["evaluate"] = time.perf_counter() - t0
     summary["reward_models"] = {"token_rm": token_stage.info()["heldout"], "sequence_rm": seq_stage.info()["heldout"]}
-    summary["arms"] = {arm: _Stage(root, arm, True).info() for arm in ARMS}
+    summary["arms"] = {arm: Stage(root, arm, True).info() for arm in ARMS}
     summary["data"] = {"edits": len(edits), "train_edits": len(train_edits), "heldout_edits": len(test_edits),
                        "rl_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
                        "eval_answers": len(generations["sft"]["texts"]), "source": cfg.edits}
@@ -491,7 +491,7 @@ def _policy_metrics(root: Path, gen: dict, tokenizer: object, gold_fn: GoldScore
 def gold_win_rate(arm: Sequence[float], base: Sequence[float], seed: int = 0) -> dict:
     """Share of paired answers (same prompt, same draw) where the arm's gold score beats the base's, a tie
     counting half, with a 95% percentile-bootstrap interval over the answers."""
-    from tokencredit.commands.judge import win_rate
+    from tokencredit.judges.settings import win_rate
 
     if len(arm) != len(base):
         raise ValueError(f"{len(arm)} arm answers but {len(base)} base answers")
@@ -600,8 +600,8 @@ def _gold_edit_check(gold_fn: GoldScorer, edits: Sequence[EditTriple]) -> dict:
 
 def _judge(cfg: FGConfig, root: Path, generations: dict) -> dict:
     """An LLM judge's win rate of fine-grained over sequence-level answers (both orders; ties count half)."""
-    from tokencredit.commands.judge import make_backend, win_rate
     from tokencredit.judges.judge_labelers import PairwiseLabeler
+    from tokencredit.judges.settings import make_backend, win_rate
     from tokencredit.judges.templates import load_template
 
     settings = cfg.judge

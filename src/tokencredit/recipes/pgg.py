@@ -32,7 +32,7 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
 from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, 
     from tokencredit.rewards.token_rm import TokenRewardModel
     from tokencredit.rl.pgg_trainer import PGGConfig, PGGTrainer
 
-    top = _clamp_layers(model_name, task_setting(cfg, "top_layers"))  # a model with fewer blocks: all of them
+    top = clamp_layers(model_name, task_setting(cfg, "top_layers"))  # a model with fewer blocks: all of them
     rank = task_setting(cfg, "lora_r")
     policy = load_policy(model_name, lora=LoraSettings(r=rank, alpha=2 * rank, dropout=0.0, top_layers=top),
                          seed=cfg.seed)
@@ -287,7 +287,7 @@ def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> di
     results: dict[str, dict] = dict(zip(("hand-written", "no prompt"), judge([HAND_PROMPTS[dataset], ""])))
     curves = {}
     for arm in arm_names(cfg):
-        stage = _Stage(root, arm, cfg.resume)
+        stage = Stage(root, arm, cfg.resume)
         if not stage.done:
             _train_arm(cfg, arm, model_name, tokenizer, [policy_prompt], score_fn, None, stage.dir)
             policy = _policy_with(model_name, stage.dir / "policy")
@@ -356,7 +356,7 @@ def _summarize(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> 
     results = {"start": evaluate(None)}
     curves = {}
     for arm in arm_names(cfg):
-        stage = _Stage(root, arm, cfg.resume)
+        stage = Stage(root, arm, cfg.resume)
         if not stage.done:
             _train_arm(cfg, arm, model_name, tokenizer, prompts, score_fn, references, stage.dir)
             stage.finish({"metrics": evaluate(stage.dir / "policy")})

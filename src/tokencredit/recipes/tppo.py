@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from tokencredit.config import claim_folder_for, save_config
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
 from tokencredit.models import (
@@ -37,6 +36,7 @@ from tokencredit.models import (
     train_top_layers,
 )
 from tokencredit.precision import release_free_memory, validate_mixed_precision
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
 from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
 
 if TYPE_CHECKING:
@@ -235,66 +235,11 @@ FAST_OVERRIDES = dict(
 )
 
 
-def check_fast_model(fast: bool, model: str, field_name: str = "model") -> None:
-    """Refuse fast=true with a model other than the built-in one: fast mode trains a tiny random model instead."""
-    if fast and model != "smollm2-135m-instruct":
-        raise ValueError(f"fast=true trains a tiny random model and would ignore {field_name}={model!r}; "
-                         "drop one of the two")
-
-
 def _bar(items: object, desc: str, unit: str) -> object:
     """A named progress bar over a long stage's loop."""
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True)
-
-
-def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
-    """Claim a recipe's output folder (see config.claim_folder_for), create it and save the settings; returns
-    the call that drops a replaced run once this one has finished."""
-    from tokencredit.distributed import launched_world_size
-
-    if launched_world_size() > 1:
-        # A recipe writes reports, summaries and stage folders of its own; every rank would write them.
-        raise ValueError("recipes run in one process; under accelerate launch use the ppo, sft and reward train "
-                         "commands (or PPOTrainer / SFTTrainer), see docs/distributed.md")
-    drop = claim_folder_for(cfg, root)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "config.yaml")
-    return drop
-
-
-class _Stage:
-    """A pipeline stage folder with a done marker, so a re-run can skip it."""
-
-    def __init__(self, root: Path, name: str, resume: bool) -> None:
-        """Stage `name` under root."""
-        self.dir = root / name
-        self.resume = resume
-
-    @classmethod
-    def reused(cls, root: Path, name: str, resume: bool, reuse_from: str | None) -> _Stage:
-        """Stage `name` of this run, or the finished one of the run folder `reuse_from` (an error if unfinished)."""
-        if reuse_from is None:
-            return cls(root, name, resume)
-        stage = cls(Path(reuse_from), name, resume=True)
-        if not stage.done:
-            raise ValueError(f"reuse_stages={reuse_from}: its {name} stage is not finished ({stage.dir / 'done.json'} "
-                             "is missing); run that demo to the end first")
-        return stage
-
-    @property
-    def done(self) -> bool:
-        """Finished in an earlier run and resume is on."""
-        return self.resume and (self.dir / "done.json").exists()
-
-    def finish(self, info: dict) -> None:
-        """Mark finished."""
-        atomic_write_json(self.dir / "done.json", info)
-
-    def info(self) -> dict:
-        """What finish() recorded."""
-        return json.loads((self.dir / "done.json").read_text())
 
 
 def _load_data(cfg: DemoConfig) -> tuple[list, list]:
@@ -367,13 +312,13 @@ def _run_demo(cfg: DemoConfig) -> dict:
     train_prompts = [render_prompt(s, tokenizer, template) for s in train]
     test_prompts = [render_prompt(s, tokenizer, template) for s in test]
     lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0)
-    top_layers = _clamp_layers(model_name, cfg.top_layers)
+    top_layers = clamp_layers(model_name, cfg.top_layers)
     log.info("demo: %d train / %d test sessions, model %s, output %s", len(train), len(test), model_name, root)
 
     # 1. SFT on (history -> next query). LoRA is merged afterwards so the SFT model is a plain model: PPO's
     #    fresh adapters then sit on top of it and "adapters off" is exactly the SFT reference.
     t0 = time.perf_counter()
-    sft = _Stage.reused(root, "sft", cfg.resume, cfg.reuse_stages)
+    sft = Stage.reused(root, "sft", cfg.resume, cfg.reuse_stages)
     sft_model = sft.dir / "merged"
     if not sft.done:
         policy = load_policy(model_name, lora=lora, seed=cfg.seed)
@@ -393,7 +338,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     # 2. Sample queries from the SFT policy and label their words (reference-based labeler by default).
     t0 = time.perf_counter()
-    labels_stage = _Stage.reused(root, "labels", cfg.resume, cfg.reuse_stages)
+    labels_stage = Stage.reused(root, "labels", cfg.resume, cfg.reuse_stages)
     labels_path = labels_stage.dir / "token_labels.jsonl"
     if not labels_stage.done:
         labels_stage.dir.mkdir(parents=True, exist_ok=True)
@@ -412,7 +357,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # 3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
     #    summed token rewards of pairs of samples of one prompt ranked by the sum of their token labels.
     t0 = time.perf_counter()
-    rm_stage = _Stage.reused(root, "reward_model", cfg.resume, cfg.reuse_stages)
+    rm_stage = Stage.reused(root, "reward_model", cfg.resume, cfg.reuse_stages)
     rm_dir = rm_stage.dir / "model"
     if not rm_stage.done:
         history, examples, pairs = _fit_token_rm(cfg, sft_model, records, rm_stage.dir, tokenizer, top_layers,
@@ -432,7 +377,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         if name not in cfg.policies:
             continue
         t0 = time.perf_counter()
-        stage = _Stage(root, name, cfg.resume)
+        stage = Stage(root, name, cfg.resume)
         if not stage.done:
             policy = load_policy(sft_model, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
             curve = cfg.curve_every is not None
@@ -484,10 +429,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
                                  "reward_unfinished": cfg.reward_unfinished, "unfinished": controls.unfinished,
                                  "reward_repeat": cfg.reward_repeat, "reward_shaping": cfg.reward_shaping,
                                  "shaping_temperature": controls.shaping_temperature}
-    curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
+    curves = {name: Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
     if cfg.relabel_every is not None:
-        summary["reward_rounds"] = {name: _Stage(root, name, True).info().get("reward_rounds", [])
+        summary["reward_rounds"] = {name: Stage(root, name, True).info().get("reward_rounds", [])
                                     for name in ("tppo", "ppo_sequence") if name in cfg.policies}
     if any(curves.values()):
         summary["learning_curves"] = {"sft": {k: summary["sft"][k] for k in CURVE_METRICS},
@@ -775,18 +720,6 @@ def _shaped_reward_fn(rm: object, kind: str, temperature: float) -> Callable:
         return [sum(row) for row in per_token(prompts, responses, ids)]
 
     return total
-
-
-def _clamp_layers(model_name: str, top_layers: int | None) -> int | None:
-    """top_layers, or None (every block) when the model has no more blocks than that."""
-    from transformers import AutoConfig
-
-    from tokencredit.models import resolve_model
-
-    if top_layers is None:
-        return None
-    n = getattr(AutoConfig.from_pretrained(resolve_model(model_name)), "num_hidden_layers", None)
-    return None if n is not None and n <= top_layers else top_layers
 
 
 def _labeler(cfg: DemoConfig, folder: Path) -> object:

@@ -40,7 +40,7 @@ from tokencredit.rewards.records import (
     RankedList,
     TokenExample,
     UnlabelledPair,
-    _ranked_problem,
+    ranked_problem,
     random_split,
 )
 
@@ -186,7 +186,7 @@ def load_ranked(
         responses = _responses(obj, responses_field, where)
         scores = _number_list(obj, scores_field, where, integers=False)
         ranking = _number_list(obj, ranking_field, where, integers=True)
-        problem = _ranked_problem(len(responses), scores, ranking, responses_field, scores_field, ranking_field)
+        problem = ranked_problem(len(responses), scores, ranking, responses_field, scores_field, ranking_field)
         if problem is not None:
             raise RewardDataError(f"{where}: {problem}")
         if scores is not None and len(set(scores)) == 1:

@@ -600,6 +600,19 @@ def summed_bt_loss(
 
 
 # ---------------------------------------------------------------------- training data and config
+# FG token-RM losses on minimal edits: name -> (bce_weight, bt_weight, span_bt_weight). "bt" is the only
+# token loss for pairs and ranked lists (they have no token labels).
+TOKEN_LOSSES: dict[str, dict[str, float]] = {
+    # span BT + sequence BT on (chosen or edited, original), both from one forward pass: FG's hybrid
+    "hybrid": {"span_bt_weight": 1.0, "edit_bt_weight": 1.0},
+    # -log sigma(sum of written-token rewards - sum of removed-token rewards)
+    "span_bt": {"span_bt_weight": 1.0},
+    "bce": {"bce_weight": 1.0},  # per-token BCE: removed tokens bad, written tokens good
+    "bce_bt": {"bce_weight": 1.0, "bt_weight": 1.0},  # per-token BCE + sequence BT
+    "bt": {"bt_weight": 1.0},  # sequence BT on summed token rewards only
+}
+
+
 @dataclass
 class TokenRMConfig:
     """Every token-RM training knob, documented where declared."""
