@@ -23,12 +23,9 @@ from torch import nn
 
 from tokencredit.distributed import (
     check_world_size,
-    open_run,
     process_group,
     rank_seed,
     rank_state_of,
-    resume_on_ranks,
-    save_checkpoint_on_ranks,
 )
 from tokencredit.fastdecode import StaticKVDecoder
 from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts, eos_ids, generate
@@ -39,7 +36,6 @@ from tokencredit.models import (
     make_reference,
     quiet_saves,
     resolve_device,
-    save_hf_policy,
 )
 from tokencredit.precision import (
     autocast,
@@ -54,16 +50,13 @@ from tokencredit.rl.advantages import compute_gae, masked_mean, masked_sum, mask
 from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_loss
 from tokencredit.rl.losses import entropy_from_logits, policy_loss, value_loss
 from tokencredit.rl.rollout import RolloutBatch, response_logits, response_values, token_logprobs
+from tokencredit.rl.trainer_base import RunSettings, Trainer
 from tokencredit.runs import (
-    CheckpointManager,
     capture_rng_state,
     load_trainer_state,
-    read_metrics,
     reading_checkpoint,
-    releases_run_folders,
     restore_rng_state,
     save_trainer_state,
-    start_fresh,
 )
 from tokencredit.textbounds import tail_within
 
@@ -71,23 +64,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOConfig:
-    """Every PPO hyper-parameter, documented where declared."""
+class PPOConfig(RunSettings):
+    """Every PPO hyper-parameter, documented where declared (the run settings in :class:`RunSettings`)."""
 
     # --- run ---
     output_dir: str = "runs/ppo"  # run folder: config.yaml, metrics.jsonl, checkpoints/, policy/
     seed: int = 0  # seeds sampling, data order, critic head and dropout
-    num_updates: int = 100  # PPO updates (each = one rollout batch + ppo_epochs of optimisation)
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first checkpoint)
-    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     save_every: int = 10  # updates between checkpoints; the last update is always saved
-    keep_checkpoints: int = 2  # complete checkpoints kept on disk
-    device: str = "auto"  # "auto" = cuda when available, else cpu
-    log_tensorboard: bool = True  # scalars to output_dir/tensorboard when tensorboard is installed
-    log_wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str | None = None  # Weights & Biases project for log_wandb; None = wandb's default
     progress: bool = True  # progress bar with reward and KL
+    num_updates: int = 100  # PPO updates (each = one rollout batch + ppo_epochs of optimisation)
 
     # --- rollout ---
     batch_size: int = 16  # prompts (= sampled responses) per update
@@ -184,8 +169,8 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Check ranges and divisibility; raise ValueError naming the field."""
-        positive = ("batch_size", "num_updates", "max_new_tokens", "ppo_epochs", "gradient_accumulation_steps",
-                    "save_every", "keep_checkpoints")
+        self.validate_run()
+        positive = ("batch_size", "num_updates", "max_new_tokens", "ppo_epochs", "gradient_accumulation_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -340,8 +325,12 @@ def capture_lm_head_input(policy: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-class PPOTrainer:
+class PPOTrainer(Trainer):
     """PPO whose reward is a per-token tensor; a per-sequence score is the special case on the last token."""
+
+    name = "ppo"
+    step_unit = "update"
+    record_key = "update"
 
     def __init__(
         self,
@@ -456,10 +445,7 @@ class PPOTrainer:
         # batch, each rank taking its rows' (so they match a single-process run's).
         self.guide_rng = random.Random(config.seed + 2)
         self._guided: tuple[str | None, torch.Tensor] | None = None  # (roll-in, learner mask) of the last rollout
-        self.update_idx = 0
-        self.history: list[dict] = []
-        self.run_dir = Path(config.output_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
+        self._init_run()
         self._perm_cache: dict[int, np.ndarray] = {}
         self._target_ids = self._tokenize_references() if self.reference_responses else None
         self.decoder = StaticKVDecoder(self.policy, cuda_graphs=config.cuda_graphs) if (
@@ -525,8 +511,22 @@ class PPOTrainer:
             out.append(int(self._permutation(epoch)[offset]))
         return out
 
-    # ------------------------------------------------------------------ main loop
-    @releases_run_folders
+    # ------------------------------------------------------------------ the updates (the loop is Trainer.train)
+    @property
+    def total_steps(self) -> int:
+        """PPO updates in the whole run."""
+        return self.config.num_updates
+
+    @property
+    def update_idx(self) -> int:
+        """PPO updates done."""
+        return self.steps_done
+
+    @update_idx.setter
+    def update_idx(self, value: int) -> None:
+        """Set by load_checkpoint."""
+        self.steps_done = value
+
     def train(self, before_update: Callable[[PPOTrainer], None] | None = None) -> list[dict]:
         """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update.
 
@@ -535,39 +535,15 @@ class PPOTrainer:
         (online RLAIF, the demo's ``relabel_every``). It must derive what it does from ``update_idx`` and files
         it wrote, not from calls it saw, so that a resumed run gets the same rewards as an uninterrupted one.
         """
-        cfg = self.config
-        group = self.group
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 writes.
-        self._drop_replaced_run, resumed, logger = open_run(group, self.run_dir, cfg, self._maybe_resume,
-                                                            self._start_fresh, lambda: self.update_idx)
-        self.history = read_metrics(self.run_dir) if resumed else []
-        bar = _progress(cfg.num_updates, self.update_idx, cfg.progress and group.is_main,
-                        f"ppo {self.run_dir.name}")
-        try:
-            with logger:
-                while self.update_idx < cfg.num_updates:
-                    if before_update is not None:
-                        before_update(self)
-                    stats = self.step(self.batch_indices(self.update_idx))
-                    self.update_idx += 1
-                    stats = {"update": self.update_idx, **stats}
-                    if group.is_main:
-                        logger.log(self.update_idx, stats)
-                    self.history.append(stats)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/mean']:.3f}")
-                    if self.update_idx % cfg.save_every == 0 or self.update_idx == cfg.num_updates:
-                        self.save_checkpoint()
-                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
-        finally:
-            if bar is not None:
-                bar.close()
-        if group.is_main:
-            with quiet_saves():
-                self.save_policy(self.run_dir / "policy")
-        group.barrier()  # the run is over for every rank once its policy is on disk
-        return self.history
+        return super().train(before_update)
+
+    def train_step(self) -> dict:
+        """The next PPO update."""
+        return self.step(self.batch_indices(self.update_idx))
+
+    def progress_postfix(self, stats: dict) -> dict[str, str]:
+        """Mean reward and KL."""
+        return {"reward": f"{stats['reward/mean']:.3f}", "kl": f"{stats['kl/mean']:.3f}"}
 
     def step(self, indices: Sequence[int]) -> dict:
         """One PPO update on the prompts at `indices` (the global batch; each rank takes its share)."""
@@ -1020,23 +996,6 @@ class PPOTrainer:
         return -masked_mean(token_logprobs(logits, resp), resp_mask.float()), int(resp_mask.sum())
 
     # ------------------------------------------------------------------ checkpoints
-    def _start_fresh(self) -> None:
-        """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
-        start_fresh(self.run_dir, self.checkpoints)
-
-    def save_policy(self, path: str | Path) -> None:
-        """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
-        save_hf_policy(self.policy, self.tokenizer, path)
-
-    def save_checkpoint(self) -> Path:
-        """Write policy, critic, optimiser, KL controller, RNG and data position, atomically.
-
-        In a multi-process run rank 0 writes the checkpoint (weights and optimiser are the same on every rank)
-        and every other rank adds its own random streams as ``rank<R>_state.pt`` before rank 0 commits.
-        """
-        return save_checkpoint_on_ranks(self.group, self.checkpoints, self.update_idx, self._write_checkpoint,
-                                        self._rank_state)
-
     def _rank_state(self) -> dict:
         """This process's random streams: sampling, mini-batch order, guide draws and the global RNGs."""
         return {
@@ -1070,17 +1029,6 @@ class PPOTrainer:
                 "world_size": self.group.world_size,
             },
         )
-
-    def _maybe_resume(self) -> bool:
-        """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged).
-
-        Rank 0 picks the checkpoint (setting damaged ones aside); the other ranks load the one it picked.
-        """
-        ckpt = resume_on_ranks(self.group, self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
-        if ckpt is None:
-            return False
-        log.info("resumed from %s (update %d)", ckpt, self.update_idx)
-        return True
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore trainer state written by save_checkpoint (weights-only: a checkpoint cannot run code)."""
@@ -1155,12 +1103,3 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[name] = now - self._last
         self._last = now
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str = "ppo") -> object | None:
-    """A tqdm bar named ``desc`` (the run folder's name tells a recipe's stages apart), or None when disabled."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="update", dynamic_ncols=True)
