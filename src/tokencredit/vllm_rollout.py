@@ -24,7 +24,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from tokencredit.generation import GenerationOutput, cut_at_stop, check_sampling_args, encode_prompts
+from tokencredit.generation import GenerationOutput, check_sampling_args, cut_at_stop, encode_prompts
 from tokencredit.models import is_peft
 
 INSTALL_HINT = (

@@ -40,8 +40,8 @@ from tokencredit.rewards.records import (
     RankedList,
     TokenExample,
     UnlabelledPair,
-    ranked_problem,
     random_split,
+    ranked_problem,
 )
 
 if TYPE_CHECKING:
