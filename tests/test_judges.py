@@ -23,8 +23,9 @@ from tokencredit.judges.judge_labelers import (
     parse_spans,
 )
 from tokencredit.judges.templates import load_template
+from tokencredit.model_server import ModelServer, ServeConfig
 from tokencredit.rewards.labels import SpanLabel
-from tokencredit.serve import ModelServer, ServeConfig, make_handler
+from tokencredit.serve import make_handler
 from tokencredit.testing import save_tiny_causal_lm
 
 WORDS = "A B yes no good bad score the answer is 1 2 3".split()

@@ -146,7 +146,7 @@ COMMANDS: dict[str, Command] = {
         "Judged win rate with a 95% bootstrap interval, plus BLEU/ROUGE-L against references.",
         "prompts=p.jsonl a=runs/x/policy", report=lambda s: s),
     "serve": Command(
-        "tokencredit.serve:ServeConfig", "tokencredit.serve:run_serve",
+        "tokencredit.model_server:ServeConfig", "tokencredit.serve:run_serve",
         "serve a local model over an OpenAI-compatible HTTP API",
         "OpenAI-compatible /v1/chat/completions and /v1/completions for a local causal LM.",
         "max_rows=16 max_context=4096 request_timeout_s=60 max_connections=8 max_body_bytes=1048576",
