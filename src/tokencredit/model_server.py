@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from tokencredit.generation import eos_ids, generate
-from tokencredit.rewards.labels import token_pieces
+from tokencredit.token_text import token_pieces
 
 MAX_N = 16
 MAX_TOP_LOGPROBS_CHAT = 20

@@ -52,7 +52,6 @@ from tokencredit.rewards.labels import (
     end_token_id,
     map_rewards_by_chars,
     overlapping,
-    prefix_texts,
     spans_to_token_labels,
     word_spans,
 )
@@ -60,6 +59,7 @@ from tokencredit.rewards.records import PreferencePair, TokenExample, random_spl
 from tokencredit.rewards.tokens import RewardFn
 from tokencredit.runs import atomic_write_json
 from tokencredit.textbounds import head_within
+from tokencredit.token_text import prefix_texts
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class TokenRewardModel:
     ) -> list[list[float]]:
         """Token rewards for another tokenizer's tokens, causal: policy token t's reward reads x and y<=t only.
 
-        The text of y<=t decoded on its own (:func:`~tokencredit.rewards.labels.prefix_texts`) is tokenized by the
+        The text of y<=t decoded on its own (:func:`~tokencredit.token_text.prefix_texts`) is tokenized by the
         RM and scored, and t gets the mean reward of the RM tokens holding characters that t adds
         (:func:`~tokencredit.rewards.labels.map_rewards_by_chars`): neither a merge with characters after t nor
         the number of pieces a word is cut into changes it. A token that adds no character an RM token holds (a
@@ -508,7 +508,7 @@ def _repeated_ids(ids: Sequence[int], ends: frozenset[int]) -> list[bool]:
 
 def repeated_words(ids: Sequence[int], tokenizer: object, ends: frozenset[int] = frozenset()) -> list[bool]:
     """Whether each token adds characters to a word that repeats an earlier word, judged causally on the text of
-    y<=t alone (:func:`~tokencredit.rewards.labels.prefix_texts`): words as the labelers see them
+    y<=t alone (:func:`~tokencredit.token_text.prefix_texts`): words as the labelers see them
     (:func:`~tokencredit.rewards.labels.word_spans`, so punctuation alone is never a word), compared in lower
     case, as they stand in that prefix. So a word split over tokens is marked from the token that makes it equal
     an earlier word: "civil civ" does not repeat "civil" yet, "civil civil" does even if "ian" comes next, and a
