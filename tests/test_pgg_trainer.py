@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from tokencredit.rewards.token_rm import TokenRewardModel
-from tokencredit.rl.pgg_trainer import (
-    PGGConfig,
-    PGGTrainer,
-    pgg_reinforce_loss,
-    rank_by_score,
-    ranked_lists,
-    token_weights_to_go,
-    weighted_mle_loss,
-)
+from tokencredit.rl.losses import pgg_reinforce_loss, token_weights_to_go, weighted_mle_loss
+from tokencredit.rl.pgg_trainer import PGGConfig, PGGTrainer, rank_by_score, ranked_lists
 from tokencredit.runs import read_metrics
 from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer
 

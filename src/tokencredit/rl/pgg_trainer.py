@@ -40,7 +40,6 @@ from torch import nn
 
 from tokencredit.distributed import ProcessGroup
 from tokencredit.generation import generate
-from tokencredit.masked import masked_mean
 from tokencredit.models import (
     ScalarHeadModel,
     is_peft,
@@ -52,7 +51,7 @@ from tokencredit.precision import autocast, freeze_to, make_adamw, resolve_mixed
 from tokencredit.rewards.pgg_rm import AGGREGATORS, GroundingFitConfig, RankedGroup, fit_grounding, ranking_order
 from tokencredit.rewards.records import RankedList
 from tokencredit.rewards.token_rm import TokenRewardModel, end_ids, same_tokenizer
-from tokencredit.rl.losses import entropy_from_logits
+from tokencredit.rl.losses import entropy_from_logits, pgg_reinforce_loss, weighted_mle_loss
 from tokencredit.rl.rollout import response_logits, token_logprobs
 from tokencredit.rl.sft import collate_examples, tokenize_examples
 from tokencredit.rl.trainer_base import RunSettings, Trainer
@@ -70,70 +69,6 @@ log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 OBJECTIVES = ("reinforce", "weighted_mle")
-
-
-# ---------------------------------------------------------------------- objectives
-def token_weights_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reward-to-go [B, T]: sum of the rewards at t and after, over unmasked tokens only."""
-    masked = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
-    return masked.flip(-1).cumsum(-1).flip(-1)
-
-
-def pgg_reinforce_loss(
-    logprobs: torch.Tensor,
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.125,
-    reward_to_go: bool = False,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PGG's REINFORCE: mean_t[w_t * NLL_t] - entropy_coef * mean_t H_t over unmasked tokens, w = r (or its to-go).
-
-    ``logprobs`` [B, T] of the sampled tokens (with gradient), ``rewards`` [B, T] token guidance (no gradient is
-    taken through it), ``mask`` [B, T] 1 on response tokens, ``entropy`` [B, T] of the policy at each position
-    (None: no bonus). Means are over all unmasked tokens of the batch.
-    """
-    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same [B, T] shape")
-    if entropy_coef < 0:
-        raise ValueError(f"entropy_coef must be >= 0 (got {entropy_coef})")
-    weights = (token_weights_to_go(rewards, mask) if reward_to_go else rewards).detach().to(logprobs.dtype)
-    mask = mask.to(logprobs.dtype)
-    pg = masked_mean(-logprobs * weights, mask)
-    loss = pg
-    stats = {"loss/pg": float(pg.detach())}
-    if entropy is not None:
-        ent = masked_mean(entropy, mask)
-        loss = loss - entropy_coef * ent
-        stats["entropy/mean"] = float(ent.detach())
-    stats["loss/total"] = float(loss.detach())
-    return loss, stats
-
-
-def weighted_mle_loss(
-    logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reward-weighted MLE: mean over rows of sum_t w_t * NLL_t, w_t = r_t / sum_t' r_t' per row (no gradient).
-
-    ``rewards`` must be positive on unmasked tokens (PGG's bounded reward is in (0, 1)); a row without tokens
-    contributes nothing and is left out of the mean.
-    """
-    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same [B, T] shape")
-    on = mask.bool()
-    r = torch.where(on, rewards.detach(), torch.zeros_like(rewards)).to(logprobs.dtype)
-    if (r < 0).any():
-        raise ValueError("weighted MLE needs non-negative token rewards (a bounded PGG reward is in (0, 1))")
-    totals = r.sum(-1, keepdim=True)
-    rows = on.any(-1)
-    weights = r / totals.clamp(min=torch.finfo(r.dtype).tiny)
-    per_row = (-logprobs * weights).where(on, torch.zeros_like(logprobs)).sum(-1)
-    loss = per_row[rows].mean() if rows.any() else per_row.sum() * 0.0
-    plain = masked_mean(-logprobs.detach(), mask.to(logprobs.dtype))
-    return loss, {"loss/total": float(loss.detach()), "loss/weighted_nll": float(loss.detach()),
-                  "loss/plain_nll": float(plain)}
 
 
 # ---------------------------------------------------------------------- preferences from a metric

@@ -45,10 +45,11 @@ from tokencredit.precision import (
     tune_cpu_allocator,
     validate_mixed_precision,
 )
-from tokencredit.rewards.tokens import RewardFn, all_finite, rewards_to_tensor
+from tokencredit.rewards.tokens import RewardFn, rewards_to_tensor
 from tokencredit.rl.advantages import compute_gae, masked_mean, masked_sum, masked_whiten
 from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_loss
 from tokencredit.rl.losses import entropy_from_logits, policy_loss, value_loss
+from tokencredit.rl.reward_shaping import charge_missing_eos, reward_stats, reward_sums, token_rewards
 from tokencredit.rl.rollout import RolloutBatch, response_logits, response_values, token_logprobs
 from tokencredit.rl.trainer_base import RunSettings, Trainer
 from tokencredit.runs import (
@@ -641,113 +642,32 @@ class PPOTrainer(Trainer):
         self._first_forward = None
         clock = _PhaseClock()
         mask = gen.response_mask.float()
-        lengths = gen.response_mask.sum(-1).tolist()
-        outputs = self.reward_fn(prompts, gen.texts, gen.token_ids())
-        scores = rewards_to_tensor(outputs, lengths, gen.response_ids.size(1)).to(self.device)
-        if cfg.missing_eos_penalty is not None:
-            last = (gen.response_mask.sum(-1) - 1).clamp(min=0)
-            rows = torch.nonzero(~gen.finished).squeeze(-1)
-            scores[rows, last[rows]] -= cfg.missing_eos_penalty
-        seq_scores = (scores * mask).sum(-1)
-        group = self.group
-        n_rows = len(prompts) * group.world_size  # the global batch
-        finite = all_finite(scores)
-        # Batch statistics are over the global batch: sums from every rank (identity in a single process).
-        total, total_sq, tokens, finished, nonfinite = group.sum(torch.stack([
-            torch.where(torch.isfinite(seq_scores), seq_scores, 0.0).sum(), seq_scores.pow(2).nan_to_num().sum(),
-            mask.sum(), gen.finished.float().sum(), torch.tensor(float(not finite), device=mask.device),
-        ]).double()).tolist()
-        reward_mean = total / n_rows
-        stats: dict = {
-            "reward/mean": reward_mean,
-            "reward/std": math.sqrt(max(total_sq - n_rows * reward_mean**2, 0.0) / (n_rows - 1)) if n_rows > 1 else 0.0,
-            "response_length/mean": tokens / n_rows,
-            "response/finished_frac": finished / n_rows,
-            "kl/coef": self.kl_ctl.value,
-        }
+        scores, stats, sums = self._score(prompts, gen, mask)
         clock.lap("time/reward")
-        if nonfinite:
-            # Every rank skips together (one rank stepping alone would leave the others waiting for it).
+        if sums[4]:  # a non-finite score somewhere: every rank skips together
             bad = torch.nonzero(~torch.isfinite(scores).all(-1)).squeeze(-1).tolist()
             where = f"rows {bad}" if bad else "another process's rows"
             stats.update({"skipped": f"non-finite reward in {where}", "kl/mean": float("nan"),
                           "reward/mean": float("nan")})
             return None, stats
-
+        n_rows, tokens = len(prompts) * self.group.world_size, sums[2]
         ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
         attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
-        T = gen.response_ids.size(1)
-        # AggreVaTeD rows are valued by the guide critic alone (see below): the learner critic's pass is skipped
-        # where the values come from their own pass, and only the fused first epoch computes them anyway.
-        guide_valued = self._guided is not None and self.guide_critic is not None and self._guided[0] == "learner"
-        values_from_guide = False
-        ref_model, ref_ctx = self._reference()
-        with ref_ctx, self._amp():
-            ref_t = torch.cat([self._logprobs(ref_model, ids[rows], attn[rows], gen.response_ids[rows])
-                               for rows in self._row_chunks(len(prompts))]) * mask
+        ref_t = self._reference_logprobs(ids, attn, gen.response_ids, mask)
         clock.lap("time/reference")
-        if cfg.fuses_first_epoch():
-            # The first optimiser step sees exactly this policy and critic on exactly these rows: run its forward
-            # pass now, with gradients, and read the old log-probs and values off it.
-            with torch.enable_grad():
-                first_forward = self._forward((ids, attn, gen.response_ids))
-            logprobs_t = first_forward[1].detach() * mask
-            values_t = first_forward[2].detach() * mask
-            clock.lap("time/first_forward")
-        elif cfg.shared_critic:
-            # The values come off the policy's trunk, so one policy pass gives old log-probs and values together.
-            passes = [self._forward((ids[rows], attn[rows], gen.response_ids[rows]))[1:]
-                      for rows in self._row_chunks(len(prompts))]
-            logprobs_t = (gen.logprobs.to(self.device) if cfg.reuse_sampling_logprobs
-                          else torch.cat([lp for lp, _ in passes])) * mask
-            values_t = torch.cat([v for _, v in passes]) * mask
-            clock.lap("time/values")
-        else:
-            with self._amp():
-                if cfg.reuse_sampling_logprobs:
-                    logprobs_t = gen.logprobs.to(self.device)
-                else:
-                    logprobs_t = torch.cat([self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows])
-                                            for rows in self._row_chunks(len(prompts))])
-                logprobs_t = logprobs_t * mask
-                clock.lap("time/logprobs")
-                critic = self.guide_critic if guide_valued else self.critic
-                values_t = torch.cat([response_values(critic, ids[rows], attn[rows], T)
-                                      for rows in self._row_chunks(len(prompts))]) * mask
-                values_from_guide = guide_valued
-            clock.lap("time/values")
-
-        # Guided rows: only the learner's tokens are its actions (train mask); guide tokens are context, kept out
-        # of the KL unless guide_kl. When the guide rolls out (AggreVaTeD), every position is valued by the guide
-        # critic, so a learner token's advantage is the guide's: how much better the guide expects to finish
-        # after it (AggreVaTeD's cost-to-go of the expert; TRIL values these rows with its guide critic alone).
-        # The learner critic sits such updates out: its values are those of the learner's own roll-outs, and
-        # states judged by the guide's finish would make it optimistic when PPO++ updates follow (D2LOLS).
-        train_mask, kl_mask, guide_value_mask = mask, mask, None
-        if self._guided is not None:
-            rollin, learner_tokens = self._guided
-            self._guided = None
-            train_mask = learner_tokens.float() * mask
-            kl_mask = mask if cfg.guide_kl else train_mask
-            if guide_valued:
-                if not values_from_guide:
-                    with torch.no_grad(), self._amp():
-                        values_t = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
-                                              for rows in self._row_chunks(len(prompts))]) * mask
-                guide_value_mask = (mask - train_mask).long()
-            learner_tokens_all = float(group.sum(train_mask.sum().double().reshape(1))[0])
-            stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
-                          "guide/learner_token_frac": learner_tokens_all / max(tokens, 1.0)})
+        logprobs_t, values_t, first_forward, values_from_guide = self._old_logprobs_and_values(ids, attn, gen, mask,
+                                                                                               clock)
+        train_mask, kl_mask, guide_value_mask, values_t = self._guided_masks(ids, attn, mask, values_t,
+                                                                             values_from_guide, tokens, stats)
         kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator or "k1") * kl_mask
-        rewards = scores - self.kl_ctl.value * kl_tokens if cfg.kl_in_reward else scores.clone()
-        reduce = group.sum if group.distributed else None
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
+        reduce = self.group.sum if self.group.distributed else None
+        rewards = token_rewards(scores, kl_tokens, mask, self.kl_ctl.value, cfg.kl_in_reward, cfg.whiten_rewards,
+                                reduce)
         advantages, returns = compute_gae(rewards, values_t, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, train_mask, reduce=reduce)
         kl_seq = ((logprobs_t - ref_t) * kl_mask).sum(-1)  # k1 summed per sequence, the number people compare
-        kl_sum, penalty_sum, reward_sum, value_sum, return_sum = group.sum(torch.stack([
+        kl_sum, penalty_sum, reward_sum, value_sum, return_sum = self.group.sum(torch.stack([
             kl_seq.sum(), (self.kl_ctl.value * kl_tokens).sum(), (rewards * mask).sum(), masked_sum(values_t, mask),
             masked_sum(returns, mask)]).double()).tolist()
         stats.update({
@@ -768,6 +688,100 @@ class PPOTrainer(Trainer):
         if cfg.fuses_first_epoch():
             self._first_forward = (batch, first_forward)
         return batch, stats
+
+    def _score(self, prompts: list[str], gen: GenerationOutput, mask: torch.Tensor) -> tuple[
+            torch.Tensor, dict, list[float]]:
+        """The reward function's token scores (with the missing-end charge), the batch's reward statistics and
+        their sums over every process (the last says whether any score was not finite)."""
+        cfg = self.config
+        lengths = gen.response_mask.sum(-1).tolist()
+        outputs = self.reward_fn(prompts, gen.texts, gen.token_ids())
+        scores = rewards_to_tensor(outputs, lengths, gen.response_ids.size(1)).to(self.device)
+        if cfg.missing_eos_penalty is not None:
+            scores = charge_missing_eos(scores, gen.response_mask, gen.finished, cfg.missing_eos_penalty)
+        # Batch statistics are over the global batch: sums from every rank (identity in a single process).
+        sums = self.group.sum(reward_sums(scores, mask, gen.finished)).tolist()
+        stats = {**reward_stats(sums, len(prompts) * self.group.world_size), "kl/coef": self.kl_ctl.value}
+        return scores, stats, sums
+
+    def _reference_logprobs(self, ids: torch.Tensor, attn: torch.Tensor, response_ids: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+        """The reference policy's log-probs of the sampled tokens, in row chunks."""
+        ref_model, ref_ctx = self._reference()
+        with ref_ctx, self._amp():
+            return torch.cat([self._logprobs(ref_model, ids[rows], attn[rows], response_ids[rows])
+                              for rows in self._row_chunks(len(ids))]) * mask
+
+    def _old_logprobs_and_values(self, ids: torch.Tensor, attn: torch.Tensor, gen: GenerationOutput,
+                                 mask: torch.Tensor, clock: _PhaseClock) -> tuple[
+            torch.Tensor, torch.Tensor, tuple | None, bool]:
+        """The policy's log-probs and the values of the sampled tokens before the update: (log-probs, values, the
+        fused first forward pass or None, whether the values came from the guide critic)."""
+        cfg = self.config
+        T = gen.response_ids.size(1)
+        # AggreVaTeD rows are valued by the guide critic alone (see _guided_masks): the learner critic's pass is
+        # skipped where the values come from their own pass, and only the fused first epoch computes them anyway.
+        guide_valued = self._guided is not None and self.guide_critic is not None and self._guided[0] == "learner"
+        if cfg.fuses_first_epoch():
+            # The first optimiser step sees exactly this policy and critic on exactly these rows: run its forward
+            # pass now, with gradients, and read the old log-probs and values off it.
+            with torch.enable_grad():
+                first_forward = self._forward((ids, attn, gen.response_ids))
+            clock.lap("time/first_forward")
+            return first_forward[1].detach() * mask, first_forward[2].detach() * mask, first_forward, False
+        chunks = self._row_chunks(len(ids))
+        if cfg.shared_critic:
+            # The values come off the policy's trunk, so one policy pass gives old log-probs and values together.
+            passes = [self._forward((ids[rows], attn[rows], gen.response_ids[rows]))[1:] for rows in chunks]
+            logprobs_t = (gen.logprobs.to(self.device) if cfg.reuse_sampling_logprobs
+                          else torch.cat([lp for lp, _ in passes])) * mask
+            clock.lap("time/values")
+            return logprobs_t, torch.cat([v for _, v in passes]) * mask, None, False
+        with self._amp():
+            if cfg.reuse_sampling_logprobs:
+                logprobs_t = gen.logprobs.to(self.device)
+            else:
+                logprobs_t = torch.cat([self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows])
+                                        for rows in chunks])
+            logprobs_t = logprobs_t * mask
+            clock.lap("time/logprobs")
+            critic = self.guide_critic if guide_valued else self.critic
+            values_t = torch.cat([response_values(critic, ids[rows], attn[rows], T) for rows in chunks]) * mask
+        clock.lap("time/values")
+        return logprobs_t, values_t, None, guide_valued
+
+    def _guided_masks(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, values_t: torch.Tensor,
+                      values_from_guide: bool, tokens: float, stats: dict) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(train mask, KL mask, guide-value mask or None, values) of the batch; guided rows add their stats.
+
+        Guided rows: only the learner's tokens are its actions (train mask); guide tokens are context, kept out
+        of the KL unless guide_kl. When the guide rolls out (AggreVaTeD), every position is valued by the guide
+        critic, so a learner token's advantage is the guide's: how much better the guide expects to finish
+        after it (AggreVaTeD's cost-to-go of the expert; TRIL values these rows with its guide critic alone).
+        The learner critic sits such updates out: its values are those of the learner's own roll-outs, and
+        states judged by the guide's finish would make it optimistic when PPO++ updates follow (D2LOLS).
+        """
+        if self._guided is None:
+            return mask, mask, None, values_t
+        cfg = self.config
+        guide_valued = self.guide_critic is not None and self._guided[0] == "learner"
+        rollin, learner_tokens = self._guided
+        self._guided = None
+        train_mask = learner_tokens.float() * mask
+        kl_mask = mask if cfg.guide_kl else train_mask
+        guide_value_mask = None
+        if guide_valued:
+            if not values_from_guide:
+                T = mask.size(1)
+                with torch.no_grad(), self._amp():
+                    values_t = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
+                                          for rows in self._row_chunks(len(ids))]) * mask
+            guide_value_mask = (mask - train_mask).long()
+        learner_tokens_all = float(self.group.sum(train_mask.sum().double().reshape(1))[0])
+        stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
+                      "guide/learner_token_frac": learner_tokens_all / max(tokens, 1.0)})
+        return train_mask, kl_mask, guide_value_mask, values_t
 
     def _row_chunks(self, n: int) -> tuple[torch.Tensor, ...]:
         """Row indices of n rows split into forward-pass-sized chunks."""
