@@ -90,20 +90,7 @@ class PPOTrainer(Trainer):
         ``(text, finished)`` pairs (a black-box guide; its text is re-tokenised).
         """
         config.validate()
-        if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
-            # A datasets column, a numpy array, a pandas Series: any iterable of strings (whose truth value
-            # may be ambiguous or raise) becomes a plain list first.
-            prompts = list(prompts)
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        if not callable(reward_fn):
-            raise ValueError("reward_fn must be callable: fn(prompts, responses, response_token_ids)")
-        if reference_responses is not None and len(reference_responses) != len(prompts):
-            raise ValueError(
-                f"reference_responses has {len(reference_responses)} entries for {len(prompts)} prompts"
-            )
-        if config.target_coef > 0 and reference_responses is None:
-            raise ValueError("target_coef > 0 needs reference_responses (the NLL target)")
+        prompts = _checked_inputs(config, prompts, reward_fn, reference_responses)
         self.config = config
         # One process, or the rank Accelerate launched: each rank samples its share of every batch.
         self.group = process_group(config.device)
@@ -126,6 +113,19 @@ class PPOTrainer(Trainer):
 
         _check_positions(policy, tokenizer, self.prompts, config)
 
+        self._setup_models(policy, critic, reference, guide)
+        self._setup_optimisation()
+        self._init_run()
+        self._perm_cache: dict[int, np.ndarray] = {}
+        self._target_ids = self._tokenize_references() if self.reference_responses else None
+        self._rollout = make_rollout(self)  # plain, static or vLLM sampling, or RLGF's guided roll-outs
+        # (batch, its first-epoch forward pass) between make_batch and optimize; see reuse_first_epoch_forward
+        self._first_forward: tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def _setup_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None,
+                      guide: object | None) -> None:
+        """Policy, reference, critic and (RLGF) the guide on the trainer's device, the same on every rank."""
+        config = self.config
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device)
         # Randomly initialised trainable weights (LoRA) may differ between ranks: rank 0's win, as with DDP, before
@@ -151,7 +151,12 @@ class PPOTrainer(Trainer):
                 raise ValueError("a guide was passed but algorithm='ppo'; pick ppo_pp, aggrevated, lols or d2lols")
             self.guided: GuideTraining | None = None
         else:
-            self.guided = GuideTraining(config, guide, tokenizer, self.device, self.critic, logits_processors)
+            self.guided = GuideTraining(config, guide, self.tokenizer, self.device, self.critic,
+                                        self.logits_processors)
+
+    def _setup_optimisation(self) -> None:
+        """Trainable parameters, precision, optimiser, KL controller and the random streams."""
+        config = self.config
 
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
@@ -183,12 +188,6 @@ class PPOTrainer(Trainer):
         self.shuffle_generator = torch.Generator().manual_seed(rank_seed(config.seed + 1, self.group.rank))
         if hasattr(self.guide_writer, "generator"):
             self.guide_writer.generator = self.generator
-        self._init_run()
-        self._perm_cache: dict[int, np.ndarray] = {}
-        self._target_ids = self._tokenize_references() if self.reference_responses else None
-        self._rollout = make_rollout(self)  # plain, static or vLLM sampling, or RLGF's guided roll-outs
-        # (batch, its first-epoch forward pass) between make_batch and optimize; see reuse_first_epoch_forward
-        self._first_forward: tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ RLGF and the sampling back-ends
     @property
@@ -738,6 +737,26 @@ class PPOTrainer(Trainer):
                 self.guided.rng.setstate(rank_state["guide_rng"])
             self.update_idx = int(state["update_idx"])
 
+
+
+def _checked_inputs(config: PPOConfig, prompts: Sequence[str], reward_fn: object,
+                    reference_responses: Sequence[str | None] | None) -> list[str]:
+    """The prompts as a list, after checking them, the reward function and the NLL targets."""
+    if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
+        # A datasets column, a numpy array, a pandas Series: any iterable of strings (whose truth value
+        # may be ambiguous or raise) becomes a plain list first.
+        prompts = list(prompts)
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if not callable(reward_fn):
+        raise ValueError("reward_fn must be callable: fn(prompts, responses, response_token_ids)")
+    if reference_responses is not None and len(reference_responses) != len(prompts):
+        raise ValueError(
+            f"reference_responses has {len(reference_responses)} entries for {len(prompts)} prompts"
+        )
+    if config.target_coef > 0 and reference_responses is None:
+        raise ValueError("target_coef > 0 needs reference_responses (the NLL target)")
+    return list(prompts)
 
 
 def _check_positions(policy: nn.Module, tokenizer: object, prompts: Sequence[str], config: PPOConfig) -> None:
