@@ -289,17 +289,32 @@ def run_demo(cfg: DemoConfig) -> dict:
         return _run_demo(cfg)
 
 
+@dataclass
+class _DemoRun:
+    """What every stage of one demo run reads: settings, folders, data, prompts, model and timings."""
+
+    cfg: DemoConfig
+    root: Path
+    train: list
+    test: list
+    model_name: str
+    tokenizer: object
+    template: object
+    train_prompts: list[str]
+    test_prompts: list[str]
+    lora: LoraSettings
+    top_layers: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def _run_demo(cfg: DemoConfig) -> dict:
     """run_demo without the progress-bar settings."""
     from tokencredit.rewards.token_rm import TokenRewardModel
-    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
-    from tokencredit.rl.sft import SFTConfig, SFTTrainer
     from tokencredit.tasks.querygen import PromptTemplate, render_prompt
 
     cfg.validate()
     root = Path(cfg.output)
     drop_replaced = claim_recipe_folder(root, cfg)
-    timings: dict[str, float] = {}
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -309,113 +324,150 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # The instruction goes in the system message: it replaces SmolLM2's default system prompt, so every
     # forward pass of every stage is ~17% shorter.
     template = PromptTemplate(max_history=cfg.history_entries, instruction_as_system=True)
-    train_prompts = [render_prompt(s, tokenizer, template) for s in train]
-    test_prompts = [render_prompt(s, tokenizer, template) for s in test]
-    lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0)
-    top_layers = clamp_layers(model_name, cfg.top_layers)
+    run = _DemoRun(cfg, root, train, test, model_name, tokenizer, template,
+                   [render_prompt(s, tokenizer, template) for s in train],
+                   [render_prompt(s, tokenizer, template) for s in test],
+                   LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0),
+                   clamp_layers(model_name, cfg.top_layers))
     log.info("demo: %d train / %d test sessions, model %s, output %s", len(train), len(test), model_name, root)
 
-    # 1. SFT on (history -> next query). LoRA is merged afterwards so the SFT model is a plain model: PPO's
-    #    fresh adapters then sit on top of it and "adapters off" is exactly the SFT reference.
-    t0 = time.perf_counter()
-    sft = Stage.reused(root, "sft", cfg.resume, cfg.reuse_stages)
-    sft_model = sft.dir / "merged"
-    if not sft.done:
-        policy = load_policy(model_name, lora=lora, seed=cfg.seed)
-        SFTTrainer(
-            SFTConfig(output_dir=str(sft.dir), seed=cfg.seed, num_epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
-                      learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False,
-                      mixed_precision=cfg.mixed_precision),
-            policy=policy, tokenizer=tokenizer, prompts=train_prompts, responses=[s.target_query for s in train],
-        ).train()
-        merged = policy.merge_and_unload()
-        merged.save_pretrained(sft_model)
-        tokenizer.save_pretrained(sft_model)
-        sft.finish({"model": str(sft_model)})
-        del policy, merged
-        release_free_memory()
-    timings["sft"] = time.perf_counter() - t0
-
-    # 2. Sample queries from the SFT policy and label their words (reference-based labeler by default).
-    t0 = time.perf_counter()
-    labels_stage = Stage.reused(root, "labels", cfg.resume, cfg.reuse_stages)
-    labels_path = labels_stage.dir / "token_labels.jsonl"
-    if not labels_stage.done:
-        labels_stage.dir.mkdir(parents=True, exist_ok=True)
-        policy = load_policy(sft_model)
-        chosen = random.Random(cfg.seed).sample(range(len(train)), min(cfg.label_prompts, len(train)))
-        labeler = _labeler(cfg, labels_stage.dir)
-        records, skipped = _label_samples(cfg, policy, tokenizer, labeler, chosen, train, train_prompts, template,
-                                          torch.Generator().manual_seed(cfg.seed))
-        _write_records(labels_path, records)
-        labels_stage.finish(_records_stats(records, labeler, skipped))
-        del policy
-        release_free_memory()
-    records = _read_records(labels_path)
-    timings["labels"] = time.perf_counter() - t0
-
-    # 3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
-    #    summed token rewards of pairs of samples of one prompt ranked by the sum of their token labels.
-    t0 = time.perf_counter()
-    rm_stage = Stage.reused(root, "reward_model", cfg.resume, cfg.reuse_stages)
-    rm_dir = rm_stage.dir / "model"
-    if not rm_stage.done:
-        history, examples, pairs = _fit_token_rm(cfg, sft_model, records, rm_stage.dir, tokenizer, top_layers,
-                                                 cfg.seed)
-        rm_stage.finish({"examples": examples, "pairs": pairs, "miss_cost": history[-1].get("miss_cost"),
-                         "eval": history[-1].get("eval", {})})
-        release_free_memory()
+    sft_model = _timed(run, "sft", lambda: _sft_stage(run))
+    labels_stage, records = _timed(run, "labels", lambda: _labels_stage(run, sft_model))
+    rm_stage, rm_dir = _timed(run, "reward_model", lambda: _reward_model_stage(run, sft_model, records))
     rm = TokenRewardModel.from_pretrained(rm_dir)
-    timings["reward_model"] = time.perf_counter() - t0
     # Where the reward model puts its credit on the SFT samples it was trained on (EOS, stopwords, position, and
     # how the summed reward moves with length), and the length control both PPO policies get.
     controls = _reward_controls(cfg, rm, records)
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
-    ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
-    for name, kind in ppo_runs.items():
-        if name not in cfg.policies:
-            continue
-        t0 = time.perf_counter()
-        stage = Stage(root, name, cfg.resume)
-        if not stage.done:
-            policy = load_policy(sft_model, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
-            curve = cfg.curve_every is not None
-            # The value model starts from the reward model's weights.
-            critic = train_top_layers(load_critic(rm_dir), top_layers)
-            PPOTrainer(
-                PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
-                          batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
-                          ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
-                          critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
-                          max_new_tokens=cfg.max_new_tokens, save_every=cfg.curve_every if curve else 2,
-                          # every checkpoint is a point of the learning curve; they go once it is measured
-                          keep_checkpoints=cfg.ppo_updates if curve else 2, resume=cfg.resume,
-                          log_tensorboard=False, reuse_sampling_logprobs=True,
-                          mixed_precision=cfg.mixed_precision),
-                policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
-                reward_fn=_policy_reward_fn(cfg, rm, kind, controls),
-            ).train(before_update=None if cfg.relabel_every is None else _OnlineRefits(
-                cfg, stage.dir / "reward_rounds", kind, rm_dir, records, _LabelSource(
-                    train, train_prompts, template, tokenizer), top_layers))
-            del policy, critic
-            release_free_memory()
-            info: dict = {"policy": str(stage.dir / "policy")}
-            if cfg.relabel_every is not None:
-                info["reward_rounds"] = _rounds_info(stage.dir / "reward_rounds")
-            if curve:
-                info["curve"] = _learning_curve(cfg, stage.dir, sft_model, test, test_prompts, tokenizer, rm)
-                shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
-            stage.finish(info)
-        timings[name] = time.perf_counter() - t0
+    for name, kind in {"tppo": "token", "ppo_sequence": "sequence"}.items():
+        if name in cfg.policies:
+            _timed(run, name, lambda name=name, kind=kind: _ppo_stage(run, name, kind, sft_model, rm, rm_dir,
+                                                                      records, controls))
 
     # 5. Evaluate every policy on held-out sessions: greedy queries vs the true next query, and RM reward.
+    summary, generations = _timed(run, "evaluate", lambda: _evaluate_policies(cfg, root, sft_model, test,
+                                                                               run.test_prompts, tokenizer, rm))
+    _complete_summary(run, summary, generations, records, labels_stage, rm_stage, controls)
+    atomic_write_json(root / "summary.json", summary)
+    _write_report(cfg, root, summary, generations, test, tokenizer)
+    drop_replaced()  # a replaced run goes only once this one has finished
+    return summary
+
+
+def _timed(run: _DemoRun, name: str, stage: Callable[[], object]) -> object:
+    """Run a stage and add its wall-clock seconds to the run's timings."""
     t0 = time.perf_counter()
-    summary, generations = _evaluate_policies(cfg, root, sft_model, test, test_prompts, tokenizer, rm)
-    timings["evaluate"] = time.perf_counter() - t0
-    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    summary["data"] = {"train_sessions": len(train), "test_sessions": len(test), "labelled_samples": len(records),
-                       "source": cfg.data or "built-in"}
+    out = stage()
+    run.timings[name] = time.perf_counter() - t0
+    return out
+
+
+def _sft_stage(run: _DemoRun) -> Path:
+    """1. SFT on (history -> next query); the merged model's folder. LoRA is merged afterwards so the SFT model is
+    a plain model: PPO's fresh adapters then sit on top of it and "adapters off" is exactly the SFT reference."""
+    from tokencredit.rl.sft import SFTConfig, SFTTrainer
+
+    cfg = run.cfg
+    sft = Stage.reused(run.root, "sft", cfg.resume, cfg.reuse_stages)
+    sft_model = sft.dir / "merged"
+    if not sft.done:
+        policy = load_policy(run.model_name, lora=run.lora, seed=cfg.seed)
+        SFTTrainer(
+            SFTConfig(output_dir=str(sft.dir), seed=cfg.seed, num_epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
+                      learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False,
+                      mixed_precision=cfg.mixed_precision),
+            policy=policy, tokenizer=run.tokenizer, prompts=run.train_prompts,
+            responses=[s.target_query for s in run.train],
+        ).train()
+        merged = policy.merge_and_unload()
+        merged.save_pretrained(sft_model)
+        run.tokenizer.save_pretrained(sft_model)
+        sft.finish({"model": str(sft_model)})
+        del policy, merged
+        release_free_memory()
+    return sft_model
+
+
+def _labels_stage(run: _DemoRun, sft_model: Path) -> tuple[Stage, list[dict]]:
+    """2. Sample queries from the SFT policy and label their words (reference-based labeler by default)."""
+    cfg = run.cfg
+    labels_stage = Stage.reused(run.root, "labels", cfg.resume, cfg.reuse_stages)
+    labels_path = labels_stage.dir / "token_labels.jsonl"
+    if not labels_stage.done:
+        labels_stage.dir.mkdir(parents=True, exist_ok=True)
+        policy = load_policy(sft_model)
+        chosen = random.Random(cfg.seed).sample(range(len(run.train)), min(cfg.label_prompts, len(run.train)))
+        labeler = _labeler(cfg, labels_stage.dir)
+        records, skipped = _label_samples(cfg, policy, run.tokenizer, labeler, chosen, run.train, run.train_prompts,
+                                          run.template, torch.Generator().manual_seed(cfg.seed))
+        _write_records(labels_path, records)
+        labels_stage.finish(_records_stats(records, labeler, skipped))
+        del policy
+        release_free_memory()
+    return labels_stage, _read_records(labels_path)
+
+
+def _reward_model_stage(run: _DemoRun, sft_model: Path, records: list[dict]) -> tuple[Stage, Path]:
+    """3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
+    summed token rewards of pairs of samples of one prompt ranked by the sum of their token labels."""
+    cfg = run.cfg
+    rm_stage = Stage.reused(run.root, "reward_model", cfg.resume, cfg.reuse_stages)
+    if not rm_stage.done:
+        history, examples, pairs = _fit_token_rm(cfg, sft_model, records, rm_stage.dir, run.tokenizer,
+                                                 run.top_layers, cfg.seed)
+        rm_stage.finish({"examples": examples, "pairs": pairs, "miss_cost": history[-1].get("miss_cost"),
+                         "eval": history[-1].get("eval", {})})
+        release_free_memory()
+    return rm_stage, rm_stage.dir / "model"
+
+
+def _ppo_stage(run: _DemoRun, name: str, kind: str, sft_model: Path, rm: object, rm_dir: Path,
+               records: list[dict], controls: _RewardControls) -> None:
+    """4. One PPO policy from the SFT model: "token" rewards (TPPO) or the RM's sum on the last token."""
+    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
+
+    cfg = run.cfg
+    stage = Stage(run.root, name, cfg.resume)
+    if stage.done:
+        return
+    policy = load_policy(sft_model, lora=dataclasses.replace(run.lora, top_layers=run.top_layers), seed=cfg.seed)
+    curve = cfg.curve_every is not None
+    # The value model starts from the reward model's weights.
+    critic = train_top_layers(load_critic(rm_dir), run.top_layers)
+    PPOTrainer(
+        PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
+                  batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
+                  ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
+                  critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
+                  max_new_tokens=cfg.max_new_tokens, save_every=cfg.curve_every if curve else 2,
+                  # every checkpoint is a point of the learning curve; they go once it is measured
+                  keep_checkpoints=cfg.ppo_updates if curve else 2, resume=cfg.resume,
+                  log_tensorboard=False, reuse_sampling_logprobs=True,
+                  mixed_precision=cfg.mixed_precision),
+        policy=policy, tokenizer=run.tokenizer, prompts=run.train_prompts, critic=critic,
+        reward_fn=_policy_reward_fn(cfg, rm, kind, controls),
+    ).train(before_update=None if cfg.relabel_every is None else _OnlineRefits(
+        cfg, stage.dir / "reward_rounds", kind, rm_dir, records, _LabelSource(
+            run.train, run.train_prompts, run.template, run.tokenizer), run.top_layers))
+    del policy, critic
+    release_free_memory()
+    info: dict = {"policy": str(stage.dir / "policy")}
+    if cfg.relabel_every is not None:
+        info["reward_rounds"] = _rounds_info(stage.dir / "reward_rounds")
+    if curve:
+        info["curve"] = _learning_curve(cfg, stage.dir, sft_model, run.test, run.test_prompts, run.tokenizer, rm)
+        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+    stage.finish(info)
+
+
+def _complete_summary(run: _DemoRun, summary: dict, generations: dict, records: list[dict], labels_stage: Stage,
+                      rm_stage: Stage, controls: _RewardControls) -> None:
+    """Add timings, data, labels, reward-model checks, credit, length control and curves to the summary."""
+    cfg, root = run.cfg, run.root
+    summary["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
+    summary["data"] = {"train_sessions": len(run.train), "test_sessions": len(run.test),
+                       "labelled_samples": len(records), "source": cfg.data or "built-in"}
     summary["labeler"] = (f"LLM judge {cfg.judge} ({cfg.judge_model}) marking good and bad words" if cfg.judge
                           else "reference-based (words supported by the true next query or clicked titles)")
     summary["labels"] = labels_stage.info()
@@ -437,10 +489,6 @@ def _run_demo(cfg: DemoConfig) -> dict:
     if any(curves.values()):
         summary["learning_curves"] = {"sft": {k: summary["sft"][k] for k in CURVE_METRICS},
                                       **{k: v for k, v in curves.items() if v}}
-    atomic_write_json(root / "summary.json", summary)
-    _write_report(cfg, root, summary, generations, test, tokenizer)
-    drop_replaced()  # a replaced run goes only once this one has finished
-    return summary
 
 
 def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: object, chosen: list[int],
