@@ -182,9 +182,6 @@ def run_fg(cfg: FGConfig, gold_scorer: GoldScorer | None = None) -> dict:
 def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     """run_fg without the progress-bar settings."""
     from tokencredit.rewards.data import load_edits
-    from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
-    from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
-    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
     from tokencredit.rl.sft import SFTConfig, SFTTrainer
 
     cfg.validate()
@@ -229,6 +226,48 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     timings["sft"] = time.perf_counter() - t0
 
     # 3. Two RMs on the same pairs, backbone, seed and epochs; scored on the same held-out pairs.
+    token_stage, seq_stage = _train_reward_models(cfg, root, start, train_edits, test_edits, timings)
+
+    # 4. Fine-grained PPO (token RM at every token) and sequence-level PPO (sequence RM on the last token):
+    #    the same start, adapters drawn from the same seed, the same critic start, budget and KL.
+    spreads = _reward_spreads(cfg, root, start, tokenizer, train_prompts, render)
+    for arm, rm_stage in ARMS.items():
+        t0 = time.perf_counter()
+        _ppo_arm(cfg, root, arm, rm_stage, start, tokenizer, render(train_prompts), raw_of, lora, top_layers,
+                 1.0 / spreads.get(rm_stage, 1.0))
+        timings[arm] = time.perf_counter() - t0
+
+    # 5. Held-out evaluation with scorers neither arm was trained on (gold scorer, judge), plus both RMs' scores
+    #    of the answers so that reward hacking (RM up, gold flat or down) is visible.
+    t0 = time.perf_counter()
+    summary, generations = _evaluate_arms(cfg, root, start, tokenizer, eval_prompts, render, gold_fn, test_edits)
+    summary["reward_spread"] = spreads
+    timings["evaluate"] = time.perf_counter() - t0
+    summary["reward_models"] = {"token_rm": token_stage.info()["heldout"], "sequence_rm": seq_stage.info()["heldout"]}
+    summary["arms"] = {arm: Stage(root, arm, True).info() for arm in ARMS}
+    summary["data"] = {"edits": len(edits), "train_edits": len(train_edits), "heldout_edits": len(test_edits),
+                       "rl_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
+                       "eval_answers": len(generations["sft"]["texts"]), "source": cfg.edits}
+    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    atomic_write_json(root / "summary.json", summary)
+    _write_report(cfg, root, summary, generations, tokenizer)
+    drop_replaced()  # a replaced run goes only once this one has finished
+    return summary
+
+
+def _train_reward_models(cfg: FGConfig, root: Path, start: str, train_edits: list[EditTriple],
+                         test_edits: list[EditTriple], timings: dict[str, float]) -> tuple[Stage, Stage]:
+    """The token RM (FG's loss on the edits) and the sequence RM (Bradley-Terry on the same pairs), on one
+    backbone, seed and budget; both scored on the held-out pairs."""
+    from tokencredit.rewards.edits import edit_examples
+    from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
+    from tokencredit.rewards.token_rm import (
+        TokenRewardModel,
+        TokenRMConfig,
+        evaluate_token_reward_model,
+        train_token_reward_model,
+    )
+
     # Fast mode has one tiny vocabulary, so the tiny start stands in for any other RM backbone.
     rm_backbone = start if cfg.rm_model is None or cfg.fast else cfg.rm_model
     rm_lora = (LoraSettings(r=cfg.rm_lora_r, alpha=2 * cfg.rm_lora_r, dropout=0.0,
@@ -242,9 +281,6 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     t0 = time.perf_counter()
     token_stage = Stage(root, "token_rm", cfg.resume)
     if not token_stage.done:
-        from tokencredit.rewards.edits import edit_examples
-        from tokencredit.rewards.token_rm import evaluate_token_reward_model
-
         rm = TokenRewardModel.from_pretrained(rm_backbone, lora=rm_lora, seed=cfg.seed)
         rm_cfg = TokenRMConfig(output_dir=str(token_stage.dir), balance_labels=True, **common,
                                **_token_weights(cfg.token_loss))
@@ -269,44 +305,45 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
         del rm
         release_free_memory()
     timings["sequence_rm"] = time.perf_counter() - t0
+    return token_stage, seq_stage
 
-    # 4. Fine-grained PPO (token RM at every token) and sequence-level PPO (sequence RM on the last token):
-    #    the same start, adapters drawn from the same seed, the same critic start, budget and KL.
-    rl_prompts = render(train_prompts)
-    spreads = _reward_spreads(cfg, root, start, tokenizer, train_prompts, render)
-    for arm, rm_stage in ARMS.items():
-        t0 = time.perf_counter()
-        stage = Stage(root, arm, cfg.resume)
-        if not stage.done:
-            scale = 1.0 / spreads.get(rm_stage, 1.0)
-            reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, scale)
-            policy = load_policy(start, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
-            critic = None if cfg.shared_critic else _train_top(load_critic(start), top_layers)
-            history = PPOTrainer(
-                PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
-                          batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
-                          ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
-                          critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, save_every=2,
-                          resume=cfg.resume, log_tensorboard=False, reuse_sampling_logprobs=True,
-                          shared_critic=cfg.shared_critic, mixed_precision=cfg.mixed_precision),
-                policy=policy, tokenizer=tokenizer, prompts=rl_prompts, reward_fn=reward_fn, critic=critic,
-            ).train()
-            stage.finish({"policy": str(stage.dir / "policy"), "start": start, "reward_model": rm_stage,
-                          "updates": cfg.ppo_updates, "samples": cfg.ppo_updates * cfg.ppo_batch_size,
-                          "seed": cfg.seed, "kl_coef": cfg.kl_coef, "reward_scale": scale,
-                          "final_train_reward":
-                          history[-1].get("reward/mean") if history else None})
-            del policy, critic
-            release_free_memory()
-        timings[arm] = time.perf_counter() - t0
 
-    # 5. Held-out evaluation with scorers neither arm was trained on (gold scorer, judge), plus both RMs' scores
-    #    of the answers so that reward hacking (RM up, gold flat or down) is visible.
-    t0 = time.perf_counter()
+def _ppo_arm(cfg: FGConfig, root: Path, arm: str, rm_stage: str, start: str, tokenizer: object,
+             rl_prompts: list[str], raw_of: dict[str, str], lora: LoraSettings, top_layers: int | None,
+             scale: float) -> None:
+    """One PPO arm from the start model on the rewards of ``rm_stage``'s model, multiplied by ``scale``."""
+    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
+
+    stage = Stage(root, arm, cfg.resume)
+    if stage.done:
+        return
+    reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, scale)
+    policy = load_policy(start, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
+    critic = None if cfg.shared_critic else _train_top(load_critic(start), top_layers)
+    history = PPOTrainer(
+        PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
+                  batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
+                  ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
+                  critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
+                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, save_every=2,
+                  resume=cfg.resume, log_tensorboard=False, reuse_sampling_logprobs=True,
+                  shared_critic=cfg.shared_critic, mixed_precision=cfg.mixed_precision),
+        policy=policy, tokenizer=tokenizer, prompts=rl_prompts, reward_fn=reward_fn, critic=critic,
+    ).train()
+    stage.finish({"policy": str(stage.dir / "policy"), "start": start, "reward_model": rm_stage,
+                  "updates": cfg.ppo_updates, "samples": cfg.ppo_updates * cfg.ppo_batch_size,
+                  "seed": cfg.seed, "kl_coef": cfg.kl_coef, "reward_scale": scale,
+                  "final_train_reward": history[-1].get("reward/mean") if history else None})
+    del policy, critic
+    release_free_memory()
+
+
+def _evaluate_arms(cfg: FGConfig, root: Path, start: str, tokenizer: object, eval_prompts: list[str],
+                   render: Callable, gold_fn: GoldScorer | None, test_edits: list[EditTriple]) -> tuple[dict, dict]:
+    """Every policy's held-out answers and their metrics, gold checks and (with a judge) the win rate."""
     generations = {name: _generate(cfg, root, name, start, tokenizer, eval_prompts, render)
                    for name in ("sft", *ARMS)}
-    summary: dict = {"policies": {}, "reward_spread": spreads}
+    summary: dict = {"policies": {}}
     for name, gen in generations.items():
         summary["policies"][name] = _policy_metrics(root, gen, tokenizer, gold_fn)
     _start_perplexity(start, generations, summary["policies"])
@@ -317,17 +354,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
                                                               cfg.seed) for arm in ARMS}
     if cfg.judge is not None:
         summary["judge"] = _judge(cfg, root, generations)
-    timings["evaluate"] = time.perf_counter() - t0
-    summary["reward_models"] = {"token_rm": token_stage.info()["heldout"], "sequence_rm": seq_stage.info()["heldout"]}
-    summary["arms"] = {arm: Stage(root, arm, True).info() for arm in ARMS}
-    summary["data"] = {"edits": len(edits), "train_edits": len(train_edits), "heldout_edits": len(test_edits),
-                       "rl_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
-                       "eval_answers": len(generations["sft"]["texts"]), "source": cfg.edits}
-    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    atomic_write_json(root / "summary.json", summary)
-    _write_report(cfg, root, summary, generations, tokenizer)
-    drop_replaced()  # a replaced run goes only once this one has finished
-    return summary
+    return summary, generations
 
 
 # ------------------------------------------------------------------------------------------------ helpers
