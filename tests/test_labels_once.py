@@ -15,7 +15,7 @@ from tokencredit.recipes.tppo import DemoConfig, _pairs_from_labels, _token_exam
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels, word_spans
 from tokencredit.rewards.records import TokenExample
 from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, _token_rows, evaluate_token_reward_model
-from tokencredit.runs import changed_settings
+from tokencredit.run_folders import changed_settings
 from tokencredit.testing import tiny_scalar_model
 
 

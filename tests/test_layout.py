@@ -51,8 +51,8 @@ def test_the_reward_modules_import_no_circle():
 
 # docs/design.md's ranks: a module may import its own rank or a lower one, never a higher one.
 RANKS = {
-    "config": 0, "runs": 0, "record_files": 0, "textbounds": 0, "token_text": 0, "masked": 0, "precision": 0,
-    "distributed": 0,
+    "config": 0, "runs": 0, "run_folders": 0, "record_files": 0, "textbounds": 0, "token_text": 0, "masked": 0,
+    "precision": 0, "distributed": 0,
     "models": 1, "generation": 1, "fastdecode": 1, "vllm_rollout": 1, "evaluate": 1, "testing": 1,
     "rewards": 2,
     "feedback": 3, "model_server": 3,

@@ -25,7 +25,8 @@ from tokencredit.config import ConfigError, claim_folder_for
 from tokencredit.distributed import process_group
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.token_rm import TOKEN_LOSSES
-from tokencredit.runs import atomic_write_json, releases_run_folders
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def reward_train(cfg: RewardRunConfig) -> dict:
         rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
     check_lengths(cfg, rm.tokenizer, getattr(rm.model.backbone.config, "max_position_embeddings", None))
     # Input checked first; then, before anything is written, the folder must be this run's (see
-    # runs.claim_run_folder); rank 0 decides.
+    # run_folders.claim_run_folder); rank 0 decides.
     group = process_group()
     drop_replaced = group.on_main(lambda: claim_folder_for(cfg, cfg.output_dir), default=lambda: None)
     if cfg.kind == "sequence":

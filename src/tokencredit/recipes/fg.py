@@ -39,7 +39,8 @@ from tokencredit.precision import release_free_memory, validate_mixed_precision
 from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
 from tokencredit.rewards.token_rm import TOKEN_LOSSES
-from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
 

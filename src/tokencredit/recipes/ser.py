@@ -36,7 +36,8 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
-from tokencredit.runs import atomic_write_json, releases_run_folders
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 

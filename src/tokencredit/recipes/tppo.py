@@ -37,7 +37,8 @@ from tokencredit.models import (
 )
 from tokencredit.precision import release_free_memory, validate_mixed_precision
 from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
-from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json, read_metrics
 
 if TYPE_CHECKING:
     from tokencredit.rewards.labels import SpanLabel
@@ -51,7 +52,7 @@ class DemoConfig:
     """Every knob of the demo; the defaults fit the built-in model and data on 2 CPU cores in < 15 minutes."""
 
     # What a run folder saved before a setting existed did, where that differs from the setting's default now:
-    # resuming such a run must ask for it explicitly (see runs.changed_settings).
+    # resuming such a run must ask for it explicitly (see run_folders.changed_settings).
     BEHAVIOUR_BEFORE_ADDED: ClassVar[dict] = {"reward_repeat": "keep", "label_repeats": "keep", "label_unit": "token",
                                               "label_end": False, "pair_rank": "share",
                                               "rm_anchor_weight": 0.0, "label_clicked": True,

@@ -23,7 +23,8 @@ from tokencredit.distributed import (
     save_checkpoint_on_ranks,
 )
 from tokencredit.models import quiet_saves, save_hf_policy
-from tokencredit.runs import CheckpointManager, capture_rng_state, read_metrics, releases_run_folders, start_fresh
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import CheckpointManager, capture_rng_state, read_metrics, start_fresh
 
 log = logging.getLogger("tokencredit")
 
@@ -121,7 +122,7 @@ class Trainer:
         what it does from ``steps_done`` and files it wrote, so that a resumed run behaves as an uninterrupted one.
         """
         cfg, group = self.config, self.group
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 writes.
+        # Before anything is written: the folder must be this run's (see run_folders.claim_run_folder); rank 0 writes.
         self._drop_replaced_run, resumed, logger = open_run(group, self.run_dir, cfg, self._maybe_resume,
                                                             self._start_fresh, lambda: self.steps_done)
         self.history = read_metrics(self.run_dir) if resumed else []
