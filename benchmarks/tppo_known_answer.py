@@ -315,7 +315,7 @@ def rm_examples(oracle: Oracle, policy: torch.nn.Module, design: str, n: int, ge
 
 def fit_rm(rm: object, examples: list, design: str, seed: int, folder: Path) -> dict:
     """Train ``rm`` in place on token examples with the demo's reward-model loss settings; returns its eval."""
-    from tokencredit.rewards.token_rm import TokenRMConfig, train_token_reward_model
+    from tokencredit.rewards.token_rm_training import TokenRMConfig, train_token_reward_model
 
     shutil.rmtree(folder, ignore_errors=True)
     cfg = TokenRMConfig(output_dir=str(folder), seed=seed, num_epochs=SETTINGS["rm_epochs"],

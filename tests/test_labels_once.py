@@ -4,7 +4,7 @@ nothing."""
 
 import pytest
 
-import tokencredit.rewards.token_rm as token_rm
+import tokencredit.rewards.token_rm_training as token_rm
 from tokencredit.config import config_defaults
 from tokencredit.feedback import ReferenceLabeler
 from tokencredit.judges.backends import ChatResult, JudgeBackend
@@ -14,7 +14,8 @@ from tokencredit.models import load_tokenizer
 from tokencredit.recipes.tppo import DemoConfig, _pairs_from_labels, _token_example, end_label, label_sum
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels, word_spans
 from tokencredit.rewards.records import TokenExample
-from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, _token_rows, evaluate_token_reward_model
+from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rewards.token_rm_training import TokenRMConfig, _token_rows, evaluate_token_reward_model
 from tokencredit.run_folders import changed_settings
 from tokencredit.testing import tiny_scalar_model
 
@@ -233,7 +234,7 @@ def test_a_miss_weight_puts_the_rewards_zero_where_a_unit_is_right_that_often():
 
     import torch
 
-    from tokencredit.rewards.token_rm import token_bce_loss
+    from tokencredit.rewards.token_rm_training import token_bce_loss
 
     # 3 good and 7 bad tokens behind one shared logit r: the weighted BCE is minimal at
     # r* = log(p / (w (1 - p))), i.e. r* > 0 exactly when p = 0.3 exceeds w / (1 + w).

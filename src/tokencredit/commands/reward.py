@@ -24,7 +24,7 @@ from typing import Literal
 from tokencredit.config import ConfigError, claim_folder_for
 from tokencredit.distributed import process_group
 from tokencredit.models import LoraSettings
-from tokencredit.rewards.token_rm import TOKEN_LOSSES
+from tokencredit.rewards.token_rm_training import TOKEN_LOSSES
 from tokencredit.run_folders import releases_run_folders
 from tokencredit.runs import atomic_write_json
 
@@ -174,7 +174,8 @@ def reward_train(cfg: RewardRunConfig) -> dict:
     """Train the configured reward model; returns its held-out evaluation."""
     from tokencredit.rewards.pgg_rm import PGGRMConfig, train_pgg_reward_model
     from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
-    from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import TokenRMConfig, train_token_reward_model
 
     if cfg.kind not in ("token", "sequence", "pgg"):
         raise ConfigError(f"kind must be token, sequence or pgg (got {cfg.kind!r})")
@@ -216,7 +217,8 @@ def reward_eval(cfg: RewardRunConfig) -> dict:
     span accuracy; for a PGG RM also the ranking accuracy of its aggregated scores."""
     from tokencredit.rewards.pgg_rm import evaluate_pgg_reward_model
     from tokencredit.rewards.seq_rm import SequenceRewardModel, evaluate_sequence_reward_model
-    from tokencredit.rewards.token_rm import TokenRewardModel, evaluate_token_reward_model
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import evaluate_token_reward_model
 
     if cfg.kind not in ("token", "sequence", "pgg"):
         raise ConfigError(f"kind must be token, sequence or pgg (got {cfg.kind!r})")

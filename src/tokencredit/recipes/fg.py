@@ -38,7 +38,7 @@ from tokencredit.models import LoraSettings, apply_chat, load_critic, load_polic
 from tokencredit.precision import release_free_memory, validate_mixed_precision
 from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
-from tokencredit.rewards.token_rm import TOKEN_LOSSES
+from tokencredit.rewards.token_rm_training import TOKEN_LOSSES
 from tokencredit.run_folders import releases_run_folders
 from tokencredit.runs import atomic_write_json, read_metrics
 
@@ -93,7 +93,7 @@ class FGConfig:
     rm_batch_size: int = 8  # examples (and pairs) per RM optimiser step; also the held-out scoring batch
     rm_learning_rate: float = 3e-4  # reward-model learning rate (AdamW)
     rm_lora_r: int | None = 8  # None = full fine-tuning of the RM backbone
-    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.rewards.token_rm.TOKEN_LOSSES name
+    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.rewards.token_rm_training.TOKEN_LOSSES name
 
     # --- ppo: both arms use exactly these ---
     ppo_updates: int = 8  # PPO updates per arm (each = one rollout batch + ppo_epochs of optimisation)
@@ -262,8 +262,8 @@ def _train_reward_models(cfg: FGConfig, root: Path, start: str, train_edits: lis
     backbone, seed and budget; both scored on the held-out pairs."""
     from tokencredit.rewards.edits import edit_examples
     from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
-    from tokencredit.rewards.token_rm import (
-        TokenRewardModel,
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import (
         TokenRMConfig,
         evaluate_token_reward_model,
         train_token_reward_model,

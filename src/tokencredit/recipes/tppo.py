@@ -563,7 +563,8 @@ def _fit_token_rm(cfg: DemoConfig, start: Path, records: list[dict], folder: Pat
     """Fit a token reward model from the model folder ``start`` (fresh LoRA adapters) on labelled samples: per-token
     BCE on the word labels plus Bradley-Terry on the summed token rewards of pairs of samples of one prompt ranked
     by the sum of their token labels. Saved to ``folder/model``; returns (history, examples, pairs)."""
-    from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import TokenRMConfig, train_token_reward_model
 
     # With end labels an empty finished query is an example too: its end token alone, labelled -1.
     examples = [_token_example(r, cfg.label_end) for r in records
