@@ -9,7 +9,7 @@ from pathlib import Path
 from tokencredit.config import claim_folder_for, save_config
 from tokencredit.runs import atomic_write_json
 
-__all__ = ["Stage", "check_fast_model", "clamp_layers", "claim_recipe_folder"]
+__all__ = ["Stage", "check_fast_model", "clamp_layers", "claim_recipe_folder", "progress_over"]
 
 
 def check_fast_model(fast: bool, model: str, field_name: str = "model") -> None:
@@ -77,3 +77,10 @@ def clamp_layers(model_name: str, top_layers: int | None) -> int | None:
         return None
     n = getattr(AutoConfig.from_pretrained(resolve_model(model_name)), "num_hidden_layers", None)
     return None if n is not None and n <= top_layers else top_layers
+
+
+def progress_over(items: object, desc: str, unit: str) -> object:
+    """A named progress bar over a long stage's loop."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True)

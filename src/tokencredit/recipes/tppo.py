@@ -11,7 +11,6 @@ finished stages and resumes an interrupted PPO or SFT run from its last checkpoi
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import logging
 import random
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
 from tokencredit.models import (
     LoraSettings,
@@ -36,9 +34,10 @@ from tokencredit.models import (
     train_top_layers,
 )
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers, progress_over
+from tokencredit.recipes.tppo_eval import CURVE_METRICS, evaluate_policies, learning_curve, write_report
 from tokencredit.run_folders import releases_run_folders
-from tokencredit.runs import atomic_write_json, read_metrics
+from tokencredit.runs import atomic_write_json
 
 if TYPE_CHECKING:
     from tokencredit.rewards.labels import SpanLabel
@@ -236,13 +235,6 @@ FAST_OVERRIDES = dict(
 )
 
 
-def _bar(items: object, desc: str, unit: str) -> object:
-    """A named progress bar over a long stage's loop."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True)
-
-
 def _load_data(cfg: DemoConfig) -> tuple[list, list]:
     """(train, test) sessions."""
     from tokencredit.tasks.querygen import builtin_sessions, load_sessions, split_sessions
@@ -347,11 +339,11 @@ def _run_demo(cfg: DemoConfig) -> dict:
                                                                       records, controls))
 
     # 5. Evaluate every policy on held-out sessions: greedy queries vs the true next query, and RM reward.
-    summary, generations = _timed(run, "evaluate", lambda: _evaluate_policies(cfg, root, sft_model, test,
+    summary, generations = _timed(run, "evaluate", lambda: evaluate_policies(cfg, root, sft_model, test,
                                                                                run.test_prompts, tokenizer, rm))
     _complete_summary(run, summary, generations, records, labels_stage, rm_stage, controls)
     atomic_write_json(root / "summary.json", summary)
-    _write_report(cfg, root, summary, generations, test, tokenizer)
+    write_report(cfg, root, summary, generations, test, tokenizer)
     drop_replaced()  # a replaced run goes only once this one has finished
     return summary
 
@@ -457,7 +449,7 @@ def _ppo_stage(run: _DemoRun, name: str, kind: str, sft_model: Path, rm: object,
     if cfg.relabel_every is not None:
         info["reward_rounds"] = _rounds_info(stage.dir / "reward_rounds")
     if curve:
-        info["curve"] = _learning_curve(cfg, stage.dir, sft_model, run.test, run.test_prompts, run.tokenizer, rm)
+        info["curve"] = learning_curve(cfg, stage.dir, sft_model, run.test, run.test_prompts, run.tokenizer, rm)
         shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
     stage.finish(info)
 
@@ -503,7 +495,7 @@ def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: 
     records = []
     skipped = 0
     with_f1 = isinstance(labeler, ReferenceLabeler)
-    for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
+    for start in progress_over(range(0, len(chosen), 16), "labels", "batch"):
         idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
         prompts = [train_prompts[i] for i in idx]
         greedy_f1 = {}
@@ -866,115 +858,3 @@ def _pairs_from_labels(records: list[dict], rank: str = "share", score: Callable
                 win, lose = (a, b) if qa > qb else (b, a)
                 pairs.append(PreferencePair(win["prompt"], win["response"], lose["response"]))
     return pairs
-
-
-def _policy_folder(root: Path, name: str, sft_model: Path) -> Path:
-    """Where a finished policy lives."""
-    return sft_model if name == "sft" else root / name / "policy"
-
-
-def _evaluate_policies(cfg: DemoConfig, root: Path, sft_model: Path, test: list, prompts: list[str],
-                       tokenizer: object, rm: object) -> tuple[dict, dict]:
-    """Greedy queries of each policy on the test prompts, their metrics and mean RM reward."""
-    summary: dict = {}
-    generations: dict = {}
-    references = [s.target_query for s in test]
-    for name in _bar(cfg.policies, "evaluate", "policy"):
-        adapter = None if name == "sft" else _policy_folder(root, name, sft_model)
-        metrics, generations[name] = _greedy_eval(cfg, sft_model, adapter, prompts, references, tokenizer, rm)
-        summary[name] = metrics
-        atomic_write_json(root / f"generations_{name}.json",
-                          [{"prompt": p, "prediction": t, "target": r}
-                           for p, t, r in zip(prompts, generations[name]["texts"], references)])
-    return summary, generations
-
-
-CURVE_METRICS = ("token_f1", "bleu", "rouge_l", "token_precision", "token_recall", "mean_length_tokens", "rm_reward")
-
-
-def _greedy_eval(cfg: DemoConfig, sft_model: Path, adapter: Path | None, prompts: list[str], references: list[str],
-                 tokenizer: object, rm: object) -> tuple[dict, dict]:
-    """Greedy queries of the SFT model (with a LoRA adapter on top, if given): metrics and what was generated."""
-    from peft import PeftModel
-
-    from tokencredit.rewards.credit import credit_profile
-    from tokencredit.tasks.querygen import query_metrics
-
-    policy = load_policy(sft_model)
-    if adapter is not None:
-        policy = PeftModel.from_pretrained(policy, adapter).merge_and_unload()
-    texts, ids = [], []
-    for start in range(0, len(prompts), 32):
-        out = generate(policy, tokenizer, prompts[start : start + 32], max_new_tokens=cfg.max_new_tokens,
-                       greedy=True)
-        texts.extend(t.strip() for t in out.texts)
-        ids.extend(out.token_ids())
-    del policy
-    release_free_memory()
-    token_rewards = rm.score_token_ids(prompts, ids)
-    metrics = query_metrics(texts, references)
-    metrics["rm_reward"] = sum(sum(r) for r in token_rewards) / len(token_rewards)
-    metrics["mean_length_tokens"] = sum(len(i) for i in ids) / len(ids)
-    credit = credit_profile(rm, prompts, ids, rewards=token_rewards) if any(ids) else {}
-    return metrics, {"texts": texts, "ids": ids, "token_rewards": token_rewards, "credit": credit}
-
-
-def _learning_curve(cfg: DemoConfig, stage_dir: Path, sft_model: Path, test: list, prompts: list[str],
-                    tokenizer: object, rm: object) -> list[dict]:
-    """The test metrics of every checkpoint a PPO stage kept (one per curve_every updates)."""
-    from tokencredit.runs import CheckpointManager
-
-    references = [s.target_query for s in test]
-    points = []
-    for ckpt in _bar(CheckpointManager(stage_dir).candidates()[::-1], f"curve {stage_dir.name}", "checkpoint"):
-        metrics, generated = _greedy_eval(cfg, sft_model, ckpt / "policy", prompts, references, tokenizer, rm)
-        # The queries themselves, so that a fall along the curve can be tested pairwise over the same sessions.
-        points.append({"update": CheckpointManager.step_of(ckpt), **{k: metrics[k] for k in CURVE_METRICS},
-                       "predictions": generated["texts"]})
-    return sorted(points, key=lambda p: p["update"])
-
-
-def _write_report(cfg: DemoConfig, root: Path, summary: dict, generations: dict, test: list,
-                  tokenizer: object) -> None:
-    """report.html: metrics table, training curves, and per-token credit on a few test examples."""
-    rows = [{"policy": name, **{k: v for k, v in m.items()}} for name, m in summary.items() if name in cfg.policies]
-    curves = {}
-    for name in ("tppo", "ppo_sequence"):
-        if (root / name / "metrics.jsonl").exists():
-            curves[name] = [m.get("reward/mean") for m in read_metrics(root / name)]
-    kl_curves = {name: [m.get("kl/mean") for m in read_metrics(root / name)] for name in curves}
-    sft_loss = [m.get("loss") for m in read_metrics(root / "sft")] if (root / "sft" / "metrics.jsonl").exists() else []
-    charts = (svg_line_chart(curves, "Training reward (RM score of samples, mean per sequence)", ylabel="reward")
-              + svg_line_chart(kl_curves, "KL to the SFT reference (per sequence)", ylabel="KL")
-              + svg_line_chart({"sft": sft_loss}, "SFT loss", xlabel="step", ylabel="NLL"))
-    examples = []
-    for i in range(min(8, len(test))):
-        session = test[i]
-        cells = []
-        for name in cfg.policies:
-            g = generations[name]
-            if name != "sft" and g["ids"][i] == generations["sft"]["ids"][i]:
-                cells.append(f"<b>{name}</b>: <span class='small'>same query as sft</span>")
-                continue
-            pieces = token_pieces(tokenizer, g["ids"][i])
-            cells.append(f"<b>{name}</b>: {token_heatmap_html(pieces, g['token_rewards'][i])}")
-        last = session.history[-1].query if session.history else ""
-        examples.append(f"<p class='small'>last query: <i>{html.escape(last)}</i> &rarr; true next query: "
-                        f"<b>{html.escape(session.target_query)}</b></p><p>{'<br>'.join(cells)}</p>")
-    source = (f"an LLM judge ({html.escape(str(cfg.judge))}) that marked good and bad words of each sample"
-              if cfg.judge else "the reference-based labeler (words of a sampled query supported by the true next "
-              "query or clicked titles are good), not from an LLM judge")
-    note = (f"<p class='small'>Labels came from {source}. Colours: token rewards of the "
-            "trained token reward model (green = positive, red = negative; hover for the value)."
-            + (" FAST MODE: tiny random model, numbers are meaningless." if cfg.fast else "") + "</p>")
-    run_rows = [{"stage": k, "seconds": v} for k, v in summary.get("timings_s", {}).items()]
-    rm_eval = summary.get("reward_model_eval", {})
-    run_info = (html_table([summary.get("data", {})]) + html_table([summary.get("labels", {})])
-                + "<p class='small'>Reward model on held-out labelled samples:</p>" + html_table([rm_eval])
-                + html_table(run_rows))
-    write_html_report(root / "report.html", "tokencredit demo: TPPO query generation", [
-        ("Test metrics", html_table(rows) + note),
-        ("Training curves", charts),
-        ("Run", run_info),
-        ("Per-token credit on test examples", "".join(examples)),
-    ])
