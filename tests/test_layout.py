@@ -102,3 +102,15 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_each_paper_has_its_recipe_file():
     assert {p.stem for p in (PACKAGE / "recipes").glob("*.py")} >= {"tppo", "fg", "ser", "rlgf", "pgg"}
+
+
+def test_no_function_over_100_lines_and_no_module_over_800():
+    long_functions, long_modules = [], []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 800:
+            long_modules.append(f"{path.name}: {text.count(chr(10))}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long_functions.append(f"{path.name}:{node.lineno} {node.name}")
+    assert not long_functions and not long_modules
