@@ -39,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tokencredit.rewards.commands import TOKEN_LOSSES
 from tokencredit.rewards.data import EditTriple
 from tokencredit.rewards.edits import edit_examples, edit_spans
 from tokencredit.rewards.labels import SpanLabel
-from tokencredit.rewards.records import TokenExample
+from tokencredit.rewards.records import PreferencePair, TokenExample
 from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
-from tokencredit.rewards.token_rm import PreferencePair, TokenRewardModel, TokenRMConfig, train_token_reward_model
+from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rewards.token_rm_training import TOKEN_LOSSES, TokenRMConfig, train_token_reward_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokencredit.judges.commands import EvaluateConfig, run_evaluate
+from tokencredit.commands.judge import EvaluateConfig, run_evaluate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "alpaca_eval.jsonl"
 

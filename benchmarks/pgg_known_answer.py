@@ -125,7 +125,7 @@ def oracle_reward_fn(tok: object):
 def run_arm(arm: str, seed: int, on_eval) -> dict:
     """Train one arm from the seed's start model, evaluating every eval_every LM steps."""
     from tokencredit.rewards.token_rm import TokenRewardModel
-    from tokencredit.rl.pgg import PGGConfig, PGGTrainer
+    from tokencredit.rl.pgg_trainer import PGGConfig, PGGTrainer
     from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer
 
     tok = tiny_word_tokenizer(WORDS)

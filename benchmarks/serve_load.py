@@ -200,8 +200,9 @@ def main() -> int:
 
     import torch
 
+    from tokencredit.model_server import ModelServer, ServeConfig
     from tokencredit.models import default_cache_dir
-    from tokencredit.serve import ModelServer, ServeConfig, make_http_server
+    from tokencredit.serve import make_http_server
     from tokencredit.testing import save_tiny_causal_lm
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))

@@ -5,7 +5,7 @@ prompts "topic alpha" ... "topic delta", each with a fixed target set of 3 conte
 all), plus 12 distractor words. A response is at most ``MAX_NEW_TOKENS`` = 6 tokens. Labels come from the real
 ``ReferenceLabeler(use_clicked=False)`` with context ``{"target": <the topic's 3 words>}``: a target word +1,
 any other word -1 (with ``repeats="bad"`` a word repeating an earlier word of the response is -1), turned into
-one label per sampled token by ``spans_to_token_labels`` and ``recipes.tppo.end_label``.
+one label per sampled token by ``spans_to_token_labels`` and ``recipes.tppo_labels.end_label``.
 
     OLD design (before issue 29): repeats="keep", unit="token", end token unlabelled (0).
     NEW design:                   repeats="bad",  unit="word",  end labels on (a finished response with a +1
@@ -98,9 +98,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tokencredit.evaluate import svg_line_chart  # noqa: E402
-from tokencredit.feedback.labelers import ReferenceLabeler  # noqa: E402
+from tokencredit.feedback.reference_labeler import ReferenceLabeler  # noqa: E402
 from tokencredit.generation import generate  # noqa: E402
-from tokencredit.recipes.tppo import end_label  # noqa: E402
+from tokencredit.recipes.tppo_labels import end_label  # noqa: E402
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels  # noqa: E402
 from tokencredit.rewards.shaping import bounded, potential_reward_fn  # noqa: E402
 from tokencredit.rl.ppo import PPOConfig, PPOTrainer  # noqa: E402
@@ -315,7 +315,7 @@ def rm_examples(oracle: Oracle, policy: torch.nn.Module, design: str, n: int, ge
 
 def fit_rm(rm: object, examples: list, design: str, seed: int, folder: Path) -> dict:
     """Train ``rm`` in place on token examples with the demo's reward-model loss settings; returns its eval."""
-    from tokencredit.rewards.token_rm import TokenRMConfig, train_token_reward_model
+    from tokencredit.rewards.token_rm_training import TokenRMConfig, train_token_reward_model
 
     shutil.rmtree(folder, ignore_errors=True)
     cfg = TokenRMConfig(output_dir=str(folder), seed=seed, num_epochs=SETTINGS["rm_epochs"],

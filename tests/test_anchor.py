@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from test_token_rm import make_rm, toy_token_examples
-from tokencredit.rewards.token_rm import TokenRMConfig, anchor_loss, train_token_reward_model
+from tokencredit.rewards.token_rm_training import TokenRMConfig, anchor_loss, train_token_reward_model
 
 
 def test_anchor_loss_is_the_mean_square_over_unlabelled_unmasked_tokens():

@@ -182,7 +182,7 @@ def test_clip_words_judges_a_word_as_the_prefix_reads_it(smol):
     emoji = ids_of(smol, " 😀", " 😀")
     assert len(emoji) == 4 and repeated_words(emoji, smol) == [False] * 4
     # the prefix texts behind it: a trailing byte piece adds nothing until its character is complete
-    from tokencredit.rewards.labels import prefix_texts
+    from tokencredit.token_text import prefix_texts
 
     assert prefix_texts(ids_of(smol, "x", " 😀"), smol) == [("x", 0), ("x ", 1), ("x 😀", 2)]
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tokencredit.cli import CONFIG_CLASSES, main
+from tokencredit.cli import main
+from tokencredit.commands import COMMANDS as TABLE
 from tokencredit.config import describe_fields, field_docs
 
 COMMANDS = {"ppo": "PPORunConfig", "sft": "SFTRunConfig", "demo": "DemoConfig", "fg": "FGConfig",
@@ -14,7 +15,7 @@ COMMANDS = {"ppo": "PPORunConfig", "sft": "SFTRunConfig", "demo": "DemoConfig", 
 
 
 def config_class(name):
-    module, _, attr = CONFIG_CLASSES[name].partition(":")
+    module, _, attr = next(c.config for c in TABLE.values() if c.config.endswith(f":{name}")).partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
@@ -52,3 +53,8 @@ class _Child(_Documented):
 def test_descriptions_come_from_trailing_comments_or_the_lines_above():
     assert field_docs(_Documented) == {"a": "trailing wins", "b": "first line second line", "c": ""}
     assert field_docs(_Child) == {**field_docs(_Documented), "d": "added by the child"}
+
+
+def test_every_command_of_the_table_is_a_subcommand_with_its_help_tested():
+    assert set(TABLE) == set(COMMANDS)
+    assert all(TABLE[name].config.endswith(f":{config}") for name, config in COMMANDS.items())

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tokencredit.models import load_tokenizer
-from tokencredit.rewards.labels import map_rewards_by_chars, token_char_spans
+from tokencredit.rewards.labels import map_rewards_by_chars
 from tokencredit.rewards.token_rm import TokenRewardModel
 from tokencredit.testing import tiny_scalar_model
+from tokencredit.token_text import token_char_spans
 
 TEXT = "Naïve café: GPT-4o costs $20/month 😀"
 

@@ -154,9 +154,9 @@ class WordJudge:
 def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
     import tokencredit.recipes.tppo as demo
     from tokencredit.judges.backends import HFBackend, OpenAIBackend
-    from tokencredit.judges.labelers import JudgeTokenLabeler
+    from tokencredit.judges.judge_labelers import JudgeTokenLabeler
 
-    monkeypatch.setattr(demo, "_labeler", lambda cfg, folder: JudgeTokenLabeler(
+    monkeypatch.setattr(demo, "make_labeler", lambda cfg, folder: JudgeTokenLabeler(
         WordJudge(folder / "judge_cache.sqlite")))
     cfg = DemoConfig(output=str(tmp_path / "run"), fast=True, judge="http://127.0.0.1:9/v1", label_prompts=4,
                      ppo_updates=1, ppo_batch_size=4, ppo_mini_batch_size=2, max_new_tokens=4,
@@ -176,13 +176,13 @@ def test_demo_labels_with_an_llm_judge(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "reward_model" / "done.json").read_text())["miss_cost"] == 1.0
     # The real factory picks the backend from the judge setting.
     monkeypatch.undo()
-    url = demo._labeler(DemoConfig(judge="http://127.0.0.1:9/v1", judge_model="m"), tmp_path)
+    url = demo.make_labeler(DemoConfig(judge="http://127.0.0.1:9/v1", judge_model="m"), tmp_path)
     assert isinstance(url.spans.backend, OpenAIBackend) and url.spans.backend.model == "m"
     local_dir = tmp_path / "judge_model"
     from tokencredit.testing import save_tiny_causal_lm
 
     save_tiny_causal_lm(local_dir, ["a", "b"])
-    assert isinstance(demo._labeler(DemoConfig(judge=f"hf:{local_dir}"), tmp_path).spans.backend, HFBackend)
+    assert isinstance(demo.make_labeler(DemoConfig(judge=f"hf:{local_dir}"), tmp_path).spans.backend, HFBackend)
 
 
 def test_potential_shaping_runs_both_policies_on_one_bounded_objective(tmp_path):

@@ -15,7 +15,9 @@ from tokencredit.rewards.edits import (
     span_bt_loss,
 )
 from tokencredit.rewards.labels import SpanLabel
-from tokencredit.rewards.token_rm import PreferencePair, TokenRewardModel, evaluate_token_reward_model
+from tokencredit.rewards.records import PreferencePair
+from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rewards.token_rm_training import evaluate_token_reward_model
 from tokencredit.testing import tiny_scalar_model, tiny_word_tokenizer
 
 

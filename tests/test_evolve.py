@@ -6,7 +6,7 @@ import random
 import pytest
 
 from tokencredit.cli import main
-from tokencredit.rewards.ser import SERState
+from tokencredit.rewards.ser_selection import SERState
 from tokencredit.testing import save_tiny_causal_lm, toy_preference_pairs
 
 WORDS = "a b c d x y".split()

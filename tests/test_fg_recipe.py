@@ -156,7 +156,7 @@ def test_resume_skips_finished_stages_and_reruns_a_missing_one(fast_run, data):
 
 
 def test_judge_win_rate_and_gold_callable(tmp_path, data, monkeypatch):
-    from tokencredit.judges import commands
+    from tokencredit.judges import settings
     from tokencredit.judges.backends import ChatResult, JudgeBackend
 
     class AlwaysA(JudgeBackend):
@@ -168,7 +168,7 @@ def test_judge_win_rate_and_gold_callable(tmp_path, data, monkeypatch):
         def _ask(self, request):
             return ChatResult("A", "stop")
 
-    monkeypatch.setattr(commands, "make_backend", lambda settings, cache: AlwaysA(cache))
+    monkeypatch.setattr(settings, "make_backend", lambda judge, cache: AlwaysA(cache))
     cfg = load_config(FGConfig, None, [f"edits={data['edits']}", f"output={tmp_path / 'run'}", "fast=true",
                                        "judge.use_logprobs=false", "sft_epochs=0"], base=FAST_OVERRIDES)
     summary = run_fg(cfg, gold_scorer=lambda prompts, responses: [float(len(r)) for r in responses])

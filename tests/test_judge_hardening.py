@@ -11,11 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tokencredit.commands.judge import EvaluateConfig, JudgeRunConfig, run_evaluate, run_judge
 from tokencredit.judges.backends import ChatRequest, JudgeError, OpenAIBackend
 from tokencredit.judges.cache import JudgeCache
-from tokencredit.judges.commands import EvaluateConfig, JudgeRunConfig, run_evaluate, run_judge
-from tokencredit.judges.labelers import PairVerdict, PairwiseLabeler
-from tokencredit.records import RecordError
+from tokencredit.judges.judge_labelers import PairVerdict, PairwiseLabeler
+from tokencredit.record_files import RecordError
 
 
 class Endpoint:

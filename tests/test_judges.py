@@ -13,7 +13,7 @@ import pytest
 
 from tokencredit.judges.backends import ChatRequest, HFBackend, JudgeError, OpenAIBackend
 from tokencredit.judges.cache import JudgeCache
-from tokencredit.judges.labelers import (
+from tokencredit.judges.judge_labelers import (
     EditLabeler,
     PairwiseLabeler,
     RubricLabeler,
@@ -23,8 +23,9 @@ from tokencredit.judges.labelers import (
     parse_spans,
 )
 from tokencredit.judges.templates import load_template
+from tokencredit.model_server import ModelServer, ServeConfig
 from tokencredit.rewards.labels import SpanLabel
-from tokencredit.serve import ModelServer, ServeConfig, make_handler
+from tokencredit.serve import make_handler
 from tokencredit.testing import save_tiny_causal_lm
 
 WORDS = "A B yes no good bad score the answer is 1 2 3".split()
@@ -295,7 +296,7 @@ def test_cache_keys_cover_the_whole_request(tmp_path):
 
 # ------------------------------------------------------------------ commands
 def test_win_rate_counts_ties_half_and_brackets_the_estimate():
-    from tokencredit.judges.commands import win_rate
+    from tokencredit.judges.settings import win_rate
 
     r = win_rate(["a", "a", "b", "tie", None, "a"])
     assert r["judged"] == 5 and r["win_rate"] == pytest.approx(3.5 / 5)
@@ -337,7 +338,7 @@ def test_judge_command_writes_reward_records_and_reruns_from_cache(faulty, tmp_p
 
 
 def test_judge_spans_and_edits_feed_the_reward_loaders(tmp_path):
-    from tokencredit.judges.commands import JudgeRunConfig, run_judge
+    from tokencredit.commands.judge import JudgeRunConfig, run_judge
     from tokencredit.rewards.data import load_edits
 
     data = tmp_path / "responses.jsonl"
@@ -346,7 +347,7 @@ def test_judge_spans_and_edits_feed_the_reward_loaders(tmp_path):
     class Fixed(Scripted):
         pass
 
-    import tokencredit.judges.commands as commands
+    import tokencredit.commands.judge as commands
 
     answers = {"spans": "- in Germany\n+ Paris", "edits": "Paris is in France"}
     for task, answer in answers.items():
@@ -364,8 +365,8 @@ def test_judge_spans_and_edits_feed_the_reward_loaders(tmp_path):
 
 
 def test_evaluate_reports_win_rate_against_references(server, tmp_path):
-    import tokencredit.judges.commands as commands
-    from tokencredit.judges.commands import EvaluateConfig, run_evaluate
+    import tokencredit.commands.judge as commands
+    from tokencredit.commands.judge import EvaluateConfig, run_evaluate
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"q{i}", "reference": "yes good answer"}) + "\n"

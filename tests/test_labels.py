@@ -6,11 +6,10 @@ from tokencredit.rewards.labels import (
     SpanLabel,
     labels_for_token_ids,
     spans_to_token_labels,
-    token_char_spans,
-    token_pieces,
     word_spans,
 )
 from tokencredit.testing import tiny_word_tokenizer
+from tokencredit.token_text import token_char_spans, token_pieces
 
 
 @pytest.fixture(scope="module")

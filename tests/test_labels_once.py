@@ -4,18 +4,20 @@ nothing."""
 
 import pytest
 
-import tokencredit.rewards.token_rm as token_rm
+import tokencredit.rewards.token_rm_training as token_rm
 from tokencredit.config import config_defaults
 from tokencredit.feedback import ReferenceLabeler
 from tokencredit.judges.backends import ChatResult, JudgeBackend
-from tokencredit.judges.labelers import JudgeTokenLabeler
+from tokencredit.judges.judge_labelers import JudgeTokenLabeler
 from tokencredit.judges.templates import SPANS
 from tokencredit.models import load_tokenizer
-from tokencredit.recipes.tppo import DemoConfig, _pairs_from_labels, _token_example, end_label, label_sum
+from tokencredit.recipes.tppo import DemoConfig
+from tokencredit.recipes.tppo_labels import end_label, label_sum, pairs_from_labels, token_example
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels, word_spans
 from tokencredit.rewards.records import TokenExample
-from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, _token_rows, evaluate_token_reward_model
-from tokencredit.runs import changed_settings
+from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rewards.token_rm_training import TokenRMConfig, _token_rows, evaluate_token_reward_model
+from tokencredit.run_folders import changed_settings
 from tokencredit.testing import tiny_scalar_model
 
 
@@ -105,9 +107,9 @@ def test_the_end_label_rule():
 def test_old_records_read_as_finished_with_an_unlabelled_end():
     old = {"session": 0, "prompt": "p", "response": "boston", "spans": [[0, 6, 1]]}
     new = {**old, "finished": False, "end_label": -1}
-    assert (_token_example(old, True).finished, _token_example(old, True).end_label) == (True, 0)
-    assert (_token_example(new, True).finished, _token_example(new, True).end_label) == (False, -1)
-    assert (_token_example(new, False).finished, _token_example(new, False).end_label) == (True, 0)
+    assert (token_example(old, True).finished, token_example(old, True).end_label) == (True, 0)
+    assert (token_example(new, True).finished, token_example(new, True).end_label) == (False, -1)
+    assert (token_example(new, False).finished, token_example(new, False).end_label) == (True, 0)
 
 
 def test_the_label_unit_reaches_training_and_evaluation(smol_rm, tmp_path, monkeypatch):
@@ -135,25 +137,25 @@ def record(session, response, spans, finished=True):
 
 def test_pairs_are_ranked_by_the_label_sum_and_unfinished_samples_form_none(smol):
     def score(r):
-        return label_sum(_token_example(r, True), smol, "word")
+        return label_sum(token_example(r, True), smol, "word")
 
     # The share of good words ranks "boston" (1 of 1) above "boston hospital clinic globe" (3 of 4); the sum the
     # reward model's summed reward is fitted to (word units and end label) ranks them the other way.
     one = record(0, "boston", [[0, 6, 1]])
     two = record(0, "boston hospital clinic globe", [[0, 6, 1], [7, 15, 1], [16, 22, 1], [23, 28, -1]])
     assert score(one) == 1 + 1 and score(two) == 3 - 1 + 1
-    [pair] = _pairs_from_labels([one, two], "sum", score)
+    [pair] = pairs_from_labels([one, two], "sum", score)
     assert (pair.chosen, pair.rejected) == (two["response"], "boston")
-    [old] = _pairs_from_labels([one, two], "share")
+    [old] = pairs_from_labels([one, two], "share")
     assert (old.chosen, old.rejected) == ("boston", two["response"])
     # An unfinished sample is scored with an EOS appended if paired: it forms no pair.
     cut = record(0, "globe globe globe", [[0, 5, -1], [6, 11, -1], [12, 17, -1]], finished=False)
-    assert [(p.chosen, p.rejected) for p in _pairs_from_labels([one, two, cut], "sum", score)] == [
+    assert [(p.chosen, p.rejected) for p in pairs_from_labels([one, two, cut], "sum", score)] == [
         (two["response"], "boston")]
     # Equal sums form no pair; different prompts are never paired.
     same = record(0, "hospital", [[0, 8, 1]])
-    assert _pairs_from_labels([one, same], "sum", score) == []
-    assert _pairs_from_labels([one, record(1, two["response"], two["spans"])], "sum", score) == []
+    assert pairs_from_labels([one, same], "sum", score) == []
+    assert pairs_from_labels([one, record(1, two["response"], two["spans"])], "sum", score) == []
 
 
 # ---------------------------------------------------------------------- judge
@@ -181,7 +183,7 @@ def test_an_unreadable_judge_answer_gives_no_labels():
     # A sample the judge could not label is no record, so it forms no pair.
     records = [record(0, r, [[s.start, s.end, s.label] for s in sp]) for r, sp in
                zip(["boston globe", "cheap hotel", "quiet"], labels) if sp is not None]
-    pairs = _pairs_from_labels(records, "sum", lambda r: sum(s[2] for s in r["spans"]))
+    pairs = pairs_from_labels(records, "sum", lambda r: sum(s[2] for s in r["spans"]))
     assert all("cheap hotel" not in (p.chosen, p.rejected) for p in pairs)
 
 
@@ -214,12 +216,13 @@ def test_demo_defaults_are_the_new_rules_and_old_runs_resume_with_the_old_ones()
 
 
 def test_demo_labels_only_next_query_words_when_clicked_titles_do_not_count(tmp_path):
-    from tokencredit.recipes.tppo import DemoConfig, _labeler
+    from tokencredit.recipes.tppo import DemoConfig
+    from tokencredit.recipes.tppo_labels import make_labeler
 
     session = {"target": "boston globe", "clicked": ["Hospital rankings in Boston"]}
     spans = {}
     for clicked in (True, False):
-        labeler = _labeler(DemoConfig(fast=True, label_clicked=clicked), tmp_path)
+        labeler = make_labeler(DemoConfig(fast=True, label_clicked=clicked), tmp_path)
         spans[clicked] = [s.label for s in labeler.label(["p"], ["boston hospital rankings"], [session])[0]]
     assert spans[True] == [1, 1, 1] and spans[False] == [1, -1, -1]
     with pytest.raises(ValueError, match="label_clicked applies to the reference labeler"):
@@ -233,7 +236,7 @@ def test_a_miss_weight_puts_the_rewards_zero_where_a_unit_is_right_that_often():
 
     import torch
 
-    from tokencredit.rewards.token_rm import token_bce_loss
+    from tokencredit.rewards.token_rm_training import token_bce_loss
 
     # 3 good and 7 bad tokens behind one shared logit r: the weighted BCE is minimal at
     # r* = log(p / (w (1 - p))), i.e. r* > 0 exactly when p = 0.3 exceeds w / (1 + w).
@@ -262,7 +265,7 @@ def test_a_miss_weight_puts_the_rewards_zero_where_a_unit_is_right_that_often():
 
 
 def test_the_miss_cost_is_the_f1_break_even_of_the_labelled_samples():
-    from tokencredit.recipes.tppo import MIN_MISS_COST, miss_cost
+    from tokencredit.recipes.tppo_labels import MIN_MISS_COST, miss_cost
 
     # The greedy queries' mean F1 is 0.2: a word pays when right more than 0.1 of the time (the samples' own F1,
     # lower at temperature 1, does not set it).
@@ -283,7 +286,7 @@ def test_the_miss_cost_is_the_f1_break_even_of_the_labelled_samples():
 
 def test_cheap_misses_rank_pairs_only_where_the_hits_differ(smol):
     def score(cost):
-        return lambda r: label_sum(_token_example(r, True), smol, "word", cost)
+        return lambda r: label_sum(token_example(r, True), smol, "word", cost)
 
     short = record(0, "globe", [[0, 5, -1]])
     long = record(0, "globe tavern harbor", [[0, 5, -1], [6, 12, -1], [13, 19, -1]])
@@ -291,9 +294,9 @@ def test_cheap_misses_rank_pairs_only_where_the_hits_differ(smol):
     # At a miss cost of 1 the shorter of two samples without a hit wins: the pressure towards empty queries.
     assert score(1.0)(short) == -2 and score(1.0)(long) == -4
     assert ("globe", "globe tavern harbor") in [(p.chosen, p.rejected)
-                                                for p in _pairs_from_labels([short, long], "sum", score(1.0), 1.0)]
+                                                for p in pairs_from_labels([short, long], "sum", score(1.0), 1.0)]
     # At 0.1 they differ by 0.2, less than a hit's worth: no pair; a sample with a hit still beats both.
     assert score(0.1)(long) == pytest.approx(-0.4) and score(0.1)(hit) == pytest.approx(1 - 0.1 + 1)
-    pairs = _pairs_from_labels([short, long, hit], "sum", score(0.1), 1.0)
+    pairs = pairs_from_labels([short, long, hit], "sum", score(0.1), 1.0)
     assert sorted((p.chosen, p.rejected) for p in pairs) == [("boston tavern", "globe"),
                                                              ("boston tavern", "globe tavern harbor")]

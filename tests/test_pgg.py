@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokencredit.rewards.pgg import (
+from tokencredit.rewards.pgg_rm import (
     aggregate,
     bounded,
     group_mean_length,
@@ -339,7 +339,7 @@ def test_pgg_rm_training_learns_a_toy_ranking(how):
 
 def test_train_pgg_reward_model_on_ranked_lists_of_mixed_k(tmp_path):
     from tokencredit.rewards.data import RankedList
-    from tokencredit.rewards.pgg import PGGRMConfig, evaluate_pgg_reward_model, train_pgg_reward_model
+    from tokencredit.rewards.pgg_rm import PGGRMConfig, evaluate_pgg_reward_model, train_pgg_reward_model
 
     rng = random.Random(0)
     lists = []

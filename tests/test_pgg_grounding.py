@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import tokencredit.rl.pgg as pgg_module
-from tokencredit.rewards.pgg import GroundingFitConfig, RankedGroup, fit_grounding
+import tokencredit.rl.pgg_trainer as pgg_module
+from tokencredit.rewards.pgg_rm import GroundingFitConfig, RankedGroup, fit_grounding
 from tokencredit.rewards.token_rm import TokenRewardModel
-from tokencredit.rl.pgg import PGGConfig, PGGTrainer
+from tokencredit.rl.pgg_trainer import PGGConfig, PGGTrainer
 from tokencredit.rl.rollout import response_logits
 from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer
 
@@ -106,7 +106,7 @@ def test_fit_grounding_stops_when_held_out_accuracy_stalls_and_keeps_the_best_we
     # After the best check, `patience` checks did not improve on it, and the weights are the best check's.
     steps = [c["step"] for c in result["curve"]]
     assert steps[-1] - result["best"]["step"] == 4 * 10
-    from tokencredit.rewards.pgg import PGGRMConfig, _evaluate_groups
+    from tokencredit.rewards.pgg_rm import PGGRMConfig, _evaluate_groups
 
     again = _evaluate_groups(rm, held_out, PGGRMConfig(aggregator="sum"))
     assert again["rank_pair_accuracy"] == pytest.approx(result["best"]["rank_pair_accuracy"])

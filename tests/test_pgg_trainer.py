@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from tokencredit.rewards.token_rm import TokenRewardModel
-from tokencredit.rl.pgg import (
-    PGGConfig,
-    PGGTrainer,
-    pgg_reinforce_loss,
-    rank_by_score,
-    ranked_lists,
-    token_weights_to_go,
-    weighted_mle_loss,
-)
+from tokencredit.rl.losses import pgg_reinforce_loss, token_weights_to_go, weighted_mle_loss
+from tokencredit.rl.pgg_trainer import PGGConfig, PGGTrainer, rank_by_score, ranked_lists
 from tokencredit.runs import read_metrics
 from tokencredit.testing import tiny_causal_lm, tiny_scalar_model, tiny_word_tokenizer
 
@@ -187,7 +180,7 @@ def test_sequence_weights_are_the_standardised_scores(tmp_path):
         seen["rewards"], seen["mask"] = rewards.clone(), mask.clone()
         return real(logprobs, rewards, mask, *args)
 
-    import tokencredit.rl.pgg as pgg_module
+    import tokencredit.rl.pgg_trainer as pgg_module
 
     pgg_module.pgg_reinforce_loss, saved = spy, pgg_module.pgg_reinforce_loss
     try:

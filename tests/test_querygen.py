@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tokencredit.records import RecordError
+from tokencredit.record_files import RecordError
 from tokencredit.tasks.querygen import (
     BASE_PROMPT_END,
     HistoryEntry,

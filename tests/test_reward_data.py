@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from tokencredit.records import RecordError
+from tokencredit.record_files import RecordError
 from tokencredit.rewards.data import (
     EditTriple,
     RankedList,
@@ -304,7 +304,7 @@ def test_loaders_accept_a_hugging_face_dataset():
 
 
 def test_file_errors_name_the_line_for_bytes_bom_and_nesting(tmp_path):
-    from tokencredit.records import load_prompts, read_jsonl
+    from tokencredit.record_files import load_prompts, read_jsonl
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9", "chosen": "b"}\n')

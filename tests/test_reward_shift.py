@@ -15,7 +15,8 @@ from tokencredit.rewards.seq_rm import (
     score_shift_parameters,
     train_sequence_reward_model,
 )
-from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
+from tokencredit.rewards.token_rm import TokenRewardModel
+from tokencredit.rewards.token_rm_training import TokenRMConfig, train_token_reward_model
 from tokencredit.testing import tiny_scalar_model, tiny_word_tokenizer
 
 WORDS = "a b c d x y".split()

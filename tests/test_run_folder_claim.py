@@ -4,7 +4,8 @@ refuses changed settings unless told otherwise."""
 import pytest
 import yaml
 
-from tokencredit.runs import RunFolderError, changed_settings, claim_run_folder, holds_run
+from tokencredit.run_folders import changed_settings, claim_run_folder, holds_run
+from tokencredit.runs import RunFolderError
 
 
 def occupied(tmp_path, settings=None):

@@ -10,17 +10,8 @@ import textwrap
 import pytest
 
 from tokencredit.rl.sft import SFTConfig, SFTTrainer
-from tokencredit.runs import (
-    CheckpointManager,
-    MetricsLogger,
-    RunFolderBusyError,
-    RunFolderError,
-    claim_run_folder,
-    holds_lock,
-    read_metrics,
-    release_run_folder,
-    remove_path,
-)
+from tokencredit.run_folders import RunFolderBusyError, claim_run_folder, holds_lock, release_run_folder
+from tokencredit.runs import CheckpointManager, MetricsLogger, RunFolderError, read_metrics, remove_path
 from tokencredit.testing import tiny_causal_lm, tiny_word_tokenizer
 
 WORDS = "a b c d e f g h".split()
@@ -131,7 +122,7 @@ def test_overwrite_moves_a_folder_with_links_aside_without_following_them(tmp_pa
 # ------------------------------------------------------------------------------------------------ one writer
 HOLDER = textwrap.dedent("""
     import sys
-    from tokencredit.runs import claim_run_folder
+    from tokencredit.run_folders import claim_run_folder
     claim_run_folder(sys.argv[1], {}, resume=True, allow_changed_settings=True)
     print("locked", flush=True)
     sys.stdin.read()  # hold the folder until the test closes stdin or kills this process

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tokencredit.rewards.ser import (
+from tokencredit.rewards.ser_selection import (
     LoopRecord,
     PseudoLabel,
     Selection,

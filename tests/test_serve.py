@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from tokencredit.serve import ModelServer, ServeConfig, make_http_server
+from tokencredit.model_server import ModelServer, ServeConfig
+from tokencredit.serve import make_http_server
 from tokencredit.testing import save_tiny_causal_lm
 
 openai = pytest.importorskip("openai")

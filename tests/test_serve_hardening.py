@@ -14,8 +14,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from tokencredit import serve
-from tokencredit.serve import ModelServer, ServeConfig, context_limit, make_http_server, parse_json_body
+from tokencredit import model_server
+from tokencredit.model_server import ModelServer, ServeConfig, context_limit
+from tokencredit.serve import make_http_server, parse_json_body
 from tokencredit.testing import save_tiny_causal_lm
 
 WORDS = "yes no good bad a b c the answer is".split()
@@ -296,7 +297,7 @@ def test_a_huge_prompt_is_refused_from_its_prefix(live, monkeypatch):
         status, _, body = call(live, "POST", "/v1/completions", {"model": "tiny", "prompt": prompt})
     assert_json_error(status, body, 400)
     assert body["error"]["code"] == "context_length_exceeded" and "more than 512" in body["error"]["message"]
-    assert seen == [serve.PREFIX_CHARS_PER_TOKEN * 512]  # only the prefix was tokenized
+    assert seen == [model_server.PREFIX_CHARS_PER_TOKEN * 512]  # only the prefix was tokenized
     assert_healthy(live)
 
 
@@ -323,7 +324,7 @@ def test_context_limit_sources(live):
 def test_parse_json_body_directly():
     assert parse_json_body(b'{"a": [1, {"b": "\\ud83d\\ude00"}]}') == {"a": [1, {"b": "\U0001f600"}]}
     assert parse_json_body(b"") is None
-    with pytest.raises(serve.ApiError, match="nests deeper"):
+    with pytest.raises(model_server.ApiError, match="nests deeper"):
         parse_json_body(b"[" * 33 + b"]" * 33)
     parse_json_body(b"[" * 32 + b"]" * 32)
 
@@ -699,12 +700,12 @@ def test_a_request_queued_past_its_timeout_gets_a_503(live, monkeypatch):
 def test_log_probs_are_kept_only_when_asked_and_only_top_k(live, monkeypatch):
     made = []
 
-    class Recorder(serve._LogprobRecorder):
+    class Recorder(model_server._LogprobRecorder):
         def __init__(self, top):
             super().__init__(top)
             made.append(self)
 
-    monkeypatch.setattr(serve, "_LogprobRecorder", Recorder)
+    monkeypatch.setattr(model_server, "_LogprobRecorder", Recorder)
     body = {"model": "tiny", "prompt": ["a", "b"], "max_tokens": 6, "n": 2, "temperature": 0}
     status, _, resp = call(live, "POST", "/v1/completions", body)
     assert status == 200 and made == [] and all(c["logprobs"] is None for c in resp["choices"])

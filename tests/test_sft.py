@@ -315,7 +315,7 @@ def test_cli_sft_querygen_task_renders_sessions(cli_setup, tmp_path):
                                                "target_query": f"c {w}"}) for w in "abcdefgh") + "\n")
     args = ["sft", "--config", str(cli_setup / "run.yaml"), "task=querygen", f"data={sessions}", "max_steps=2"]
     assert main(args) == 0
-    from tokencredit.rl.sft import SFTRunConfig, load_sft_data
+    from tokencredit.commands.sft import SFTRunConfig, load_sft_data
 
     cfg = SFTRunConfig(task="querygen", data=str(sessions), max_examples=3)
     prompts, responses, _ = load_sft_data(cfg, tiny_word_tokenizer(["a"]))

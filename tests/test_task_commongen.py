@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tokencredit.records import RecordError
+from tokencredit.record_files import RecordError
 from tokencredit.rewards.tokens import rewards_to_tensor
 from tokencredit.tasks.commongen import (
     BASE_PROMPT_END,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokencredit.records import RecordError
+from tokencredit.record_files import RecordError
 from tokencredit.rewards.tokens import rewards_to_tensor
 from tokencredit.tasks.imdb import (
     BagOfWordsScorer,

@@ -10,11 +10,12 @@ from tokenizers import Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
+from tokencredit.commands.sft import SFTRunConfig, load_sft_data
 from tokencredit.generation import encode_prompts
 from tokencredit.models import load_tokenizer
 from tokencredit.rewards.labels import SpanLabel, spans_to_token_labels
 from tokencredit.rewards.token_rm import TokenRewardModel
-from tokencredit.rl.sft import SFTRunConfig, load_sft_data, tokenize_examples
+from tokencredit.rl.sft import tokenize_examples
 from tokencredit.testing import tiny_scalar_model, tiny_word_tokenizer
 from tokencredit.textbounds import (
     _bound_from_json,
@@ -168,7 +169,7 @@ def test_helpers_leave_texts_that_may_fit_alone(smol):
 
 
 def test_reward_train_length_check_refuses_a_huge_response_without_tokenizing_it(tmp_path, smol, seen):
-    from tokencredit.rewards.commands import RewardRunConfig, check_lengths
+    from tokencredit.commands.reward import RewardRunConfig, check_lengths
     from tokencredit.rewards.data import RewardDataError
 
     data = tmp_path / "pairs.jsonl"

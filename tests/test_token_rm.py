@@ -8,12 +8,10 @@ import torch
 from tokencredit import PPOConfig, PPOTrainer
 from tokencredit.models import LoraSettings, ScalarHeadModel
 from tokencredit.rewards.labels import SpanLabel, word_spans
-from tokencredit.rewards.token_rm import (
-    PreferencePair,
-    TokenExample,
-    TokenRewardModel,
+from tokencredit.rewards.records import PreferencePair, TokenExample
+from tokencredit.rewards.token_rm import TokenRewardModel, same_tokenizer
+from tokencredit.rewards.token_rm_training import (
     TokenRMConfig,
-    same_tokenizer,
     summed_bt_loss,
     token_bce_loss,
     train_token_reward_model,
@@ -333,7 +331,7 @@ def test_span_bt_training_learns_which_words_the_edit_fixed(tmp_path):
 
 def test_hybrid_loss_combines_span_bt_and_sequence_bt(tmp_path):
     from tokencredit.rewards.data import EditTriple
-    from tokencredit.rewards.token_rm import _edit_rows, _loss, _pair_rows
+    from tokencredit.rewards.token_rm_training import _edit_rows, _loss, _pair_rows
 
     rm = make_rm(seed=3)
     edits = toy_edits(6, seed=1)

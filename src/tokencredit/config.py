@@ -27,7 +27,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from tokencredit.runs import atomic_write_text, claim_run_folder
+from tokencredit.run_folders import claim_run_folder
+from tokencredit.runs import atomic_write_text
 
 T = TypeVar("T")
 
@@ -93,7 +94,7 @@ def config_defaults(cfg: Any) -> dict:
 
 
 def claim_folder_for(cfg: Any, run_dir: str | Path) -> Callable[[], None]:
-    """:func:`tokencredit.runs.claim_run_folder` for a config with ``resume``, ``overwrite`` and
+    """:func:`tokencredit.run_folders.claim_run_folder` for a config with ``resume``, ``overwrite`` and
     ``allow_changed_settings`` fields: its settings are the config, and a setting an older run lacks is checked
     against :func:`config_defaults` (so every caller judges old runs the same way)."""
     return claim_run_folder(run_dir, config_to_dict(cfg), cfg.resume, cfg.overwrite, cfg.allow_changed_settings,

@@ -10,8 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tokencredit.rewards.labels import token_pieces
 from tokencredit.runs import atomic_write_text
+from tokencredit.token_text import token_pieces
 
 __all__ = ["html_table", "reward_color", "svg_bar_chart", "svg_line_chart", "svg_scatter_lines", "token_heatmap_html",
            "token_pieces", "write_html_report"]

@@ -106,7 +106,7 @@ def _ends_with_stop(tokenizer: object, rows: torch.Tensor, lengths: torch.Tensor
     return out
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """Text before the first stop string."""
     cut = len(text)
     for s in stops:
@@ -284,6 +284,13 @@ def generate(
     finally:
         model.train(was_training)
 
+    return _assemble(tokenizer, prompt_ids, prompt_mask, tokens, logps, alive_steps, alive, stops)
+
+
+def _assemble(tokenizer: object, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: list[torch.Tensor],
+              logps: list[torch.Tensor], alive_steps: list[torch.Tensor], alive: torch.Tensor,
+              stops: list[str]) -> GenerationOutput:
+    """The sampled steps as one batch: response ids, mask, log-probs and texts (cut at a stop string)."""
     response_mask = torch.stack(alive_steps, 1)
     # A decoder that reads "any row alive?" only every few steps may run past the end: drop columns where no
     # row was generating (a no-op for the plain path, which stops at once).
@@ -296,7 +303,7 @@ def generate(
         skip_special_tokens=True,
     )
     if stops:
-        texts = [_cut_at_stop(t, stops) for t in texts]
+        texts = [cut_at_stop(t, stops) for t in texts]
     return GenerationOutput(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

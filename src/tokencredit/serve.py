@@ -58,6 +58,10 @@ Chat messages take the roles ``system``, ``developer`` (rendered as ``system``),
 any other role (``tool`` and ``function`` included: no tool calls are made) gets a 400 naming the message.
 Only a message's role and content reach the chat template. A tokenizer without a chat template renders messages
 as ``role: content`` lines followed by ``assistant:``.
+
+This module is the HTTP layer. The model-sampling core it serves (``ServeConfig``, ``ModelServer``: request
+validation, sampling, log-probabilities, the model-side limits) lives in ``tokencredit.model_server``, which the
+judges' local backend uses without any HTTP code.
 """
 
 from __future__ import annotations
@@ -73,520 +77,16 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import torch
-
-from tokencredit.generation import eos_ids, generate
-from tokencredit.rewards.labels import token_pieces
+from tokencredit.model_server import ApiError, ModelServer, RequestCancelled, RequestContext, ServeConfig
 
 log = logging.getLogger(__name__)
 
-MAX_N = 16
-MAX_TOP_LOGPROBS_CHAT = 20
-MAX_LOGPROBS_COMPLETION = 5
-MAX_STOP = 4
 MAX_JSON_DEPTH = 32
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-MAX_BODY_BYTES = 8 * 1024 * 1024
-PREFIX_CHARS_PER_TOKEN = 16  # a prompt longer than this many characters per context token is measured on a prefix
 API_KEY_ENV = "TOKENCREDIT_API_KEY"
-# Chat roles taken. "developer" is OpenAI's newer name for "system" and is rendered as one (chat templates know
-# "system"); "tool" and "function" answer tool calls, which this server never makes.
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-
-
-@dataclass
-class ServeConfig:
-    """Settings of `tokencredit serve`, limits included (see the module docstring)."""
-
-    model: str = "smollm2-135m-instruct"  # built-in name, model folder (a trained policy) or cached hub id
-    host: str = "127.0.0.1"  # loopback by default: exposing a model to a network is a choice to make explicitly
-    port: int = 8000  # 0 = any free port (printed at start)
-    served_name: str | None = None  # the `model` clients must send; None = the folder or built-in name
-    device: str = "auto"  # where the model runs; "auto" = cuda when available, else cpu
-    max_tokens_limit: int = 2048  # largest max_tokens a request may ask for
-    default_max_tokens: int = 256  # when a request does not say (lowered to what the context has left)
-    max_context: int | None = None  # prompt + max_tokens cap below the model's own positions; None = the model's
-    max_rows: int = 64  # prompts x n in one request
-    max_body_bytes: int = MAX_BODY_BYTES  # largest request body (Content-Length) accepted; larger gets a 413
-    read_timeout_s: float = 30.0  # for a whole request to arrive, and for each write to a client
-    max_connections: int = 32  # open connections; more get an immediate 503
-    request_timeout_s: float | None = 300.0  # from body read to answer; None = no limit
-    api_key: str | None = field(default=None, repr=False)  # None = no key needed; repr=False keeps it out of logs
-
-
-class ApiError(Exception):
-    """A request the server refuses, with the HTTP status and OpenAI-style error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        """The JSON error body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class RequestCancelled(Exception):
-    """The client went away before its answer was ready; the work for it was stopped."""
-
-
-@dataclass
-class RequestContext:
-    """What the HTTP layer tells the model about one request: its deadline and how to see that the client left."""
-
-    deadline: float | None = None  # a time.monotonic() value
-    client_gone: Callable[[], bool] | None = None
-
-
-@dataclass
-class _Params:
-    """Sampling parameters of one request, validated."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    n: int
-    stop: list[str]
-    seed: int | None
-    top_logprobs: int | None  # None: no log-probabilities
-    stream: bool
-    max_tokens_given: bool = True  # False: the default, which may shrink to fit the context
-
-
-@dataclass
-class _Choice:
-    """One generated answer with its tokens and their log-probabilities."""
-
-    text: str
-    finish_reason: str
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[list[tuple[str, float]]]
-
-
-class _Watch:
-    """Logits processor run once per decode step: counts steps, stops for a departed client, ends at the deadline."""
-
-    def __init__(self, eos_id: int, deadline: float | None, client_gone: Callable[[], bool] | None) -> None:
-        self.eos_id, self.deadline, self.client_gone = eos_id, deadline, client_gone
-        self.steps = 0
-        self.expired_step: int | None = None  # the step whose token was forced to EOS by the deadline
-
-    def __call__(self, seq: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Raise RequestCancelled if the client left; past the deadline, make EOS the only possible token."""
-        step = self.steps
-        self.steps += 1
-        if self.client_gone is not None and self.client_gone():
-            raise RequestCancelled(f"client left after {step} decode steps")
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            # Forcing EOS ends every row at this step without another forward pass, and keeps what was generated.
-            self.expired_step = step
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.eos_id] = 0.0
-            return forced
-        return scores
-
-
-class _LogprobRecorder:
-    """Logits processor keeping per step only the drawn token's log-prob and the top-k, not the whole vocabulary."""
-
-    def __init__(self, top: int) -> None:
-        self.top = top
-        self.chosen: list[torch.Tensor] = []  # [B] per step
-        self.top_values: list[torch.Tensor] = []  # [B, k] per step
-        self.top_ids: list[torch.Tensor] = []
-        self._pending: torch.Tensor | None = None  # this step's distribution, until its token is known
-
-    def __call__(self, seq: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Resolve the previous step with the token it drew (the sequence's last column), then hold this one."""
-        if self._pending is not None:
-            self._take(seq[:, -1])
-        dist = scores.float().log_softmax(-1)
-        if self.top:
-            values, ids = dist.topk(min(self.top, dist.size(-1)))
-            self.top_values.append(values)
-            self.top_ids.append(ids)
-        self._pending = dist
-        return scores
-
-    def _take(self, tokens: torch.Tensor) -> None:
-        """The held distribution's log-prob of ``tokens`` [B]."""
-        self.chosen.append(self._pending.gather(-1, tokens[:, None].to(self._pending.device)).squeeze(-1))
-        self._pending = None
-
-    def finish(self, response_ids: torch.Tensor) -> None:
-        """Resolve the last step, whose token no later step saw."""
-        if self._pending is not None and len(self.chosen) < response_ids.size(1):
-            self._take(response_ids[:, len(self.chosen)])
-        self._pending = None
-
-
-def context_limit(model: torch.nn.Module, tokenizer: object) -> int | None:
-    """The model's positions (config), else the tokenizer's model_max_length when it is a real number."""
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        return positions
-    length = getattr(tokenizer, "model_max_length", None)
-    # Tokenizers without a known limit report int(1e30).
-    if isinstance(length, int) and 0 < length < 10**9:
-        return length
-    return None
-
-
-class ModelServer:
-    """The model, its tokenizer and the OpenAI request/response logic, independent of HTTP."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: object, name: str, config: ServeConfig | None = None
-                 ) -> None:
-        """Serve ``model`` under ``name``."""
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.config = config or ServeConfig()
-        self.lock = threading.Lock()
-        limit = context_limit(model, tokenizer)
-        if self.config.max_context is not None:
-            limit = self.config.max_context if limit is None else min(limit, self.config.max_context)
-        self.context_limit = limit
-        # Counters for tests and benchmarks.
-        self.stats = {"generations": 0, "decode_steps": 0, "cancelled": 0, "deadline_stops": 0}
-        self._stats_lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, config: ServeConfig) -> ModelServer:
-        """Load the configured model or LoRA adapter folder (fp32 on CPU, bf16 on a GPU) and its tokenizer."""
-        from tokencredit.models import load_trained_policy, resolve_device
-
-        model, tokenizer = load_trained_policy(config.model, device=resolve_device(config.device))
-        name = config.served_name or (Path(config.model).name if Path(config.model).is_dir() else config.model)
-        return cls(model, tokenizer, name, config)
-
-    # ------------------------------------------------------------------ endpoints
-    def models(self) -> dict:
-        """GET /v1/models."""
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
-                                            "owned_by": "tokencredit"}]}
-
-    def chat_completion(self, body: dict, ctx: RequestContext | None = None) -> dict | Iterator[dict]:
-        """POST /v1/chat/completions: a response dict, or chunk dicts when streaming."""
-        self._check_model(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ApiError(400, f"messages[{i}] must be an object with string 'role' and 'content'",
-                               f"messages[{i}]")
-            role = m["role"]
-            if role not in CHAT_ROLES:
-                shown = repr(role) if len(role) <= 40 else repr(role[:40]) + "..."
-                why = " (this server does not make tool calls)" if role in ("tool", "function") else ""
-                raise ApiError(400, f"messages[{i}] has role {shown}{why}; the roles taken are "
-                                    f"{', '.join(CHAT_ROLES)}", f"messages[{i}].role", "invalid_value")
-        # Only role and content reach the chat template: other keys (tool_calls, name, ...) are not rendered.
-        messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-                    for m in messages]
-        logprobs = body.get("logprobs", False)
-        if not isinstance(logprobs, bool):
-            raise ApiError(400, "'logprobs' must be a boolean for chat completions", "logprobs")
-        top = body.get("top_logprobs")
-        if top is not None and not logprobs:
-            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        top = _int(top if top is not None else 0, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT)
-        params = self.params(body, top if logprobs else None)
-        self._check_rows(1, params)
-        try:
-            prompt = self.render(messages)
-        except Exception as exc:  # a chat template may refuse a conversation (e.g. roles that do not alternate)
-            raise ApiError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
-        lengths = self._check_context([prompt], params, "messages")
-        choices, prompt_tokens = self.sample([prompt], params, ctx, lengths)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if params.stream:
-            return self._chat_chunks(rid, created, choices)
-        out = []
-        for i, c in enumerate(choices):
-            item = {"index": i, "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason, "logprobs": None}
-            if params.top_logprobs is not None:
-                item["logprobs"] = {"content": [_chat_logprob(t, lp, top_) for t, lp, top_ in
-                                                zip(c.tokens, c.token_logprobs, c.top_logprobs)]}
-            out.append(item)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.name, "choices": out,
-                "usage": _usage(prompt_tokens, choices)}
-
-    def completion(self, body: dict, ctx: RequestContext | None = None) -> dict | Iterator[dict]:
-        """POST /v1/completions: a response dict, or chunk dicts when streaming."""
-        self._check_model(body)
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
-        if body.get("echo"):
-            raise ApiError(400, "'echo' is not supported by tokencredit serve", "echo")
-        logprobs = body.get("logprobs")
-        top = None if logprobs is None else _int(logprobs, "logprobs", 0, MAX_LOGPROBS_COMPLETION)
-        params = self.params(body, top)
-        self._check_rows(len(prompts), params)
-        lengths = self._check_context(prompts, params, "prompt")
-        choices, prompt_tokens = self.sample(prompts, params, ctx, lengths)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if params.stream:
-            return self._completion_chunks(rid, created, choices)
-        out = []
-        for i, c in enumerate(choices):
-            item = {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-            if params.top_logprobs is not None:
-                offsets, pos = [], 0
-                for t in c.tokens:
-                    offsets.append(pos)
-                    pos += len(t)
-                item["logprobs"] = {"tokens": c.tokens, "token_logprobs": c.token_logprobs,
-                                    "top_logprobs": [dict(top_) for top_ in c.top_logprobs],
-                                    "text_offset": offsets}
-            out.append(item)
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.name, "choices": out,
-                "usage": _usage(prompt_tokens, choices)}
-
-    # ------------------------------------------------------------------ helpers
-    def _check_model(self, body: object) -> None:
-        """The body is a JSON object naming the served model."""
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "'model' is required", "model")
-        if model != self.name:
-            raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.name}'", "model",
-                           "model_not_found")
-
-    def _check_rows(self, prompts: int, params: _Params) -> None:
-        """Prompts x n within max_rows (checked before any prompt is tokenized)."""
-        rows = prompts * params.n
-        if rows > self.config.max_rows:
-            raise ApiError(400, f"{prompts} prompt(s) x n={params.n} = {rows} rows; this server takes at most "
-                                f"{self.config.max_rows} per request", "n" if prompts == 1 else "prompt",
-                           "too_many_rows")
-
-    def _check_context(self, prompts: list[str], params: _Params, param: str) -> list[int]:
-        """Prompt lengths in tokens; the longest plus max_tokens must fit the context (a default shrinks to fit)."""
-        limit = self.context_limit
-        if limit is None:
-            return [len(self.tokenizer(p)["input_ids"]) for p in prompts]
-        lengths = []
-        for p in prompts:
-            # Tokenizing costs ~180 bytes per token: a prompt that is over the limit within its first
-            # PREFIX_CHARS_PER_TOKEN * limit characters is refused without tokenizing the rest.
-            cut = PREFIX_CHARS_PER_TOKEN * limit
-            n = len(self.tokenizer(p[:cut])["input_ids"]) if len(p) > cut else 0
-            # +1: the cut may split one token in two, so only a count past limit + 1 is certain to be over.
-            if n > limit + 1:
-                raise ApiError(400, f"this model's context is {limit} tokens (prompt + max_tokens); the prompt "
-                                    f"has more than {limit} tokens", param, "context_length_exceeded")
-            lengths.append(len(self.tokenizer(p)["input_ids"]))
-        longest = max(lengths)
-        if not params.max_tokens_given and longest < limit:
-            params.max_tokens = min(params.max_tokens, limit - longest)
-        if longest + params.max_tokens > limit:
-            raise ApiError(400, f"this model's context is {limit} tokens (prompt + max_tokens); the prompt has "
-                                f"{longest} tokens and max_tokens is {params.max_tokens}", param,
-                           "context_length_exceeded")
-        return lengths
-
-    def params(self, body: dict, top_logprobs: int | None) -> _Params:
-        """Validated sampling parameters."""
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        given = max_tokens is not None
-        if max_tokens is None:
-            max_tokens = min(self.config.default_max_tokens, self.config.max_tokens_limit)
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", "stop")
-        seed = body.get("seed")
-        if seed is not None:
-            low, high = SEED_RANGE
-            if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
-                # The value is not echoed: a 4000-digit seed would make a 4000-digit error message.
-                raise ApiError(400, "'seed' must be an integer between -2**63 and 2**64 - 1", "seed")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be a boolean", "stream")
-        return _Params(
-            max_tokens=_int(max_tokens, "max_tokens", 1, self.config.max_tokens_limit),
-            temperature=_number(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
-            top_p=_number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True),
-            n=_int(body.get("n", 1), "n", 1, MAX_N), stop=stop, seed=seed, top_logprobs=top_logprobs,
-            stream=stream, max_tokens_given=given,
-        )
-
-    def render(self, messages: list[dict]) -> str:
-        """Messages as one prompt string: the chat template, or role-prefixed lines without one."""
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-    def _count(self, **increments: int) -> None:
-        """Add to the stats counters."""
-        with self._stats_lock:
-            for name, value in increments.items():
-                self.stats[name] += value
-
-    def _acquire(self, ctx: RequestContext) -> None:
-        """Take the model, giving up when the client leaves or the deadline passes while waiting."""
-        while not self.lock.acquire(timeout=0.05):
-            if ctx.client_gone is not None and ctx.client_gone():
-                self._count(cancelled=1)
-                raise RequestCancelled("client left while waiting for the model")
-            if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
-                raise ApiError(503, "the server was busy with other requests for the whole request timeout "
-                                    f"({self.config.request_timeout_s} s); retry later", code="timeout",
-                               type_="server_error", headers={"Retry-After": "1"})
-
-    def sample(self, prompts: list[str], params: _Params, ctx: RequestContext | None = None,
-               prompt_lengths: list[int] | None = None) -> tuple[list[_Choice], int]:
-        """n answers per prompt (prompt-major order) and the number of prompt tokens."""
-        ctx = ctx or RequestContext()
-        if prompt_lengths is None:
-            prompt_lengths = [len(self.tokenizer(p)["input_ids"]) for p in prompts]
-        batch = [p for p in prompts for _ in range(params.n)]
-        eos = eos_ids(self.model, self.tokenizer)
-        watch = _Watch(eos[0], ctx.deadline, ctx.client_gone)
-        recorder = _LogprobRecorder(params.top_logprobs) if params.top_logprobs is not None else None
-        processors = [watch] if recorder is None else [watch, recorder]
-
-        generator = None
-        if params.seed is not None:
-            device = next(self.model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(params.seed)
-        self._acquire(ctx)
-        try:
-            with torch.no_grad():
-                out = generate(self.model, self.tokenizer, batch, max_new_tokens=params.max_tokens,
-                               temperature=params.temperature if params.temperature > 0 else 1.0,
-                               top_p=params.top_p, greedy=params.temperature == 0, stop_strings=params.stop,
-                               logits_processors=processors, generator=generator)
-        except RequestCancelled:
-            self._count(cancelled=1)
-            raise
-        finally:
-            self.lock.release()
-            self._count(generations=1, decode_steps=watch.steps, deadline_stops=int(watch.expired_step is not None))
-        token_lps: list[list[float]] = []
-        top_vals: list[list[list[float]]] = []
-        top_ids: list[list[list[int]]] = []
-        if recorder is not None:
-            recorder.finish(out.response_ids)
-            if recorder.chosen:
-                token_lps = torch.stack(recorder.chosen, 1).tolist()
-            if recorder.top_values:
-                top_vals = torch.stack(recorder.top_values, 1).tolist()
-                top_ids = torch.stack(recorder.top_ids, 1).tolist()
-        pieces: dict[int, str] = {}
-
-        def piece(i: int) -> str:
-            """One token's text (memoized: top-k alternatives repeat)."""
-            if i not in pieces:
-                pieces[i] = self.tokenizer.decode([i])
-            return pieces[i]
-
-        eos_set = set(eos)
-        choices = []
-        for row, ids in enumerate(out.token_ids()):
-            visible = [t for t in ids if t not in eos_set]
-            # Pieces that join to the decoded answer (a lone token's decode can drop its leading space).
-            tokens = token_pieces(self.tokenizer, visible, skip_special_tokens=True)
-            lps, tops = [], []
-            if recorder is not None:
-                lps = token_lps[row][: len(visible)]
-                if params.top_logprobs:
-                    tops = [[(piece(i), v) for v, i in zip(top_vals[row][step], top_ids[row][step])]
-                            for step in range(len(visible))]
-                else:
-                    tops = [[] for _ in visible]
-            # A stop string is cut from the text; its tokens leave the log-probabilities too.
-            keep, pos = 0, 0
-            while keep < len(tokens) and pos < len(out.texts[row]):
-                pos += len(tokens[keep])
-                keep += 1
-            tokens, lps, tops = tokens[:keep], lps[:keep], tops[:keep]
-            cut_by_deadline = watch.expired_step is not None and len(ids) == watch.expired_step + 1
-            finished = bool(out.finished[row]) and not cut_by_deadline
-            choices.append(_Choice(out.texts[row], "stop" if finished else "length", tokens, lps, tops))
-        return choices, sum(prompt_lengths)
-
-    def _chat_chunks(self, rid: str, created: int, choices: list[_Choice]) -> Iterator[dict]:
-        """chat.completion.chunk events: the role, one chunk per token, then the finish reason."""
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name}
-        for i, c in enumerate(choices):
-            yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None, "logprobs": None}]}
-            for piece in _pieces(c):
-                yield {**base, "choices": [{"index": i, "delta": {"content": piece}, "finish_reason": None,
-                                            "logprobs": None}]}
-            yield {**base, "choices": [{"index": i, "delta": {}, "finish_reason": c.finish_reason,
-                                        "logprobs": None}]}
-
-    def _completion_chunks(self, rid: str, created: int, choices: list[_Choice]) -> Iterator[dict]:
-        """text_completion events, one per token, the last with the finish reason."""
-        base = {"id": rid, "object": "text_completion", "created": created, "model": self.name}
-        for i, c in enumerate(choices):
-            for piece in _pieces(c):
-                yield {**base, "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}]}
-            yield {**base, "choices": [{"index": i, "text": "", "finish_reason": c.finish_reason,
-                                        "logprobs": None}]}
-
-
-def _pieces(choice: _Choice) -> list[str]:
-    """The answer cut into token-sized pieces that join to exactly its text (a stop string is not sent)."""
-    pieces, pos = [], 0
-    for t in choice.tokens:
-        if pos >= len(choice.text):
-            break
-        piece = choice.text[pos : pos + len(t)]
-        pieces.append(piece)
-        pos += len(piece)
-    if pos < len(choice.text):
-        pieces.append(choice.text[pos:])
-    return pieces
-
-
-def _chat_logprob(token: str, logprob: float, top: list[tuple[str, float]]) -> dict:
-    """One entry of a chat completion's logprobs.content."""
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in top]}
-
-
-def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
-    """The usage block."""
-    completion = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
-
-
-def _int(value: object, name: str, low: int, high: int) -> int:
-    """An integer field within [low, high], else a 400."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-        raise ApiError(400, f"'{name}' must be an integer between {low} and {high} (got {shown})", name)
-    return value
-
-
-def _number(value: object, name: str, low: float, high: float, low_open: bool = False) -> float:
-    """A number field within [low, high] ((low, high] when low_open), else a 400."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (low < value if low_open else low <= value) or value > high:
-        bracket = "(" if low_open else "["
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-        raise ApiError(400, f"'{name}' must be a number in {bracket}{low}, {high}] (got {shown})", name)
-    return float(value)
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -638,6 +138,7 @@ class _DeadlineReader(io.RawIOBase):
     """A socket reader with one deadline for a whole request: trickled bytes cannot hold a connection forever."""
 
     def __init__(self, sock: socket.socket) -> None:
+        """Read from ``sock``; no deadline until handle_one_request sets one."""
         self.sock = sock
         self.deadline: float | None = None
 
@@ -722,264 +223,283 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+class _OpenAIHandler(BaseHTTPRequestHandler):
+    """OpenAI-compatible routes over a ModelServer; make_handler binds it to one server."""
+
+    protocol_version = "HTTP/1.1"
+    model_server: ModelServer  # these three are set by make_handler's subclass
+    serve_config: ServeConfig
+    api_key_bytes: bytes | None  # the configured API key as bytes; None = no key needed
+    _consumed = False  # the body was read to exactly its declared length
+    _declared: int | None = None  # the request's Content-Length, once request_body_length has vouched for it
+    _framing_checked = False
+    _framing_error: ApiError | None = None
+    _header_lines: list[bytes] | None = None  # the raw header lines, until the framing check has read them
+    _reader: _DeadlineReader | None = None
+
+    def setup(self) -> None:
+        """Read requests through a reader with a per-request deadline."""
+        super().setup()
+        self.rfile.close()  # only drops makefile's reference; the socket stays open
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = _HeaderRecorder(self._reader)
+
+    def handle_one_request(self) -> None:
+        """Give the next request (request line, headers, body) read_timeout_s to arrive, then handle it."""
+        if self._reader is not None and self.serve_config.read_timeout_s:
+            self._reader.deadline = time.monotonic() + self.serve_config.read_timeout_s
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers, then refuse the request if where its body ends is unclear."""
+        self._consumed, self._declared = False, None
+        self._framing_checked, self._framing_error = False, None
+        self._header_lines = []
+        recorder = self.rfile if isinstance(self.rfile, _HeaderRecorder) else None
+        if recorder is not None:
+            recorder.lines = self._header_lines
+        try:
+            parsed = super().parse_request()  # runs handle_expect_100, which checks the framing first
+        finally:
+            if recorder is not None:
+                recorder.lines = None
+        if not parsed:  # an error answer has been sent
+            self._header_lines = None
+            return False
+        return self._framing_ok()
+
+    def _framing_ok(self) -> bool:
+        """Whether the body's end is certain; if not, a 4xx has been sent and the connection will be closed."""
+        if not self._framing_checked:
+            self._framing_checked = True
+            lines, self._header_lines = self._header_lines, None
+            try:
+                self._declared = request_body_length(lines or [], self.headers)
+            except ApiError as exc:
+                self._framing_error = exc
+                # Nothing after this request can be told apart from its body: the connection must end here.
+                self._send(exc.status, exc.body(), exc.headers, close=True)
+        return self._framing_error is None
+
+    def version_string(self) -> str:
+        """The Server header, without the Python version."""
+        return "tokencredit"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        """Route access logs to logging (quiet by default)."""
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def __getattr__(self, name: str) -> object:
+        """Any method without a do_ handler (PUT, DELETE, PATCH, OPTIONS, ...) gets a JSON 405, not a 501."""
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
+
+    # -------------------------------------------------------------- methods
+    def do_GET(self) -> None:  # noqa: N802 - the http.server hook name
+        """GET /v1/models."""
+        if not self._authorized():
+            return
+        if self._route() == "/models":
+            self._send(200, self.model_server.models())
+        else:
+            self._not_allowed()
+
+    def do_HEAD(self) -> None:  # noqa: N802 - the http.server hook name
+        """The GET answer's headers without its body."""
+        self.do_GET()
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
+        """POST /v1/chat/completions and /v1/completions."""
+        if not self._authorized():
+            return
+        endpoint = self._endpoint()
+        if endpoint is None:
+            self._not_allowed()
+            return
+        try:
+            body = self._body()
+            result = endpoint(body, RequestContext(self._deadline(), self._client_gone))
+        except ApiError as exc:
+            self._send_error(exc)
+            return
+        except RequestCancelled as exc:
+            log.info("%s left before its answer was ready (%s); generation stopped", self.address_string(),
+                     exc)
+            self.close_connection = True
+            return
+        except Exception as exc:  # a failure inside the model must still answer the client
+            log.exception("request failed")
+            self._send(500, ApiError(500, f"internal error: {exc}", type_="server_error").body(), close=True)
+            return
+        if isinstance(result, dict):
+            self._send(200, result)
+        else:
+            self._stream(result)
+
+    def _endpoint(self) -> Callable[[object, RequestContext], dict | Iterator[dict]] | None:
+        """The ModelServer method that answers a POST to this path, or None."""
+        server = self.model_server
+        return {"/chat/completions": server.chat_completion, "/completions": server.completion}.get(self._route())
+
+    def _deadline(self) -> float | None:
+        """When the answer is due (a time.monotonic() value), request_timeout_s from now; None = no limit."""
+        timeout = self.serve_config.request_timeout_s
+        return time.monotonic() + timeout if timeout else None
+
+    def _not_allowed(self) -> None:
+        """404 for an unknown path, else 405 naming the methods the path takes."""
+        if not self._authorized():
+            return
+        route = self._route()
+        if route not in _ROUTES:
+            self._send_error(ApiError(404, f"no route {self.command} {self.path[:200]}", code="not_found"))
+            return
+        allow = _ROUTES[route]
+        self._send_error(ApiError(405, f"{self.command} is not allowed on {route}; use {allow}",
+                                  code="method_not_allowed", headers={"Allow": allow}))
+
+    # -------------------------------------------------------------- request parts
+    def _route(self) -> str:
+        """The path without the query and the /v1 prefix."""
+        path = self.path.split("?", 1)[0].rstrip("/")
+        return path[3:] if path.startswith("/v1/") else path
+
+    def _authorized(self) -> bool:
+        """True without a configured key or with the right bearer token; else a 401 has been sent."""
+        if self.api_key_bytes is None:
+            return True
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        given = token.strip().encode("latin-1", "replace")  # header text is latin-1-decoded bytes
+        # compare_digest runs even for a wrong scheme so timing tells nothing about which check failed.
+        if hmac.compare_digest(given, self.api_key_bytes) and scheme.lower() == "bearer":
+            return True
+        self._send_error(ApiError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+        return False
+
+    def _content_length(self) -> int:
+        """The POST body's length (framing already checked), refusing a missing or oversized one."""
+        if self._declared is None:
+            raise ApiError(411, "a POST needs a Content-Length header", code="length_required")
+        limit = self.serve_config.max_body_bytes
+        if self._declared > limit:
+            raise ApiError(413, f"the request body is over this server's limit of {limit} bytes",
+                           code="request_too_large")
+        return self._declared
+
+    def handle_expect_100(self) -> bool:
+        """Refuse before the client sends its body when the headers already rule the request out."""
+        if not self._framing_ok() or not self._authorized():
+            return False
+        if self.command == "POST":
+            try:
+                self._content_length()
+            except ApiError as exc:
+                self._send_error(exc)
+                return False
+        return super().handle_expect_100()
+
+    def _body(self) -> object:
+        """The JSON request body (a 408 if it does not arrive within read_timeout_s)."""
+        length = self._content_length()
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except TimeoutError as exc:
+            raise ApiError(408, f"the request body did not arrive within {self.serve_config.read_timeout_s} s",
+                           code="timeout") from exc
+        if len(raw) < length:  # the client closed its side early; _body_unread still says True
+            raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
+        self._consumed = True
+        return parse_json_body(raw)
+
+    def _body_unread(self) -> bool:
+        """Whether bytes of this request may be left unread (they must never be taken for a request)."""
+        if getattr(self, "headers", None) is None or not self._framing_checked or self._framing_error is not None:
+            return True  # malformed or unchecked framing: nothing after it can be trusted
+        if self._consumed:
+            return False
+        if self._declared is None:
+            # No length means no body, but a POST without one most likely sent a body it cannot delimit.
+            return self.command == "POST"
+        return self._declared > 0
+
+    def _client_gone(self) -> bool:
+        """Whether the client has hung up (polled between decode steps)."""
+        return _peer_closed(self.connection)
+
+    # -------------------------------------------------------------- answers
+    def _prepare_write(self) -> None:
+        """Writes get the full read_timeout_s, not what the request's read deadline left."""
+        try:
+            self.connection.settimeout(self.serve_config.read_timeout_s or None)
+        except OSError:
+            pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, headers too large, ...) as JSON, closing the connection."""
+        if self.request_version == "HTTP/0.9":
+            # A line without a version is garbage far more often than an HTTP/0.9 client: answer with headers.
+            self.request_version = "HTTP/1.0"
+        text = message or self.responses.get(code, ("error",))[0]
+        type_ = "server_error" if code >= 500 else "invalid_request_error"
+        self._send(code, ApiError(code, text, type_=type_).body(), close=True)
+
+    def _send_error(self, exc: ApiError) -> None:
+        """An ApiError as its JSON answer."""
+        self._send(exc.status, exc.body(), exc.headers)
+
+    def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None,
+              close: bool = False) -> None:
+        """A JSON response; when the request's body was left unread, the connection is closed after it."""
+        data = json.dumps(payload).encode()
+        close = close or self._body_unread()
+        self._prepare_write()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except _CONNECTION_GONE as exc:
+            log.debug("%s left before its answer was sent: %s", self.address_string(), exc)
+            self.close_connection = True
+
+    def _stream(self, chunks: Iterator[dict]) -> None:
+        """Server-sent events, ended by ``data: [DONE]``."""
+        self._prepare_write()
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for chunk in chunks:
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except _CONNECTION_GONE as exc:
+            log.info("%s left mid-stream (%s)", self.address_string(), type(exc).__name__)
+
+
 def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to ``server``."""
     config = server.config
-    key = config.api_key.encode("utf-8") if config.api_key else None
 
-    class Handler(BaseHTTPRequestHandler):
-        """OpenAI-compatible routes over a ModelServer."""
+    class Handler(_OpenAIHandler):
+        """OpenAI-compatible routes over ``server``."""
 
-        protocol_version = "HTTP/1.1"
+        model_server = server
+        serve_config = config
+        api_key_bytes = config.api_key.encode("utf-8") if config.api_key else None
         timeout = config.read_timeout_s  # the socket timeout StreamRequestHandler.setup applies
-        _consumed = False  # the body was read to exactly its declared length
-        _declared: int | None = None  # the request's Content-Length, once request_body_length has vouched for it
-        _framing_checked = False
-        _framing_error: ApiError | None = None
-        _header_lines: list[bytes] | None = None  # the raw header lines, until the framing check has read them
-        _reader: _DeadlineReader | None = None
-
-        def setup(self) -> None:
-            """Read requests through a reader with a per-request deadline."""
-            super().setup()
-            self.rfile.close()  # only drops makefile's reference; the socket stays open
-            self._reader = _DeadlineReader(self.connection)
-            self.rfile = _HeaderRecorder(self._reader)
-
-        def handle_one_request(self) -> None:
-            """Give the next request (request line, headers, body) read_timeout_s to arrive, then handle it."""
-            if self._reader is not None and config.read_timeout_s:
-                self._reader.deadline = time.monotonic() + config.read_timeout_s
-            super().handle_one_request()
-
-        def parse_request(self) -> bool:
-            """Parse the request line and headers, then refuse the request if where its body ends is unclear."""
-            self._consumed, self._declared = False, None
-            self._framing_checked, self._framing_error = False, None
-            self._header_lines = []
-            recorder = self.rfile if isinstance(self.rfile, _HeaderRecorder) else None
-            if recorder is not None:
-                recorder.lines = self._header_lines
-            try:
-                parsed = super().parse_request()  # runs handle_expect_100, which checks the framing first
-            finally:
-                if recorder is not None:
-                    recorder.lines = None
-            if not parsed:  # an error answer has been sent
-                self._header_lines = None
-                return False
-            return self._framing_ok()
-
-        def _framing_ok(self) -> bool:
-            """Whether the body's end is certain; if not, a 4xx has been sent and the connection will be closed."""
-            if not self._framing_checked:
-                self._framing_checked = True
-                lines, self._header_lines = self._header_lines, None
-                try:
-                    self._declared = request_body_length(lines or [], self.headers)
-                except ApiError as exc:
-                    self._framing_error = exc
-                    # Nothing after this request can be told apart from its body: the connection must end here.
-                    self._send(exc.status, exc.body(), exc.headers, close=True)
-            return self._framing_error is None
-
-        def version_string(self) -> str:
-            """The Server header, without the Python version."""
-            return "tokencredit"
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-            """Route access logs to logging (quiet by default)."""
-            log.debug("%s " + format, self.address_string(), *args)
-
-        def __getattr__(self, name: str) -> object:
-            """Any method without a do_ handler (PUT, DELETE, PATCH, OPTIONS, ...) gets a JSON 405, not a 501."""
-            if name.startswith("do_"):
-                return self._not_allowed
-            raise AttributeError(name)
-
-        # -------------------------------------------------------------- methods
-        def do_GET(self) -> None:  # noqa: N802 - the http.server hook name
-            """GET /v1/models."""
-            if not self._authorized():
-                return
-            if self._route() == "/models":
-                self._send(200, server.models())
-            else:
-                self._not_allowed()
-
-        def do_HEAD(self) -> None:  # noqa: N802 - the http.server hook name
-            """The GET answer's headers without its body."""
-            self.do_GET()
-
-        def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
-            """POST /v1/chat/completions and /v1/completions."""
-            if not self._authorized():
-                return
-            route = self._route()
-            endpoint = {"/chat/completions": server.chat_completion, "/completions": server.completion}.get(route)
-            if endpoint is None:
-                self._not_allowed()
-                return
-            try:
-                body = self._body()
-                deadline = time.monotonic() + config.request_timeout_s if config.request_timeout_s else None
-                result = endpoint(body, RequestContext(deadline, self._client_gone))
-            except ApiError as exc:
-                self._send_error(exc)
-                return
-            except RequestCancelled as exc:
-                log.info("%s left before its answer was ready (%s); generation stopped", self.address_string(),
-                         exc)
-                self.close_connection = True
-                return
-            except Exception as exc:  # a failure inside the model must still answer the client
-                log.exception("request failed")
-                self._send(500, ApiError(500, f"internal error: {exc}", type_="server_error").body(), close=True)
-                return
-            if isinstance(result, dict):
-                self._send(200, result)
-            else:
-                self._stream(result)
-
-        def _not_allowed(self) -> None:
-            """404 for an unknown path, else 405 naming the methods the path takes."""
-            if not self._authorized():
-                return
-            route = self._route()
-            if route not in _ROUTES:
-                self._send_error(ApiError(404, f"no route {self.command} {self.path[:200]}", code="not_found"))
-                return
-            allow = _ROUTES[route]
-            self._send_error(ApiError(405, f"{self.command} is not allowed on {route}; use {allow}",
-                                      code="method_not_allowed", headers={"Allow": allow}))
-
-        # -------------------------------------------------------------- request parts
-        def _route(self) -> str:
-            """The path without the query and the /v1 prefix."""
-            path = self.path.split("?", 1)[0].rstrip("/")
-            return path[3:] if path.startswith("/v1/") else path
-
-        def _authorized(self) -> bool:
-            """True without a configured key or with the right bearer token; else a 401 has been sent."""
-            if key is None:
-                return True
-            scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
-            given = token.strip().encode("latin-1", "replace")  # header text is latin-1-decoded bytes
-            # compare_digest runs even for a wrong scheme so timing tells nothing about which check failed.
-            if hmac.compare_digest(given, key) and scheme.lower() == "bearer":
-                return True
-            self._send_error(ApiError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-            return False
-
-        def _content_length(self) -> int:
-            """The POST body's length (framing already checked), refusing a missing or oversized one."""
-            if self._declared is None:
-                raise ApiError(411, "a POST needs a Content-Length header", code="length_required")
-            if self._declared > config.max_body_bytes:
-                raise ApiError(413, f"the request body is over this server's limit of {config.max_body_bytes} "
-                                    "bytes", code="request_too_large")
-            return self._declared
-
-        def handle_expect_100(self) -> bool:
-            """Refuse before the client sends its body when the headers already rule the request out."""
-            if not self._framing_ok() or not self._authorized():
-                return False
-            if self.command == "POST":
-                try:
-                    self._content_length()
-                except ApiError as exc:
-                    self._send_error(exc)
-                    return False
-            return super().handle_expect_100()
-
-        def _body(self) -> object:
-            """The JSON request body (a 408 if it does not arrive within read_timeout_s)."""
-            length = self._content_length()
-            try:
-                raw = self.rfile.read(length) if length else b""
-            except TimeoutError as exc:
-                raise ApiError(408, f"the request body did not arrive within {config.read_timeout_s} s",
-                               code="timeout") from exc
-            if len(raw) < length:  # the client closed its side early; _body_unread still says True
-                raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
-            self._consumed = True
-            return parse_json_body(raw)
-
-        def _body_unread(self) -> bool:
-            """Whether bytes of this request may be left unread (they must never be taken for a request)."""
-            if getattr(self, "headers", None) is None or not self._framing_checked or self._framing_error is not None:
-                return True  # malformed or unchecked framing: nothing after it can be trusted
-            if self._consumed:
-                return False
-            if self._declared is None:
-                # No length means no body, but a POST without one most likely sent a body it cannot delimit.
-                return self.command == "POST"
-            return self._declared > 0
-
-        def _client_gone(self) -> bool:
-            """Whether the client has hung up (polled between decode steps)."""
-            return _peer_closed(self.connection)
-
-        # -------------------------------------------------------------- answers
-        def _prepare_write(self) -> None:
-            """Writes get the full read_timeout_s, not what the request's read deadline left."""
-            try:
-                self.connection.settimeout(config.read_timeout_s or None)
-            except OSError:
-                pass
-
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            """http.server's own errors (bad request line, headers too large, ...) as JSON, closing the connection."""
-            if self.request_version == "HTTP/0.9":
-                # A line without a version is garbage far more often than an HTTP/0.9 client: answer with headers.
-                self.request_version = "HTTP/1.0"
-            text = message or self.responses.get(code, ("error",))[0]
-            type_ = "server_error" if code >= 500 else "invalid_request_error"
-            self._send(code, ApiError(code, text, type_=type_).body(), close=True)
-
-        def _send_error(self, exc: ApiError) -> None:
-            """An ApiError as its JSON answer."""
-            self._send(exc.status, exc.body(), exc.headers)
-
-        def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None,
-                  close: bool = False) -> None:
-            """A JSON response; when the request's body was left unread, the connection is closed after it."""
-            data = json.dumps(payload).encode()
-            close = close or self._body_unread()
-            self._prepare_write()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                if close:
-                    self.send_header("Connection", "close")
-                    self.close_connection = True
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-            except _CONNECTION_GONE as exc:
-                log.debug("%s left before its answer was sent: %s", self.address_string(), exc)
-                self.close_connection = True
-
-        def _stream(self, chunks: Iterator[dict]) -> None:
-            """Server-sent events, ended by ``data: [DONE]``."""
-            self._prepare_write()
-            self.close_connection = True
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                for chunk in chunks:
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except _CONNECTION_GONE as exc:
-                log.info("%s left mid-stream (%s)", self.address_string(), type(exc).__name__)
 
     return Handler
 

@@ -24,7 +24,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 from torch import nn
 
-from tokencredit.generation import GenerationOutput, _cut_at_stop, check_sampling_args, encode_prompts
+from tokencredit.generation import GenerationOutput, check_sampling_args, cut_at_stop, encode_prompts
 from tokencredit.models import is_peft
 
 INSTALL_HINT = (
@@ -225,7 +225,7 @@ def _to_generation_output(
         response_mask=response_mask,
         logprobs=out_logprobs,
         # vLLM already cuts at a stop string when include_stop_str_in_output is off; cutting again is a no-op then.
-        texts=[_cut_at_stop(t, stops) if stops else t for t in texts],
+        texts=[cut_at_stop(t, stops) if stops else t for t in texts],
         finished=torch.tensor([r == "stop" for r in finish_reasons], dtype=torch.bool),
     )
 

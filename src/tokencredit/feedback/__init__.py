@@ -1,5 +1,7 @@
-"""Feedback sources that label sampled responses (reference heuristics now, AI judges later)."""
+"""Word labels for sampled responses: the reference heuristic and the protocol every labeler follows.
 
-from tokencredit.feedback.labelers import ReferenceLabeler, TokenLabeler, label_stats
+The LLM-judge labelers (:mod:`tokencredit.judges.judge_labelers`) implement the same protocol."""
+
+from tokencredit.feedback.reference_labeler import ReferenceLabeler, TokenLabeler, label_stats
 
 __all__ = ["ReferenceLabeler", "TokenLabeler", "label_stats"]

@@ -647,7 +647,7 @@ class HFBackend(JudgeBackend):
                  cache: JudgeCache | str | Path | None = None,
                  max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> None:
         """Judge with ``model``; ``name`` identifies it in the cache key (use the folder or built-in name)."""
-        from tokencredit.serve import ModelServer
+        from tokencredit.model_server import ModelServer
 
         super().__init__(cache, max_prompt_chars)
         if batch_size < 1:
@@ -660,7 +660,7 @@ class HFBackend(JudgeBackend):
                         cache: JudgeCache | str | Path | None = None,
                         max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> HFBackend:
         """Load a judge model by built-in name, folder or cached hub id."""
-        from tokencredit.serve import ModelServer, ServeConfig
+        from tokencredit.model_server import ModelServer, ServeConfig
 
         server = ModelServer.from_config(ServeConfig(model=name_or_path, device=device))
         return cls(server.model, server.tokenizer, str(name_or_path), batch_size, cache, max_prompt_chars)

@@ -33,13 +33,14 @@ import torch
 from tokencredit.config import ConfigError, import_object
 from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
 from tokencredit.generation import generate
-from tokencredit.judges.commands import JudgeSettings
+from tokencredit.judges.settings import JudgeSettings
 from tokencredit.models import LoraSettings, apply_chat, load_critic, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.rewards.commands import TOKEN_LOSSES
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
 from tokencredit.rewards.records import EditTriple, PreferencePair, random_split
-from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
+from tokencredit.rewards.token_rm_training import TOKEN_LOSSES
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class FGConfig:
     rm_batch_size: int = 8  # examples (and pairs) per RM optimiser step; also the held-out scoring batch
     rm_learning_rate: float = 3e-4  # reward-model learning rate (AdamW)
     rm_lora_r: int | None = 8  # None = full fine-tuning of the RM backbone
-    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.rewards.commands.TOKEN_LOSSES name
+    token_loss: str = "hybrid"  # the token RM's loss: a tokencredit.rewards.token_rm_training.TOKEN_LOSSES name
 
     # --- ppo: both arms use exactly these ---
     ppo_updates: int = 8  # PPO updates per arm (each = one rollout batch + ppo_epochs of optimisation)
@@ -182,9 +183,6 @@ def run_fg(cfg: FGConfig, gold_scorer: GoldScorer | None = None) -> dict:
 def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
     """run_fg without the progress-bar settings."""
     from tokencredit.rewards.data import load_edits
-    from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
-    from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
-    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
     from tokencredit.rl.sft import SFTConfig, SFTTrainer
 
     cfg.validate()
@@ -219,20 +217,62 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
 
     # 2. The start of both PPO arms: SFT on (prompt, edited), merged into a plain model, or a given policy.
     t0 = time.perf_counter()
-    sft = _Stage(root, "sft", cfg.resume)
+    sft = Stage(root, "sft", cfg.resume)
     if not sft.done:
         start = _start_model(cfg, model_name, sft.dir, train_edits, render, lora, tokenizer, SFTConfig, SFTTrainer)
         sft.finish({"model": start, "trained": cfg.policy is None and cfg.sft_epochs > 0})
         release_free_memory()
     start = sft.info()["model"]
-    top_layers = _clamp_layers(start, cfg.top_layers)
+    top_layers = clamp_layers(start, cfg.top_layers)
     timings["sft"] = time.perf_counter() - t0
 
     # 3. Two RMs on the same pairs, backbone, seed and epochs; scored on the same held-out pairs.
+    token_stage, seq_stage = _train_reward_models(cfg, root, start, train_edits, test_edits, timings)
+
+    # 4. Fine-grained PPO (token RM at every token) and sequence-level PPO (sequence RM on the last token):
+    #    the same start, adapters drawn from the same seed, the same critic start, budget and KL.
+    spreads = _reward_spreads(cfg, root, start, tokenizer, train_prompts, render)
+    for arm, rm_stage in ARMS.items():
+        t0 = time.perf_counter()
+        _ppo_arm(cfg, root, arm, rm_stage, start, tokenizer, render(train_prompts), raw_of, lora, top_layers,
+                 1.0 / spreads.get(rm_stage, 1.0))
+        timings[arm] = time.perf_counter() - t0
+
+    # 5. Held-out evaluation with scorers neither arm was trained on (gold scorer, judge), plus both RMs' scores
+    #    of the answers so that reward hacking (RM up, gold flat or down) is visible.
+    t0 = time.perf_counter()
+    summary, generations = _evaluate_arms(cfg, root, start, tokenizer, eval_prompts, render, gold_fn, test_edits)
+    summary["reward_spread"] = spreads
+    timings["evaluate"] = time.perf_counter() - t0
+    summary["reward_models"] = {"token_rm": token_stage.info()["heldout"], "sequence_rm": seq_stage.info()["heldout"]}
+    summary["arms"] = {arm: Stage(root, arm, True).info() for arm in ARMS}
+    summary["data"] = {"edits": len(edits), "train_edits": len(train_edits), "heldout_edits": len(test_edits),
+                       "rl_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
+                       "eval_answers": len(generations["sft"]["texts"]), "source": cfg.edits}
+    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    atomic_write_json(root / "summary.json", summary)
+    _write_report(cfg, root, summary, generations, tokenizer)
+    drop_replaced()  # a replaced run goes only once this one has finished
+    return summary
+
+
+def _train_reward_models(cfg: FGConfig, root: Path, start: str, train_edits: list[EditTriple],
+                         test_edits: list[EditTriple], timings: dict[str, float]) -> tuple[Stage, Stage]:
+    """The token RM (FG's loss on the edits) and the sequence RM (Bradley-Terry on the same pairs), on one
+    backbone, seed and budget; both scored on the held-out pairs."""
+    from tokencredit.rewards.edits import edit_examples
+    from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import (
+        TokenRMConfig,
+        evaluate_token_reward_model,
+        train_token_reward_model,
+    )
+
     # Fast mode has one tiny vocabulary, so the tiny start stands in for any other RM backbone.
     rm_backbone = start if cfg.rm_model is None or cfg.fast else cfg.rm_model
     rm_lora = (LoraSettings(r=cfg.rm_lora_r, alpha=2 * cfg.rm_lora_r, dropout=0.0,
-                            top_layers=_clamp_layers(rm_backbone, cfg.top_layers))
+                            top_layers=clamp_layers(rm_backbone, cfg.top_layers))
                if cfg.rm_lora_r else None)
     held_pairs = [PreferencePair(e.prompt, e.chosen or e.edited, e.original) for e in test_edits]
     train_pairs = [PreferencePair(e.prompt, e.chosen or e.edited, e.original) for e in train_edits]
@@ -240,11 +280,8 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
                   learning_rate=cfg.rm_learning_rate, eval_fraction=0.0, progress=True,
                   mixed_precision=cfg.mixed_precision)
     t0 = time.perf_counter()
-    token_stage = _Stage(root, "token_rm", cfg.resume)
+    token_stage = Stage(root, "token_rm", cfg.resume)
     if not token_stage.done:
-        from tokencredit.rewards.edits import edit_examples
-        from tokencredit.rewards.token_rm import evaluate_token_reward_model
-
         rm = TokenRewardModel.from_pretrained(rm_backbone, lora=rm_lora, seed=cfg.seed)
         rm_cfg = TokenRMConfig(output_dir=str(token_stage.dir), balance_labels=True, **common,
                                **_token_weights(cfg.token_loss))
@@ -259,7 +296,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
         release_free_memory()
     timings["token_rm"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    seq_stage = _Stage(root, "sequence_rm", cfg.resume)
+    seq_stage = Stage(root, "sequence_rm", cfg.resume)
     if not seq_stage.done:
         rm = SequenceRewardModel.from_pretrained(rm_backbone, lora=rm_lora, seed=cfg.seed)
         history = train_sequence_reward_model(rm, SeqRMConfig(output_dir=str(seq_stage.dir), **common),
@@ -269,44 +306,45 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
         del rm
         release_free_memory()
     timings["sequence_rm"] = time.perf_counter() - t0
+    return token_stage, seq_stage
 
-    # 4. Fine-grained PPO (token RM at every token) and sequence-level PPO (sequence RM on the last token):
-    #    the same start, adapters drawn from the same seed, the same critic start, budget and KL.
-    rl_prompts = render(train_prompts)
-    spreads = _reward_spreads(cfg, root, start, tokenizer, train_prompts, render)
-    for arm, rm_stage in ARMS.items():
-        t0 = time.perf_counter()
-        stage = _Stage(root, arm, cfg.resume)
-        if not stage.done:
-            scale = 1.0 / spreads.get(rm_stage, 1.0)
-            reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, scale)
-            policy = load_policy(start, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
-            critic = None if cfg.shared_critic else _train_top(load_critic(start), top_layers)
-            history = PPOTrainer(
-                PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
-                          batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
-                          ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
-                          critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, save_every=2,
-                          resume=cfg.resume, log_tensorboard=False, reuse_sampling_logprobs=True,
-                          shared_critic=cfg.shared_critic, mixed_precision=cfg.mixed_precision),
-                policy=policy, tokenizer=tokenizer, prompts=rl_prompts, reward_fn=reward_fn, critic=critic,
-            ).train()
-            stage.finish({"policy": str(stage.dir / "policy"), "start": start, "reward_model": rm_stage,
-                          "updates": cfg.ppo_updates, "samples": cfg.ppo_updates * cfg.ppo_batch_size,
-                          "seed": cfg.seed, "kl_coef": cfg.kl_coef, "reward_scale": scale,
-                          "final_train_reward":
-                          history[-1].get("reward/mean") if history else None})
-            del policy, critic
-            release_free_memory()
-        timings[arm] = time.perf_counter() - t0
 
-    # 5. Held-out evaluation with scorers neither arm was trained on (gold scorer, judge), plus both RMs' scores
-    #    of the answers so that reward hacking (RM up, gold flat or down) is visible.
-    t0 = time.perf_counter()
+def _ppo_arm(cfg: FGConfig, root: Path, arm: str, rm_stage: str, start: str, tokenizer: object,
+             rl_prompts: list[str], raw_of: dict[str, str], lora: LoraSettings, top_layers: int | None,
+             scale: float) -> None:
+    """One PPO arm from the start model on the rewards of ``rm_stage``'s model, multiplied by ``scale``."""
+    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
+
+    stage = Stage(root, arm, cfg.resume)
+    if stage.done:
+        return
+    reward_fn = _reward_fn(root / rm_stage / "model", tokenizer, raw_of, scale)
+    policy = load_policy(start, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
+    critic = None if cfg.shared_critic else _train_top(load_critic(start), top_layers)
+    history = PPOTrainer(
+        PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
+                  batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
+                  ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
+                  critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
+                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, save_every=2,
+                  resume=cfg.resume, log_tensorboard=False, reuse_sampling_logprobs=True,
+                  shared_critic=cfg.shared_critic, mixed_precision=cfg.mixed_precision),
+        policy=policy, tokenizer=tokenizer, prompts=rl_prompts, reward_fn=reward_fn, critic=critic,
+    ).train()
+    stage.finish({"policy": str(stage.dir / "policy"), "start": start, "reward_model": rm_stage,
+                  "updates": cfg.ppo_updates, "samples": cfg.ppo_updates * cfg.ppo_batch_size,
+                  "seed": cfg.seed, "kl_coef": cfg.kl_coef, "reward_scale": scale,
+                  "final_train_reward": history[-1].get("reward/mean") if history else None})
+    del policy, critic
+    release_free_memory()
+
+
+def _evaluate_arms(cfg: FGConfig, root: Path, start: str, tokenizer: object, eval_prompts: list[str],
+                   render: Callable, gold_fn: GoldScorer | None, test_edits: list[EditTriple]) -> tuple[dict, dict]:
+    """Every policy's held-out answers and their metrics, gold checks and (with a judge) the win rate."""
     generations = {name: _generate(cfg, root, name, start, tokenizer, eval_prompts, render)
                    for name in ("sft", *ARMS)}
-    summary: dict = {"policies": {}, "reward_spread": spreads}
+    summary: dict = {"policies": {}}
     for name, gen in generations.items():
         summary["policies"][name] = _policy_metrics(root, gen, tokenizer, gold_fn)
     _start_perplexity(start, generations, summary["policies"])
@@ -317,17 +355,7 @@ def _run_fg(cfg: FGConfig, gold_fn: GoldScorer | None) -> dict:
                                                               cfg.seed) for arm in ARMS}
     if cfg.judge is not None:
         summary["judge"] = _judge(cfg, root, generations)
-    timings["evaluate"] = time.perf_counter() - t0
-    summary["reward_models"] = {"token_rm": token_stage.info()["heldout"], "sequence_rm": seq_stage.info()["heldout"]}
-    summary["arms"] = {arm: _Stage(root, arm, True).info() for arm in ARMS}
-    summary["data"] = {"edits": len(edits), "train_edits": len(train_edits), "heldout_edits": len(test_edits),
-                       "rl_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
-                       "eval_answers": len(generations["sft"]["texts"]), "source": cfg.edits}
-    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    atomic_write_json(root / "summary.json", summary)
-    _write_report(cfg, root, summary, generations, tokenizer)
-    drop_replaced()  # a replaced run goes only once this one has finished
-    return summary
+    return summary, generations
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -360,7 +388,7 @@ def _token_weights(name: str) -> dict[str, float]:
 
 def _prompt_list(path: str, field: str) -> list[str]:
     """Prompts of a .txt / .jsonl file."""
-    from tokencredit.records import load_prompts
+    from tokencredit.record_files import load_prompts
 
     return load_prompts(path, field)[0]
 
@@ -491,7 +519,7 @@ def _policy_metrics(root: Path, gen: dict, tokenizer: object, gold_fn: GoldScore
 def gold_win_rate(arm: Sequence[float], base: Sequence[float], seed: int = 0) -> dict:
     """Share of paired answers (same prompt, same draw) where the arm's gold score beats the base's, a tie
     counting half, with a 95% percentile-bootstrap interval over the answers."""
-    from tokencredit.judges.commands import win_rate
+    from tokencredit.judges.settings import win_rate
 
     if len(arm) != len(base):
         raise ValueError(f"{len(arm)} arm answers but {len(base)} base answers")
@@ -600,8 +628,8 @@ def _gold_edit_check(gold_fn: GoldScorer, edits: Sequence[EditTriple]) -> dict:
 
 def _judge(cfg: FGConfig, root: Path, generations: dict) -> dict:
     """An LLM judge's win rate of fine-grained over sequence-level answers (both orders; ties count half)."""
-    from tokencredit.judges.commands import make_backend, win_rate
-    from tokencredit.judges.labelers import PairwiseLabeler
+    from tokencredit.judges.judge_labelers import PairwiseLabeler
+    from tokencredit.judges.settings import make_backend, win_rate
     from tokencredit.judges.templates import load_template
 
     settings = cfg.judge

@@ -13,7 +13,7 @@ reference token weighted by the grounded token reward (``pgg``, ROUGE-L ranks th
 uniformly (``mle``: plain MLE); both from the same start with the same steps. Greedy summaries of held-out
 documents are scored with ROUGE-1/2/L.
 
-Each arm is a :class:`~tokencredit.rl.pgg.PGGTrainer` run folder; ``summary.json`` and ``report.html`` (score
+Each arm is a :class:`~tokencredit.rl.pgg_trainer.PGGTrainer` run folder; ``summary.json`` and ``report.html`` (score
 curves, the discovered prompts or example summaries) land in ``output``. ``resume=true`` skips finished arms.
 ``fast=true`` uses toy data and a tiny random model, for tests.
 """
@@ -32,8 +32,9 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class PGGRecipeConfig:
         unknown = set(self.arms or []) - set(ARMS[self.task])
         if unknown or (self.arms is not None and not self.arms):
             raise ValueError(f"arms for task={self.task} must be among {list(ARMS[self.task])} (got {self.arms})")
-        from tokencredit.rewards.pgg import AGGREGATORS
+        from tokencredit.rewards.pgg_rm import AGGREGATORS
 
         bad = set(self.aggregators) - set(AGGREGATORS)
         if bad or not self.aggregators:
@@ -197,9 +198,9 @@ def _train_arm(cfg: PGGRecipeConfig, arm: str, model_name: str, tokenizer: Any, 
                references: list[str] | None, folder: Path) -> None:
     """One PGGTrainer run from the start model with the arm's guidance."""
     from tokencredit.rewards.token_rm import TokenRewardModel
-    from tokencredit.rl.pgg import PGGConfig, PGGTrainer
+    from tokencredit.rl.pgg_trainer import PGGConfig, PGGTrainer
 
-    top = _clamp_layers(model_name, task_setting(cfg, "top_layers"))  # a model with fewer blocks: all of them
+    top = clamp_layers(model_name, task_setting(cfg, "top_layers"))  # a model with fewer blocks: all of them
     rank = task_setting(cfg, "lora_r")
     policy = load_policy(model_name, lora=LoraSettings(r=rank, alpha=2 * rank, dropout=0.0, top_layers=top),
                          seed=cfg.seed)
@@ -287,7 +288,7 @@ def _fewshot(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> di
     results: dict[str, dict] = dict(zip(("hand-written", "no prompt"), judge([HAND_PROMPTS[dataset], ""])))
     curves = {}
     for arm in arm_names(cfg):
-        stage = _Stage(root, arm, cfg.resume)
+        stage = Stage(root, arm, cfg.resume)
         if not stage.done:
             _train_arm(cfg, arm, model_name, tokenizer, [policy_prompt], score_fn, None, stage.dir)
             policy = _policy_with(model_name, stage.dir / "policy")
@@ -356,7 +357,7 @@ def _summarize(cfg: PGGRecipeConfig, root: Path, data: str, model_name: str) -> 
     results = {"start": evaluate(None)}
     curves = {}
     for arm in arm_names(cfg):
-        stage = _Stage(root, arm, cfg.resume)
+        stage = Stage(root, arm, cfg.resume)
         if not stage.done:
             _train_arm(cfg, arm, model_name, tokenizer, prompts, score_fn, references, stage.dir)
             stage.finish({"metrics": evaluate(stage.dir / "policy")})

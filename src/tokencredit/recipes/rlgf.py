@@ -34,8 +34,9 @@ import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
 from tokencredit.precision import release_free_memory
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ def _run_rlgf(cfg: RLGFConfig) -> dict:
     # 3. Every algorithm from the same start with the same seed and budget.
     curves = {}
     for algorithm in cfg.algorithms:
-        stage = _Stage(root, algorithm, cfg.resume)
+        stage = Stage(root, algorithm, cfg.resume)
         if not stage.done:
             _rl(cfg, algorithm, start, guide_model, tokenizer, task, stage.dir)
             stage.finish({"algorithm": algorithm})
@@ -376,7 +377,7 @@ def _rl(cfg: RLGFConfig, algorithm: str, start: str, guide_model: str, tokenizer
     """One algorithm's run: LoRA on the start model, the task's reward, the guide model when the algorithm uses one."""
     from tokencredit.rl.ppo import PPOConfig, PPOTrainer
 
-    top = _clamp_layers(start, cfg.top_layers)  # a smaller model than the default has fewer blocks
+    top = clamp_layers(start, cfg.top_layers)  # a smaller model than the default has fewer blocks
     policy = load_policy(start, lora=LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0, top_layers=top),
                          seed=cfg.seed)
     guide = None if algorithm == "ppo" else _guide_writer(cfg, load_policy(guide_model), tokenizer, task)

@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from tokencredit.models import LoraSettings, load_policy, load_tokenizer, quiet_saves
-from tokencredit.recipes.tppo import _clamp_layers, _Stage, check_fast_model, claim_recipe_folder
-from tokencredit.runs import atomic_write_json, releases_run_folders
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
     ser_file, judge_file, train_prompts, test_prompts = _split_by_prompt(cfg, data, root)
 
     # 1. Evolve from the labelled share of the SER pairs, with the 100%-label reference beside it.
-    evolve_stage = _Stage(root, "evolve", cfg.resume)
+    evolve_stage = Stage(root, "evolve", cfg.resume)
     evolve = evolve_stage.info() if evolve_stage.done else None
     if evolve is None:
         evolve = run_evolve(EvolveConfig(
@@ -149,7 +150,7 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
     models = {"ppo_ser": evolve["best_model"], "ppo_seed": str(root / "evolve" / "loop-0" / "model")}
 
     # 2. The judge, on pairs of prompts neither arm's reward model trained on.
-    judge_stage = _Stage(root, "judge", cfg.resume)
+    judge_stage = Stage(root, "judge", cfg.resume)
     judge = judge_stage.info() if judge_stage.done else None
     if judge is None:
         judge = _train_judge(cfg, cfg.judge_model or rm_model, judge_file, root / "judge")
@@ -158,7 +159,7 @@ def _run_ser(cfg: SERRecipeConfig) -> dict:
 
     # 3. The same start, budget and seed for both arms; only the reward model differs.
     for arm, rm_folder in models.items():
-        stage = _Stage(root, arm, cfg.resume)
+        stage = Stage(root, arm, cfg.resume)
         if not stage.done:
             history = _ppo(cfg, arm, root, policy_model, rm_folder, train_prompts)
             stage.finish({"updates": len(history), "reward_model": rm_folder})
@@ -229,7 +230,7 @@ def _ppo(cfg: SERRecipeConfig, arm: str, root: Path, policy_model: str, rm_folde
                                   raw_prompt=lambda p: raw_of.get(p, p))
     # A smaller model than the default has fewer blocks than top_layers: then every block gets adapters.
     lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0,
-                        top_layers=_clamp_layers(policy_model, cfg.top_layers))
+                        top_layers=clamp_layers(policy_model, cfg.top_layers))
     policy = load_policy(policy_model, lora=lora, seed=cfg.seed)
     config = PPOConfig(output_dir=str(root / arm), seed=cfg.seed, num_updates=cfg.ppo_updates,
                        batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_batch_size // 2 or 1, ppo_epochs=1,

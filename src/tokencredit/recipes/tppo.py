@@ -11,7 +11,6 @@ finished stages and resumes an interrupted PPO or SFT run from its last checkpoi
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import logging
 import random
@@ -25,9 +24,6 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from tokencredit.config import claim_folder_for, save_config
-from tokencredit.evaluate import html_table, svg_line_chart, token_heatmap_html, token_pieces, write_html_report
-from tokencredit.generation import generate
 from tokencredit.models import (
     LoraSettings,
     load_critic,
@@ -37,11 +33,24 @@ from tokencredit.models import (
     train_top_layers,
 )
 from tokencredit.precision import release_free_memory, validate_mixed_precision
-from tokencredit.runs import atomic_write_json, read_metrics, releases_run_folders
+from tokencredit.recipes.stages import Stage, check_fast_model, claim_recipe_folder, clamp_layers
+from tokencredit.recipes.tppo_eval import CURVE_METRICS, evaluate_policies, learning_curve, write_report
+from tokencredit.recipes.tppo_labels import (
+    label_samples,
+    label_sum,
+    make_labeler,
+    miss_cost,
+    pairs_from_labels,
+    read_records,
+    records_stats,
+    token_example,
+    write_records,
+)
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json
 
 if TYPE_CHECKING:
-    from tokencredit.rewards.labels import SpanLabel
-    from tokencredit.rewards.records import TokenExample
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +60,7 @@ class DemoConfig:
     """Every knob of the demo; the defaults fit the built-in model and data on 2 CPU cores in < 15 minutes."""
 
     # What a run folder saved before a setting existed did, where that differs from the setting's default now:
-    # resuming such a run must ask for it explicitly (see runs.changed_settings).
+    # resuming such a run must ask for it explicitly (see run_folders.changed_settings).
     BEHAVIOUR_BEFORE_ADDED: ClassVar[dict] = {"reward_repeat": "keep", "label_repeats": "keep", "label_unit": "token",
                                               "label_end": False, "pair_rank": "share",
                                               "rm_anchor_weight": 0.0, "label_clicked": True,
@@ -235,68 +244,6 @@ FAST_OVERRIDES = dict(
 )
 
 
-def check_fast_model(fast: bool, model: str, field_name: str = "model") -> None:
-    """Refuse fast=true with a model other than the built-in one: fast mode trains a tiny random model instead."""
-    if fast and model != "smollm2-135m-instruct":
-        raise ValueError(f"fast=true trains a tiny random model and would ignore {field_name}={model!r}; "
-                         "drop one of the two")
-
-
-def _bar(items: object, desc: str, unit: str) -> object:
-    """A named progress bar over a long stage's loop."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True)
-
-
-def claim_recipe_folder(root: Path, cfg: object) -> Callable[[], None]:
-    """Claim a recipe's output folder (see config.claim_folder_for), create it and save the settings; returns
-    the call that drops a replaced run once this one has finished."""
-    from tokencredit.distributed import launched_world_size
-
-    if launched_world_size() > 1:
-        # A recipe writes reports, summaries and stage folders of its own; every rank would write them.
-        raise ValueError("recipes run in one process; under accelerate launch use the ppo, sft and reward train "
-                         "commands (or PPOTrainer / SFTTrainer), see docs/distributed.md")
-    drop = claim_folder_for(cfg, root)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "config.yaml")
-    return drop
-
-
-class _Stage:
-    """A pipeline stage folder with a done marker, so a re-run can skip it."""
-
-    def __init__(self, root: Path, name: str, resume: bool) -> None:
-        """Stage `name` under root."""
-        self.dir = root / name
-        self.resume = resume
-
-    @classmethod
-    def reused(cls, root: Path, name: str, resume: bool, reuse_from: str | None) -> _Stage:
-        """Stage `name` of this run, or the finished one of the run folder `reuse_from` (an error if unfinished)."""
-        if reuse_from is None:
-            return cls(root, name, resume)
-        stage = cls(Path(reuse_from), name, resume=True)
-        if not stage.done:
-            raise ValueError(f"reuse_stages={reuse_from}: its {name} stage is not finished ({stage.dir / 'done.json'} "
-                             "is missing); run that demo to the end first")
-        return stage
-
-    @property
-    def done(self) -> bool:
-        """Finished in an earlier run and resume is on."""
-        return self.resume and (self.dir / "done.json").exists()
-
-    def finish(self, info: dict) -> None:
-        """Mark finished."""
-        atomic_write_json(self.dir / "done.json", info)
-
-    def info(self) -> dict:
-        """What finish() recorded."""
-        return json.loads((self.dir / "done.json").read_text())
-
-
 def _load_data(cfg: DemoConfig) -> tuple[list, list]:
     """(train, test) sessions."""
     from tokencredit.tasks.querygen import builtin_sessions, load_sessions, split_sessions
@@ -344,17 +291,32 @@ def run_demo(cfg: DemoConfig) -> dict:
         return _run_demo(cfg)
 
 
+@dataclass
+class _DemoRun:
+    """What every stage of one demo run reads: settings, folders, data, prompts, model and timings."""
+
+    cfg: DemoConfig
+    root: Path
+    train: list
+    test: list
+    model_name: str
+    tokenizer: object
+    template: object
+    train_prompts: list[str]
+    test_prompts: list[str]
+    lora: LoraSettings
+    top_layers: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def _run_demo(cfg: DemoConfig) -> dict:
     """run_demo without the progress-bar settings."""
     from tokencredit.rewards.token_rm import TokenRewardModel
-    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
-    from tokencredit.rl.sft import SFTConfig, SFTTrainer
     from tokencredit.tasks.querygen import PromptTemplate, render_prompt
 
     cfg.validate()
     root = Path(cfg.output)
     drop_replaced = claim_recipe_folder(root, cfg)
-    timings: dict[str, float] = {}
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -364,113 +326,150 @@ def _run_demo(cfg: DemoConfig) -> dict:
     # The instruction goes in the system message: it replaces SmolLM2's default system prompt, so every
     # forward pass of every stage is ~17% shorter.
     template = PromptTemplate(max_history=cfg.history_entries, instruction_as_system=True)
-    train_prompts = [render_prompt(s, tokenizer, template) for s in train]
-    test_prompts = [render_prompt(s, tokenizer, template) for s in test]
-    lora = LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0)
-    top_layers = _clamp_layers(model_name, cfg.top_layers)
+    run = _DemoRun(cfg, root, train, test, model_name, tokenizer, template,
+                   [render_prompt(s, tokenizer, template) for s in train],
+                   [render_prompt(s, tokenizer, template) for s in test],
+                   LoraSettings(r=cfg.lora_r, alpha=2 * cfg.lora_r, dropout=0.0),
+                   clamp_layers(model_name, cfg.top_layers))
     log.info("demo: %d train / %d test sessions, model %s, output %s", len(train), len(test), model_name, root)
 
-    # 1. SFT on (history -> next query). LoRA is merged afterwards so the SFT model is a plain model: PPO's
-    #    fresh adapters then sit on top of it and "adapters off" is exactly the SFT reference.
-    t0 = time.perf_counter()
-    sft = _Stage.reused(root, "sft", cfg.resume, cfg.reuse_stages)
-    sft_model = sft.dir / "merged"
-    if not sft.done:
-        policy = load_policy(model_name, lora=lora, seed=cfg.seed)
-        SFTTrainer(
-            SFTConfig(output_dir=str(sft.dir), seed=cfg.seed, num_epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
-                      learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False,
-                      mixed_precision=cfg.mixed_precision),
-            policy=policy, tokenizer=tokenizer, prompts=train_prompts, responses=[s.target_query for s in train],
-        ).train()
-        merged = policy.merge_and_unload()
-        merged.save_pretrained(sft_model)
-        tokenizer.save_pretrained(sft_model)
-        sft.finish({"model": str(sft_model)})
-        del policy, merged
-        release_free_memory()
-    timings["sft"] = time.perf_counter() - t0
-
-    # 2. Sample queries from the SFT policy and label their words (reference-based labeler by default).
-    t0 = time.perf_counter()
-    labels_stage = _Stage.reused(root, "labels", cfg.resume, cfg.reuse_stages)
-    labels_path = labels_stage.dir / "token_labels.jsonl"
-    if not labels_stage.done:
-        labels_stage.dir.mkdir(parents=True, exist_ok=True)
-        policy = load_policy(sft_model)
-        chosen = random.Random(cfg.seed).sample(range(len(train)), min(cfg.label_prompts, len(train)))
-        labeler = _labeler(cfg, labels_stage.dir)
-        records, skipped = _label_samples(cfg, policy, tokenizer, labeler, chosen, train, train_prompts, template,
-                                          torch.Generator().manual_seed(cfg.seed))
-        _write_records(labels_path, records)
-        labels_stage.finish(_records_stats(records, labeler, skipped))
-        del policy
-        release_free_memory()
-    records = _read_records(labels_path)
-    timings["labels"] = time.perf_counter() - t0
-
-    # 3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
-    #    summed token rewards of pairs of samples of one prompt ranked by the sum of their token labels.
-    t0 = time.perf_counter()
-    rm_stage = _Stage.reused(root, "reward_model", cfg.resume, cfg.reuse_stages)
-    rm_dir = rm_stage.dir / "model"
-    if not rm_stage.done:
-        history, examples, pairs = _fit_token_rm(cfg, sft_model, records, rm_stage.dir, tokenizer, top_layers,
-                                                 cfg.seed)
-        rm_stage.finish({"examples": examples, "pairs": pairs, "miss_cost": history[-1].get("miss_cost"),
-                         "eval": history[-1].get("eval", {})})
-        release_free_memory()
+    sft_model = _timed(run, "sft", lambda: _sft_stage(run))
+    labels_stage, records = _timed(run, "labels", lambda: _labels_stage(run, sft_model))
+    rm_stage, rm_dir = _timed(run, "reward_model", lambda: _reward_model_stage(run, sft_model, records))
     rm = TokenRewardModel.from_pretrained(rm_dir)
-    timings["reward_model"] = time.perf_counter() - t0
     # Where the reward model puts its credit on the SFT samples it was trained on (EOS, stopwords, position, and
     # how the summed reward moves with length), and the length control both PPO policies get.
     controls = _reward_controls(cfg, rm, records)
 
     # 4. TPPO (per-token RM rewards) and the sequence-level baseline (the RM's sum on the last token).
-    ppo_runs = {"tppo": "token", "ppo_sequence": "sequence"}
-    for name, kind in ppo_runs.items():
-        if name not in cfg.policies:
-            continue
-        t0 = time.perf_counter()
-        stage = _Stage(root, name, cfg.resume)
-        if not stage.done:
-            policy = load_policy(sft_model, lora=dataclasses.replace(lora, top_layers=top_layers), seed=cfg.seed)
-            curve = cfg.curve_every is not None
-            # The value model starts from the reward model's weights.
-            critic = train_top_layers(load_critic(rm_dir), top_layers)
-            PPOTrainer(
-                PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
-                          batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
-                          ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
-                          critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
-                          max_new_tokens=cfg.max_new_tokens, save_every=cfg.curve_every if curve else 2,
-                          # every checkpoint is a point of the learning curve; they go once it is measured
-                          keep_checkpoints=cfg.ppo_updates if curve else 2, resume=cfg.resume,
-                          log_tensorboard=False, reuse_sampling_logprobs=True,
-                          mixed_precision=cfg.mixed_precision),
-                policy=policy, tokenizer=tokenizer, prompts=train_prompts, critic=critic,
-                reward_fn=_policy_reward_fn(cfg, rm, kind, controls),
-            ).train(before_update=None if cfg.relabel_every is None else _OnlineRefits(
-                cfg, stage.dir / "reward_rounds", kind, rm_dir, records, _LabelSource(
-                    train, train_prompts, template, tokenizer), top_layers))
-            del policy, critic
-            release_free_memory()
-            info: dict = {"policy": str(stage.dir / "policy")}
-            if cfg.relabel_every is not None:
-                info["reward_rounds"] = _rounds_info(stage.dir / "reward_rounds")
-            if curve:
-                info["curve"] = _learning_curve(cfg, stage.dir, sft_model, test, test_prompts, tokenizer, rm)
-                shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
-            stage.finish(info)
-        timings[name] = time.perf_counter() - t0
+    for name, kind in {"tppo": "token", "ppo_sequence": "sequence"}.items():
+        if name in cfg.policies:
+            _timed(run, name, lambda name=name, kind=kind: _ppo_stage(run, name, kind, sft_model, rm, rm_dir,
+                                                                      records, controls))
 
     # 5. Evaluate every policy on held-out sessions: greedy queries vs the true next query, and RM reward.
+    summary, generations = _timed(run, "evaluate", lambda: evaluate_policies(cfg, root, sft_model, test,
+                                                                               run.test_prompts, tokenizer, rm))
+    _complete_summary(run, summary, generations, records, labels_stage, rm_stage, controls)
+    atomic_write_json(root / "summary.json", summary)
+    write_report(cfg, root, summary, generations, test, tokenizer)
+    drop_replaced()  # a replaced run goes only once this one has finished
+    return summary
+
+
+def _timed(run: _DemoRun, name: str, stage: Callable[[], object]) -> object:
+    """Run a stage and add its wall-clock seconds to the run's timings."""
     t0 = time.perf_counter()
-    summary, generations = _evaluate_policies(cfg, root, sft_model, test, test_prompts, tokenizer, rm)
-    timings["evaluate"] = time.perf_counter() - t0
-    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    summary["data"] = {"train_sessions": len(train), "test_sessions": len(test), "labelled_samples": len(records),
-                       "source": cfg.data or "built-in"}
+    out = stage()
+    run.timings[name] = time.perf_counter() - t0
+    return out
+
+
+def _sft_stage(run: _DemoRun) -> Path:
+    """1. SFT on (history -> next query); the merged model's folder. LoRA is merged afterwards so the SFT model is
+    a plain model: PPO's fresh adapters then sit on top of it and "adapters off" is exactly the SFT reference."""
+    from tokencredit.rl.sft import SFTConfig, SFTTrainer
+
+    cfg = run.cfg
+    sft = Stage.reused(run.root, "sft", cfg.resume, cfg.reuse_stages)
+    sft_model = sft.dir / "merged"
+    if not sft.done:
+        policy = load_policy(run.model_name, lora=run.lora, seed=cfg.seed)
+        SFTTrainer(
+            SFTConfig(output_dir=str(sft.dir), seed=cfg.seed, num_epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
+                      learning_rate=cfg.sft_learning_rate, save_every=10, resume=cfg.resume, log_tensorboard=False,
+                      mixed_precision=cfg.mixed_precision),
+            policy=policy, tokenizer=run.tokenizer, prompts=run.train_prompts,
+            responses=[s.target_query for s in run.train],
+        ).train()
+        merged = policy.merge_and_unload()
+        merged.save_pretrained(sft_model)
+        run.tokenizer.save_pretrained(sft_model)
+        sft.finish({"model": str(sft_model)})
+        del policy, merged
+        release_free_memory()
+    return sft_model
+
+
+def _labels_stage(run: _DemoRun, sft_model: Path) -> tuple[Stage, list[dict]]:
+    """2. Sample queries from the SFT policy and label their words (reference-based labeler by default)."""
+    cfg = run.cfg
+    labels_stage = Stage.reused(run.root, "labels", cfg.resume, cfg.reuse_stages)
+    labels_path = labels_stage.dir / "token_labels.jsonl"
+    if not labels_stage.done:
+        labels_stage.dir.mkdir(parents=True, exist_ok=True)
+        policy = load_policy(sft_model)
+        chosen = random.Random(cfg.seed).sample(range(len(run.train)), min(cfg.label_prompts, len(run.train)))
+        labeler = make_labeler(cfg, labels_stage.dir)
+        records, skipped = label_samples(cfg, policy, run.tokenizer, labeler, chosen, run.train, run.train_prompts,
+                                          run.template, torch.Generator().manual_seed(cfg.seed))
+        write_records(labels_path, records)
+        labels_stage.finish(records_stats(records, labeler, skipped))
+        del policy
+        release_free_memory()
+    return labels_stage, read_records(labels_path)
+
+
+def _reward_model_stage(run: _DemoRun, sft_model: Path, records: list[dict]) -> tuple[Stage, Path]:
+    """3. Token reward model on the SFT backbone: per-token BCE on the word labels, plus Bradley-Terry on the
+    summed token rewards of pairs of samples of one prompt ranked by the sum of their token labels."""
+    cfg = run.cfg
+    rm_stage = Stage.reused(run.root, "reward_model", cfg.resume, cfg.reuse_stages)
+    if not rm_stage.done:
+        history, examples, pairs = _fit_token_rm(cfg, sft_model, records, rm_stage.dir, run.tokenizer,
+                                                 run.top_layers, cfg.seed)
+        rm_stage.finish({"examples": examples, "pairs": pairs, "miss_cost": history[-1].get("miss_cost"),
+                         "eval": history[-1].get("eval", {})})
+        release_free_memory()
+    return rm_stage, rm_stage.dir / "model"
+
+
+def _ppo_stage(run: _DemoRun, name: str, kind: str, sft_model: Path, rm: object, rm_dir: Path,
+               records: list[dict], controls: _RewardControls) -> None:
+    """4. One PPO policy from the SFT model: "token" rewards (TPPO) or the RM's sum on the last token."""
+    from tokencredit.rl.ppo import PPOConfig, PPOTrainer
+
+    cfg = run.cfg
+    stage = Stage(run.root, name, cfg.resume)
+    if stage.done:
+        return
+    policy = load_policy(sft_model, lora=dataclasses.replace(run.lora, top_layers=run.top_layers), seed=cfg.seed)
+    curve = cfg.curve_every is not None
+    # The value model starts from the reward model's weights.
+    critic = train_top_layers(load_critic(rm_dir), run.top_layers)
+    PPOTrainer(
+        PPOConfig(output_dir=str(stage.dir), seed=cfg.seed, num_updates=cfg.ppo_updates,
+                  batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size,
+                  ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.ppo_learning_rate,
+                  critic_learning_rate=cfg.critic_learning_rate, kl_coef=cfg.kl_coef,
+                  max_new_tokens=cfg.max_new_tokens, save_every=cfg.curve_every if curve else 2,
+                  # every checkpoint is a point of the learning curve; they go once it is measured
+                  keep_checkpoints=cfg.ppo_updates if curve else 2, resume=cfg.resume,
+                  log_tensorboard=False, reuse_sampling_logprobs=True,
+                  mixed_precision=cfg.mixed_precision),
+        policy=policy, tokenizer=run.tokenizer, prompts=run.train_prompts, critic=critic,
+        reward_fn=_policy_reward_fn(cfg, rm, kind, controls),
+    ).train(before_update=None if cfg.relabel_every is None else _OnlineRefits(
+        cfg, stage.dir / "reward_rounds", kind, rm_dir, records, _LabelSource(
+            run.train, run.train_prompts, run.template, run.tokenizer), run.top_layers))
+    del policy, critic
+    release_free_memory()
+    info: dict = {"policy": str(stage.dir / "policy")}
+    if cfg.relabel_every is not None:
+        info["reward_rounds"] = _rounds_info(stage.dir / "reward_rounds")
+    if curve:
+        info["curve"] = learning_curve(cfg, stage.dir, sft_model, run.test, run.test_prompts, run.tokenizer, rm)
+        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+    stage.finish(info)
+
+
+def _complete_summary(run: _DemoRun, summary: dict, generations: dict, records: list[dict], labels_stage: Stage,
+                      rm_stage: Stage, controls: _RewardControls) -> None:
+    """Add timings, data, labels, reward-model checks, credit, length control and curves to the summary."""
+    cfg, root = run.cfg, run.root
+    summary["timings_s"] = {k: round(v, 1) for k, v in run.timings.items()}
+    summary["data"] = {"train_sessions": len(run.train), "test_sessions": len(run.test),
+                       "labelled_samples": len(records), "source": cfg.data or "built-in"}
     summary["labeler"] = (f"LLM judge {cfg.judge} ({cfg.judge_model}) marking good and bad words" if cfg.judge
                           else "reference-based (words supported by the true next query or clicked titles)")
     summary["labels"] = labels_stage.info()
@@ -484,84 +483,14 @@ def _run_demo(cfg: DemoConfig) -> dict:
                                  "reward_unfinished": cfg.reward_unfinished, "unfinished": controls.unfinished,
                                  "reward_repeat": cfg.reward_repeat, "reward_shaping": cfg.reward_shaping,
                                  "shaping_temperature": controls.shaping_temperature}
-    curves = {name: _Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
+    curves = {name: Stage(root, name, True).info().get("curve") for name in ("tppo", "ppo_sequence")
               if name in cfg.policies}
     if cfg.relabel_every is not None:
-        summary["reward_rounds"] = {name: _Stage(root, name, True).info().get("reward_rounds", [])
+        summary["reward_rounds"] = {name: Stage(root, name, True).info().get("reward_rounds", [])
                                     for name in ("tppo", "ppo_sequence") if name in cfg.policies}
     if any(curves.values()):
         summary["learning_curves"] = {"sft": {k: summary["sft"][k] for k in CURVE_METRICS},
                                       **{k: v for k, v in curves.items() if v}}
-    atomic_write_json(root / "summary.json", summary)
-    _write_report(cfg, root, summary, generations, test, tokenizer)
-    drop_replaced()  # a replaced run goes only once this one has finished
-    return summary
-
-
-def _label_samples(cfg: DemoConfig, policy: object, tokenizer: object, labeler: object, chosen: list[int],
-                   train: list, train_prompts: list[str], template: object, generator: torch.Generator
-                   ) -> tuple[list[dict], int]:
-    """Sample ``samples_per_prompt`` queries of ``policy`` for each chosen train session and label their words:
-    (records, samples the labeler gave no labels: an unreadable judge answer, no example and no pair)."""
-    from tokencredit.feedback.labelers import ReferenceLabeler
-    from tokencredit.tasks.querygen import per_example_metrics, session_context
-
-    records = []
-    skipped = 0
-    with_f1 = isinstance(labeler, ReferenceLabeler)
-    for start in _bar(range(0, len(chosen), 16), "labels", "batch"):
-        idx = [i for i in chosen[start : start + 16] for _ in range(cfg.samples_per_prompt)]
-        prompts = [train_prompts[i] for i in idx]
-        greedy_f1 = {}
-        if with_f1:
-            # The policy's own greedy query on each prompt, scored like the test scores it: the F1 the miss cost's
-            # break-even is taken at (label_miss_cost=auto).
-            sessions = chosen[start : start + 16]
-            greedy = generate(policy, tokenizer, [train_prompts[i] for i in sessions],
-                              max_new_tokens=cfg.max_new_tokens, greedy=True)
-            greedy_f1 = {i: per_example_metrics(t.strip(), train[i].target_query)["f1"]
-                         for i, t in zip(sessions, greedy.texts)}
-        out = generate(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                       generator=generator)
-        texts = [t.strip() for t in out.texts]
-        spans = labeler.label(prompts, texts, [session_context(train[i], template) for i in idx])
-        for i, text, sp, finished in zip(idx, texts, spans, out.finished.tolist()):
-            if sp is None:
-                skipped += 1
-                continue
-            record = {"session": i, "prompt": train_prompts[i], "response": text,
-                      "spans": [[s.start, s.end, s.label] for s in sp], "finished": bool(finished),
-                      "end_label": end_label(text, sp, bool(finished))}
-            if with_f1:  # the reference's verdict on the sample and on the policy's greedy query for its prompt
-                record["f1"] = per_example_metrics(text, train[i].target_query)["f1"]
-                record["greedy_f1"] = greedy_f1[i]
-            records.append(record)
-    return records, skipped
-
-
-def _write_records(path: Path, records: list[dict]) -> None:
-    """Labelled samples as JSON lines, written whole before the stage is marked done."""
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def _read_records(path: Path) -> list[dict]:
-    """What :func:`_write_records` wrote."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _records_stats(records: list[dict], labeler: object, skipped: int) -> dict:
-    """Label counts of a labelling pass, with the judge's unreadable answers when a judge labelled."""
-    from tokencredit.feedback.labelers import ReferenceLabeler, label_stats
-
-    stats = label_stats([[_span(s) for s in r["spans"]] for r in records])
-    if not isinstance(labeler, ReferenceLabeler):
-        stats["judge_unparseable"] = labeler.stats.unparseable
-        stats["judge_unparseable_examples"] = labeler.stats.examples
-    stats["skipped_no_labels"] = skipped
-    stats["unfinished"] = sum(not r["finished"] for r in records)
-    return {"records": len(records), **stats}
 
 
 def _fit_token_rm(cfg: DemoConfig, start: Path, records: list[dict], folder: Path, tokenizer: object,
@@ -569,14 +498,15 @@ def _fit_token_rm(cfg: DemoConfig, start: Path, records: list[dict], folder: Pat
     """Fit a token reward model from the model folder ``start`` (fresh LoRA adapters) on labelled samples: per-token
     BCE on the word labels plus Bradley-Terry on the summed token rewards of pairs of samples of one prompt ranked
     by the sum of their token labels. Saved to ``folder/model``; returns (history, examples, pairs)."""
-    from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import TokenRMConfig, train_token_reward_model
 
     # With end labels an empty finished query is an example too: its end token alone, labelled -1.
-    examples = [_token_example(r, cfg.label_end) for r in records
+    examples = [token_example(r, cfg.label_end) for r in records
                 if r["response"] or (cfg.label_end and r.get("finished", True))]
     cost = miss_cost(cfg, records)
-    pairs = _pairs_from_labels(records, cfg.pair_rank, lambda r: label_sum(
-        _token_example(r, cfg.label_end), tokenizer, cfg.label_unit, 1.0 if cost is None else cost),
+    pairs = pairs_from_labels(records, cfg.pair_rank, lambda r: label_sum(
+        token_example(r, cfg.label_end), tokenizer, cfg.label_unit, 1.0 if cost is None else cost),
         min_gap=1.0)
     rm = TokenRewardModel.from_pretrained(
         start, lora=LoraSettings(r=8, alpha=16, dropout=0.0, top_layers=top_layers), seed=seed)
@@ -589,29 +519,6 @@ def _fit_token_rm(cfg: DemoConfig, start: Path, records: list[dict], folder: Pat
     )
     history[-1]["miss_cost"] = cost
     return history, len(examples), len(pairs)
-
-
-MIN_MISS_COST = 0.01  # label_miss_cost=auto never prices a miss below a hundredth of a hit
-
-
-def miss_cost(cfg: DemoConfig, records: list[dict]) -> float | None:
-    """What a -1 label costs against a +1 for these labelled samples (see DemoConfig.label_miss_cost); None for
-    "balanced" (equal class weights in the BCE, a miss costing 1 in the pair ranking)."""
-    value = cfg.label_miss_cost
-    if value == "balanced":
-        return None
-    if value != "auto":
-        return float(value)
-    if cfg.judge is not None:
-        return 1.0
-    scores = [r.get("greedy_f1") for r in records]
-    if not scores or any(f is None for f in scores):
-        raise ValueError("label_miss_cost=auto prices a miss by the token F1 of the labelling policy's greedy "
-                         "queries, and these labels have none (written before the option, or not by the reference "
-                         "labeler): label them again (resume=false, or a run without reuse_stages) or set "
-                         "label_miss_cost to a number")
-    f1 = statistics.fmean(scores)
-    return max(f1 / (2.0 - f1), MIN_MISS_COST)
 
 
 @dataclass
@@ -694,7 +601,7 @@ class _OnlineRefits:
         """The labels of rounds 0..k (round 0: the offline labels of SFT samples)."""
         out = list(self.offline_records)
         for j in range(1, k + 1):
-            out += _read_records(self._dir(j) / "labels.jsonl")
+            out += read_records(self._dir(j) / "labels.jsonl")
         return out
 
     def __call__(self, trainer: object) -> None:
@@ -724,8 +631,8 @@ class _OnlineRefits:
         round_seed = cfg.seed * 1_000_003 + k
         rng = random.Random(round_seed)
         chosen = rng.sample(range(len(src.train)), min(cfg.label_prompts, len(src.train)))
-        labeler = _labeler(cfg, folder)
-        records, skipped = _label_samples(cfg, policy, src.tokenizer, labeler, chosen, src.train, src.prompts,
+        labeler = make_labeler(cfg, folder)
+        records, skipped = label_samples(cfg, policy, src.tokenizer, labeler, chosen, src.train, src.prompts,
                                           src.template, torch.Generator().manual_seed(round_seed))
         earlier = self._records(k - 1)
         replay = rng.sample(earlier, min(len(earlier), len(records)))
@@ -734,16 +641,16 @@ class _OnlineRefits:
         fit_records = records + [{**r, "session": ("replay", r["session"])} for r in replay]
         history, examples, pairs = _fit_token_rm(cfg, self._model(k - 1), fit_records, folder / "reward_model",
                                                  src.tokenizer, self.top_layers, cfg.seed + k)
-        _write_records(folder / "labels.jsonl", records)
+        write_records(folder / "labels.jsonl", records)
         atomic_write_json(folder / "done.json", {
-            "round": k, "labels": _records_stats(records, labeler, skipped), "replayed": len(replay),
+            "round": k, "labels": records_stats(records, labeler, skipped), "replayed": len(replay),
             "examples": examples, "pairs": pairs, "miss_cost": history[-1].get("miss_cost"),
             "eval": history[-1].get("eval", {}),
             "mean_f1": (statistics.fmean(r["f1"] for r in records)
                         if records and all("f1" in r for r in records) else None),
             # The labeler's verdict on the policy's own samples, round by round: whether PPO improved what the
             # labels measure (the offline reward model's view of it can drift from that).
-            "mean_label_sum": (statistics.fmean(label_sum(_token_example(r, cfg.label_end), src.tokenizer,
+            "mean_label_sum": (statistics.fmean(label_sum(token_example(r, cfg.label_end), src.tokenizer,
                                                           cfg.label_unit) for r in records) if records else None),
         })
         release_free_memory()
@@ -775,223 +682,3 @@ def _shaped_reward_fn(rm: object, kind: str, temperature: float) -> Callable:
         return [sum(row) for row in per_token(prompts, responses, ids)]
 
     return total
-
-
-def _clamp_layers(model_name: str, top_layers: int | None) -> int | None:
-    """top_layers, or None (every block) when the model has no more blocks than that."""
-    from transformers import AutoConfig
-
-    from tokencredit.models import resolve_model
-
-    if top_layers is None:
-        return None
-    n = getattr(AutoConfig.from_pretrained(resolve_model(model_name)), "num_hidden_layers", None)
-    return None if n is not None and n <= top_layers else top_layers
-
-
-def _labeler(cfg: DemoConfig, folder: Path) -> object:
-    """The demo's token labeler: the reference heuristic, or an LLM judge answering through a cache in folder."""
-    from tokencredit.feedback.labelers import ReferenceLabeler
-
-    if cfg.judge is None:
-        return ReferenceLabeler(use_clicked=cfg.label_clicked, repeats=cfg.label_repeats)
-    from tokencredit.judges.backends import HFBackend, OpenAIBackend
-    from tokencredit.judges.labelers import JudgeTokenLabeler
-
-    cache = folder / "judge_cache.sqlite"
-    if cfg.judge.startswith("hf:"):
-        backend = HFBackend.from_pretrained(cfg.judge[3:], cache=cache)
-    else:
-        backend = OpenAIBackend(cfg.judge, cfg.judge_model, api_key_env=cfg.judge_api_key_env, cache=cache)
-    return JudgeTokenLabeler(backend, repeats=cfg.label_repeats)
-
-
-def _span(s: list[int]) -> object:
-    """A SpanLabel from its JSON form."""
-    from tokencredit.rewards.labels import SpanLabel
-
-    return SpanLabel(int(s[0]), int(s[1]), int(s[2]))
-
-
-def end_label(response: str, spans: list[SpanLabel], finished: bool) -> int:
-    """The label of where a sample ends: a finished one's end token +1 when it holds a +1 word, else -1 (an empty
-    or unsupported query should not be ended on); an unfinished one's last token -1 (the length limit never pays)."""
-    from tokencredit.rewards.labels import word_units
-
-    if not finished:
-        return -1
-    return 1 if any(u.label > 0 for u in word_units(response, spans)) else -1
-
-
-def _token_example(r: dict, label_end: bool) -> TokenExample:
-    """A labels record as the reward model trains on it; a record without ``finished`` / ``end_label`` (written
-    before they existed) is finished with an unlabelled end, as is every record when end labels are off."""
-    from tokencredit.rewards.records import TokenExample
-
-    spans = [_span(s) for s in r["spans"]]
-    if not label_end:
-        return TokenExample(r["prompt"], r["response"], spans)
-    return TokenExample(r["prompt"], r["response"], spans, finished=bool(r.get("finished", True)),
-                        end_label=int(r.get("end_label", 0)))
-
-
-def label_sum(example: TokenExample, tokenizer: object, unit: str, miss_cost: float = 1.0) -> float:
-    """The sum of an example's token labels as the reward model's BCE sees them (word units, end label), a -1
-    counting ``miss_cost``: the additive quantity its summed token reward is fitted to."""
-    from tokencredit.rewards.labels import spans_to_token_labels
-
-    _, labels = spans_to_token_labels(example.response, example.spans, tokenizer, add_eos=example.finished,
-                                      unit=unit, end_label=example.end_label)
-    return float(sum(v if v > 0 else miss_cost * v for v in labels))
-
-
-def _pairs_from_labels(records: list[dict], rank: str = "share", score: Callable[[dict], float] | None = None,
-                       min_gap: float = 0.0) -> list:
-    """Preference pairs between samples of one prompt, the better one first; equal samples form none.
-
-    ``rank="sum"``: finished samples only (a pair's texts are scored with an end token appended), ranked by
-    ``score`` (the demo: :func:`label_sum`), so pairs are ranked by the quantity the summed reward is fitted to;
-    with ``min_gap``, only samples whose scores differ by at least that much pair (the demo: 1, a hit's worth, so
-    that two samples with no hit, which token F1 scores alike, are not ranked by their count of cheap misses).
-    ``rank="share"``: every sample, ranked by its share of good words (the demo before issue 29).
-    """
-    from tokencredit.rewards.records import PreferencePair
-
-    if rank not in ("sum", "share"):
-        raise ValueError(f"rank must be sum or share (got {rank!r})")
-    if rank == "sum" and score is None:
-        raise ValueError("rank='sum' needs a score for each record")
-
-    def share(r: dict) -> float:
-        labels = [s[2] for s in r["spans"]]
-        return sum(1 for v in labels if v > 0) / len(labels) if labels else 0.0
-
-    quality = share if rank == "share" else score
-    by_session: dict[int, list[tuple[dict, float]]] = {}
-    for r in records:
-        if rank == "sum" and not r.get("finished", True):
-            continue
-        by_session.setdefault(r["session"], []).append((r, quality(r)))
-
-    pairs = []
-    for group in by_session.values():
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                (a, qa), (b, qb) = group[i], group[j]
-                if qa == qb or a["response"] == b["response"] or abs(qa - qb) < min_gap - 1e-9:
-                    continue
-                win, lose = (a, b) if qa > qb else (b, a)
-                pairs.append(PreferencePair(win["prompt"], win["response"], lose["response"]))
-    return pairs
-
-
-def _policy_folder(root: Path, name: str, sft_model: Path) -> Path:
-    """Where a finished policy lives."""
-    return sft_model if name == "sft" else root / name / "policy"
-
-
-def _evaluate_policies(cfg: DemoConfig, root: Path, sft_model: Path, test: list, prompts: list[str],
-                       tokenizer: object, rm: object) -> tuple[dict, dict]:
-    """Greedy queries of each policy on the test prompts, their metrics and mean RM reward."""
-    summary: dict = {}
-    generations: dict = {}
-    references = [s.target_query for s in test]
-    for name in _bar(cfg.policies, "evaluate", "policy"):
-        adapter = None if name == "sft" else _policy_folder(root, name, sft_model)
-        metrics, generations[name] = _greedy_eval(cfg, sft_model, adapter, prompts, references, tokenizer, rm)
-        summary[name] = metrics
-        atomic_write_json(root / f"generations_{name}.json",
-                          [{"prompt": p, "prediction": t, "target": r}
-                           for p, t, r in zip(prompts, generations[name]["texts"], references)])
-    return summary, generations
-
-
-CURVE_METRICS = ("token_f1", "bleu", "rouge_l", "token_precision", "token_recall", "mean_length_tokens", "rm_reward")
-
-
-def _greedy_eval(cfg: DemoConfig, sft_model: Path, adapter: Path | None, prompts: list[str], references: list[str],
-                 tokenizer: object, rm: object) -> tuple[dict, dict]:
-    """Greedy queries of the SFT model (with a LoRA adapter on top, if given): metrics and what was generated."""
-    from peft import PeftModel
-
-    from tokencredit.rewards.credit import credit_profile
-    from tokencredit.tasks.querygen import query_metrics
-
-    policy = load_policy(sft_model)
-    if adapter is not None:
-        policy = PeftModel.from_pretrained(policy, adapter).merge_and_unload()
-    texts, ids = [], []
-    for start in range(0, len(prompts), 32):
-        out = generate(policy, tokenizer, prompts[start : start + 32], max_new_tokens=cfg.max_new_tokens,
-                       greedy=True)
-        texts.extend(t.strip() for t in out.texts)
-        ids.extend(out.token_ids())
-    del policy
-    release_free_memory()
-    token_rewards = rm.score_token_ids(prompts, ids)
-    metrics = query_metrics(texts, references)
-    metrics["rm_reward"] = sum(sum(r) for r in token_rewards) / len(token_rewards)
-    metrics["mean_length_tokens"] = sum(len(i) for i in ids) / len(ids)
-    credit = credit_profile(rm, prompts, ids, rewards=token_rewards) if any(ids) else {}
-    return metrics, {"texts": texts, "ids": ids, "token_rewards": token_rewards, "credit": credit}
-
-
-def _learning_curve(cfg: DemoConfig, stage_dir: Path, sft_model: Path, test: list, prompts: list[str],
-                    tokenizer: object, rm: object) -> list[dict]:
-    """The test metrics of every checkpoint a PPO stage kept (one per curve_every updates)."""
-    from tokencredit.runs import CheckpointManager
-
-    references = [s.target_query for s in test]
-    points = []
-    for ckpt in _bar(CheckpointManager(stage_dir).candidates()[::-1], f"curve {stage_dir.name}", "checkpoint"):
-        metrics, generated = _greedy_eval(cfg, sft_model, ckpt / "policy", prompts, references, tokenizer, rm)
-        # The queries themselves, so that a fall along the curve can be tested pairwise over the same sessions.
-        points.append({"update": CheckpointManager.step_of(ckpt), **{k: metrics[k] for k in CURVE_METRICS},
-                       "predictions": generated["texts"]})
-    return sorted(points, key=lambda p: p["update"])
-
-
-def _write_report(cfg: DemoConfig, root: Path, summary: dict, generations: dict, test: list,
-                  tokenizer: object) -> None:
-    """report.html: metrics table, training curves, and per-token credit on a few test examples."""
-    rows = [{"policy": name, **{k: v for k, v in m.items()}} for name, m in summary.items() if name in cfg.policies]
-    curves = {}
-    for name in ("tppo", "ppo_sequence"):
-        if (root / name / "metrics.jsonl").exists():
-            curves[name] = [m.get("reward/mean") for m in read_metrics(root / name)]
-    kl_curves = {name: [m.get("kl/mean") for m in read_metrics(root / name)] for name in curves}
-    sft_loss = [m.get("loss") for m in read_metrics(root / "sft")] if (root / "sft" / "metrics.jsonl").exists() else []
-    charts = (svg_line_chart(curves, "Training reward (RM score of samples, mean per sequence)", ylabel="reward")
-              + svg_line_chart(kl_curves, "KL to the SFT reference (per sequence)", ylabel="KL")
-              + svg_line_chart({"sft": sft_loss}, "SFT loss", xlabel="step", ylabel="NLL"))
-    examples = []
-    for i in range(min(8, len(test))):
-        session = test[i]
-        cells = []
-        for name in cfg.policies:
-            g = generations[name]
-            if name != "sft" and g["ids"][i] == generations["sft"]["ids"][i]:
-                cells.append(f"<b>{name}</b>: <span class='small'>same query as sft</span>")
-                continue
-            pieces = token_pieces(tokenizer, g["ids"][i])
-            cells.append(f"<b>{name}</b>: {token_heatmap_html(pieces, g['token_rewards'][i])}")
-        last = session.history[-1].query if session.history else ""
-        examples.append(f"<p class='small'>last query: <i>{html.escape(last)}</i> &rarr; true next query: "
-                        f"<b>{html.escape(session.target_query)}</b></p><p>{'<br>'.join(cells)}</p>")
-    source = (f"an LLM judge ({html.escape(str(cfg.judge))}) that marked good and bad words of each sample"
-              if cfg.judge else "the reference-based labeler (words of a sampled query supported by the true next "
-              "query or clicked titles are good), not from an LLM judge")
-    note = (f"<p class='small'>Labels came from {source}. Colours: token rewards of the "
-            "trained token reward model (green = positive, red = negative; hover for the value)."
-            + (" FAST MODE: tiny random model, numbers are meaningless." if cfg.fast else "") + "</p>")
-    run_rows = [{"stage": k, "seconds": v} for k, v in summary.get("timings_s", {}).items()]
-    rm_eval = summary.get("reward_model_eval", {})
-    run_info = (html_table([summary.get("data", {})]) + html_table([summary.get("labels", {})])
-                + "<p class='small'>Reward model on held-out labelled samples:</p>" + html_table([rm_eval])
-                + html_table(run_rows))
-    write_html_report(root / "report.html", "tokencredit demo: TPPO query generation", [
-        ("Test metrics", html_table(rows) + note),
-        ("Training curves", charts),
-        ("Run", run_info),
-        ("Per-token credit on test examples", "".join(examples)),
-    ])

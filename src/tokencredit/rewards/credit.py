@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from tokencredit.feedback.labelers import STOPWORDS
+from tokencredit.rewards.labels import STOPWORDS
 from tokencredit.rewards.token_rm import TokenRewardModel, end_ids
 
 KINDS = ("eos", "stopword", "content")

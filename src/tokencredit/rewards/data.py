@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from tokencredit.records import RecordError, read_jsonl
+from tokencredit.record_files import RecordError, read_jsonl
 from tokencredit.rewards.labels import SpanLabel
 from tokencredit.rewards.records import (
     EditTriple,
@@ -40,8 +40,8 @@ from tokencredit.rewards.records import (
     RankedList,
     TokenExample,
     UnlabelledPair,
-    _ranked_problem,
     random_split,
+    ranked_problem,
 )
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def load_ranked(
         responses = _responses(obj, responses_field, where)
         scores = _number_list(obj, scores_field, where, integers=False)
         ranking = _number_list(obj, ranking_field, where, integers=True)
-        problem = _ranked_problem(len(responses), scores, ranking, responses_field, scores_field, ranking_field)
+        problem = ranked_problem(len(responses), scores, ranking, responses_field, scores_field, ranking_field)
         if problem is not None:
             raise RewardDataError(f"{where}: {problem}")
         if scores is not None and len(set(scores)) == 1:

@@ -27,8 +27,9 @@ from typing import Literal
 from tokencredit.config import ConfigError, claim_folder_for, save_config
 from tokencredit.models import LoraSettings
 from tokencredit.rewards.records import PreferencePair
-from tokencredit.rewards.ser import SelectionRule, SERState, select_pairs
-from tokencredit.runs import RunFolderError, atomic_write_json, atomic_write_text, releases_run_folders
+from tokencredit.rewards.ser_selection import SelectionRule, SERState, select_pairs
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import RunFolderError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from tokencredit.rewards.labels import token_pieces
+from tokencredit.token_text import token_pieces
 
 POSITIVE = frozenset(
     "good great lovely wonderful happy nice beautiful delightful pleasant enjoy enjoyed enjoyable fun amazing "

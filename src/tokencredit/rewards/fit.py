@@ -182,29 +182,8 @@ def _fit(
                         g["lr"] = lr_at(step, config.num_epochs * steps_per_epoch, config.learning_rate,
                                         getattr(config, "lr_schedule", "constant"),
                                         getattr(config, "warmup_ratio", 0.0))
-                    optimizer.zero_grad(set_to_none=True)
-                    local, weight = _share(batch, group)
-                    loss, stats = None, {}
-                    if weight > 0:
-                        with autocast(device, amp_dtype):
-                            loss, stats = loss_fn(local)
-                    stats = _mean_over_ranks(group, stats, weight)
-                    stats["optim/skipped_nonfinite"] = 0
-                    finite = loss is None or bool(torch.isfinite(loss))
-                    if group.sum(torch.tensor([float(not finite)]))[0] == 0:
-                        if loss is not None:
-                            (loss * weight).backward()
-                        group.average_gradients(params)
-                        max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                        stats["grad_norm"] = float(grad_norm)
-                        if torch.isfinite(grad_norm):
-                            optimizer.step()
-                        else:
-                            stats["optim/skipped_nonfinite"] = 1
-                    else:
-                        # Never step on a non-finite loss (on any rank): the weights and Adam state stay as they were.
-                        stats["optim/skipped_nonfinite"] = 1
+                    stats = _optimizer_step(loss_fn, batch, group, params, optimizer, amp_dtype,
+                                            config.max_grad_norm)
                     step += 1
                     stats = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
                     if group.is_main:
@@ -222,6 +201,37 @@ def _fit(
             bar.close()
         model.eval()
     return history
+
+
+def _optimizer_step(loss_fn: LossFn, batch: object, group: ProcessGroup, params: list[nn.Parameter],
+                    optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+                    max_grad_norm: float | None) -> dict:
+    """One optimizer step on this rank's share of ``batch``; its stats averaged over ranks."""
+    device = params[0].device
+    optimizer.zero_grad(set_to_none=True)
+    local, weight = _share(batch, group)
+    loss, stats = None, {}
+    if weight > 0:
+        with autocast(device, amp_dtype):
+            loss, stats = loss_fn(local)
+    stats = _mean_over_ranks(group, stats, weight)
+    stats["optim/skipped_nonfinite"] = 0
+    finite = loss is None or bool(torch.isfinite(loss))
+    if group.sum(torch.tensor([float(not finite)]))[0] == 0:
+        if loss is not None:
+            (loss * weight).backward()
+        group.average_gradients(params)
+        max_norm = max_grad_norm if max_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        stats["grad_norm"] = float(grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            stats["optim/skipped_nonfinite"] = 1
+    else:
+        # Never step on a non-finite loss (on any rank): the weights and Adam state stay as they were.
+        stats["optim/skipped_nonfinite"] = 1
+    return stats
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str = "constant", warmup_ratio: float = 0.0) -> float:

@@ -62,7 +62,7 @@ class RankedList:
 
     def __post_init__(self) -> None:
         """Reject lists that cannot be ordered (the loaders check the same, naming file, line and field)."""
-        problem = _ranked_problem(len(self.responses), self.scores, self.ranking, "responses", "scores", "ranking")
+        problem = ranked_problem(len(self.responses), self.scores, self.ranking, "responses", "scores", "ranking")
         if problem is not None:
             raise ValueError(problem)
 
@@ -124,7 +124,7 @@ def random_split(items: Sequence, fraction: float, rng: np.random.Generator) -> 
     return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
 
 
-def _ranked_problem(
+def ranked_problem(
     n: int,
     scores: Sequence[float] | None,
     ranking: Sequence[int] | None,

@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from tokencredit.models import attends_only_back
-from tokencredit.rewards.labels import end_token_id, prefix_texts
+from tokencredit.rewards.labels import end_token_id
 from tokencredit.rewards.seq_rm import SequenceRewardModel
 from tokencredit.rewards.token_rm import TokenRewardModel, end_ids, same_tokenizer
 from tokencredit.rewards.tokens import RewardFn
+from tokencredit.token_text import prefix_texts
 
 Bound = Literal["sigmoid", "tanh", "none"]
 PrefixPotentials = Callable[[list[str], list[list[int]]], Sequence[Sequence[float]]]

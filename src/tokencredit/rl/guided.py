@@ -297,3 +297,80 @@ def as_generation_output(rollout: GuidedRollout, prompt_ids: torch.Tensor, promp
                            response_mask=mask.to(device), logprobs=torch.zeros(n, width, device=device),
                            texts=texts, finished=torch.tensor(rollout.finished, device=device))
     return gen, learner.to(device)
+
+
+class GuideTraining:
+    """What RLGF adds to a PPO trainer: the guide as a writer, the guide critic, the roll-in and switch-point draws,
+    and who wrote each token of the last roll-out. Plain PPO has none of it (``PPOTrainer.guided`` is None)."""
+
+    def __init__(self, config: object, guide: object, tokenizer: object, device: torch.device,
+                 critic: nn.Module, logits_processors: Sequence[object]) -> None:
+        """Wrap ``guide`` (a causal LM with the policy's tokenizer, a writer, or an object with ``complete``) and,
+        when some updates roll out with the guide, copy ``critic`` as the guide critic."""
+        import copy
+
+        if guide is None:
+            raise ValueError(f"algorithm={config.algorithm!r} needs guide=: a causal LM with the policy's "
+                             "tokenizer, or an object with complete(texts, max_new_tokens)")
+        if logits_processors:
+            raise ValueError("logits_processors cannot be combined with a guided algorithm")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.writer = _as_writer(guide, tokenizer, device, config)
+        self.critic: nn.Module | None = copy.deepcopy(critic) if config.uses_guide_critic() else None
+        # Switch points and LOLS draws: their own stream, so beta = 0 leaves the policy's sampling untouched. The
+        # same on every rank: the roll-in is one decision per update and switch points are drawn for the global
+        # batch, each rank taking its rows' (so they match a single-process run's).
+        self.rng = random.Random(config.seed + 2)
+        self.last: tuple[str | None, torch.Tensor] | None = None  # (roll-in, learner mask) of the last roll-out
+
+    def rollout(self, trainer: object, prompts: list[str]) -> GenerationOutput:
+        """Roll in with one writer and out with the other; records who wrote every token (see ``last``)."""
+        from tokencredit.generation import encode_prompts
+
+        cfg = self.config
+        rollin = rollin_of(cfg.algorithm, trainer.update_idx, cfg.lols_tau, cfg.d2lols_switch_update, self.rng)
+        # Drawn for the global batch on every rank (same stream), each rank keeping its rows' draws.
+        draws = trainer.group.share(draw_switches(len(prompts) * trainer.group.world_size, cfg.guide_beta,
+                                                  self.rng))
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, trainer.device)
+        learner = ModelWriter(trainer.policy, self.tokenizer, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, generator=trainer.generator)
+        with trainer._amp():
+            rows = guided_rollout(learner, self.writer, rollin, prompt_ids, prompt_mask, draws,
+                                  cfg.max_new_tokens, self.tokenizer.pad_token_id,
+                                  rollin_length=cfg.guide_rollin_length)
+        gen, learner_mask = as_generation_output(rows, prompt_ids, prompt_mask, self.tokenizer,
+                                                 self.tokenizer.pad_token_id)
+        self.last = (rollin, learner_mask)
+        return gen
+
+    def values_rollout(self) -> bool:
+        """Whether the last roll-out's positions are valued by the guide critic (the guide rolled out)."""
+        return self.last is not None and self.critic is not None and self.last[0] == "learner"
+
+
+def _as_writer(guide: object, tokenizer: object, device: torch.device, cfg: object) -> object:
+    """The guide as a writer on ``device``: a model is sampled token by token, a writer is kept, a text-completion
+    object is re-tokenised."""
+    if isinstance(guide, nn.Module):
+        vocab = getattr(getattr(guide, "config", None), "vocab_size", None)
+        if vocab is not None and vocab < len(tokenizer):
+            raise ValueError(f"the guide's vocabulary ({vocab}) is smaller than the policy tokenizer's "
+                             f"({len(tokenizer)}): a token-level guide must share the policy's tokenizer; "
+                             "wrap another model as a text guide (complete(texts, max_new_tokens))")
+        guide = guide.to(device).eval().requires_grad_(False)
+        # Sampling from the trainer's generator (set once it exists), so a guided run is reproducible.
+        return ModelWriter(guide, tokenizer, temperature=cfg.guide_temperature, top_k=cfg.guide_top_k,
+                           top_p=cfg.guide_top_p)
+    if callable(getattr(guide, "write", None)):
+        # A writer of our own kind (e.g. BestOfNWriter): its model moves with the trainer, its sampling draws
+        # from the trainer's generator, like a model guide's.
+        model = getattr(guide, "model", None)
+        if isinstance(model, nn.Module):
+            guide.model = model.to(device).eval().requires_grad_(False)
+        return guide
+    if callable(getattr(guide, "complete", None)):
+        return TextWriter(guide.complete, tokenizer)
+    raise ValueError("guide must be a causal LM (nn.Module), a writer (write(prompt_ids, prompt_mask, "
+                     "budgets)) or have complete(texts, max_new_tokens)")

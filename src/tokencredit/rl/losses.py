@@ -1,4 +1,5 @@
-"""PPO's clipped policy and value losses and the entropy of token distributions, all masked."""
+"""The losses of the trainers, all masked over response tokens: PPO's clipped policy and value losses and the
+entropy of token distributions; PGG's REINFORCE with token weights and its reward-weighted MLE."""
 
 from __future__ import annotations
 
@@ -57,3 +58,67 @@ def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.T
         logz = torch.logsumexp(chunk, -1)
         parts.append(logz - (chunk.softmax(-1) * chunk).sum(-1))
     return torch.cat(parts).reshape(logits.shape[:-1])
+
+
+# ---------------------------------------------------------------------- PGG's objectives
+def token_weights_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reward-to-go [B, T]: sum of the rewards at t and after, over unmasked tokens only."""
+    masked = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+    return masked.flip(-1).cumsum(-1).flip(-1)
+
+
+def pgg_reinforce_loss(
+    logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.125,
+    reward_to_go: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PGG's REINFORCE: mean_t[w_t * NLL_t] - entropy_coef * mean_t H_t over unmasked tokens, w = r (or its to-go).
+
+    ``logprobs`` [B, T] of the sampled tokens (with gradient), ``rewards`` [B, T] token guidance (no gradient is
+    taken through it), ``mask`` [B, T] 1 on response tokens, ``entropy`` [B, T] of the policy at each position
+    (None: no bonus). Means are over all unmasked tokens of the batch.
+    """
+    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same [B, T] shape")
+    if entropy_coef < 0:
+        raise ValueError(f"entropy_coef must be >= 0 (got {entropy_coef})")
+    weights = (token_weights_to_go(rewards, mask) if reward_to_go else rewards).detach().to(logprobs.dtype)
+    mask = mask.to(logprobs.dtype)
+    pg = masked_mean(-logprobs * weights, mask)
+    loss = pg
+    stats = {"loss/pg": float(pg.detach())}
+    if entropy is not None:
+        ent = masked_mean(entropy, mask)
+        loss = loss - entropy_coef * ent
+        stats["entropy/mean"] = float(ent.detach())
+    stats["loss/total"] = float(loss.detach())
+    return loss, stats
+
+
+def weighted_mle_loss(
+    logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reward-weighted MLE: mean over rows of sum_t w_t * NLL_t, w_t = r_t / sum_t' r_t' per row (no gradient).
+
+    ``rewards`` must be positive on unmasked tokens (PGG's bounded reward is in (0, 1)); a row without tokens
+    contributes nothing and is left out of the mean.
+    """
+    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same [B, T] shape")
+    on = mask.bool()
+    r = torch.where(on, rewards.detach(), torch.zeros_like(rewards)).to(logprobs.dtype)
+    if (r < 0).any():
+        raise ValueError("weighted MLE needs non-negative token rewards (a bounded PGG reward is in (0, 1))")
+    totals = r.sum(-1, keepdim=True)
+    rows = on.any(-1)
+    weights = r / totals.clamp(min=torch.finfo(r.dtype).tiny)
+    per_row = (-logprobs * weights).where(on, torch.zeros_like(logprobs)).sum(-1)
+    loss = per_row[rows].mean() if rows.any() else per_row.sum() * 0.0
+    plain = masked_mean(-logprobs.detach(), mask.to(logprobs.dtype))
+    return loss, {"loss/total": float(loss.detach()), "loss/weighted_nll": float(loss.detach()),
+                  "loss/plain_nll": float(plain)}

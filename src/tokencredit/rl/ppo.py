@@ -6,16 +6,12 @@ rollout -> score -> advantages -> update -> log -> checkpoint.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -23,15 +19,12 @@ from torch import nn
 
 from tokencredit.distributed import (
     check_world_size,
-    open_run,
     process_group,
     rank_seed,
     rank_state_of,
-    resume_on_ranks,
-    save_checkpoint_on_ranks,
 )
 from tokencredit.fastdecode import StaticKVDecoder
-from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts, eos_ids, generate
+from tokencredit.generation import GenerationOutput, LogitsProcessor, encode_prompts
 from tokencredit.models import (
     ScalarHeadModel,
     is_peft,
@@ -39,7 +32,6 @@ from tokencredit.models import (
     make_reference,
     quiet_saves,
     resolve_device,
-    save_hf_policy,
 )
 from tokencredit.precision import (
     autocast,
@@ -47,301 +39,36 @@ from tokencredit.precision import (
     make_adamw,
     resolve_mixed_precision,
     tune_cpu_allocator,
-    validate_mixed_precision,
 )
-from tokencredit.rewards.tokens import RewardFn, all_finite, rewards_to_tensor
+from tokencredit.rewards.tokens import RewardFn, rewards_to_tensor
 from tokencredit.rl.advantages import compute_gae, masked_mean, masked_sum, masked_whiten
+from tokencredit.rl.critics import SharedValueHead, capture_lm_head_input, default_critic, disable_dropout, hidden_size
+from tokencredit.rl.guided import GuideTraining
 from tokencredit.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_loss
 from tokencredit.rl.losses import entropy_from_logits, policy_loss, value_loss
+from tokencredit.rl.ppo_config import PPOConfig
+from tokencredit.rl.reward_shaping import charge_missing_eos, reward_stats, reward_sums, token_rewards
 from tokencredit.rl.rollout import RolloutBatch, response_logits, response_values, token_logprobs
+from tokencredit.rl.rollouts import make_rollout
+from tokencredit.rl.trainer_base import Trainer
 from tokencredit.runs import (
-    CheckpointManager,
     capture_rng_state,
     load_trainer_state,
-    read_metrics,
     reading_checkpoint,
-    releases_run_folders,
     restore_rng_state,
     save_trainer_state,
-    start_fresh,
 )
 from tokencredit.textbounds import tail_within
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PPOConfig:
-    """Every PPO hyper-parameter, documented where declared."""
-
-    # --- run ---
-    output_dir: str = "runs/ppo"  # run folder: config.yaml, metrics.jsonl, checkpoints/, policy/
-    seed: int = 0  # seeds sampling, data order, critic head and dropout
-    num_updates: int = 100  # PPO updates (each = one rollout batch + ppo_epochs of optimisation)
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first checkpoint)
-    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
-    save_every: int = 10  # updates between checkpoints; the last update is always saved
-    keep_checkpoints: int = 2  # complete checkpoints kept on disk
-    device: str = "auto"  # "auto" = cuda when available, else cpu
-    log_tensorboard: bool = True  # scalars to output_dir/tensorboard when tensorboard is installed
-    log_wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str | None = None  # Weights & Biases project for log_wandb; None = wandb's default
-    progress: bool = True  # progress bar with reward and KL
-
-    # --- rollout ---
-    batch_size: int = 16  # prompts (= sampled responses) per update
-    max_prompt_length: int | None = 512  # longer prompts keep their last tokens
-    max_new_tokens: int = 32  # longest sampled response, in tokens
-    temperature: float = 1.0  # also divides the logits when log-probs are recomputed, as PPO needs
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    stop_strings: list[str] = field(default_factory=list)  # end a response when its text contains one
-    missing_eos_penalty: float | None = None  # subtracted from the last token of responses cut by length
-    # Use the sampler's log-probs as PPO's old log-probs, saving one policy forward pass per update (not needed, and
-    # not used, when reuse_first_epoch_forward applies: that path is exact and skips this pass too). Exact only
-    # when sampling draws from the policy itself (top_k=0, top_p=1, no logits processors); the KV-cached
-    # decode and the full forward then differ by float rounding only.
-    reuse_sampling_logprobs: bool = False
-    # Who runs the policy while sampling. "plain": transformers' own KV cache, any causal LM. "static":
-    # tokencredit's preallocated KV cache, each decode step one CUDA graph on a GPU (Llama, Mistral, Qwen2,
-    # Qwen3 layouts; same tokens as plain on CPU). "vllm": a vLLM engine that gets the policy's weights after
-    # every update (`pip install "tokencredit[vllm]"`, GPU only).
-    rollout_backend: Literal["plain", "static", "vllm"] = "plain"
-    cuda_graphs: bool = True  # static backend on CUDA: replay each decode step as a captured graph
-    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory the vLLM engine may take (KV cache included)
-
-    # --- optimisation ---
-    # Forward passes (sampling, scoring, training) in bf16 under autocast, with fp32 trainable weights, optimiser
-    # state, losses, log-probs and values; frozen weights (reference, LoRA base, frozen blocks) stored in bf16.
-    # "auto" = "bf16" where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, bf16 GPUs), else "no".
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    learning_rate: float = 1e-5  # policy
-    critic_learning_rate: float | None = None  # None = learning_rate
-    weight_decay: float = 0.0  # AdamW weight decay (policy and critic)
-    adam_eps: float = 1e-8  # AdamW epsilon
-    ppo_epochs: int = 4  # passes over each rollout batch
-    mini_batch_size: int | None = None  # rows per optimiser step; None = batch_size
-    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step (bounds memory)
-    max_grad_norm: float | None = 1.0  # None = no clipping
-    fused_optimizer: bool = True  # AdamW's fused kernel (one pass over all parameters) where torch has it
-    # On a CPU under glibc: keep freed buffers in the process (mallopt) so each step's activations and gradients
-    # are not faulted in from the kernel again; process-wide, see tokencredit.precision.tune_cpu_allocator. Off by
-    # default: alone it made a PPO update 8% faster here, with the other levers on it changed nothing measurable.
-    tune_allocator: bool = False
-    # When one optimiser step covers the whole batch (mini_batch_size = batch_size, no accumulation) and dropout
-    # is off, the first epoch's forward pass *is* the old policy and old critic: take old log-probs and values
-    # from it (detached) instead of two extra no-grad passes. Exact, not an approximation.
-    reuse_first_epoch_forward: bool = True
-    # The value head sits on the policy's own trunk (its last hidden states) instead of a separate critic model:
-    # one forward and backward per step instead of two, and no second backbone in memory. The value loss then also
-    # trains the policy's (trainable) trunk, as in value-head PPO implementations; a different method from the
-    # separate critic, so off by default. `critic=` cannot be passed with it.
-    shared_critic: bool = False
-    disable_dropout: bool = True  # dropout would make the PPO ratio != 1 before any update
-
-    # --- PPO ---
-    gamma: float = 1.0  # discount over response tokens
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float | None = 0.2  # value clip around rollout values; None = unclipped
-    vf_coef: float = 0.1  # weight of the value loss
-    entropy_coef: float = 0.0  # entropy bonus
-    whiten_advantages: bool = True  # normalise advantages to mean 0, variance 1 over the batch's trained tokens
-    whiten_rewards: bool = False  # scale token rewards to unit variance (mean kept) before GAE
-    target_kl: float | None = None  # stop this update's epochs once the approximate KL exceeds it
-    target_coef: float = 0.0  # weight of NLL on reference responses (TRIL's "target" term); needs them
-
-    # --- KL to the reference ---
-    kl_coef: float = 0.05  # beta; the initial value when adaptive_kl
-    # estimator of KL_t in the reward (k1 unbiased, k2 low variance, k3 unbiased and >= 0); None = k1
-    kl_estimator: Literal["k1", "k2", "k3"] | None = None
-    # True: r_t -= beta*KL_t. False: beta*KL as a loss term, the importance-weighted k2 of rl.kl.kl_loss, whose
-    # gradient is that of KL(pi||ref) (k1's is zero, k3's is KL(ref||pi)'s, so kl_estimator must stay None)
-    kl_in_reward: bool = True
-    adaptive_kl: bool = False  # steer beta towards kl_target
-    kl_target: float = 6.0  # target KL per sequence (sum over tokens) for the adaptive controller
-    kl_horizon: int = 10000  # samples over which the adaptive controller reacts
-
-    # --- learning with a guide (RLGF, see tokencredit.rl.guided); PPOTrainer(..., guide=...) ---
-    # "ppo": no guide. "ppo_pp": the guide rolls in, the learner rolls out (losses on the learner's tokens).
-    # "aggrevated": the learner rolls in, the guide rolls out (policy loss on the learner's prefix; a separate
-    # guide critic learns the guide's cost-to-go on its continuation). "lols": each update ppo_pp with probability
-    # lols_tau, else aggrevated. "d2lols": aggrevated until d2lols_switch_update, then ppo_pp.
-    algorithm: Literal["ppo", "ppo_pp", "aggrevated", "lols", "d2lols"] = "ppo"
-    # share of rows that switch writer at h ~ U{1..m-1}, m = the roll-in's own length; the other rows are the
-    # roll-out policy's alone (plain learner rows under PPO++, whole guide answers under AggreVaTeD)
-    guide_beta: float = 0.5
-    guide_rollin_length: int | None = None  # cap on m; None = max_new_tokens
-    lols_tau: float = 0.8  # LOLS: probability of a PPO++ update
-    d2lols_switch_update: int | None = None  # D2LOLS: first update (0-based) that is PPO++
-    guide_temperature: float = 1.0  # the guide's sampling (token-level guides)
-    guide_top_p: float = 1.0  # nucleus sampling for the guide (token-level guides); 1.0 = off
-    guide_top_k: int = 0  # top-k sampling for the guide (token-level guides); 0 = off (TRIL's guides: 50)
-    # also count guide-written tokens in the KL penalty (they are not the policy's actions); TRIL's PPO++ and
-    # AggreVaTeD train on the task reward alone, with no KL term on any token
-    guide_kl: bool = False
-
-    def validate(self) -> None:
-        """Check ranges and divisibility; raise ValueError naming the field."""
-        positive = ("batch_size", "num_updates", "max_new_tokens", "ppo_epochs", "gradient_accumulation_steps",
-                    "save_every", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        mb = self.mini_batch_size or self.batch_size
-        if self.batch_size % mb:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {mb}")
-        if mb % self.gradient_accumulation_steps:
-            raise ValueError(
-                f"mini_batch_size {mb} must be a multiple of gradient_accumulation_steps "
-                f"{self.gradient_accumulation_steps}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature})")
-        if self.reuse_sampling_logprobs and (self.top_k or self.top_p < 1):
-            raise ValueError("reuse_sampling_logprobs needs top_k=0 and top_p=1: filtered sampling log-probs are "
-                             "not the policy's")
-        if self.rollout_backend not in ("plain", "static", "vllm"):
-            raise ValueError(f"rollout_backend must be 'plain', 'static' or 'vllm' (got {self.rollout_backend!r})")
-        if self.rollout_backend == "vllm" and self.reuse_sampling_logprobs:
-            raise ValueError("reuse_sampling_logprobs cannot be used with rollout_backend='vllm': vLLM's kernels "
-                             "give other log-probs than the training forward pass")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma and lam must be in [0, 1] (got {self.gamma}, {self.lam})")
-        if self.cliprange <= 0:
-            raise ValueError(f"cliprange must be > 0 (got {self.cliprange})")
-        if self.kl_estimator not in (None, "k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1', 'k2', 'k3' or None (got {self.kl_estimator!r})")
-        if not self.kl_in_reward and self.kl_estimator is not None:
-            raise ValueError(
-                f"kl_estimator={self.kl_estimator!r} with kl_in_reward=false: as a loss term the KL uses the "
-                "importance-weighted k2 (rl.kl.kl_loss), the one estimator whose gradient is that of KL(pi||ref) "
-                "(k1's expected gradient is zero, k3's follows KL(ref||pi)); leave kl_estimator unset"
-            )
-        if self.kl_coef < 0 or self.learning_rate <= 0:
-            raise ValueError("kl_coef must be >= 0 and learning_rate > 0")
-        validate_mixed_precision(self.mixed_precision)
-        self._validate_guide()
-
-    def _validate_guide(self) -> None:
-        """The RLGF fields: names, ranges and what guided rollouts cannot be combined with."""
-        from tokencredit.rl.guided import ALGORITHMS
-
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
-        if not 0.0 <= self.guide_beta <= 1.0:
-            raise ValueError(f"guide_beta must be in [0, 1] (got {self.guide_beta})")
-        if not 0.0 <= self.lols_tau <= 1.0:
-            raise ValueError(f"lols_tau must be in [0, 1] (got {self.lols_tau})")
-        if self.algorithm == "d2lols" and (self.d2lols_switch_update is None or self.d2lols_switch_update < 0):
-            raise ValueError("algorithm='d2lols' needs d2lols_switch_update >= 0 (the first PPO++ update)")
-        rollin_length = self.guide_rollin_length or self.max_new_tokens
-        if self.algorithm != "ppo":
-            if not 2 <= rollin_length <= self.max_new_tokens:
-                raise ValueError(f"guide_rollin_length must be in [2, max_new_tokens] (got {rollin_length})")
-            if self.guide_temperature <= 0 or not 0 < self.guide_top_p <= 1 or self.guide_top_k < 0:
-                raise ValueError("guide_temperature must be > 0, guide_top_p in (0, 1] and guide_top_k >= 0")
-            for name, bad in (("reuse_sampling_logprobs", self.reuse_sampling_logprobs),
-                              ("stop_strings", bool(self.stop_strings)),
-                              ("rollout_backend='vllm'", self.rollout_backend == "vllm")):
-                if bad:
-                    raise ValueError(f"algorithm={self.algorithm!r} cannot be combined with {name}: guided rows "
-                                     "are written by two models through tokencredit's own sampler")
-            if self.shared_critic and self.algorithm != "ppo_pp":
-                raise ValueError(f"algorithm={self.algorithm!r} trains a separate guide critic; use "
-                                 "shared_critic=false (ppo_pp works with either)")
-
-    def uses_guide_critic(self) -> bool:
-        """Whether some updates roll out with the guide, whose cost-to-go a separate critic learns."""
-        return self.algorithm in ("aggrevated", "lols", "d2lols")
-
-    def fuses_first_epoch(self) -> bool:
-        """Whether old log-probs and values come from the first epoch's forward pass (see the field's comment)."""
-        mb = self.mini_batch_size or self.batch_size
-        return (self.reuse_first_epoch_forward and self.disable_dropout and mb == self.batch_size
-                and self.gradient_accumulation_steps == 1)
-
-
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout probability so recomputed log-probs match the rollout's."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
-def default_critic(policy: nn.Module) -> ScalarHeadModel:
-    """A value model on a copy of the policy's backbone (LoRA merged), with a zero-initialised head."""
-    if is_peft(policy):
-        base = copy.deepcopy(policy).merge_and_unload()
-    else:
-        base = copy.deepcopy(policy)
-    backbone = base.base_model
-    for p in backbone.parameters():
-        p.requires_grad_(True)
-    return ScalarHeadModel.from_backbone(backbone)
-
-
-class SharedValueHead(nn.Module):
-    """A value head on the policy's final hidden states (PPOConfig.shared_critic): [B, T, H] -> [B, T] float32."""
-
-    FILE = "value_head.safetensors"
-
-    def __init__(self, hidden_size: int) -> None:
-        """A zero-initialised float32 linear head."""
-        super().__init__()
-        self.head = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Values of the given positions."""
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the head as safetensors (no code, no pickle)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / self.FILE))
-
-    def load_pretrained(self, path: str | Path) -> None:
-        """Load what save_pretrained wrote."""
-        from safetensors.torch import load_file
-
-        self.load_state_dict(load_file(str(Path(path) / self.FILE)))
-
-
-def _hidden_size(policy: nn.Module) -> int:
-    """Width of the hidden states the policy's LM head reads."""
-    head = policy.get_output_embeddings() if hasattr(policy, "get_output_embeddings") else None
-    if head is None or not hasattr(head, "in_features"):
-        raise ValueError("shared_critic needs a causal LM whose get_output_embeddings() is a linear LM head")
-    return int(head.in_features)
-
-
-@contextmanager
-def capture_lm_head_input(policy: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Inside the block, the list holds the hidden states the policy's LM head was called on (its last call)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        seen[:] = [args[0]]
-
-    handle = policy.get_output_embeddings().register_forward_pre_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-class PPOTrainer:
+class PPOTrainer(Trainer):
     """PPO whose reward is a per-token tensor; a per-sequence score is the special case on the last token."""
+
+    name = "ppo"
+    step_unit = "update"
+    record_key = "update"
 
     def __init__(
         self,
@@ -363,20 +90,7 @@ class PPOTrainer:
         ``(text, finished)`` pairs (a black-box guide; its text is re-tokenised).
         """
         config.validate()
-        if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
-            # A datasets column, a numpy array, a pandas Series: any iterable of strings (whose truth value
-            # may be ambiguous or raise) becomes a plain list first.
-            prompts = list(prompts)
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        if not callable(reward_fn):
-            raise ValueError("reward_fn must be callable: fn(prompts, responses, response_token_ids)")
-        if reference_responses is not None and len(reference_responses) != len(prompts):
-            raise ValueError(
-                f"reference_responses has {len(reference_responses)} entries for {len(prompts)} prompts"
-            )
-        if config.target_coef > 0 and reference_responses is None:
-            raise ValueError("target_coef > 0 needs reference_responses (the NLL target)")
+        prompts = _checked_inputs(config, prompts, reward_fn, reference_responses)
         self.config = config
         # One process, or the rank Accelerate launched: each rank samples its share of every batch.
         self.group = process_group(config.device)
@@ -399,6 +113,19 @@ class PPOTrainer:
 
         _check_positions(policy, tokenizer, self.prompts, config)
 
+        self._setup_models(policy, critic, reference, guide)
+        self._setup_optimisation()
+        self._init_run()
+        self._perm_cache: dict[int, np.ndarray] = {}
+        self._target_ids = self._tokenize_references() if self.reference_responses else None
+        self._rollout = make_rollout(self)  # plain, static or vLLM sampling, or RLGF's guided roll-outs
+        # (batch, its first-epoch forward pass) between make_batch and optimize; see reuse_first_epoch_forward
+        self._first_forward: tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def _setup_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None,
+                      guide: object | None) -> None:
+        """Policy, reference, critic and (RLGF) the guide on the trainer's device, the same on every rank."""
+        config = self.config
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device)
         # Randomly initialised trainable weights (LoRA) may differ between ranks: rank 0's win, as with DDP, before
@@ -412,14 +139,24 @@ class PPOTrainer:
         if config.shared_critic:
             if critic is not None:
                 raise ValueError("shared_critic=True puts the value head on the policy; do not pass critic=")
-            self.critic: nn.Module = SharedValueHead(_hidden_size(policy)).to(self.device)
+            self.critic: nn.Module = SharedValueHead(hidden_size(policy)).to(self.device)
         else:
             self.critic = (critic if critic is not None else default_critic(policy)).to(self.device)
         if config.disable_dropout:
-            _disable_dropout(self.policy)
-            _disable_dropout(self.critic)
+            disable_dropout(self.policy)
+            disable_dropout(self.critic)
 
-        self.guide_writer, self.guide_critic = self._setup_guide(guide, logits_processors)
+        if config.algorithm == "ppo":
+            if guide is not None:
+                raise ValueError("a guide was passed but algorithm='ppo'; pick ppo_pp, aggrevated, lols or d2lols")
+            self.guided: GuideTraining | None = None
+        else:
+            self.guided = GuideTraining(config, guide, self.tokenizer, self.device, self.critic,
+                                        self.logits_processors)
+
+    def _setup_optimisation(self) -> None:
+        """Trainable parameters, precision, optimiser, KL controller and the random streams."""
+        config = self.config
 
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
@@ -451,62 +188,27 @@ class PPOTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(rank_seed(config.seed + 1, self.group.rank))
         if hasattr(self.guide_writer, "generator"):
             self.guide_writer.generator = self.generator
-        # Switch points and LOLS draws: their own stream, so beta = 0 leaves the policy's sampling untouched. The
-        # same on every rank: the roll-in is one decision per update and switch points are drawn for the global
-        # batch, each rank taking its rows' (so they match a single-process run's).
-        self.guide_rng = random.Random(config.seed + 2)
-        self._guided: tuple[str | None, torch.Tensor] | None = None  # (roll-in, learner mask) of the last rollout
-        self.update_idx = 0
-        self.history: list[dict] = []
-        self.run_dir = Path(config.output_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
-        self._perm_cache: dict[int, np.ndarray] = {}
-        self._target_ids = self._tokenize_references() if self.reference_responses else None
-        self.decoder = StaticKVDecoder(self.policy, cuda_graphs=config.cuda_graphs) if (
-            config.rollout_backend == "static") else None
-        self._vllm = None  # built on the first rollout (it needs the run folder)
-        # (batch, its first-epoch forward pass) between make_batch and optimize; see reuse_first_epoch_forward
-        self._first_forward: tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
-    def _setup_guide(self, guide: object | None, logits_processors: Sequence[LogitsProcessor]) -> tuple[
-            object | None, nn.Module | None]:
-        """The guide as a writer, and the guide critic when some updates roll out with the guide."""
-        from tokencredit.rl.guided import ModelWriter, TextWriter
+    # ------------------------------------------------------------------ RLGF and the sampling back-ends
+    @property
+    def guide_writer(self) -> object | None:
+        """The guide as a writer (None without a guide)."""
+        return self.guided.writer if self.guided is not None else None
 
-        cfg = self.config
-        if cfg.algorithm == "ppo":
-            if guide is not None:
-                raise ValueError("a guide was passed but algorithm='ppo'; pick ppo_pp, aggrevated, lols or d2lols")
-            return None, None
-        if guide is None:
-            raise ValueError(f"algorithm={cfg.algorithm!r} needs guide=: a causal LM with the policy's tokenizer, "
-                             "or an object with complete(texts, max_new_tokens)")
-        if logits_processors:
-            raise ValueError("logits_processors cannot be combined with a guided algorithm")
-        if isinstance(guide, nn.Module):
-            vocab = getattr(getattr(guide, "config", None), "vocab_size", None)
-            if vocab is not None and vocab < len(self.tokenizer):
-                raise ValueError(f"the guide's vocabulary ({vocab}) is smaller than the policy tokenizer's "
-                                 f"({len(self.tokenizer)}): a token-level guide must share the policy's tokenizer; "
-                                 "wrap another model as a text guide (complete(texts, max_new_tokens))")
-            guide = guide.to(self.device).eval().requires_grad_(False)
-            # Sampling from the trainer's generator (set once it exists), so a guided run is reproducible.
-            writer: object = ModelWriter(guide, self.tokenizer, temperature=cfg.guide_temperature,
-                                         top_k=cfg.guide_top_k, top_p=cfg.guide_top_p)
-        elif callable(getattr(guide, "write", None)):
-            # A writer of our own kind (e.g. BestOfNWriter): its model moves with the trainer, its sampling draws
-            # from the trainer's generator, like a model guide's.
-            model = getattr(guide, "model", None)
-            if isinstance(model, nn.Module):
-                guide.model = model.to(self.device).eval().requires_grad_(False)
-            writer = guide
-        elif callable(getattr(guide, "complete", None)):
-            writer = TextWriter(guide.complete, self.tokenizer)
-        else:
-            raise ValueError("guide must be a causal LM (nn.Module), a writer (write(prompt_ids, prompt_mask, "
-                             "budgets)) or have complete(texts, max_new_tokens)")
-        guide_critic = copy.deepcopy(self.critic) if cfg.uses_guide_critic() else None
-        return writer, guide_critic
+    @property
+    def guide_critic(self) -> nn.Module | None:
+        """The critic of the guide's cost-to-go (None unless some updates roll out with the guide)."""
+        return self.guided.critic if self.guided is not None else None
+
+    @property
+    def decoder(self) -> StaticKVDecoder | None:
+        """The static back-end's decoder (None for the others)."""
+        return getattr(self._rollout, "decoder", None)
+
+    @property
+    def _vllm(self) -> object | None:
+        """The vLLM engine once the first roll-out built it (None for the other back-ends)."""
+        return getattr(self._rollout, "engine", None)
 
     # ------------------------------------------------------------------ data order
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -525,8 +227,22 @@ class PPOTrainer:
             out.append(int(self._permutation(epoch)[offset]))
         return out
 
-    # ------------------------------------------------------------------ main loop
-    @releases_run_folders
+    # ------------------------------------------------------------------ the updates (the loop is Trainer.train)
+    @property
+    def total_steps(self) -> int:
+        """PPO updates in the whole run."""
+        return self.config.num_updates
+
+    @property
+    def update_idx(self) -> int:
+        """PPO updates done."""
+        return self.steps_done
+
+    @update_idx.setter
+    def update_idx(self, value: int) -> None:
+        """Set by load_checkpoint."""
+        self.steps_done = value
+
     def train(self, before_update: Callable[[PPOTrainer], None] | None = None) -> list[dict]:
         """Run (or resume) PPO for config.num_updates updates; returns one metrics dict per update.
 
@@ -535,39 +251,15 @@ class PPOTrainer:
         (online RLAIF, the demo's ``relabel_every``). It must derive what it does from ``update_idx`` and files
         it wrote, not from calls it saw, so that a resumed run gets the same rewards as an uninterrupted one.
         """
-        cfg = self.config
-        group = self.group
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 writes.
-        self._drop_replaced_run, resumed, logger = open_run(group, self.run_dir, cfg, self._maybe_resume,
-                                                            self._start_fresh, lambda: self.update_idx)
-        self.history = read_metrics(self.run_dir) if resumed else []
-        bar = _progress(cfg.num_updates, self.update_idx, cfg.progress and group.is_main,
-                        f"ppo {self.run_dir.name}")
-        try:
-            with logger:
-                while self.update_idx < cfg.num_updates:
-                    if before_update is not None:
-                        before_update(self)
-                    stats = self.step(self.batch_indices(self.update_idx))
-                    self.update_idx += 1
-                    stats = {"update": self.update_idx, **stats}
-                    if group.is_main:
-                        logger.log(self.update_idx, stats)
-                    self.history.append(stats)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/mean']:.3f}")
-                    if self.update_idx % cfg.save_every == 0 or self.update_idx == cfg.num_updates:
-                        self.save_checkpoint()
-                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
-        finally:
-            if bar is not None:
-                bar.close()
-        if group.is_main:
-            with quiet_saves():
-                self.save_policy(self.run_dir / "policy")
-        group.barrier()  # the run is over for every rank once its policy is on disk
-        return self.history
+        return super().train(before_update)
+
+    def train_step(self) -> dict:
+        """The next PPO update."""
+        return self.step(self.batch_indices(self.update_idx))
+
+    def progress_postfix(self, stats: dict) -> dict[str, str]:
+        """Mean reward and KL."""
+        return {"reward": f"{stats['reward/mean']:.3f}", "kl": f"{stats['kl/mean']:.3f}"}
 
     def step(self, indices: Sequence[int]) -> dict:
         """One PPO update on the prompts at `indices` (the global batch; each rank takes its share)."""
@@ -592,68 +284,8 @@ class PPOTrainer:
         return autocast(self.device, self.amp_dtype)
 
     def rollout(self, prompts: list[str]) -> GenerationOutput:
-        """Sample one response per prompt from the current policy with the configured backend."""
-        cfg = self.config
-        if self.guide_writer is not None:
-            return self._guided_rollout(prompts)
-        if cfg.rollout_backend == "vllm":
-            return self._vllm_rollout(prompts)
-        # One autocast region for the whole decode: autocast caches the bf16 copy of each trainable weight for the
-        # region, so the fp32 masters are cast once per rollout, not once per token.
-        with self._amp():
-            return generate(
-                self.policy, self.tokenizer, prompts,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                stop_strings=cfg.stop_strings, logits_processors=self.logits_processors,
-                max_prompt_length=cfg.max_prompt_length, generator=self.generator, decoder=self.decoder,
-            )
-
-    def _guided_rollout(self, prompts: list[str]) -> GenerationOutput:
-        """Roll in with one writer and out with the other (see rl.guided); records who wrote every token."""
-        from tokencredit.rl.guided import ModelWriter, as_generation_output, draw_switches, guided_rollout, rollin_of
-
-        cfg = self.config
-        rollin = rollin_of(cfg.algorithm, self.update_idx, cfg.lols_tau, cfg.d2lols_switch_update, self.guide_rng)
-        # Drawn for the global batch on every rank (same stream), each rank keeping its rows' draws.
-        draws = self.group.share(draw_switches(len(prompts) * self.group.world_size, cfg.guide_beta,
-                                               self.guide_rng))
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
-        learner = ModelWriter(self.policy, self.tokenizer, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, generator=self.generator)
-        with self._amp():
-            rows = guided_rollout(learner, self.guide_writer, rollin, prompt_ids, prompt_mask, draws,
-                                  cfg.max_new_tokens, self.tokenizer.pad_token_id,
-                                  rollin_length=cfg.guide_rollin_length)
-        gen, learner_mask = as_generation_output(rows, prompt_ids, prompt_mask, self.tokenizer,
-                                                 self.tokenizer.pad_token_id)
-        self._guided = (rollin, learner_mask)
-        return gen
-
-    def _vllm_rollout(self, prompts: list[str]) -> GenerationOutput:
-        """Sample with vLLM after pushing the policy's current weights into the engine."""
-        from tokencredit.vllm_rollout import VLLMRollout, save_policy_folder
-
-        cfg = self.config
-        if self.logits_processors:
-            raise ValueError("rollout_backend='vllm' does not run tokencredit's logits_processors; use 'static'")
-        if self._vllm is None:
-            # vLLM loads a model from a folder; the policy as it is now (LoRA merged) is written once, and
-            # later updates reach the engine through sync_weights.
-            # One engine per rank, each on its own GPU, loaded from its own folder.
-            name = f"vllm_model_rank{self.group.rank}" if self.group.distributed else "vllm_model"
-            folder = save_policy_folder(self.policy, self.tokenizer, self.run_dir / name)
-            self._vllm = VLLMRollout(str(folder), self.tokenizer, seed=cfg.seed,
-                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-        else:
-            self._vllm.sync_weights(self.policy)
-        gen = self._vllm.generate(
-            prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, stop_strings=cfg.stop_strings, max_prompt_length=cfg.max_prompt_length,
-            eos_ids=eos_ids(self.policy, self.tokenizer),
-        )
-        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "finished"):
-            setattr(gen, name, getattr(gen, name).to(self.device))
-        return gen
+        """Sample one response per prompt from the current policy with the configured roll-out."""
+        return self._rollout(prompts)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -665,113 +297,32 @@ class PPOTrainer:
         self._first_forward = None
         clock = _PhaseClock()
         mask = gen.response_mask.float()
-        lengths = gen.response_mask.sum(-1).tolist()
-        outputs = self.reward_fn(prompts, gen.texts, gen.token_ids())
-        scores = rewards_to_tensor(outputs, lengths, gen.response_ids.size(1)).to(self.device)
-        if cfg.missing_eos_penalty is not None:
-            last = (gen.response_mask.sum(-1) - 1).clamp(min=0)
-            rows = torch.nonzero(~gen.finished).squeeze(-1)
-            scores[rows, last[rows]] -= cfg.missing_eos_penalty
-        seq_scores = (scores * mask).sum(-1)
-        group = self.group
-        n_rows = len(prompts) * group.world_size  # the global batch
-        finite = all_finite(scores)
-        # Batch statistics are over the global batch: sums from every rank (identity in a single process).
-        total, total_sq, tokens, finished, nonfinite = group.sum(torch.stack([
-            torch.where(torch.isfinite(seq_scores), seq_scores, 0.0).sum(), seq_scores.pow(2).nan_to_num().sum(),
-            mask.sum(), gen.finished.float().sum(), torch.tensor(float(not finite), device=mask.device),
-        ]).double()).tolist()
-        reward_mean = total / n_rows
-        stats: dict = {
-            "reward/mean": reward_mean,
-            "reward/std": math.sqrt(max(total_sq - n_rows * reward_mean**2, 0.0) / (n_rows - 1)) if n_rows > 1 else 0.0,
-            "response_length/mean": tokens / n_rows,
-            "response/finished_frac": finished / n_rows,
-            "kl/coef": self.kl_ctl.value,
-        }
+        scores, stats, sums = self._score(prompts, gen, mask)
         clock.lap("time/reward")
-        if nonfinite:
-            # Every rank skips together (one rank stepping alone would leave the others waiting for it).
+        if sums[4]:  # a non-finite score somewhere: every rank skips together
             bad = torch.nonzero(~torch.isfinite(scores).all(-1)).squeeze(-1).tolist()
             where = f"rows {bad}" if bad else "another process's rows"
             stats.update({"skipped": f"non-finite reward in {where}", "kl/mean": float("nan"),
                           "reward/mean": float("nan")})
             return None, stats
-
+        n_rows, tokens = len(prompts) * self.group.world_size, sums[2]
         ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
         attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
-        T = gen.response_ids.size(1)
-        # AggreVaTeD rows are valued by the guide critic alone (see below): the learner critic's pass is skipped
-        # where the values come from their own pass, and only the fused first epoch computes them anyway.
-        guide_valued = self._guided is not None and self.guide_critic is not None and self._guided[0] == "learner"
-        values_from_guide = False
-        ref_model, ref_ctx = self._reference()
-        with ref_ctx, self._amp():
-            ref_t = torch.cat([self._logprobs(ref_model, ids[rows], attn[rows], gen.response_ids[rows])
-                               for rows in self._row_chunks(len(prompts))]) * mask
+        ref_t = self._reference_logprobs(ids, attn, gen.response_ids, mask)
         clock.lap("time/reference")
-        if cfg.fuses_first_epoch():
-            # The first optimiser step sees exactly this policy and critic on exactly these rows: run its forward
-            # pass now, with gradients, and read the old log-probs and values off it.
-            with torch.enable_grad():
-                first_forward = self._forward((ids, attn, gen.response_ids))
-            logprobs_t = first_forward[1].detach() * mask
-            values_t = first_forward[2].detach() * mask
-            clock.lap("time/first_forward")
-        elif cfg.shared_critic:
-            # The values come off the policy's trunk, so one policy pass gives old log-probs and values together.
-            passes = [self._forward((ids[rows], attn[rows], gen.response_ids[rows]))[1:]
-                      for rows in self._row_chunks(len(prompts))]
-            logprobs_t = (gen.logprobs.to(self.device) if cfg.reuse_sampling_logprobs
-                          else torch.cat([lp for lp, _ in passes])) * mask
-            values_t = torch.cat([v for _, v in passes]) * mask
-            clock.lap("time/values")
-        else:
-            with self._amp():
-                if cfg.reuse_sampling_logprobs:
-                    logprobs_t = gen.logprobs.to(self.device)
-                else:
-                    logprobs_t = torch.cat([self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows])
-                                            for rows in self._row_chunks(len(prompts))])
-                logprobs_t = logprobs_t * mask
-                clock.lap("time/logprobs")
-                critic = self.guide_critic if guide_valued else self.critic
-                values_t = torch.cat([response_values(critic, ids[rows], attn[rows], T)
-                                      for rows in self._row_chunks(len(prompts))]) * mask
-                values_from_guide = guide_valued
-            clock.lap("time/values")
-
-        # Guided rows: only the learner's tokens are its actions (train mask); guide tokens are context, kept out
-        # of the KL unless guide_kl. When the guide rolls out (AggreVaTeD), every position is valued by the guide
-        # critic, so a learner token's advantage is the guide's: how much better the guide expects to finish
-        # after it (AggreVaTeD's cost-to-go of the expert; TRIL values these rows with its guide critic alone).
-        # The learner critic sits such updates out: its values are those of the learner's own roll-outs, and
-        # states judged by the guide's finish would make it optimistic when PPO++ updates follow (D2LOLS).
-        train_mask, kl_mask, guide_value_mask = mask, mask, None
-        if self._guided is not None:
-            rollin, learner_tokens = self._guided
-            self._guided = None
-            train_mask = learner_tokens.float() * mask
-            kl_mask = mask if cfg.guide_kl else train_mask
-            if guide_valued:
-                if not values_from_guide:
-                    with torch.no_grad(), self._amp():
-                        values_t = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
-                                              for rows in self._row_chunks(len(prompts))]) * mask
-                guide_value_mask = (mask - train_mask).long()
-            learner_tokens_all = float(group.sum(train_mask.sum().double().reshape(1))[0])
-            stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
-                          "guide/learner_token_frac": learner_tokens_all / max(tokens, 1.0)})
+        logprobs_t, values_t, first_forward, values_from_guide = self._old_logprobs_and_values(ids, attn, gen, mask,
+                                                                                               clock)
+        train_mask, kl_mask, guide_value_mask, values_t = self._guided_masks(ids, attn, mask, values_t,
+                                                                             values_from_guide, tokens, stats)
         kl_tokens = kl_estimate(logprobs_t, ref_t, cfg.kl_estimator or "k1") * kl_mask
-        rewards = scores - self.kl_ctl.value * kl_tokens if cfg.kl_in_reward else scores.clone()
-        reduce = group.sum if group.distributed else None
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
+        reduce = self.group.sum if self.group.distributed else None
+        rewards = token_rewards(scores, kl_tokens, mask, self.kl_ctl.value, cfg.kl_in_reward, cfg.whiten_rewards,
+                                reduce)
         advantages, returns = compute_gae(rewards, values_t, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, train_mask, reduce=reduce)
         kl_seq = ((logprobs_t - ref_t) * kl_mask).sum(-1)  # k1 summed per sequence, the number people compare
-        kl_sum, penalty_sum, reward_sum, value_sum, return_sum = group.sum(torch.stack([
+        kl_sum, penalty_sum, reward_sum, value_sum, return_sum = self.group.sum(torch.stack([
             kl_seq.sum(), (self.kl_ctl.value * kl_tokens).sum(), (rewards * mask).sum(), masked_sum(values_t, mask),
             masked_sum(returns, mask)]).double()).tolist()
         stats.update({
@@ -792,6 +343,100 @@ class PPOTrainer:
         if cfg.fuses_first_epoch():
             self._first_forward = (batch, first_forward)
         return batch, stats
+
+    def _score(self, prompts: list[str], gen: GenerationOutput, mask: torch.Tensor) -> tuple[
+            torch.Tensor, dict, list[float]]:
+        """The reward function's token scores (with the missing-end charge), the batch's reward statistics and
+        their sums over every process (the last says whether any score was not finite)."""
+        cfg = self.config
+        lengths = gen.response_mask.sum(-1).tolist()
+        outputs = self.reward_fn(prompts, gen.texts, gen.token_ids())
+        scores = rewards_to_tensor(outputs, lengths, gen.response_ids.size(1)).to(self.device)
+        if cfg.missing_eos_penalty is not None:
+            scores = charge_missing_eos(scores, gen.response_mask, gen.finished, cfg.missing_eos_penalty)
+        # Batch statistics are over the global batch: sums from every rank (identity in a single process).
+        sums = self.group.sum(reward_sums(scores, mask, gen.finished)).tolist()
+        stats = {**reward_stats(sums, len(prompts) * self.group.world_size), "kl/coef": self.kl_ctl.value}
+        return scores, stats, sums
+
+    def _reference_logprobs(self, ids: torch.Tensor, attn: torch.Tensor, response_ids: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+        """The reference policy's log-probs of the sampled tokens, in row chunks."""
+        ref_model, ref_ctx = self._reference()
+        with ref_ctx, self._amp():
+            return torch.cat([self._logprobs(ref_model, ids[rows], attn[rows], response_ids[rows])
+                              for rows in self._row_chunks(len(ids))]) * mask
+
+    def _old_logprobs_and_values(self, ids: torch.Tensor, attn: torch.Tensor, gen: GenerationOutput,
+                                 mask: torch.Tensor, clock: _PhaseClock) -> tuple[
+            torch.Tensor, torch.Tensor, tuple | None, bool]:
+        """The policy's log-probs and the values of the sampled tokens before the update: (log-probs, values, the
+        fused first forward pass or None, whether the values came from the guide critic)."""
+        cfg = self.config
+        T = gen.response_ids.size(1)
+        # AggreVaTeD rows are valued by the guide critic alone (see _guided_masks): the learner critic's pass is
+        # skipped where the values come from their own pass, and only the fused first epoch computes them anyway.
+        guide_valued = self.guided is not None and self.guided.values_rollout()
+        if cfg.fuses_first_epoch():
+            # The first optimiser step sees exactly this policy and critic on exactly these rows: run its forward
+            # pass now, with gradients, and read the old log-probs and values off it.
+            with torch.enable_grad():
+                first_forward = self._forward((ids, attn, gen.response_ids))
+            clock.lap("time/first_forward")
+            return first_forward[1].detach() * mask, first_forward[2].detach() * mask, first_forward, False
+        chunks = self._row_chunks(len(ids))
+        if cfg.shared_critic:
+            # The values come off the policy's trunk, so one policy pass gives old log-probs and values together.
+            passes = [self._forward((ids[rows], attn[rows], gen.response_ids[rows]))[1:] for rows in chunks]
+            logprobs_t = (gen.logprobs.to(self.device) if cfg.reuse_sampling_logprobs
+                          else torch.cat([lp for lp, _ in passes])) * mask
+            clock.lap("time/values")
+            return logprobs_t, torch.cat([v for _, v in passes]) * mask, None, False
+        with self._amp():
+            if cfg.reuse_sampling_logprobs:
+                logprobs_t = gen.logprobs.to(self.device)
+            else:
+                logprobs_t = torch.cat([self._logprobs(self.policy, ids[rows], attn[rows], gen.response_ids[rows])
+                                        for rows in chunks])
+            logprobs_t = logprobs_t * mask
+            clock.lap("time/logprobs")
+            critic = self.guide_critic if guide_valued else self.critic
+            values_t = torch.cat([response_values(critic, ids[rows], attn[rows], T) for rows in chunks]) * mask
+        clock.lap("time/values")
+        return logprobs_t, values_t, None, guide_valued
+
+    def _guided_masks(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, values_t: torch.Tensor,
+                      values_from_guide: bool, tokens: float, stats: dict) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(train mask, KL mask, guide-value mask or None, values) of the batch; guided rows add their stats.
+
+        Guided rows: only the learner's tokens are its actions (train mask); guide tokens are context, kept out
+        of the KL unless guide_kl. When the guide rolls out (AggreVaTeD), every position is valued by the guide
+        critic, so a learner token's advantage is the guide's: how much better the guide expects to finish
+        after it (AggreVaTeD's cost-to-go of the expert; TRIL values these rows with its guide critic alone).
+        The learner critic sits such updates out: its values are those of the learner's own roll-outs, and
+        states judged by the guide's finish would make it optimistic when PPO++ updates follow (D2LOLS).
+        """
+        if self.guided is None or self.guided.last is None:
+            return mask, mask, None, values_t
+        cfg = self.config
+        guide_valued = self.guided.values_rollout()
+        rollin, learner_tokens = self.guided.last
+        self.guided.last = None
+        train_mask = learner_tokens.float() * mask
+        kl_mask = mask if cfg.guide_kl else train_mask
+        guide_value_mask = None
+        if guide_valued:
+            if not values_from_guide:
+                T = mask.size(1)
+                with torch.no_grad(), self._amp():
+                    values_t = torch.cat([response_values(self.guide_critic, ids[rows], attn[rows], T)
+                                          for rows in self._row_chunks(len(ids))]) * mask
+            guide_value_mask = (mask - train_mask).long()
+        learner_tokens_all = float(self.group.sum(train_mask.sum().double().reshape(1))[0])
+        stats.update({"guide/rollin_is_guide": float(rollin == "guide"),
+                      "guide/learner_token_frac": learner_tokens_all / max(tokens, 1.0)})
+        return train_mask, kl_mask, guide_value_mask, values_t
 
     def _row_chunks(self, n: int) -> tuple[torch.Tensor, ...]:
         """Row indices of n rows split into forward-pass-sized chunks."""
@@ -1020,23 +665,6 @@ class PPOTrainer:
         return -masked_mean(token_logprobs(logits, resp), resp_mask.float()), int(resp_mask.sum())
 
     # ------------------------------------------------------------------ checkpoints
-    def _start_fresh(self) -> None:
-        """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
-        start_fresh(self.run_dir, self.checkpoints)
-
-    def save_policy(self, path: str | Path) -> None:
-        """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
-        save_hf_policy(self.policy, self.tokenizer, path)
-
-    def save_checkpoint(self) -> Path:
-        """Write policy, critic, optimiser, KL controller, RNG and data position, atomically.
-
-        In a multi-process run rank 0 writes the checkpoint (weights and optimiser are the same on every rank)
-        and every other rank adds its own random streams as ``rank<R>_state.pt`` before rank 0 commits.
-        """
-        return save_checkpoint_on_ranks(self.group, self.checkpoints, self.update_idx, self._write_checkpoint,
-                                        self._rank_state)
-
     def _rank_state(self) -> dict:
         """This process's random streams: sampling, mini-batch order, guide draws and the global RNGs."""
         return {
@@ -1044,7 +672,7 @@ class PPOTrainer:
             "rng": capture_rng_state(),
             "generator": self.generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
-            "guide_rng": self.guide_rng.getstate(),
+            **({"guide_rng": self.guided.rng.getstate()} if self.guided is not None else {}),
         }
 
     def _write_checkpoint(self, tmp: Path) -> None:
@@ -1065,22 +693,12 @@ class PPOTrainer:
                 "rng": capture_rng_state(),
                 "generator": self.generator.get_state(),
                 "shuffle_generator": self.shuffle_generator.get_state(),
-                "guide_rng": self.guide_rng.getstate(),  # switch points and the LOLS schedule
+                # switch points and the LOLS schedule
+                **({"guide_rng": self.guided.rng.getstate()} if self.guided is not None else {}),
                 "data_position": {"epoch": epoch, "offset": offset, "num_prompts": n},
                 "world_size": self.group.world_size,
             },
         )
-
-    def _maybe_resume(self) -> bool:
-        """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged).
-
-        Rank 0 picks the checkpoint (setting damaged ones aside); the other ranks load the one it picked.
-        """
-        ckpt = resume_on_ranks(self.group, self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
-        if ckpt is None:
-            return False
-        log.info("resumed from %s (update %d)", ckpt, self.update_idx)
-        return True
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore trainer state written by save_checkpoint (weights-only: a checkpoint cannot run code)."""
@@ -1115,10 +733,30 @@ class PPOTrainer:
             restore_rng_state(rank_state["rng"])
             self.generator.set_state(rank_state["generator"])
             self.shuffle_generator.set_state(rank_state["shuffle_generator"])
-            if "guide_rng" in rank_state:
-                self.guide_rng.setstate(rank_state["guide_rng"])
+            if "guide_rng" in rank_state and self.guided is not None:
+                self.guided.rng.setstate(rank_state["guide_rng"])
             self.update_idx = int(state["update_idx"])
 
+
+
+def _checked_inputs(config: PPOConfig, prompts: Sequence[str], reward_fn: object,
+                    reference_responses: Sequence[str | None] | None) -> list[str]:
+    """The prompts as a list, after checking them, the reward function and the NLL targets."""
+    if not isinstance(prompts, str) and hasattr(prompts, "__iter__"):
+        # A datasets column, a numpy array, a pandas Series: any iterable of strings (whose truth value
+        # may be ambiguous or raise) becomes a plain list first.
+        prompts = list(prompts)
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if not callable(reward_fn):
+        raise ValueError("reward_fn must be callable: fn(prompts, responses, response_token_ids)")
+    if reference_responses is not None and len(reference_responses) != len(prompts):
+        raise ValueError(
+            f"reference_responses has {len(reference_responses)} entries for {len(prompts)} prompts"
+        )
+    if config.target_coef > 0 and reference_responses is None:
+        raise ValueError("target_coef > 0 needs reference_responses (the NLL target)")
+    return list(prompts)
 
 
 def _check_positions(policy: nn.Module, tokenizer: object, prompts: Sequence[str], config: PPOConfig) -> None:
@@ -1155,12 +793,3 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[name] = now - self._last
         self._last = now
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str = "ppo") -> object | None:
-    """A tqdm bar named ``desc`` (the run folder's name tells a recipe's stages apart), or None when disabled."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="update", dynamic_ncols=True)

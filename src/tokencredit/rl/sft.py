@@ -8,7 +8,6 @@ log-probs (`response_logits` + `token_logprobs`), and `evaluate_nll` scores held
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,22 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokencredit.config import ConfigError
 from tokencredit.distributed import (
     check_world_size,
-    open_run,
     process_group,
     rank_state_of,
-    resume_on_ranks,
-    save_checkpoint_on_ranks,
 )
 from tokencredit.models import (
-    LoraSettings,
-    apply_chat,
     load_policy_weights,
     quiet_saves,
     resolve_device,
-    save_hf_policy,
 )
 from tokencredit.precision import (
     autocast,
@@ -45,18 +37,14 @@ from tokencredit.precision import (
     tune_cpu_allocator,
     validate_mixed_precision,
 )
-from tokencredit.records import RecordError, read_jsonl
 from tokencredit.rl.rollout import response_logits, token_logprobs
+from tokencredit.rl.trainer_base import RunSettings, Trainer
 from tokencredit.runs import (
-    CheckpointManager,
     capture_rng_state,
     load_trainer_state,
-    read_metrics,
     reading_checkpoint,
-    releases_run_folders,
     restore_rng_state,
     save_trainer_state,
-    start_fresh,
 )
 from tokencredit.textbounds import encode_within, tail_within
 
@@ -64,24 +52,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig:
-    """Every SFT hyper-parameter, documented where declared."""
+class SFTConfig(RunSettings):
+    """Every SFT hyper-parameter, documented where declared (the run settings in :class:`RunSettings`)."""
 
     # --- run ---
     output_dir: str = "runs/sft"  # run folder: config.yaml, metrics.jsonl, checkpoints/, policy/
     seed: int = 0  # seeds data order and dropout
+    save_every: int = 50  # optimizer steps between checkpoints; the last step is always saved
+    progress: bool = True  # progress bar with the loss
     num_epochs: int = 1  # passes over the data
     max_steps: int | None = None  # optimizer steps; overrides num_epochs (passes go on past the last epoch)
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first checkpoint)
-    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
-    save_every: int = 50  # optimizer steps between checkpoints; the last step is always saved
-    keep_checkpoints: int = 2  # complete checkpoints kept on disk
-    device: str = "auto"  # "auto" = cuda when available, else cpu
-    log_tensorboard: bool = True  # scalars to output_dir/tensorboard when tensorboard is installed
-    log_wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str | None = None  # Weights & Biases project for log_wandb; None = wandb's default
-    progress: bool = True  # progress bar with the loss
 
     # --- data ---
     batch_size: int = 8  # examples per optimizer step (the last batch of a pass may be smaller)
@@ -101,7 +81,8 @@ class SFTConfig:
 
     def validate(self) -> None:
         """Check ranges and divisibility; raise ValueError naming the field."""
-        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "save_every", "keep_checkpoints"):
+        self.validate_run()
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_steps is not None and self.max_steps < 1:
@@ -259,8 +240,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 
 # ---------------------------------------------------------------------- trainer
-class SFTTrainer:
+class SFTTrainer(Trainer):
     """Supervised fine-tuning on (prompt, response) pairs; the loss is the mean NLL of response tokens only."""
+
+    name = "sft"
 
     def __init__(
         self,
@@ -296,15 +279,12 @@ class SFTTrainer:
         self.optimizer = make_adamw([{"params": self.params}], lr=config.learning_rate,
                                     weight_decay=config.weight_decay, fused=config.fused_optimizer)
         self.steps_per_epoch = math.ceil(len(self.examples) / config.batch_size)
-        self.total_steps = config.max_steps or config.num_epochs * self.steps_per_epoch
-        warmup, total, schedule = config.warmup_steps, self.total_steps, config.lr_schedule
+        self._total_steps = config.max_steps or config.num_epochs * self.steps_per_epoch
+        warmup, total, schedule = config.warmup_steps, self._total_steps, config.lr_schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, total, schedule)
         )
-        self.step_idx = 0  # optimizer steps done
-        self.history: list[dict] = []
-        self.run_dir = Path(config.output_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
+        self._init_run()
         self._perm_cache: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ data order
@@ -321,41 +301,36 @@ class SFTTrainer:
         bs = self.config.batch_size
         return [int(i) for i in self._permutation(epoch)[k * bs : (k + 1) * bs]]
 
-    # ------------------------------------------------------------------ main loop
-    @releases_run_folders
-    def train(self) -> list[dict]:
-        """Run (or resume) SFT to total_steps; returns one metrics dict per optimizer step."""
-        cfg = self.config
-        group = self.group
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder); rank 0 writes.
-        self._drop_replaced_run, resumed, logger = open_run(group, self.run_dir, cfg, self._maybe_resume,
-                                                            self._start_fresh, lambda: self.step_idx)
-        self.history = read_metrics(self.run_dir) if resumed else []
-        bar = _progress(self.total_steps, self.step_idx, cfg.progress and group.is_main, f"sft {self.run_dir.name}")
-        try:
-            with logger:
-                while self.step_idx < self.total_steps:
-                    stats = self.step(self.batch_indices(self.step_idx))
-                    self.step_idx += 1
-                    stats["epoch"] = self.step_idx / self.steps_per_epoch
-                    if group.is_main:
-                        logger.log(self.step_idx, stats)
-                    self.history.append({"step": self.step_idx, **stats})  # the same record read_metrics gives
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
-                    if self.step_idx % cfg.save_every == 0 or self.step_idx == self.total_steps:
-                        self.save_checkpoint()
-                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
-        finally:
-            if bar is not None:
-                bar.close()
+    # ------------------------------------------------------------------ the steps (the loop is Trainer.train)
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run."""
+        return self._total_steps
+
+    @property
+    def step_idx(self) -> int:
+        """Optimizer steps done."""
+        return self.steps_done
+
+    @step_idx.setter
+    def step_idx(self, value: int) -> None:
+        """Set by load_checkpoint."""
+        self.steps_done = value
+
+    def train_step(self) -> dict:
+        """The next optimizer step, with the epoch it reaches."""
+        stats = self.step(self.batch_indices(self.step_idx))
+        stats["epoch"] = (self.step_idx + 1) / self.steps_per_epoch
+        return stats
+
+    def progress_postfix(self, stats: dict) -> dict[str, str]:
+        """The loss and the learning rate."""
+        return {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
+
+    def save_outputs(self) -> None:
+        """The trained policy, in eval mode."""
         self.policy.eval()
-        if group.is_main:
-            with quiet_saves():
-                self.save_policy(self.run_dir / "policy")
-        group.barrier()
-        return self.history
+        super().save_outputs()
 
     def step(self, indices: Sequence[int]) -> dict:
         """One optimizer step on the examples at `indices` (the global batch; each rank takes every N-th).
@@ -405,20 +380,6 @@ class SFTTrainer:
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def _start_fresh(self) -> None:
-        """Clear an earlier run's checkpoints and metrics in output_dir so the new run's files are its own."""
-        start_fresh(self.run_dir, self.checkpoints)
-
-    def save_policy(self, path: str | Path) -> None:
-        """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
-        save_hf_policy(self.policy, self.tokenizer, path)
-
-    def save_checkpoint(self) -> Path:
-        """Write policy, tokenizer, optimizer, LR schedule, RNG and data position, atomically (rank 0 writes;
-        every other rank adds its random state)."""
-        return save_checkpoint_on_ranks(self.group, self.checkpoints, self.step_idx, self._write_checkpoint,
-                                        lambda: {"rank": self.group.rank, "rng": capture_rng_state()})
-
     def _write_checkpoint(self, tmp: Path) -> None:
         """Rank 0's part of save_checkpoint."""
         with quiet_saves():
@@ -436,14 +397,6 @@ class SFTTrainer:
                 "world_size": self.group.world_size,
             },
         )
-
-    def _maybe_resume(self) -> bool:
-        """Load the newest checkpoint that loads when config.resume is set (older ones if it is damaged)."""
-        ckpt = resume_on_ranks(self.group, self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
-        if ckpt is None:
-            return False
-        log.info("resumed from %s (step %d)", ckpt, self.step_idx)
-        return True
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore trainer state written by save_checkpoint (weights-only: a checkpoint cannot run code)."""
@@ -469,101 +422,3 @@ class SFTTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(rank_state["rng"])
             self.step_idx = int(state["step"])
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str = "sft") -> object | None:
-    """A tqdm bar named ``desc`` (the run folder's name tells a recipe's stages apart), or None when disabled."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
-
-
-# ---------------------------------------------------------------------- `tokencredit sft`
-@dataclass
-class SFTRunConfig(SFTConfig):
-    """`tokencredit sft`: the SFT knobs plus where the model and the (prompt, response) pairs come from."""
-
-    model: str = "smollm2-135m-instruct"  # built-in name, local folder or (cached) hub id
-    adapter: str | None = None  # saved LoRA adapter to continue training
-    lora: LoraSettings | None = None  # train new LoRA adapters instead of every weight
-    save_merged: bool = False  # LoRA: also write policy-merged/, the adapters merged into a plain model folder
-    dtype: str = "float32"  # torch dtype the model weights are loaded in, e.g. bfloat16
-    data: str | None = None  # .jsonl with one {prompt_field: ..., response_field: ...} object a line
-    task: str | None = None  # "querygen": data holds search sessions (None = the built-in train split)
-    history_entries: int = 4  # querygen: most recent searches shown in the prompt
-    prompt_field: str = "prompt"  # .jsonl field holding each prompt (not used by task=querygen)
-    response_field: str = "response"  # .jsonl field holding the target response (not used by task=querygen)
-    max_examples: int | None = None  # use only the first N pairs
-    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    system_prompt: str | None = None  # system message before each prompt when chat_template applies; None = none
-
-    def validate(self) -> None:
-        """SFTConfig's checks plus the data options."""
-        super().validate()
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"max_examples must be >= 1 or None (got {self.max_examples})")
-        if self.task not in (None, "querygen"):
-            raise ValueError(f"task must be unset or 'querygen' (got {self.task!r})")
-
-
-def load_sft_data(
-    cfg: SFTRunConfig, tokenizer: object | None = None
-) -> tuple[list[str], list[str], list[str] | None]:
-    """(prompts, responses, record names) a run config names, prompts rendered for ``tokenizer``.
-
-    Record names ("file:line") let errors found later, such as a response longer than max_length, point at
-    the line; tasks plug in here.
-    """
-    if cfg.task == "querygen":
-        from tokencredit.tasks.querygen import PromptTemplate, builtin_sessions, load_sessions, render_prompt
-
-        sessions = builtin_sessions("train") if cfg.data is None else load_sessions(cfg.data)
-        sessions = sessions[: cfg.max_examples] if cfg.max_examples else sessions
-        template = PromptTemplate(max_history=cfg.history_entries)
-        # The task renders its own prompts (chat form or the plain "Next query:" form) exactly as the demo does.
-        use_chat = cfg.chat_template and bool(getattr(tokenizer, "chat_template", None))
-        prompts = [render_prompt(s, tokenizer, template, chat=use_chat) for s in sessions]
-        return prompts, [s.target_query for s in sessions], None
-    if cfg.data is None:
-        raise ConfigError("sft needs data: a .jsonl file with one {prompt, response} object a line (data=...)")
-    prompts, responses, names = [], [], []
-    for lineno, obj in read_jsonl(cfg.data):
-        prompt, response = obj.get(cfg.prompt_field), obj.get(cfg.response_field)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RecordError(f"{cfg.data}:{lineno}: field {cfg.prompt_field!r} must be a non-empty string")
-        if not isinstance(response, str):
-            raise RecordError(f"{cfg.data}:{lineno}: field {cfg.response_field!r} must be a string")
-        prompts.append(prompt)
-        responses.append(response)
-        names.append(f"{cfg.data}:{lineno}")
-        if cfg.max_examples is not None and len(prompts) == cfg.max_examples:
-            break
-    if not prompts:
-        raise RecordError(f"{cfg.data}: no examples found")
-    if tokenizer is not None and cfg.chat_template and getattr(tokenizer, "chat_template", None):
-        prompts = apply_chat(tokenizer, prompts, cfg.system_prompt)
-    return prompts, responses, names
-
-
-def run_sft(cfg: SFTRunConfig) -> list[dict]:
-    """Load the model and data the config names and train."""
-    from tokencredit.models import load_policy, load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model)
-    prompts, responses, names = load_sft_data(cfg, tokenizer)
-    policy = load_policy(cfg.model, lora=cfg.lora, adapter=cfg.adapter, dtype=cfg.dtype, seed=cfg.seed)
-    trainer = SFTTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, responses=responses,
-                         record_names=names)
-    history = trainer.train()
-    if not trainer.group.is_main:
-        return history  # rank 0 writes the merged policy and reports
-    if cfg.save_merged:
-        from tokencredit.models import save_merged
-
-        save_merged(policy, tokenizer, Path(cfg.output_dir) / "policy-merged")
-    if history:
-        print(json.dumps({"steps": len(history), "first_loss": history[0].get("loss"),
-                          "last_loss": history[-1].get("loss"), "run": str(cfg.output_dir)}))
-    return history

@@ -22,7 +22,7 @@ from torch import nn
 
 from tokencredit.generation import cache_keyword, encode_prompts, output_cache, position_ids_from_mask
 from tokencredit.precision import autocast, resolve_mixed_precision
-from tokencredit.records import RecordError
+from tokencredit.record_files import RecordError
 from tokencredit.textbounds import head_within
 
 # Label words per class (distinct first tokens under the built-in tokenizer); see the module docstring.

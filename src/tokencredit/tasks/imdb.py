@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from tokencredit.records import RecordError, read_jsonl
+from tokencredit.record_files import RecordError, read_jsonl
 
 if TYPE_CHECKING:
     import datasets

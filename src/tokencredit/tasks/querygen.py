@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from tokencredit.records import RecordError, read_jsonl
+from tokencredit.record_files import RecordError, read_jsonl
 
 if TYPE_CHECKING:
     import datasets

@@ -24,21 +24,12 @@ from typing import Literal
 from tokencredit.config import ConfigError, claim_folder_for
 from tokencredit.distributed import process_group
 from tokencredit.models import LoraSettings
-from tokencredit.runs import atomic_write_json, releases_run_folders
+from tokencredit.rewards.token_rm_training import TOKEN_LOSSES
+from tokencredit.run_folders import releases_run_folders
+from tokencredit.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-# FG token-RM losses on minimal edits: name -> (bce_weight, bt_weight, span_bt_weight). "bt" is the only
-# token loss for pairs and ranked lists (they have no token labels).
-TOKEN_LOSSES: dict[str, dict[str, float]] = {
-    # span BT + sequence BT on (chosen or edited, original), both from one forward pass: FG's hybrid
-    "hybrid": {"span_bt_weight": 1.0, "edit_bt_weight": 1.0},
-    # -log sigma(sum of written-token rewards - sum of removed-token rewards)
-    "span_bt": {"span_bt_weight": 1.0},
-    "bce": {"bce_weight": 1.0},  # per-token BCE: removed tokens bad, written tokens good
-    "bce_bt": {"bce_weight": 1.0, "bt_weight": 1.0},  # per-token BCE + sequence BT
-    "bt": {"bt_weight": 1.0},  # sequence BT on summed token rewards only
-}
 
 
 @dataclass
@@ -66,7 +57,7 @@ class RewardRunConfig:
     eval_fraction: float = 0.1  # train: share of the data held out for the final eval; 0 = none
     token_loss: str | None = None  # kind=token: a TOKEN_LOSSES name; None = hybrid on edits, bce on spans, else bt
     balance_labels: bool = True  # token RM BCE: good and bad tokens weigh equally
-    aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled; see rewards/pgg.py)
+    aggregator: str = "avg"  # kind=pgg: sum, avg, softmax or softmin (C-scaled; see rewards/pgg_rm.py)
     seed: int = 0  # train: seeds the new weights (head, LoRA), the eval split, data order and dropout
     progress: bool = True  # train: progress bar
     overwrite: bool = False  # train: replace a run already in output_dir (kept aside until the new model is saved)
@@ -137,7 +128,7 @@ _RESPONSE_FIELDS = {"pairs": ("chosen", "rejected"), "edits": ("original", "edit
 
 def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None) -> None:
     """Refuse (or, with long_records=truncate, warn about) responses that max_length would cut, by file:line."""
-    from tokencredit.records import read_jsonl
+    from tokencredit.record_files import read_jsonl
     from tokencredit.rewards.data import RewardDataError
     from tokencredit.textbounds import encode_within
 
@@ -181,9 +172,10 @@ def check_lengths(cfg: RewardRunConfig, tokenizer: object, positions: int | None
 @releases_run_folders
 def reward_train(cfg: RewardRunConfig) -> dict:
     """Train the configured reward model; returns its held-out evaluation."""
-    from tokencredit.rewards.pgg import PGGRMConfig, train_pgg_reward_model
+    from tokencredit.rewards.pgg_rm import PGGRMConfig, train_pgg_reward_model
     from tokencredit.rewards.seq_rm import SeqRMConfig, SequenceRewardModel, train_sequence_reward_model
-    from tokencredit.rewards.token_rm import TokenRewardModel, TokenRMConfig, train_token_reward_model
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import TokenRMConfig, train_token_reward_model
 
     if cfg.kind not in ("token", "sequence", "pgg"):
         raise ConfigError(f"kind must be token, sequence or pgg (got {cfg.kind!r})")
@@ -201,7 +193,7 @@ def reward_train(cfg: RewardRunConfig) -> dict:
         rm = TokenRewardModel.from_pretrained(cfg.model, lora=cfg.lora, seed=cfg.seed)
     check_lengths(cfg, rm.tokenizer, getattr(rm.model.backbone.config, "max_position_embeddings", None))
     # Input checked first; then, before anything is written, the folder must be this run's (see
-    # runs.claim_run_folder); rank 0 decides.
+    # run_folders.claim_run_folder); rank 0 decides.
     group = process_group()
     drop_replaced = group.on_main(lambda: claim_folder_for(cfg, cfg.output_dir), default=lambda: None)
     if cfg.kind == "sequence":
@@ -223,9 +215,10 @@ def reward_train(cfg: RewardRunConfig) -> dict:
 def reward_eval(cfg: RewardRunConfig) -> dict:
     """Pairwise accuracy (summed token rewards for a token RM); for a token RM on edits also token P/R and
     span accuracy; for a PGG RM also the ranking accuracy of its aggregated scores."""
-    from tokencredit.rewards.pgg import evaluate_pgg_reward_model
+    from tokencredit.rewards.pgg_rm import evaluate_pgg_reward_model
     from tokencredit.rewards.seq_rm import SequenceRewardModel, evaluate_sequence_reward_model
-    from tokencredit.rewards.token_rm import TokenRewardModel, evaluate_token_reward_model
+    from tokencredit.rewards.token_rm import TokenRewardModel
+    from tokencredit.rewards.token_rm_training import evaluate_token_reward_model
 
     if cfg.kind not in ("token", "sequence", "pgg"):
         raise ConfigError(f"kind must be token, sequence or pgg (got {cfg.kind!r})")
@@ -250,7 +243,7 @@ def reward_eval(cfg: RewardRunConfig) -> dict:
 def reward_show(cfg: RewardRunConfig) -> Path:
     """Write show.html: each text's tokens coloured by the token RM's reward (hover for values)."""
     from tokencredit.evaluate import html_table, token_heatmap_html, token_pieces, write_html_report
-    from tokencredit.records import read_jsonl
+    from tokencredit.record_files import read_jsonl
     from tokencredit.rewards.token_rm import TokenRewardModel
 
     items = list(cfg.texts)
@@ -287,7 +280,7 @@ def reward_show(cfg: RewardRunConfig) -> Path:
     return path
 
 
-def run_reward(action: str, cfg: RewardRunConfig) -> None:
+def run_reward(cfg: RewardRunConfig, action: str) -> None:
     """Dispatch `tokencredit reward ACTION` and print its result as JSON."""
     if action == "train":
         from tokencredit.distributed import is_main_process

@@ -11,14 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
-from tokencredit.rewards.labels import SpanLabel, word_spans
-
-STOPWORDS = frozenset(
-    "a an the and or but if of to in on at by for with from as is are was were be been being it its this that "
-    "these those i me my we our you your he she his her they them their what which who whom how when where why "
-    "do does did not no so than too very can will just about into over up down out off then there here".split()
-)
-"""A small English stopword list; with ``stopwords_neutral`` these words get no label."""
+from tokencredit.rewards.labels import STOPWORDS, SpanLabel, word_spans
 
 
 class TokenLabeler(Protocol):

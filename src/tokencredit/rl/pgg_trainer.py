@@ -2,7 +2,7 @@
 
 The loop alternates two things. **Grounding**: sample K responses per prompt from the current LM, rank them
 with a metric (``score_fn``), and (re)fit a bounded token reward r_phi(s_t, a_t) in (0, 1) so that its
-aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tokencredit.rewards.pgg`), on
+aggregate per sequence orders the samples as the metric does (ListMLE, :mod:`tokencredit.rewards.pgg_rm`), on
 fresh samples until its pair accuracy on held-out samples stops improving (:meth:`PGGTrainer.ground`).
 **LM training**: a set number of steps with one of two objectives that use r_t as a per-token weight:
 
@@ -38,107 +38,37 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from tokencredit.distributed import ProcessGroup, open_run
+from tokencredit.distributed import ProcessGroup
 from tokencredit.generation import generate
-from tokencredit.masked import masked_mean
 from tokencredit.models import (
     ScalarHeadModel,
     is_peft,
     load_policy_weights,
     quiet_saves,
     resolve_device,
-    save_hf_policy,
 )
 from tokencredit.precision import autocast, freeze_to, make_adamw, resolve_mixed_precision, validate_mixed_precision
-from tokencredit.rewards.pgg import AGGREGATORS, GroundingFitConfig, RankedGroup, fit_grounding, ranking_order
+from tokencredit.rewards.pgg_rm import AGGREGATORS, GroundingFitConfig, RankedGroup, fit_grounding, ranking_order
 from tokencredit.rewards.records import RankedList
 from tokencredit.rewards.token_rm import TokenRewardModel, end_ids, same_tokenizer
-from tokencredit.rl.losses import entropy_from_logits
+from tokencredit.rl.losses import entropy_from_logits, pgg_reinforce_loss, weighted_mle_loss
 from tokencredit.rl.rollout import response_logits, token_logprobs
 from tokencredit.rl.sft import collate_examples, tokenize_examples
+from tokencredit.rl.trainer_base import RunSettings, Trainer
 from tokencredit.runs import (
     CheckpointError,
-    CheckpointManager,
     atomic_write_json,
     capture_rng_state,
     load_trainer_state,
-    read_metrics,
     reading_checkpoint,
-    releases_run_folders,
     restore_rng_state,
-    resume_newest_loadable,
     save_trainer_state,
-    start_fresh,
 )
 
 log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[list[str], list[str]], list[float]]
 OBJECTIVES = ("reinforce", "weighted_mle")
-
-
-# ---------------------------------------------------------------------- objectives
-def token_weights_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reward-to-go [B, T]: sum of the rewards at t and after, over unmasked tokens only."""
-    masked = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
-    return masked.flip(-1).cumsum(-1).flip(-1)
-
-
-def pgg_reinforce_loss(
-    logprobs: torch.Tensor,
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.125,
-    reward_to_go: bool = False,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PGG's REINFORCE: mean_t[w_t * NLL_t] - entropy_coef * mean_t H_t over unmasked tokens, w = r (or its to-go).
-
-    ``logprobs`` [B, T] of the sampled tokens (with gradient), ``rewards`` [B, T] token guidance (no gradient is
-    taken through it), ``mask`` [B, T] 1 on response tokens, ``entropy`` [B, T] of the policy at each position
-    (None: no bonus). Means are over all unmasked tokens of the batch.
-    """
-    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same [B, T] shape")
-    if entropy_coef < 0:
-        raise ValueError(f"entropy_coef must be >= 0 (got {entropy_coef})")
-    weights = (token_weights_to_go(rewards, mask) if reward_to_go else rewards).detach().to(logprobs.dtype)
-    mask = mask.to(logprobs.dtype)
-    pg = masked_mean(-logprobs * weights, mask)
-    loss = pg
-    stats = {"loss/pg": float(pg.detach())}
-    if entropy is not None:
-        ent = masked_mean(entropy, mask)
-        loss = loss - entropy_coef * ent
-        stats["entropy/mean"] = float(ent.detach())
-    stats["loss/total"] = float(loss.detach())
-    return loss, stats
-
-
-def weighted_mle_loss(
-    logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reward-weighted MLE: mean over rows of sum_t w_t * NLL_t, w_t = r_t / sum_t' r_t' per row (no gradient).
-
-    ``rewards`` must be positive on unmasked tokens (PGG's bounded reward is in (0, 1)); a row without tokens
-    contributes nothing and is left out of the mean.
-    """
-    if logprobs.shape != rewards.shape or logprobs.shape != mask.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rewards {tuple(rewards.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same [B, T] shape")
-    on = mask.bool()
-    r = torch.where(on, rewards.detach(), torch.zeros_like(rewards)).to(logprobs.dtype)
-    if (r < 0).any():
-        raise ValueError("weighted MLE needs non-negative token rewards (a bounded PGG reward is in (0, 1))")
-    totals = r.sum(-1, keepdim=True)
-    rows = on.any(-1)
-    weights = r / totals.clamp(min=torch.finfo(r.dtype).tiny)
-    per_row = (-logprobs * weights).where(on, torch.zeros_like(logprobs)).sum(-1)
-    loss = per_row[rows].mean() if rows.any() else per_row.sum() * 0.0
-    plain = masked_mean(-logprobs.detach(), mask.to(logprobs.dtype))
-    return loss, {"loss/total": float(loss.detach()), "loss/weighted_nll": float(loss.detach()),
-                  "loss/plain_nll": float(plain)}
 
 
 # ---------------------------------------------------------------------- preferences from a metric
@@ -171,21 +101,15 @@ def ranked_lists(prompts: Sequence[str], responses: Sequence[str], scores: Seque
 
 # ---------------------------------------------------------------------- the trainer
 @dataclass
-class PGGConfig:
-    """Every PGG hyper-parameter, documented where declared."""
+class PGGConfig(RunSettings):
+    """Every PGG hyper-parameter, documented where declared (the run settings in :class:`RunSettings`)."""
 
     # --- run ---
     output_dir: str = "runs/pgg"  # config.yaml, metrics.jsonl, grounding/, checkpoints/, policy/, reward_model/
     seed: int = 0  # seeds data order, sampling, tie-breaking and the reward model's fits
-    num_steps: int = 100  # LM optimizer steps
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    overwrite: bool = False  # replace a run already in output_dir (kept aside until this run's first checkpoint)
-    allow_changed_settings: bool = False  # resume even though settings differ from the saved config.yaml
     save_every: int = 20  # LM steps between checkpoints; the last step is always saved
-    keep_checkpoints: int = 2
-    device: str = "auto"
-    log_tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # progress bar with the loss and the metric's score
+    num_steps: int = 100  # LM optimizer steps
 
     # --- LM objective ---
     objective: Literal["reinforce", "weighted_mle"] = "reinforce"  # weighted_mle needs references
@@ -240,7 +164,8 @@ class PGGConfig:
 
     def validate(self) -> None:
         """Check ranges; raise ValueError naming the field."""
-        for name in ("num_steps", "save_every", "keep_checkpoints", "batch_size", "max_new_tokens",
+        self.validate_run()
+        for name in ("num_steps", "batch_size", "max_new_tokens",
                      "ground_prompts", "ground_every", "rm_epochs", "rm_batch_size", "rm_max_steps", "rm_eval_every",
                      "rm_patience", "rm_eval_prompts"):
             if getattr(self, name) < 1:
@@ -285,8 +210,11 @@ def default_reward_model(policy: nn.Module, tokenizer: object) -> TokenRewardMod
     return TokenRewardModel(ScalarHeadModel.from_backbone(backbone), tokenizer, bounded=True)
 
 
-class PGGTrainer:
+class PGGTrainer(Trainer):
     """Alternate grounding a bounded token reward in metric rankings with LM steps guided by it."""
+
+    name = "pgg"
+    fresh_extra = ("grounding",)  # an earlier run's groundings go with its checkpoints
 
     def __init__(
         self,
@@ -324,6 +252,7 @@ class PGGTrainer:
             if not all(isinstance(r, str) and r.strip() for r in references):
                 raise ValueError("every reference must be a non-empty string")
         self.config = config
+        self.group = ProcessGroup()
         self.device = resolve_device(config.device)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -351,13 +280,10 @@ class PGGTrainer:
                                     weight_decay=config.weight_decay, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.rank_generator = torch.Generator().manual_seed(config.seed + 1)
-        self.step_idx = 0
         self.groundings = 0
         self.ground_draws = 0  # fresh draws of training lists so far (their prompts follow from the count)
         self.metric_calls = 0  # samples scored by score_fn so far
-        self.history: list[dict] = []
-        self.run_dir = Path(config.output_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_checkpoints)
+        self._init_run()
         self._examples = (tokenize_examples(tokenizer, self.prompts, self.references, config.max_reference_length)
                           if config.objective == "weighted_mle" else None)
 
@@ -371,49 +297,43 @@ class PGGTrainer:
             out.append(int(np.random.default_rng([self.config.seed, stream, epoch]).permutation(n)[offset]))
         return out
 
-    # ------------------------------------------------------------------ main loop
-    @releases_run_folders
-    def train(self) -> list[dict]:
-        """Run (or resume) ``num_steps`` LM steps with groundings on schedule; one metrics dict per step."""
-        cfg = self.config
-        # Before anything is written: the folder must be this run's (see runs.claim_run_folder).
-        self._drop_replaced_run, resumed, logger = open_run(ProcessGroup(), self.run_dir, cfg, self._maybe_resume,
-                                                            self._start_fresh, lambda: self.step_idx)
-        self.history = read_metrics(self.run_dir) if resumed else []
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ the steps (the loop is Trainer.train)
+    @property
+    def total_steps(self) -> int:
+        """LM steps in the whole run."""
+        return self.config.num_steps
 
-            bar = tqdm(total=cfg.num_steps, initial=self.step_idx, desc=f"pgg {self.run_dir.name}", unit="step",
-                       dynamic_ncols=True)
-        try:
-            with logger:
-                while self.step_idx < cfg.num_steps:
-                    stats: dict = {}
-                    if cfg.grounds_at(self.step_idx):
-                        stats.update(self.ground())
-                    stats.update(self.lm_step(self.batch_indices(self.step_idx, cfg.batch_size)))
-                    self.step_idx += 1
-                    logger.log(self.step_idx, stats)
-                    stats = {"step": self.step_idx, **stats}
-                    self.history.append(stats)
-                    if bar is not None:
-                        bar.update(1)
-                        shown = {"loss": f"{stats['loss/total']:.3f}"}
-                        if "score/mean" in stats:
-                            shown["score"] = f"{stats['score/mean']:.3f}"
-                        bar.set_postfix(shown)
-                    if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.num_steps:
-                        self.save_checkpoint()
-                        self._drop_replaced_run()  # a replaced run goes once this one has a checkpoint
-        finally:
-            if bar is not None:
-                bar.close()
-        with quiet_saves():
-            self.save_policy(self.run_dir / "policy")
-            if self.rm is not None:
+    @property
+    def step_idx(self) -> int:
+        """LM steps done."""
+        return self.steps_done
+
+    @step_idx.setter
+    def step_idx(self, value: int) -> None:
+        """Set by load_checkpoint."""
+        self.steps_done = value
+
+    def train_step(self) -> dict:
+        """A grounding when one is due, then the next LM step."""
+        stats: dict = {}
+        if self.config.grounds_at(self.step_idx):
+            stats.update(self.ground())
+        stats.update(self.lm_step(self.batch_indices(self.step_idx, self.config.batch_size)))
+        return stats
+
+    def progress_postfix(self, stats: dict) -> dict[str, str]:
+        """The loss, and the metric's mean score when the step has one."""
+        shown = {"loss": f"{stats['loss/total']:.3f}"}
+        if "score/mean" in stats:
+            shown["score"] = f"{stats['score/mean']:.3f}"
+        return shown
+
+    def save_outputs(self) -> None:
+        """The policy and the last grounding's reward model."""
+        super().save_outputs()
+        if self.rm is not None:
+            with quiet_saves():
                 self.rm.save_pretrained(self.run_dir / "reward_model")
-        return self.history
 
     def _sample(self, prompts: list[str], score: bool = True) -> tuple[object, list[float] | None]:
         """One sampled response per prompt from the current LM, and the metric's score of each (None: not scored)."""
@@ -465,7 +385,7 @@ class PGGTrainer:
 
         Held-out lists (``rm_eval_prompts`` x K) are drawn first; training lists come ``ground_prompts`` x K at a
         time, each draw used for ``rm_epochs`` passes of ``rm_batch_size`` lists before fresh ones replace it
-        (:func:`~tokencredit.rewards.pgg.fit_grounding`). The fit's checks go to ``grounding/NNN/fit.json``.
+        (:func:`~tokencredit.rewards.pgg_rm.fit_grounding`). The fit's checks go to ``grounding/NNN/fit.json``.
         """
         cfg = self.config
         t0 = time.perf_counter()
@@ -576,17 +496,8 @@ class PGGTrainer:
         return out.to(self.device)
 
     # ------------------------------------------------------------------ checkpoints
-    def _start_fresh(self) -> None:
-        """Clear an earlier run's checkpoints, metrics and groundings so the new run's files are its own."""
-        start_fresh(self.run_dir, self.checkpoints, extra=("grounding",))
-
-    def save_policy(self, path: str | Path) -> None:
-        """Save the policy (the LoRA adapter for a peft policy) and the tokenizer as an HF folder."""
-        save_hf_policy(self.policy, self.tokenizer, path)
-
-    def save_checkpoint(self) -> Path:
-        """Write policy, reward model, optimiser, RNGs and schedule position, atomically."""
-        tmp = self.checkpoints.begin(self.step_idx)
+    def _write_checkpoint(self, tmp: Path) -> None:
+        """Policy, reward model, optimiser, RNGs and schedule position."""
         with quiet_saves():
             self.save_policy(tmp / "policy")
         if self.rm is not None:
@@ -597,15 +508,6 @@ class PGGTrainer:
             "ground_draws": self.ground_draws, "metric_calls": self.metric_calls,
             "optimizer": self.optimizer.state_dict(), "rng": capture_rng_state(),
             "generator": self.generator.get_state(), "rank_generator": self.rank_generator.get_state()})
-        return self.checkpoints.commit(self.step_idx)
-
-    def _maybe_resume(self) -> bool:
-        """Load the newest loadable checkpoint when config.resume is set."""
-        ckpt = resume_newest_loadable(self.checkpoints, self.config.resume, self.run_dir, self.load_checkpoint)
-        if ckpt is None:
-            return False
-        log.info("resumed from %s (step %d)", ckpt, self.step_idx)
-        return True
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore what save_checkpoint wrote (weights-only: a checkpoint cannot run code)."""

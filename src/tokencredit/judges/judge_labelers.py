@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tokencredit.feedback.labelers import REPEATS, repeat_spans
+from tokencredit.feedback.reference_labeler import REPEATS, repeat_spans
 from tokencredit.judges.backends import ChatRequest, ChatResult, JudgeBackend, JudgeFailure, scores_readable
 from tokencredit.judges.templates import Template, load_template
 from tokencredit.rewards.labels import SpanLabel
@@ -334,12 +334,12 @@ class EditLabeler(_ResponseLabeler):
 
 
 class JudgeTokenLabeler:
-    """The TokenLabeler protocol (see :mod:`tokencredit.feedback.labelers`) on an LLM judge: TPPO's AI feedback.
+    """The TokenLabeler protocol (:mod:`tokencredit.feedback.reference_labeler`) on an LLM judge: TPPO's AI feedback.
 
     An answer that cannot be read, or a request the server refused, gives None for that response (no labels: an
     empty span list would pass for a response with nothing wrong in it) and is counted in ``stats``.
     ``repeats="bad"`` also labels -1 every word repeating an earlier word of the response (stopwords aside), as
-    :class:`~tokencredit.feedback.labelers.ReferenceLabeler` does, whatever the judge said of it; the default
+    :class:`~tokencredit.feedback.reference_labeler.ReferenceLabeler` does, whatever the judge said of it; the default
     "keep" leaves repeats to the judge, whose prompt asks for them.
     """
 
