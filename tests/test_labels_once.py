@@ -230,6 +230,26 @@ def test_demo_labels_only_next_query_words_when_clicked_titles_do_not_count(tmp_
     DemoConfig(fast=True, judge="http://127.0.0.1:9/v1").validate()  # the default is unused with a judge
 
 
+def test_label_stopwords_charges_the_stopwords_token_f1_counts(tmp_path):
+    from tokencredit.recipes.tppo import DemoConfig
+    from tokencredit.recipes.tppo_labels import make_labeler
+
+    session = {"target": "history of boston", "clicked": []}
+    response = "how to history of the boston of"
+    words = {}
+    for label_stopwords in (False, True):
+        labeler = make_labeler(DemoConfig(fast=True, label_stopwords=label_stopwords), tmp_path)
+        spans = labeler.label(["p"], [response], [session])[0]
+        words[label_stopwords] = [(response[s.start:s.end], s.label) for s in spans]
+    assert words[False] == [("history", 1), ("boston", 1)]  # the default leaves how/to/of/the unlabelled
+    # labelled: a stopword of the next query pays once (its repeat is a miss), any other stopword is a miss
+    assert words[True] == [("how", -1), ("to", -1), ("history", 1), ("of", 1), ("the", -1), ("boston", 1), ("of", -1)]
+    with pytest.raises(ValueError, match="label_stopwords applies to the reference labeler"):
+        DemoConfig(fast=True, label_stopwords=True, judge="http://127.0.0.1:9/v1").validate()
+    with pytest.raises(ValueError, match="label_stopwords must be true or false"):
+        DemoConfig(fast=True, label_stopwords="yes").validate()
+
+
 # ---------------------------------------------------------------------- the price of a miss
 def test_a_miss_weight_puts_the_rewards_zero_where_a_unit_is_right_that_often():
     import math

@@ -120,7 +120,8 @@ def make_labeler(cfg: DemoConfig, folder: Path) -> object:
     from tokencredit.feedback.reference_labeler import ReferenceLabeler
 
     if cfg.judge is None:
-        return ReferenceLabeler(use_clicked=cfg.label_clicked, repeats=cfg.label_repeats)
+        return ReferenceLabeler(use_clicked=cfg.label_clicked, stopwords_neutral=not cfg.label_stopwords,
+                                repeats=cfg.label_repeats)
     from tokencredit.judges.backends import HFBackend, OpenAIBackend
     from tokencredit.judges.judge_labelers import JudgeTokenLabeler
 
