@@ -294,7 +294,7 @@ class PGGTrainer(Trainer):
         out = []
         for k in range(step * size, (step + 1) * size):
             epoch, offset = divmod(k, n)
-            out.append(int(np.random.default_rng([self.config.seed, stream, epoch]).permutation(n)[offset]))
+            out.append(int(self.data_order(n, epoch, (stream,))[offset]))
         return out
 
     # ------------------------------------------------------------------ the steps (the loop is Trainer.train)
@@ -302,16 +302,6 @@ class PGGTrainer(Trainer):
     def total_steps(self) -> int:
         """LM steps in the whole run."""
         return self.config.num_steps
-
-    @property
-    def step_idx(self) -> int:
-        """LM steps done."""
-        return self.steps_done
-
-    @step_idx.setter
-    def step_idx(self, value: int) -> None:
-        """Set by load_checkpoint."""
-        self.steps_done = value
 
     def train_step(self) -> dict:
         """A grounding when one is due, then the next LM step."""

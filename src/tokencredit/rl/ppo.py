@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -116,7 +115,6 @@ class PPOTrainer(Trainer):
         self._setup_models(policy, critic, reference, guide)
         self._setup_optimisation()
         self._init_run()
-        self._perm_cache: dict[int, np.ndarray] = {}
         self._target_ids = self._tokenize_references() if self.reference_responses else None
         self._rollout = make_rollout(self)  # plain, static or vLLM sampling, or RLGF's guided roll-outs
         # (batch, its first-epoch forward pass) between make_batch and optimize; see reuse_first_epoch_forward
@@ -211,20 +209,13 @@ class PPOTrainer(Trainer):
         return getattr(self._rollout, "engine", None)
 
     # ------------------------------------------------------------------ data order
-    def _permutation(self, epoch: int) -> np.ndarray:
-        """Prompt order of one pass over the data, a function of (seed, epoch) so resume needs no state."""
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(
-                len(self.prompts))}
-        return self._perm_cache[epoch]
-
     def batch_indices(self, update_idx: int) -> list[int]:
         """Prompt indices of update `update_idx` (0-based); passes over the data wrap around."""
         n, bs = len(self.prompts), self.config.batch_size
         out = []
         for k in range(update_idx * bs, (update_idx + 1) * bs):
             epoch, offset = divmod(k, n)
-            out.append(int(self._permutation(epoch)[offset]))
+            out.append(int(self.data_order(len(self.prompts), epoch)[offset]))
         return out
 
     # ------------------------------------------------------------------ the updates (the loop is Trainer.train)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -285,37 +284,19 @@ class SFTTrainer(Trainer):
             self.optimizer, lambda step: lr_factor(step, warmup, total, schedule)
         )
         self._init_run()
-        self._perm_cache: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ data order
-    def _permutation(self, epoch: int) -> np.ndarray:
-        """Example order of one pass, a function of (seed, epoch) so resume needs no state."""
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(
-                len(self.examples))}
-        return self._perm_cache[epoch]
-
     def batch_indices(self, step_idx: int) -> list[int]:
         """Example indices of optimizer step `step_idx` (0-based); each pass is cut into batch_size slices."""
         epoch, k = divmod(step_idx, self.steps_per_epoch)
         bs = self.config.batch_size
-        return [int(i) for i in self._permutation(epoch)[k * bs : (k + 1) * bs]]
+        return [int(i) for i in self.data_order(len(self.examples), epoch)[k * bs : (k + 1) * bs]]
 
     # ------------------------------------------------------------------ the steps (the loop is Trainer.train)
     @property
     def total_steps(self) -> int:
         """Optimizer steps in the whole run."""
         return self._total_steps
-
-    @property
-    def step_idx(self) -> int:
-        """Optimizer steps done."""
-        return self.steps_done
-
-    @step_idx.setter
-    def step_idx(self, value: int) -> None:
-        """Set by load_checkpoint."""
-        self.steps_done = value
 
     def train_step(self) -> dict:
         """The next optimizer step, with the epoch it reaches."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from tokencredit.distributed import (
@@ -90,6 +91,25 @@ class Trainer:
         self.history: list[dict] = []
         self.run_dir = Path(self.config.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=self.config.keep_checkpoints)
+
+    @property
+    def step_idx(self) -> int:
+        """Steps done (``steps_done`` under the name SFT and PGG use)."""
+        return self.steps_done
+
+    @step_idx.setter
+    def step_idx(self, value: int) -> None:
+        """Set by load_checkpoint."""
+        self.steps_done = value
+
+    def data_order(self, n: int, epoch: int, stream: tuple[int, ...] = ()) -> np.ndarray:
+        """The order of one pass over ``n`` items: a function of (seed, stream, epoch) alone, so a resumed run needs
+        no state for it. The current pass of each stream is kept, so a step does not draw it again."""
+        cache = self.__dict__.setdefault("_order_cache", {})
+        held = cache.get(stream)
+        if held is None or held[0] != epoch:
+            held = cache[stream] = (epoch, np.random.default_rng([self.config.seed, *stream, epoch]).permutation(n))
+        return held[1]
 
     # ------------------------------------------------------------------ what a subclass defines
     @property
