@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tokencredit.runs import atomic_write_text
@@ -61,13 +61,10 @@ def svg_bar_chart(
     dot marks every seed. The axis starts just below the lowest value, so differences of a few hundredths show."""
     bars = [(g, name, [float(v) for v in vals if math.isfinite(float(v))])
             for g, row in groups.items() for name, vals in row.items()]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="11">',
-             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+    parts = _svg_open(title, width, height)
     values = [v for _, _, vals in bars for v in vals]
     if not values:
-        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
-        return "".join(parts)
+        return _no_data(parts, width, height)
     pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 56
     span = max(values) - min(values) or 1.0
     y0, y1 = min(values) - 0.15 * span, max(values) + 0.1 * span
@@ -77,12 +74,7 @@ def svg_bar_chart(
     def sy(y: float) -> float:
         return pad_t + (1 - (y - y0) / (y1 - y0)) * plot_h
 
-    parts.append(f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
-    for k in range(5):
-        yv = y0 + (y1 - y0) * k / 4
-        parts.append(f'<text x="{pad_l - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-    parts.append(f'<text x="12" y="{pad_t + plot_h / 2}" transform="rotate(-90 12 {pad_t + plot_h / 2})" '
-                 f'text-anchor="middle">{html.escape(ylabel)}</text>')
+    parts += _y_axis(pad_l, pad_t, plot_w, plot_h, y0, y1, sy, ylabel, grid=False)
     group_w = plot_w / max(len(groups), 1)
     for gi, (group, row) in enumerate(groups.items()):
         bar_w = group_w * 0.8 / max(len(row), 1)
@@ -118,12 +110,9 @@ def _svg_chart(points: Mapping[str, list[tuple[float, float]]], title: str, xlab
     pad_l, pad_r, pad_t, pad_b = 56, 12, 28, 40
     xs = [x for pts in points.values() for x, _ in pts]
     ys = [y for pts in points.values() for _, y in pts]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="11">',
-             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+    parts = _svg_open(title, width, height)
     if not xs:
-        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
-        return "".join(parts)
+        return _no_data(parts, width, height)
     # A line chart's x are update numbers (at least 1 apart); a scatter's x can be any span.
     x0, x1 = min(xs), max(xs) if markers and max(xs) - min(xs) > 1e-12 else max(max(xs), min(xs) + 1)
     y0, y1 = min(ys), max(ys)
@@ -137,17 +126,10 @@ def _svg_chart(points: Mapping[str, list[tuple[float, float]]], title: str, xlab
     def sy(y: float) -> float:
         return pad_t + (1 - (y - y0) / (y1 - y0)) * plot_h
 
-    parts.append(f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
-    for k in range(5):
-        yv = y0 + (y1 - y0) * k / 4
-        parts.append(f'<text x="{pad_l - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-        parts.append(f'<line x1="{pad_l}" x2="{pad_l + plot_w}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" '
-                     f'stroke="#eee"/>')
+    parts += _y_axis(pad_l, pad_t, plot_w, plot_h, y0, y1, sy, ylabel, grid=True)
     parts.append(f'<text x="{pad_l}" y="{height - 22}">{x0:g}</text>'
                  f'<text x="{pad_l + plot_w}" y="{height - 22}" text-anchor="end">{x1:g}</text>'
-                 f'<text x="{pad_l + plot_w / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
-                 f'<text x="12" y="{pad_t + plot_h / 2}" transform="rotate(-90 12 {pad_t + plot_h / 2})" '
-                 f'text-anchor="middle">{html.escape(ylabel)}</text>')
+                 f'<text x="{pad_l + plot_w / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
     # Legend entries in a grid wide enough for the longest name (about 6.5 px per character at 11 px).
     cell = max(130, int(6.5 * max(len(n) for n in points)) + 24)
     per_row = max(1, int((plot_w - 8) // cell))
@@ -163,6 +145,34 @@ def _svg_chart(points: Mapping[str, list[tuple[float, float]]], title: str, xlab
                      f'<text x="{lx + 14}" y="{ly + 9}">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _svg_open(title: str, width: int, height: int) -> list[str]:
+    """The opening tag and the title every chart starts with."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="11">',
+            f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+
+
+def _no_data(parts: list[str], width: int, height: int) -> str:
+    """A chart with nothing to draw says so."""
+    parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
+    return "".join(parts)
+
+
+def _y_axis(pad_l: float, pad_t: float, plot_w: float, plot_h: float, y0: float, y1: float,
+            sy: Callable[[float], float], ylabel: str, grid: bool) -> list[str]:
+    """The plot frame, five y tick labels (with light grid lines when ``grid``) and the rotated y label."""
+    parts = [f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
+    for k in range(5):
+        yv = y0 + (y1 - y0) * k / 4
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+        if grid:
+            parts.append(f'<line x1="{pad_l}" x2="{pad_l + plot_w}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" '
+                         f'stroke="#eee"/>')
+    parts.append(f'<text x="12" y="{pad_t + plot_h / 2}" transform="rotate(-90 12 {pad_t + plot_h / 2})" '
+                 f'text-anchor="middle">{html.escape(ylabel)}</text>')
+    return parts
 
 
 def reward_color(value: float, scale: float) -> str:
